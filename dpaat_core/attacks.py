@@ -1,0 +1,182 @@
+"""Batched gradient attacks with a per-sample perturbation budget.
+
+``eps`` and ``alpha`` may be floats or tensors of shape ``[B]``: sample ``i`` is attacked in
+its own l2 or linf ball of radius ``eps[i]`` (the heart of DPAAT). Images are float
+``[B, C, H, W]`` in [0, 1] and stay there; results never leave their ball.
+
+The attacks are plain functions. They run the model in eval mode by default (BatchNorm
+statistics frozen, dropout off) and restore every module's own train/eval flag afterwards;
+gradients are taken for the input only, so model parameters never receive a ``.grad``.
+With the model in eval mode, BatchNorm layers are folded into the convolutions before them
+(:mod:`dpaat_core.folding`): the same function, computed with fewer kernels.
+
+``ifgsm`` is ``pgd`` without the random start; ``fgsm`` is one step of size ``eps``. All three
+match torchattacks (``PGD``/``PGDL2``, ``BIM``, ``FGSM``) when started from the clean image.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .folding import folded_eval_view
+
+Budget = Union[float, int, torch.Tensor]
+NORMS = ("l2", "linf")
+_GRAD_NORM_FLOOR = 1e-10  # added to l2 gradient norms, as torchattacks does
+
+
+@contextmanager
+def attack_mode(model: nn.Module, eval_mode: bool = True):
+    """Run the block with ``model`` in eval mode (if asked), then restore each module's flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        if eval_mode:
+            model.eval()
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _as_budget(value: Budget, name: str, x: torch.Tensor) -> torch.Tensor:
+    """A float or ``[B]`` tensor as a float32 ``[B, 1, 1, 1]`` tensor on ``x``'s device, checked."""
+    batch = x.shape[0]
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise ValueError(f"{name} must be a number or a tensor of shape [{batch}], got {type(value).__name__}")
+    if isinstance(value, torch.Tensor):
+        if value.ndim > 1 or (value.ndim == 1 and value.shape[0] != batch):
+            raise ValueError(f"{name} must be a scalar or have shape [{batch}] (one per sample), got {tuple(value.shape)}")
+        t = value.detach().to(device=x.device, dtype=torch.float32)
+    else:
+        t = torch.tensor(float(value), device=x.device, dtype=torch.float32)
+    return t.expand(batch).reshape(batch, 1, 1, 1)
+
+
+def _check(x: torch.Tensor, y: Optional[torch.Tensor], eps: torch.Tensor, alpha: torch.Tensor, steps: int,
+           norm: str, default_loss: bool) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim != 4 or x.shape[0] == 0:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a float tensor [B, C, H, W] with B >= 1, got {shape}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if default_loss:
+        if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],) or y.is_floating_point():
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"y must be an integer tensor of shape [{x.shape[0]}] (class indices), got {got}")
+    # One reduction for all value checks keeps this to a single host sync.
+    lo, hi = torch.aminmax(x.detach().flatten().float())
+    stats = torch.stack([lo, hi, eps.min(), eps.max(), alpha.min(), alpha.max()]).tolist()
+    if not all(math.isfinite(v) for v in stats[:2]):
+        raise ValueError("x contains NaN or infinite values")
+    if stats[0] < 0 or stats[1] > 1:
+        raise ValueError(f"x must be images in [0, 1], found values in [{stats[0]:.4g}, {stats[1]:.4g}]")
+    for name, low, high in (("eps", stats[2], stats[3]), ("alpha", stats[4], stats[5])):
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"{name} must be finite, found NaN or infinity")
+        if low < 0:
+            raise ValueError(f"{name} must be >= 0, found {low:.4g}")
+
+
+def _per_sample_flat_norm(t: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(t.flatten(1).float(), dim=1).view(-1, 1, 1, 1)
+
+
+def _project(x: torch.Tensor, x_adv: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Tensor:
+    """Clip ``x_adv`` into each sample's eps ball around ``x``, then into [0, 1]."""
+    delta = x_adv - x
+    if norm == "linf":
+        delta = torch.maximum(torch.minimum(delta, eps), -eps)
+    else:
+        d_norm = _per_sample_flat_norm(delta)
+        delta = delta * torch.where(d_norm > eps, eps / d_norm, torch.ones_like(d_norm))
+    return (x + delta).clamp_(0, 1)
+
+
+def _random_start(x: torch.Tensor, eps: torch.Tensor, norm: str, generator) -> torch.Tensor:
+    if norm == "linf":
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return (x + (2 * u - 1) * eps).clamp_(0, 1)
+    # l2: a Gaussian direction scaled to a uniform fraction of eps (torchattacks' convention).
+    direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    radius = torch.rand((x.shape[0], 1, 1, 1), generator=generator, device=x.device, dtype=x.dtype)
+    return (x + direction / _per_sample_flat_norm(direction) * radius * eps).clamp_(0, 1)
+
+
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: Budget,
+    alpha: Budget,
+    steps: int,
+    norm: str = "l2",
+    random_start: bool = True,
+    generator: Optional[torch.Generator] = None,
+    *,
+    loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    eval_mode: bool = True,
+    fold_bn: bool = True,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Projected gradient ascent on the loss, within each sample's eps ball.
+
+    Args:
+        model: maps ``[B, C, H, W]`` images in [0, 1] to ``[B, K]`` logits.
+        x: float ``[B, C, H, W]`` in [0, 1]. y: int64 ``[B]`` class indices (or whatever ``loss_fn`` takes).
+        eps: radius, a float or ``[B]`` tensor, >= 0 (same units as the norm: l2 over all pixels, or per pixel).
+        alpha: step size, a float or ``[B]`` tensor, >= 0. steps: number of steps, >= 1.
+        norm: ``"l2"`` (normalised-gradient steps) or ``"linf"`` (sign steps).
+        random_start: start from a random point in the ball; generator: its random source.
+        loss_fn: ``(logits, y) -> [B]`` per-sample loss to maximise; default cross-entropy.
+        eval_mode: run the model in eval mode (restored afterwards); False uses its modes as they are.
+        fold_bn: in eval mode, fold BatchNorm into convolutions for speed (equal up to float rounding).
+        validate: check inputs (one host sync); a hot loop that already did may skip it.
+
+    Returns: detached ``x_adv`` of ``x``'s shape, dtype and device, in [0, 1], with
+    ``||x_adv - x|| <= eps`` per sample (a sample with eps 0 comes back unchanged).
+    """
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a float tensor [B, C, H, W], got {shape}")
+    eps_t, alpha_t = _as_budget(eps, "eps", x), _as_budget(alpha, "alpha", x)
+    if validate:
+        _check(x, y, eps_t, alpha_t, steps, norm, loss_fn is None)
+    x = x.detach()
+    with attack_mode(model, eval_mode):
+        view = folded_eval_view(model, x) if (eval_mode and fold_bn) else None
+        net = view if view is not None else model
+        x_adv = _random_start(x, eps_t, norm, generator) if random_start else x.clone()
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            with torch.enable_grad():
+                logits = net(x_adv)
+                losses = F.cross_entropy(logits, y, reduction="none") if loss_fn is None else loss_fn(logits, y)
+                (grad,) = torch.autograd.grad(losses.sum(), x_adv)
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                if norm == "linf":
+                    step = grad.sign()
+                else:
+                    step = grad / (_per_sample_flat_norm(grad) + _GRAD_NORM_FLOOR)
+                x_adv = _project(x, x_adv.detach() + alpha_t * step, eps_t, norm)
+    return x_adv.detach()
+
+
+def ifgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Budget, alpha: Budget, steps: int,
+          norm: str = "linf", **kwargs) -> torch.Tensor:
+    """Iterative FGSM (BIM): :func:`pgd` started from the clean image."""
+    return pgd(model, x, y, eps, alpha, steps, norm=norm, random_start=False, **kwargs)
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Budget, norm: str = "linf", **kwargs) -> torch.Tensor:
+    """Fast gradient (sign) method: one step of size ``eps`` from the clean image."""
+    return pgd(model, x, y, eps, eps, 1, norm=norm, random_start=False, **kwargs)
+
+
+ATTACKS = {"pgd": pgd, "ifgsm": ifgsm, "fgsm": fgsm}

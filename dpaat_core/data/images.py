@@ -1,0 +1,117 @@
+"""Decoding image and mask files into uint8 arrays at the training size.
+
+Preprocessing matches the HAM10000 arrays this project ships with: centre-crop to a square,
+then resize with PIL's LANCZOS (masks: read by colour, threshold at >127, NEAREST).
+
+Policy for bad files: a file that does not decode (corrupt, truncated, not an image, larger
+than ``MAX_PIXELS``) is **skipped**, and one :class:`DataWarning` counts the skipped files and
+names the first few. A split in which every file is bad is an error.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+
+from .dataset import DataError, warn
+
+#: Images above this many pixels are refused before decoding (decompression-bomb guard).
+MAX_PIXELS = 64_000_000
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _open_checked(path: Path | str) -> Image.Image:
+    img = Image.open(path)
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise DataError(f"{w}x{h} pixels is over the {MAX_PIXELS:,} pixel limit")
+    return img
+
+
+def _square_resized(img: Image.Image, size: int, resample: int) -> Image.Image:
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    img = img.crop((left, top, left + s, top + s))
+    return img if s == size else img.resize((size, size), resample=resample)
+
+
+def preprocess_image(img: Image.Image, size: int, channels: int = 3) -> np.ndarray:
+    """A PIL image as uint8 ``[C, size, size]``: EXIF-rotated, centre-cropped, LANCZOS-resized."""
+    img = ImageOps.exif_transpose(img)
+    img = img.convert("RGB" if channels == 3 else "L")
+    arr = np.asarray(_square_resized(img, size, Image.LANCZOS), dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def load_image(path: Path | str, size: int, channels: int = 3) -> np.ndarray:
+    """Decode one image file to uint8 ``[C, size, size]``; raises on any decoding problem."""
+    with _open_checked(path) as img:
+        img.load()
+        return preprocess_image(img, size, channels)
+
+
+def load_mask(path: Path | str, size: int) -> np.ndarray:
+    """Decode one lesion mask to uint8 ``[size, size]`` with 1 = lesion (grey level > 127)."""
+    with _open_checked(path) as img:
+        grey = img.convert("L")  # by colour: palette masks may have white at index 0
+        binary = grey.point(lambda v: 255 if v > 127 else 0)
+        return (np.asarray(_square_resized(binary, size, Image.NEAREST)) > 127).astype(np.uint8)
+
+
+def _decode_all(paths: Sequence[Path], decode, what: str, progress: bool):
+    def safe(path):
+        try:
+            return decode(path), None
+        except Exception as exc:  # any decoding failure: counted and reported below
+            return None, f"{path}: {exc.__class__.__name__}: {exc}"
+
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(
+            tqdm(pool.map(safe, paths), total=len(paths), desc=f"decoding {what}", unit="img",
+                 disable=not progress, leave=False)
+        )
+    return results
+
+
+def load_image_files(
+    paths: Sequence[Path], size: int, channels: int = 3, progress: bool = True, what: str = "images"
+) -> tuple[np.ndarray, list[int]]:
+    """Decode many files in parallel. Returns ``(uint8 [N, C, size, size], kept positions)``.
+
+    Bad files are skipped with one warning (see the module docstring); all bad is an error.
+    """
+    results = _decode_all(paths, lambda p: load_image(p, size, channels), what, progress)
+    kept = [i for i, (arr, _) in enumerate(results) if arr is not None]
+    errors = [err for _, err in results if err is not None]
+    if errors:
+        shown = "\n  ".join(errors[:5])
+        more = f"\n  ... and {len(errors) - 5} more" if len(errors) > 5 else ""
+        if not kept:
+            raise DataError(f"none of the {len(paths)} {what} could be decoded:\n  {shown}{more}")
+        warn(f"skipped {len(errors)} of {len(paths)} {what} that could not be decoded:\n  {shown}{more}")
+    if not kept:
+        raise DataError(f"no {what} to load")
+    return np.stack([results[i][0] for i in kept]), kept
+
+
+def load_mask_files(paths: Sequence[Optional[Path]], size: int, progress: bool = True) -> Optional[np.ndarray]:
+    """Masks for every image, or None (with a warning) when any is missing or unreadable."""
+    present = [p for p in paths if p is not None]
+    if not present:
+        return None
+    if len(present) < len(paths):
+        warn(f"lesion masks found for {len(present)} of {len(paths)} images; masks are not used for this split")
+        return None
+    results = _decode_all(present, lambda p: load_mask(p, size), "masks", progress)
+    bad = [err for _, err in results if err is not None]
+    if bad:
+        warn(f"{len(bad)} lesion masks could not be decoded (first: {bad[0]}); masks are not used for this split")
+        return None
+    return np.stack([arr for arr, _ in results])

@@ -1,0 +1,188 @@
+"""Classifier registry: torchvision backbones and a small CPU ResNet, all taking images in [0, 1].
+
+Input normalisation is the model's first layer, so attacks and attributions work in pixel
+space. Each architecture names its Grad-CAM layer (:func:`gradcam_layer`). Pretrained
+ImageNet weights come from torchvision's local cache only: missing weights are an error,
+never a silent random initialisation.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torchvision.models as tvm
+from torchvision.models.resnet import BasicBlock
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PretrainedWeightsMissing(FileNotFoundError):
+    """ImageNet weights were asked for but are not in torchvision's local cache."""
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, for ``x`` float ``[B, C, H, W]`` in [0, 1]."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class Classifier(nn.Module):
+    """``normalize`` then ``backbone``; ``arch``, ``num_classes`` and ``in_channels`` describe it."""
+
+    def __init__(self, arch: str, backbone: nn.Module, num_classes: int, in_channels: int):
+        super().__init__()
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_channels == 3 else ((0.449,) * in_channels, (0.226,) * in_channels)
+        self.normalize = Normalize(mean, std)
+        self.backbone = backbone
+        self.arch, self.num_classes, self.in_channels = arch, num_classes, in_channels
+
+    def forward(self, x):
+        return self.backbone(self.normalize(x))
+
+
+class ResNet8(nn.Module):
+    """CIFAR-style ResNet: a 3x3 stem and three stages of one basic block (16/32/64 channels)."""
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3, width: int = 16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        stages, c_in = [], width
+        for i, c_out in enumerate((width, 2 * width, 4 * width)):
+            stride = 1 if i == 0 else 2
+            down = None
+            if stride != 1 or c_in != c_out:
+                down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+            stages.append(BasicBlock(c_in, c_out, stride=stride, downsample=down))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+@dataclass(frozen=True)
+class Arch:
+    """How to build one architecture and where its parts are (dotted submodule paths)."""
+
+    builder: Callable[..., nn.Module]
+    weights: Optional[object]  # torchvision weights enum member, None if there are none
+    first_conv: str
+    head: str
+    gradcam: str
+
+
+ARCHS: dict[str, Arch] = {
+    "resnet8": Arch(ResNet8, None, "conv1", "fc", "layer3"),
+    "resnet18": Arch(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, "conv1", "fc", "layer4"),
+    "resnet34": Arch(tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1, "conv1", "fc", "layer4"),
+    "resnet50": Arch(tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2, "conv1", "fc", "layer4"),
+    "densenet121": Arch(tvm.densenet121, tvm.DenseNet121_Weights.IMAGENET1K_V1, "features.conv0", "classifier", "features.norm5"),
+    "efficientnet_b0": Arch(tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1, "features.0.0", "classifier.1", "features.8"),
+    "mobilenet_v3_small": Arch(tvm.mobilenet_v3_small, tvm.MobileNet_V3_Small_Weights.IMAGENET1K_V1, "features.0.0", "classifier.3", "features.12"),
+}
+MODEL_NAMES = tuple(ARCHS)
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def pretrained_cache_path(name: str) -> Path:
+    """Where torchvision keeps the ImageNet weights of ``name`` (``$TORCH_HOME/hub/checkpoints``)."""
+    weights = ARCHS[name].weights
+    if weights is None:
+        raise ValueError(f"{name} has no pretrained ImageNet weights; use pretrained=False")
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def _load_pretrained(name: str, backbone: nn.Module) -> None:
+    path = pretrained_cache_path(name)
+    if not path.is_file():
+        raise PretrainedWeightsMissing(
+            f"ImageNet weights for {name} are not in torchvision's cache: {path} is missing. "
+            f"On a machine with internet access run: python -c \"import torchvision; torchvision.models.{name}"
+            f"(weights='DEFAULT')\" and copy {path.name} into {path.parent} (or set TORCH_HOME), "
+            f"or train from scratch with pretrained=False."
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise PretrainedWeightsMissing(f"{path}: not a loadable weights file ({exc.__class__.__name__}: {exc})") from exc
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as exc:
+        raise PretrainedWeightsMissing(f"{path}: these are not {name} ImageNet weights ({str(exc).splitlines()[0]})") from exc
+
+
+def _adapt_first_conv(backbone: nn.Module, path: str, in_channels: int) -> None:
+    conv = backbone.get_submodule(path)
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, conv.bias is not None)
+    with torch.no_grad():  # keep pretrained filters: their mean over RGB, for every input channel
+        new.weight.copy_(conv.weight.mean(dim=1, keepdim=True).expand_as(new.weight))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    _set_submodule(backbone, path, new)
+
+
+def _replace_head(backbone: nn.Module, path: str, num_classes: int) -> None:
+    head = backbone.get_submodule(path)
+    _set_submodule(backbone, path, nn.Linear(head.in_features, num_classes))
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3, pretrained: bool = False) -> Classifier:
+    """A :class:`Classifier` taking ``[B, in_channels, H, W]`` in [0, 1] and giving ``[B, num_classes]`` logits."""
+    if name not in ARCHS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer of at least 2, got {num_classes!r}")
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels must be 1 (grayscale) or 3 (RGB), got {in_channels!r}")
+    arch = ARCHS[name]
+    if pretrained:
+        if arch.weights is None:
+            raise ValueError(f"{name} has no pretrained ImageNet weights; use pretrained=False")
+        backbone = arch.builder(weights=None)
+        _load_pretrained(name, backbone)
+        _replace_head(backbone, arch.head, num_classes)
+        if in_channels != 3:
+            _adapt_first_conv(backbone, arch.first_conv, in_channels)
+    else:
+        backbone = arch.builder(num_classes=num_classes) if name == "resnet8" else arch.builder(weights=None, num_classes=num_classes)
+        if in_channels != 3:
+            _adapt_first_conv(backbone, arch.first_conv, in_channels)
+    return Classifier(name, backbone, num_classes, in_channels)
+
+
+def gradcam_layer(model: nn.Module) -> nn.Module:
+    """The layer Grad-CAM should use: the last convolutional stage of the backbone."""
+    model = getattr(model, "module", model)  # DDP / DataParallel
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    if not isinstance(model, Classifier):
+        raise TypeError(f"gradcam_layer needs a model from build_model, got {type(model).__name__}")
+    return model.backbone.get_submodule(ARCHS[model.arch].gradcam)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
