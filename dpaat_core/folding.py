@@ -101,6 +101,7 @@ def _build(model: nn.Module) -> Optional[nn.Module]:
     if not folded:
         return None
     gm.graph.lint()
+    gm.delete_all_unused_submodules()
     gm.recompile()
     return ChannelsLast(gm)
 
