@@ -1,0 +1,54 @@
+"""Command line: ``python -m dpaat_core <command>``.
+
+``data SPEC``: load every split of a data spec and print what is in it, to check a dataset
+before training on it. Bad arguments and unusable data exit with status 2 and one line.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from .data import SOURCES, SPLITS, DataError, DataWarning, load_dataset
+
+
+def _data(args: argparse.Namespace) -> int:
+    print(f"{args.spec}  (image size {args.image_size or 'native'})")
+    for split in args.splits:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DataWarning)
+            ds = load_dataset(args.spec, split, args.image_size, root=args.root, seed=args.seed, progress=True)
+        for w in caught:
+            print(f"  warning: {w.message}", file=sys.stderr)
+        counts = ", ".join(f"{c} {n}" for c, n in zip(ds.classes, ds.class_counts))
+        masks = "with lesion masks" if ds.masks is not None else "no masks"
+        print(f"  {split:5s} {len(ds):6d} images  {ds.in_channels}x{ds.image_size}x{ds.image_size}  {masks}  [{counts}]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dpaat_core", description="DPAAT Lab command line.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    data = sub.add_parser("data", help="show the splits, sizes and class counts of a data spec")
+    data.add_argument("spec", help=f"data spec: {', '.join(s + ':...' for s in SOURCES[:-1])} or synthetic[:n=..,classes=..,seed=..]")
+    data.add_argument("--image-size", type=int, default=None, help="resize to this square size in pixels (needed for JPEG folders)")
+    data.add_argument("--split", dest="splits", action="append", choices=SPLITS, help="only this split (repeatable; default all)")
+    data.add_argument("--root", default=None, help="folder of MedMNIST npz files (default $DPAAT_DATA_ROOT, else ./data)")
+    data.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split for ham10000: and folder: (default 0)")
+    data.set_defaults(run=_data)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "splits", None) is None:
+        args.splits = list(SPLITS)
+    try:
+        return args.run(args)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
