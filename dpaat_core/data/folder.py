@@ -14,7 +14,7 @@ import torch
 from torchvision.datasets.folder import find_classes, make_dataset
 
 from .dataset import SPLITS, DataError, DataNotFoundError, ImageDataset, SourceInfo
-from .images import IMAGE_EXTENSIONS, load_image_files
+from .images import IMAGE_EXTENSIONS, image_folder, load_image_files
 from .splits import stratified_group_split
 
 
@@ -28,12 +28,7 @@ def _listing(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
 
 def load_folder(directory: str, split: str, image_size: Optional[int], seed: int = 0,
                 progress: bool = True) -> ImageDataset:
-    root = Path(directory).expanduser()
-    spec = f"folder:{directory}"
-    if not root.is_dir():
-        raise DataNotFoundError(f"{root}: no such folder (data spec {spec!r})")
-    if image_size is None:
-        raise DataError(f"{spec}: an image_size is needed to load image files")
+    root, spec = image_folder("folder", directory, image_size)
     if (root / "train").is_dir():
         classes, _ = _listing(root / "train")
         split_dir = root / split

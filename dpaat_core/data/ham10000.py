@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from .dataset import SPLITS, DataError, DataNotFoundError, ImageDataset, SourceInfo, warn
-from .images import IMAGE_EXTENSIONS, load_image_files, load_mask_files
+from .images import IMAGE_EXTENSIONS, image_folder, load_image_files, load_mask_files
 from .splits import stratified_group_split
 
 #: HAM10000 diagnoses in DermaMNIST's label order (alphabetical, as the MedMNIST arrays use).
@@ -82,12 +82,7 @@ def _index_files(root: Path) -> tuple[dict[str, Path], dict[str, Path]]:
 
 def load_ham10000(directory: str, split: str, image_size: Optional[int], seed: int = 0,
                   progress: bool = True) -> ImageDataset:
-    root = Path(directory).expanduser()
-    spec = f"ham10000:{directory}"
-    if not root.is_dir():
-        raise DataNotFoundError(f"{root}: no such folder (data spec {spec!r})")
-    if image_size is None:
-        raise DataError(f"{spec}: an image_size is needed to load JPEG files")
+    root, spec = image_folder("ham10000", directory, image_size)
     meta_path = _find_metadata(root)
     table = read_metadata(meta_path)
     images, masks = _index_files(root)

@@ -18,11 +18,21 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from .dataset import DataError, warn
+from .dataset import DataError, DataNotFoundError, warn
 
 #: Images above this many pixels are refused before decoding (decompression-bomb guard).
 MAX_PIXELS = 64_000_000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def image_folder(kind: str, directory: str, image_size: Optional[int]) -> tuple[Path, str]:
+    """The folder of a ``<kind>:<dir>`` spec, checked, and the spec text for messages."""
+    root, spec = Path(directory).expanduser(), f"{kind}:{directory}"
+    if not root.is_dir():
+        raise DataNotFoundError(f"{root}: no such folder (data spec {spec!r})")
+    if image_size is None:
+        raise DataError(f"{spec}: an image_size is needed to load image files")
+    return root, spec
 
 
 def _open_checked(path: Path | str) -> Image.Image:
