@@ -100,12 +100,14 @@ def _project(x: torch.Tensor, x_adv: torch.Tensor, eps: torch.Tensor, norm: str)
 
 
 def _random_start(x: torch.Tensor, eps: torch.Tensor, norm: str, generator) -> torch.Tensor:
+    # Drawn where the generator lives (a CPU generator may seed a CUDA attack), then moved.
+    draw = dict(generator=generator, device=generator.device if generator is not None else x.device, dtype=x.dtype)
     if norm == "linf":
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        u = torch.rand(x.shape, **draw).to(x.device)
         return (x + (2 * u - 1) * eps).clamp_(0, 1)
     # l2: a Gaussian direction scaled to a uniform fraction of eps (torchattacks' convention).
-    direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    radius = torch.rand((x.shape[0], 1, 1, 1), generator=generator, device=x.device, dtype=x.dtype)
+    direction = torch.randn(x.shape, **draw).to(x.device)
+    radius = torch.rand((x.shape[0], 1, 1, 1), **draw).to(x.device)
     return (x + direction / _per_sample_flat_norm(direction) * radius * eps).clamp_(0, 1)
 
 
