@@ -28,9 +28,12 @@ MEDMNIST_SIZES = (28, 64, 128, 224)
 
 def _open_npz(path: Path):
     try:
-        return np.load(path, allow_pickle=False)
+        npz = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise DataError(f"{path}: not a readable npz file ({exc.__class__.__name__}: {exc})") from exc
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: a single .npy array, not an npz archive of named arrays (MedMNIST format)")
+    return npz
 
 
 def _read_array(npz, path: Path, key: str) -> np.ndarray:
@@ -53,6 +56,8 @@ def _images_to_uint8(arr: np.ndarray, path: Path, key: str) -> torch.Tensor:
         arr = arr[..., None]
     if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
         raise DataError(f"{path}: '{key}' has shape {arr.shape}; expected [N, H, W] or [N, H, W, C] with C = 1 or 3")
+    if arr.shape[0] == 0:
+        raise DataError(f"{path}: '{key}' is empty: the split has no images")
     if arr.dtype == np.uint8:
         pass
     elif np.issubdtype(arr.dtype, np.floating):
@@ -80,6 +85,8 @@ def _labels(arr: np.ndarray, path: Path, key: str, n: Optional[int] = None) -> n
     if not np.issubdtype(arr.dtype, np.integer):
         if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all() or (arr != np.round(arr)).any():
             raise DataError(f"{path}: '{key}' must hold integer class indices, found dtype {arr.dtype}")
+    if len(arr) and arr.min() < 0:
+        raise DataError(f"{path}: '{key}' has negative labels ({sorted(set(arr[arr < 0].tolist()))[:5]}); classes are 0, 1, ...")
     return arr.astype(np.int64)
 
 
@@ -98,13 +105,13 @@ def _class_names(npz, path: Path, all_labels: Sequence[np.ndarray]) -> list[str]
             if pairs["label"].duplicated().any():
                 raise DataError(f"{sidecar}: a label maps to several '{name_col}' names")
             names = dict(zip(pairs["label"].astype(int), pairs[name_col].astype(str)))
-            n = max(max(names) + 1, *(int(a.max()) + 1 for a in all_labels if len(a)))
+            n = max([max(names) + 1, *(int(a.max()) + 1 for a in all_labels if len(a))])
             return [names.get(i, f"class_{i}") for i in range(n)]
     flag = re.sub(r"_\d+$", "", path.stem)
     info = _medmnist_info().get(flag)
     if info is not None:
         return [info["label"][str(i)] for i in range(len(info["label"]))]
-    return [f"class_{i}" for i in range(max(int(a.max()) + 1 for a in all_labels if len(a)))]
+    return [f"class_{i}" for i in range(max((int(a.max()) + 1 for a in all_labels if len(a)), default=1))]
 
 
 def _medmnist_info() -> dict:

@@ -15,7 +15,9 @@ def stratified_group_split(
 
     Within each class, whole groups are shuffled (seeded) and given to test until the class
     holds at least ``fractions["test"]`` of its items there, then to val likewise; the rest
-    go to train. A group takes the class of its first item. No group lands in two splits.
+    go to train. The last group of a class always goes to train, so a class with one or two
+    groups is still trained on. A group takes the class of its first item. No group lands
+    in two splits.
     """
     labels = np.asarray(labels)
     groups = np.asarray(groups)
@@ -32,13 +34,11 @@ def stratified_group_split(
         cls_groups = sorted((g for g, c in group_class.items() if c == cls), key=str)
         rng.shuffle(cls_groups)
         total = sum(len(group_members[g]) for g in cls_groups)
-        queue = iter(cls_groups)
+        queue = list(cls_groups)
         for split, frac in fractions.items():
             taken = 0
-            while taken < frac * total:
-                g = next(queue, None)
-                if g is None:
-                    break
+            while taken < frac * total and len(queue) > 1:
+                g = queue.pop(0)
                 out[group_members[g]] = split
                 taken += len(group_members[g])
     return out.astype(str)

@@ -43,8 +43,8 @@ def parse_options(arg: str) -> dict[str, int]:
             raise DataError(f"synthetic option {key} must be an integer, got {value!r}") from None
     if not 2 <= options["classes"] <= len(PROTOTYPES):
         raise DataError(f"synthetic classes must be 2-{len(PROTOTYPES)}, got {options['classes']}")
-    if options["n"] < 4:
-        raise DataError(f"synthetic n must be at least 4, got {options['n']}")
+    if options["n"] < max(4, options["classes"]):
+        raise DataError(f"synthetic n must be at least 4 and at least the number of classes ({options['classes']}), got {options['n']}")
     return options
 
 
