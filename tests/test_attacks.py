@@ -228,3 +228,31 @@ def test_attack_mode_restores_on_error(resnet):
             assert not resnet.training
             raise KeyError("x")
     assert resnet.training
+
+
+def test_per_sample_eps_on_real_lesion_images(shared_data):
+    """DPAAT's use: one budget per real HAM10000 image, on a model that has learned a little."""
+    from dpaat_core.data import load_dataset
+
+    data = load_dataset(f"npz:{shared_data / 'ham10000_sample.npz'}", "test", 32, max_samples=16)
+    x = data.images.float() / 255
+    y = data.labels
+    torch.manual_seed(0)
+    model = build_model("resnet8", data.num_classes)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(15):  # fit these 16 images so that the attack has margins to cross
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    eps = torch.linspace(0, 1.0, len(x))
+    x_adv = pgd(model, x, y, eps, eps / 4, 10, generator=torch.Generator().manual_seed(0))
+    norms = (x_adv - x).flatten(1).norm(dim=1)
+    assert torch.all(norms <= eps * (1 + 1e-5) + 1e-7) and torch.equal(x_adv[0], x[0])
+    with torch.no_grad():
+        clean = F.cross_entropy(model(x), y, reduction="none")
+        adv = F.cross_entropy(model(x_adv), y, reduction="none")
+    gain = adv - clean
+    assert torch.all(gain >= -1e-5)
+    # a bigger budget buys a bigger loss increase: compare the smallest and largest quarters
+    assert gain[-4:].mean() > gain[1:5].mean()
