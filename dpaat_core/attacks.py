@@ -167,7 +167,7 @@ def pgd(
                 else:
                     step = grad / (_per_sample_flat_norm(grad) + _GRAD_NORM_FLOOR)
                 x_adv = _project(x, x_adv.detach() + alpha_t * step, eps_t, norm)
-    return x_adv.detach()
+    return x_adv.detach().to(x.dtype)
 
 
 def ifgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Budget, alpha: Budget, steps: int,

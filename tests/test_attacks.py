@@ -256,3 +256,9 @@ def test_per_sample_eps_on_real_lesion_images(shared_data):
     assert torch.all(gain >= -1e-5)
     # a bigger budget buys a bigger loss increase: compare the smallest and largest quarters
     assert gain[-4:].mean() > gain[1:5].mean()
+
+
+def test_half_precision_images_keep_their_dtype(resnet, batch):
+    x, y = batch
+    x_adv = pgd(resnet, x.bfloat16(), y, 0.5, 0.2, 2)
+    assert x_adv.dtype == torch.bfloat16 and x_adv.min() >= 0 and x_adv.max() <= 1
