@@ -208,28 +208,20 @@ def test_npz_float_images_in_unit_range_accepted(tmp_path):
     assert np.abs(item - images[0]).max() <= 1 / 510 + 1e-6
 
 
-def test_npz_float_images_with_nan_rejected(tmp_path):
+def _float_images_with(value):
     images = np.full((3, 8, 8, 3), 0.5, dtype=np.float32)
-    images[1, 2, 3, 0] = np.nan
-    path = write_npz(tmp_path / "nan.npz", train_images=images, train_labels=np.zeros(3, dtype=np.int64))
-    with pytest.raises(DataError, match="NaN") as err:
-        load_dataset(f"npz:{path}", "train", None)
-    assert str(path) in str(err.value)
+    images[1, 2, 3, 0] = value
+    return images
 
 
-def test_npz_float_images_out_of_range_rejected(tmp_path):
-    images = np.full((3, 8, 8, 3), 0.5, dtype=np.float32)
-    images[0, 0, 0, 0] = 2.0
-    path = write_npz(tmp_path / "big.npz", train_images=images, train_labels=np.zeros(3, dtype=np.int64))
-    with pytest.raises(DataError, match=r"\[0, 1\]") as err:
-        load_dataset(f"npz:{path}", "train", None)
-    assert str(path) in str(err.value)
-
-
-def test_npz_rgba_rejected(tmp_path):
-    images = np.zeros((3, 8, 8, 4), dtype=np.uint8)
-    path = write_npz(tmp_path / "rgba.npz", train_images=images, train_labels=np.zeros(3, dtype=np.int64))
-    with pytest.raises(DataError, match="C = 1 or 3") as err:
+@pytest.mark.parametrize("images,pattern", [
+    (_float_images_with(np.nan), "NaN"),
+    (_float_images_with(2.0), r"\[0, 1\]"),
+    (np.zeros((3, 8, 8, 4), dtype=np.uint8), "C = 1 or 3"),
+], ids=["nan", "out-of-range", "rgba"])
+def test_npz_bad_images_refused(tmp_path, images, pattern):
+    path = write_npz(tmp_path / "images.npz", train_images=images, train_labels=np.zeros(3, dtype=np.int64))
+    with pytest.raises(DataError, match=pattern) as err:
         load_dataset(f"npz:{path}", "train", None)
     assert str(path) in str(err.value)
 
@@ -281,28 +273,16 @@ def test_npz_missing_keys_lists_what_the_file_has(tmp_path):
     assert "x_train" in msg and "y_train" in msg
 
 
-def test_npz_labels_images_length_mismatch(tmp_path):
-    path = write_npz(tmp_path / "len.npz", train_images=np.zeros((4, 8, 8, 3), np.uint8),
-                     train_labels=np.zeros((3, 1), np.int64))
-    with pytest.raises(DataError, match="3 labels for 4 images") as err:
+@pytest.mark.parametrize("labels,pattern", [
+    (np.zeros((3, 1), np.int64), "3 labels for 4 images"),
+    (np.zeros((4, 3), np.int64), "multi-label"),
+    (np.array([[0], [1], [-1], [1]]), r"negative labels \(\[-1\]\)"),
+], ids=["length-mismatch", "multi-label", "negative"])
+def test_npz_bad_labels_refused(tmp_path, labels, pattern):
+    path = write_npz(tmp_path / "labels.npz", train_images=np.zeros((4, 8, 8, 3), np.uint8), train_labels=labels)
+    with pytest.raises(DataError, match=pattern) as err:
         load_dataset(f"npz:{path}", "train", None)
     assert str(path) in str(err.value)
-
-
-def test_npz_multi_label_refused(tmp_path):
-    path = write_npz(tmp_path / "multi.npz", train_images=np.zeros((4, 8, 8, 3), np.uint8),
-                     train_labels=np.zeros((4, 3), np.int64))
-    with pytest.raises(DataError, match="multi-label") as err:
-        load_dataset(f"npz:{path}", "train", None)
-    assert str(path) in str(err.value)
-
-
-def test_npz_negative_labels_refused(tmp_path):
-    path = write_npz(tmp_path / "neg.npz", train_images=np.zeros((4, 8, 8, 3), np.uint8),
-                     train_labels=np.array([[0], [1], [-1], [1]]))
-    with pytest.raises(DataError, match="negative labels") as err:
-        load_dataset(f"npz:{path}", "train", None)
-    assert str(path) in str(err.value) and "-1" in str(err.value)
 
 
 def test_npz_all_negative_labels_named_as_such(tmp_path):
