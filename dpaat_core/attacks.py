@@ -57,11 +57,15 @@ def _as_budget(value: Budget, name: str, x: torch.Tensor) -> torch.Tensor:
     return t.expand(batch).reshape(batch, 1, 1, 1)
 
 
-def _check(x: torch.Tensor, y: Optional[torch.Tensor], eps: torch.Tensor, alpha: torch.Tensor, steps: int,
-           norm: str, default_loss: bool) -> None:
+def _check_images(x) -> None:
+    """Type and shape of ``x`` (no host sync, so it always runs)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim != 4 or x.shape[0] == 0:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a float tensor [B, C, H, W] with B >= 1, got {shape}")
+
+
+def _check(x: torch.Tensor, y: Optional[torch.Tensor], eps: torch.Tensor, alpha: torch.Tensor, steps: int,
+           norm: str, default_loss: bool) -> None:
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
@@ -144,9 +148,7 @@ def pgd(
     Returns: detached ``x_adv`` of ``x``'s shape, dtype and device, in [0, 1], with
     ``||x_adv - x|| <= eps`` per sample (a sample with eps 0 comes back unchanged).
     """
-    if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"x must be a float tensor [B, C, H, W], got {shape}")
+    _check_images(x)
     eps_t, alpha_t = _as_budget(eps, "eps", x), _as_budget(alpha, "alpha", x)
     if validate:
         _check(x, y, eps_t, alpha_t, steps, norm, loss_fn is None)

@@ -90,7 +90,8 @@ def _labels(arr: np.ndarray, path: Path, key: str, n: Optional[int] = None) -> n
     return arr.astype(np.int64)
 
 
-def _class_names(npz, path: Path, all_labels: Sequence[np.ndarray]) -> list[str]:
+def _class_names(npz, path: Path, n_seen: int) -> list[str]:
+    """Names for the classes; ``n_seen`` is one more than the largest label in any split."""
     if "classes" in npz.files:
         return [str(c) for c in _read_array(npz, path, "classes")]
     sidecar = path.with_suffix(".csv")
@@ -105,13 +106,12 @@ def _class_names(npz, path: Path, all_labels: Sequence[np.ndarray]) -> list[str]
             if pairs["label"].duplicated().any():
                 raise DataError(f"{sidecar}: a label maps to several '{name_col}' names")
             names = dict(zip(pairs["label"].astype(int), pairs[name_col].astype(str)))
-            n = max([max(names) + 1, *(int(a.max()) + 1 for a in all_labels if len(a))])
-            return [names.get(i, f"class_{i}") for i in range(n)]
+            return [names.get(i, f"class_{i}") for i in range(max(max(names) + 1, n_seen))]
     flag = re.sub(r"_\d+$", "", path.stem)
     info = _medmnist_info().get(flag)
     if info is not None:
         return [info["label"][str(i)] for i in range(len(info["label"]))]
-    return [f"class_{i}" for i in range(max((int(a.max()) + 1 for a in all_labels if len(a)), default=1))]
+    return [f"class_{i}" for i in range(n_seen)]
 
 
 def _medmnist_info() -> dict:
@@ -135,7 +135,8 @@ def load_npz(path: Path | str, split: str, image_size: Optional[int], spec: Opti
         if classes is None:
             others = [_labels(_read_array(npz, path, f"{s}_labels"), path, f"{s}_labels")
                       for s in SPLITS if s != split and f"{s}_labels" in npz.files]
-            classes = _class_names(npz, path, [labels, *others])
+            n_seen = max((int(a.max()) + 1 for a in (labels, *others) if len(a)), default=1)
+            classes = _class_names(npz, path, n_seen)
     masks = _load_sidecar_masks(path, split, len(images), images.shape[2:])
     return ImageDataset(
         resize_images(images, image_size),
