@@ -1,0 +1,245 @@
+"""Run configuration: small dataclasses with validation at the edge and a JSON round trip.
+
+A :class:`RunConfig` is everything a training run needs; it is written to ``config.json`` with
+every resolved default so a run can be re-made from its folder. Validation names the bad field
+and the allowed range, before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+from .models import MODEL_NAMES
+
+NORMS = ("l2", "linf")
+SYNC_LOSSES = ("sym_kl", "js", "l1_logprob", "kl")
+THRESHOLDS = ("batch_mean", "ema", "median", "quantile:<q>")
+SCHEDULES = ("none", "cosine")
+IMBALANCE = ("none", "class_weights", "balanced_sampler")
+EARLY_STOP = ("balanced_accuracy", "robust_accuracy", "none")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the field."""
+
+
+@dataclass(frozen=True)
+class MethodPreset:
+    """One row of the family table in METHOD.md."""
+
+    gamma: float          # eps memory rate; 0 keeps every sample at eps0
+    beta_clean: float     # weight of CE on clean images
+    lam: float            # weight of the synchronisation loss
+    adv_weight: float     # weight of CE on adversarial images (0 for TRADES)
+    attack: str           # "none", "ce" (maximise cross-entropy) or "kl" (maximise KL to the clean prediction)
+    sync: str             # kind of synchronisation loss
+    adaptive: bool        # per-sample eps from the memory
+
+
+METHODS = {
+    "erm": MethodPreset(0.0, 1.0, 0.0, 0.0, "none", "sym_kl", False),
+    "pgd_at": MethodPreset(0.0, 0.0, 0.0, 1.0, "ce", "sym_kl", False),
+    "trades": MethodPreset(0.0, 1.0, 6.0, 0.0, "kl", "kl", False),
+    "dpaat": MethodPreset(0.1, 1.0, 1.0, 1.0, "ce", "sym_kl", True),
+    "dpaat_nosync": MethodPreset(0.1, 1.0, 0.0, 1.0, "ce", "sym_kl", True),
+    "dpaat_fixed": MethodPreset(0.0, 1.0, 1.0, 1.0, "ce", "sym_kl", False),
+}
+
+
+def _fail(section: str, name: str, value, allowed: str):
+    raise ConfigError(f"{section}.{name} must be {allowed}, got {value!r}")
+
+
+def _number(section: str, name: str, value, lo: float, hi: float = math.inf, *, lo_open=False, integer=False):
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        bound = f"{'>' if lo_open else '>='} {lo:g}" + ("" if hi == math.inf else f" and <= {hi:g}")
+        _fail(section, name, value, f"{'an integer' if integer else 'a number'} {bound}")
+
+
+def _choice(section: str, name: str, value, allowed):
+    if value not in allowed:
+        _fail(section, name, value, "one of " + ", ".join(allowed))
+
+
+def parse_threshold(rule: str) -> tuple[str, Optional[float]]:
+    """``"quantile:0.7"`` to ``("quantile", 0.7)``; other rules to ``(rule, None)``."""
+    kind, _, arg = str(rule).partition(":")
+    if kind == "quantile":
+        try:
+            q = float(arg)
+        except ValueError:
+            q = math.nan
+        if not 0.0 < q < 1.0:
+            _fail("method", "threshold", rule, "'quantile:<q>' with 0 < q < 1")
+        return kind, q
+    if arg or kind not in ("batch_mean", "ema", "median"):
+        _fail("method", "threshold", rule, "one of " + ", ".join(THRESHOLDS))
+    return kind, None
+
+
+@dataclass
+class DataConfig:
+    spec: str = "synthetic"
+    image_size: int = 64
+    max_samples: Optional[int] = None   # cap on each split, for quick runs
+    root: Optional[str] = None          # folder of medmnist: files
+
+    def validate(self):
+        if not isinstance(self.spec, str) or not self.spec.strip():
+            _fail("data", "spec", self.spec, "a data spec such as 'npz:<path>' or 'synthetic'")
+        _number("data", "image_size", self.image_size, 8, 1024, integer=True)
+        if self.max_samples is not None:
+            _number("data", "max_samples", self.max_samples, 1, integer=True)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet8"
+    pretrained: bool = False
+
+    def validate(self):
+        _choice("model", "name", self.name, MODEL_NAMES)
+
+
+@dataclass
+class AttackConfig:
+    """The training attack: PGD with a random start, ``alpha = alpha_ratio * eps`` per sample."""
+
+    norm: str = "l2"
+    eps: float = 0.3
+    alpha_ratio: float = 0.5
+    steps: int = 7
+    eval_mode: bool = True   # attack with BatchNorm statistics frozen
+
+    def validate(self):
+        _choice("attack", "norm", self.norm, NORMS)
+        _number("attack", "eps", self.eps, 0, 1000, lo_open=True)
+        _number("attack", "alpha_ratio", self.alpha_ratio, 0, 10, lo_open=True)
+        _number("attack", "steps", self.steps, 1, 1000, integer=True)
+
+
+@dataclass
+class MethodConfig:
+    """A row of the family table (``name``) with every setting resolved; see :func:`method_config`."""
+
+    name: str = "dpaat"
+    gamma: float = 0.1
+    beta_clean: float = 1.0
+    lam: float = 1.0
+    adv_weight: float = 1.0
+    attack: str = "ce"
+    sync: str = "sym_kl"
+    adaptive: bool = True
+    memoryless: bool = False
+    threshold: str = "batch_mean"
+    ema_momentum: float = 0.9
+    eps_min_ratio: float = 0.25
+    eps_max_ratio: float = 2.0
+
+    def validate(self):
+        _choice("method", "name", self.name, tuple(METHODS))
+        _number("method", "gamma", self.gamma, 0, 1, lo_open=False)
+        if self.gamma >= 1:
+            _fail("method", "gamma", self.gamma, "a number >= 0 and < 1")
+        for name in ("beta_clean", "lam", "adv_weight"):
+            _number("method", name, getattr(self, name), 0, 1000)
+        _choice("method", "attack", self.attack, ("none", "ce", "kl"))
+        _choice("method", "sync", self.sync, SYNC_LOSSES)
+        parse_threshold(self.threshold)
+        _number("method", "ema_momentum", self.ema_momentum, 0, 1)
+        _number("method", "eps_min_ratio", self.eps_min_ratio, 0, 1, lo_open=True)
+        _number("method", "eps_max_ratio", self.eps_max_ratio, 1, 100)
+        if self.memoryless and not self.adaptive:
+            _fail("method", "memoryless", self.memoryless, "False for a method without adaptive eps")
+        if self.adv_weight == 0 and self.beta_clean == 0 and self.lam == 0:
+            raise ConfigError("method: adv_weight, beta_clean and lam are all 0, so there is nothing to train")
+
+
+def method_config(name: str, **overrides) -> MethodConfig:
+    """The family member ``name`` (erm, pgd_at, trades, dpaat, dpaat_nosync, dpaat_fixed) with overrides.
+
+    ``gamma`` may only be overridden for methods with adaptive eps: on a fixed-eps method it
+    would silently do nothing.
+    """
+    if name not in METHODS:
+        _fail("method", "name", name, "one of " + ", ".join(METHODS))
+    preset = METHODS[name]
+    if overrides.get("gamma") is not None and not preset.adaptive and overrides["gamma"] != preset.gamma:
+        raise ConfigError(f"method.gamma: {name} keeps eps fixed, so gamma does not apply "
+                          "(use dpaat or dpaat_nosync for adaptive eps)")
+    values = dataclasses.asdict(preset)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = MethodConfig(name=name, **values)
+    config.validate()
+    return config
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    schedule: str = "none"
+    imbalance: str = "class_weights"
+    early_stop: str = "balanced_accuracy"
+    patience: int = 5
+    augment: bool = True     # random horizontal and vertical flips (lesions have no orientation)
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self):
+        _number("train", "epochs", self.epochs, 1, 100000, integer=True)
+        _number("train", "batch_size", self.batch_size, 1, 65536, integer=True)
+        _number("train", "lr", self.lr, 0, 10, lo_open=True)
+        _number("train", "weight_decay", self.weight_decay, 0, 10)
+        _choice("train", "schedule", self.schedule, SCHEDULES)
+        _choice("train", "imbalance", self.imbalance, IMBALANCE)
+        _choice("train", "early_stop", self.early_stop, EARLY_STOP)
+        _number("train", "patience", self.patience, 1, 100000, integer=True)
+        _number("train", "seed", self.seed, 0, 2**63 - 1, integer=True)
+        _choice("train", "device", self.device, DEVICES)
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "attack": AttackConfig, "method": MethodConfig,
+             "train": TrainConfig}
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "RunConfig":
+        for f in fields(self):
+            getattr(self, f.name).validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        """Rebuild from ``config.json`` (extra top-level keys such as ``dataset`` are ignored)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a run config is a JSON object, got {type(data).__name__}")
+        sections = {}
+        for name, klass in _SECTIONS.items():
+            values = data.get(name, {})
+            if not isinstance(values, dict):
+                raise ConfigError(f"{name}: expected an object, got {type(values).__name__}")
+            known = {f.name for f in fields(klass)}
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise ConfigError(f"{name}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            sections[name] = klass(**values)
+        return cls(**sections).validate()

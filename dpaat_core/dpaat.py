@@ -1,0 +1,152 @@
+"""The DPAAT method (``paper/METHOD.md``): loss change ΔL, its threshold, the fragile/stable
+split, the per-sample epsilon memory and the synchronisation loss.
+
+Everything here works on device tensors and never reads a value back to the host, so a
+training step has no host-device synchronisation. Under DDP the threshold is global and the
+epsilon memory is the same on every process (see :mod:`dpaat_core.distributed`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import distributed
+from .config import SYNC_LOSSES, parse_threshold
+
+
+def per_sample_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per sample, float32 ``[B]`` (logits may be bf16 under autocast)."""
+    return F.cross_entropy(logits.float(), y, reduction="none")
+
+
+def delta_loss(z: torch.Tensor, z_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``ΔL_i = CE_i(z_adv) - CE_i(z)``, detached float32 ``[B]``."""
+    return (per_sample_ce(z_adv, y) - per_sample_ce(z, y)).detach()
+
+
+def sync_loss(z: torch.Tensor, z_adv: torch.Tensor, kind: str = "sym_kl", reduction: str = "mean") -> torch.Tensor:
+    """Disagreement between the clean and adversarial predictions, from ``log_softmax`` in float32.
+
+    ``z``, ``z_adv``: logits ``[B, K]``. ``kind``:
+      - ``sym_kl``: ``0.5 * (KL(p || p_adv) + KL(p_adv || p))`` (the default, symmetric);
+      - ``js``: Jensen-Shannon divergence, ``0.5 * (KL(p || m) + KL(p_adv || m))``, ``m`` the average;
+      - ``l1_logprob``: ``sum_k |log p_k - log p_adv_k|``;
+      - ``kl``: ``KL(p || p_adv)``, TRADES' one-sided term.
+    Gradients flow into both ``z`` and ``z_adv``. ``reduction``: ``"mean"`` over the batch or
+    ``"none"`` for ``[B]``.
+    """
+    if kind not in SYNC_LOSSES:
+        raise ValueError(f"sync loss must be one of {', '.join(SYNC_LOSSES)}, got {kind!r}")
+    logp, logq = F.log_softmax(z.float(), dim=1), F.log_softmax(z_adv.float(), dim=1)
+    p, q = logp.exp(), logq.exp()
+    if kind == "sym_kl":
+        per_sample = 0.5 * ((p - q) * (logp - logq)).sum(1)
+    elif kind == "kl":
+        per_sample = (p * (logp - logq)).sum(1)
+    elif kind == "js":
+        logm = torch.logaddexp(logp, logq) - torch.log(torch.tensor(2.0, device=z.device))
+        per_sample = 0.5 * ((p * (logp - logm)).sum(1) + (q * (logq - logm)).sum(1))
+    else:
+        per_sample = (logp - logq).abs().sum(1)
+    if reduction == "none":
+        return per_sample
+    if reduction != "mean":
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    return per_sample.mean()
+
+
+class Threshold:
+    """The ΔL threshold ``T`` that splits a batch into fragile (``ΔL > T``) and stable samples.
+
+    Rules: ``batch_mean`` (ΔLavg, the default), ``ema`` (running mean of the batch means,
+    ``momentum`` 0.9), ``median``, ``quantile:<q>``. Under DDP the statistic is taken over the
+    global batch. The value stays a device tensor.
+    """
+
+    def __init__(self, rule: str = "batch_mean", momentum: float = 0.9):
+        self.rule = rule
+        self.kind, self.q = parse_threshold(rule)
+        self.momentum = float(momentum)
+        self.value: Optional[torch.Tensor] = None   # last threshold (the EMA state for "ema")
+
+    def __call__(self, delta_loss: torch.Tensor) -> torch.Tensor:
+        dl = delta_loss.detach().float()
+        if self.kind in ("batch_mean", "ema"):
+            total = distributed.all_reduce_sum(torch.stack([dl.sum(), torch.tensor(float(dl.numel()), device=dl.device)]))
+            t = total[0] / total[1]
+            if self.kind == "ema" and self.value is not None:
+                t = self.momentum * self.value.to(t.device) + (1 - self.momentum) * t
+        else:
+            everyone = distributed.all_gather_cat(dl)
+            t = torch.quantile(everyone, 0.5 if self.kind == "median" else self.q)
+        self.value = t
+        return t
+
+    def state_dict(self) -> dict:
+        return {"rule": self.rule, "value": None if self.value is None else self.value.detach().cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("rule") != self.rule:
+            raise ValueError(f"threshold state is for rule {state.get('rule')!r}, this threshold uses {self.rule!r}")
+        value = state.get("value")
+        self.value = None if value is None else torch.as_tensor(value, dtype=torch.float32)
+
+
+class EpsMemory:
+    """Per-sample epsilon ``E``, one float per training sample, keyed by dataset index.
+
+    Starts at ``eps0``. :meth:`update` moves fragile samples down and stable ones up,
+    multiplicatively: ``max(eps_min, e * (1 - gamma))`` and ``min(eps_max, e * (1 + gamma))``.
+    The new value is used the next time the sample is seen.
+    """
+
+    def __init__(self, size: int, eps0: float, gamma: float, eps_min: float, eps_max: float,
+                 device: torch.device | str = "cpu"):
+        if size < 1:
+            raise ValueError(f"an eps memory needs at least one sample, got size {size}")
+        if not 0 <= gamma < 1:
+            raise ValueError(f"gamma must be in [0, 1), got {gamma}")
+        if not 0 < eps_min <= eps0 <= eps_max:
+            raise ValueError(f"need 0 < eps_min <= eps0 <= eps_max, got {eps_min}, {eps0}, {eps_max}")
+        self.eps0, self.gamma, self.eps_min, self.eps_max = float(eps0), float(gamma), float(eps_min), float(eps_max)
+        self.eps = torch.full((size,), self.eps0, dtype=torch.float32, device=device)
+
+    def __len__(self) -> int:
+        return self.eps.numel()
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        return self.eps[index.to(self.eps.device)]
+
+    def update(self, index: torch.Tensor, fragile: torch.Tensor) -> None:
+        """Apply the split of the samples ``index`` (int64 ``[B]``) given ``fragile`` (bool ``[B]``).
+
+        Under DDP every process passes its own batch; the updates of all processes are gathered
+        and applied everywhere, so the memory stays identical on every process.
+        """
+        index = distributed.all_gather_cat(index.to(self.eps.device))
+        fragile = distributed.all_gather_cat(fragile.to(self.eps.device))
+        current = self.eps[index]
+        self.eps[index] = torch.where(
+            fragile,
+            (current * (1 - self.gamma)).clamp_(min=self.eps_min),
+            (current * (1 + self.gamma)).clamp_(max=self.eps_max),
+        )
+
+    def state_dict(self) -> dict:
+        return {"eps": self.eps.detach().cpu().clone(), "eps0": self.eps0, "gamma": self.gamma,
+                "eps_min": self.eps_min, "eps_max": self.eps_max}
+
+    def load_state_dict(self, state: dict) -> None:
+        eps = torch.as_tensor(state["eps"], dtype=torch.float32)
+        if eps.shape != self.eps.shape:
+            raise ValueError(f"eps memory holds {eps.numel()} samples, this training set has {self.eps.numel()}")
+        if not torch.isfinite(eps).all() or (eps < self.eps_min - 1e-6).any() or (eps > self.eps_max + 1e-6).any():
+            raise ValueError(f"eps memory values must lie in [{self.eps_min}, {self.eps_max}]")
+        self.eps.copy_(eps.to(self.eps.device))
+
+
+def memoryless_eps(fragile: torch.Tensor, eps0: float, gamma: float) -> torch.Tensor:
+    """The ``memoryless`` option: ``eps0 * (1 - gamma)`` for fragile samples, ``eps0 * (1 + gamma)`` else."""
+    return torch.where(fragile, eps0 * (1 - gamma), eps0 * (1 + gamma)).float()
