@@ -1,0 +1,415 @@
+"""The run store: one folder per training run (config, metrics, per-sample dynamics, weights, status),
+every file written atomically and read back without ever executing code from it."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import safetensors.torch
+import torch
+
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+STATES = ("running", "done", "failed", "stopped")
+CONFIG_SECTIONS = ("model", "data", "method", "dataset")
+DYNAMICS_KEYS = {"index": np.int64, "label": np.int64, "delta_loss": np.float32, "eps": np.float32,
+                 "fragile": np.bool_, "correct_clean": np.bool_, "correct_adv": np.bool_}
+STALE_SECONDS = 15 * 60  # a "running" run on another host that has not written status.json for this long is presumed dead
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: mkstemp makes 0600 files, but a shared run store should get the usual permissions
+
+
+class RunError(ValueError):
+    """A run folder or one of its files is missing, corrupt or refused; the message names the file and the problem."""
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: a reader sees the old file or the new one, never a part of either."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # same folder: replace is atomic
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them visible
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt too: never leave a temp file behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def remove_temp_files(run_dir) -> int:
+    """Delete the ``.<name>.<random>.tmp`` files a killed writer left (SIGKILL skips cleanup); how many went.
+
+    Only while no writer is running: a live writer's temp file would be pulled from under it."""
+    temps = [*Path(run_dir).glob(".*.tmp"), *(Path(run_dir) / "dynamics").glob(".*.tmp")]
+    for p in temps:
+        p.unlink(missing_ok=True)
+    return len(temps)
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _dumps(obj, indent: int | None = None) -> str:
+    """Strict JSON: NaN/inf become ``null`` (no ``NaN`` tokens), numpy scalars become Python numbers."""
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        x = x.item() if isinstance(x, np.generic) else x
+        return None if isinstance(x, float) and not math.isfinite(x) else x
+    return json.dumps(clean(obj), indent=indent, allow_nan=False, ensure_ascii=False)
+
+
+def atomic_write_json(path, obj, indent: int | None = 2) -> None:
+    atomic_write_text(path, _dumps(obj, indent) + "\n")  # encoding fails before the file is touched
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        obj = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{file}: missing") from None
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise RunError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise RunError(f"{file}: not a JSON object")
+    return obj
+
+
+def _check_config(config, where) -> None:
+    missing = [s for s in CONFIG_SECTIONS if not isinstance(config.get(s), dict)] if isinstance(config, dict) else ["all"]
+    if missing:
+        raise RunError(f"{where}: the config lacks its {', '.join(missing)} section(s)")
+
+
+def _slug(text) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text or "")).strip("._-")
+
+
+def default_run_id(config: dict, now: float | None = None) -> str:
+    """``<YYYYmmdd-HHMMSS>-<method>-<model>-<data>`` in local time, e.g. ``20261125-142530-dpaat-resnet8-ham10000_sample``."""
+    kind, _, arg = str((config.get("data") or {}).get("spec", "")).partition(":")
+    name = re.split(r"[\\/]", arg.rstrip("\\/"))[-1]  # both separators: the spec may name a Windows path
+    data = {"npz": Path(name).stem, "folder": name, "ham10000": name, "medmnist": arg.partition("@")[0]}.get(kind, kind)
+    method, model = ((config.get(s) or {}).get("name") for s in ("method", "model"))
+    parts = [time.strftime("%Y%m%d-%H%M%S", time.localtime(now)), _slug(method) or "run", _slug(model) or "model",
+             _slug(data) or _slug(kind) or "data"]
+    return "-".join(parts)[:100]
+
+
+def create_run(store, config: dict, run_id: str | None = None) -> Path:
+    """Make ``<store>/<run_id>/`` with config.json (``run_id`` filled in) and status.json ``running``; return its path."""
+    _check_config(config, "create_run")
+    run_id = default_run_id(config) if run_id is None else run_id
+    if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id):
+        raise RunError(f"bad run id {run_id!r}: use 1-100 of A-Z a-z 0-9 . _ - starting with a letter or digit")
+    run_dir = Path(store) / run_id
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir()  # atomic: of two trainers given the same id, one gets here first
+    except FileExistsError:
+        if not run_dir.is_dir() or any(run_dir.iterdir()):
+            raise RunError(f"run '{run_id}' already exists in {store}; choose another --name "
+                           f"or continue it with --resume {run_dir}") from None
+    atomic_write_json(run_dir / "config.json", {**config, "run_id": run_id})  # a copy: the caller's dict is left alone
+    write_status(run_dir, "running")
+    return run_dir
+
+
+def read_config(run_dir) -> dict:
+    file = Path(run_dir) / "config.json"
+    config = _read_json(file)
+    _check_config(config, file)
+    return config
+
+
+def _metric_lines(file: Path) -> list[tuple[str, dict]]:
+    """``(line, record)`` for each non-blank line of metrics.jsonl, JSON null read as NaN; ``[]`` without a file."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{file}: unreadable ({exc})") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line, object_hook=lambda d: {k: math.nan if v is None else v for k, v in d.items()})
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            raise RunError(f"{file}: line {n} is not a JSON object with an integer epoch: {line[:80]!r}")
+        out.append((line, record))
+    return out
+
+
+def append_metrics(run_dir, record: dict) -> None:
+    """Add one completed epoch's record (with an integer ``epoch``, 1-based) as a line of metrics.jsonl."""
+    if not isinstance(record, dict) or not isinstance(record.get("epoch"), (int, np.integer)):
+        raise ValueError(f"a metrics record is a dict with an integer 'epoch', got {record!r}")
+    file = Path(run_dir) / "metrics.jsonl"
+    old = "".join(line + "\n" for line in file.read_text(encoding="utf-8").splitlines()) if file.exists() else ""
+    atomic_write_text(file, old + _dumps(record) + "\n")  # the file is small: rewrite it whole, atomically
+
+
+def read_metrics(run_dir) -> pd.DataFrame:
+    """One row per epoch line; nested dicts flattened to ``"outer.inner"`` columns; JSON null as NaN."""
+    records = [r for _, r in _metric_lines(Path(run_dir) / "metrics.jsonl")]
+    return pd.json_normalize(records) if records else _no_metrics()
+
+
+def _no_metrics() -> pd.DataFrame:
+    return pd.DataFrame({"epoch": pd.Series(dtype="int64")})
+
+
+def truncate_metrics(run_dir, last_epoch: int) -> None:
+    """Keep only the lines with ``epoch <= last_epoch``: resume may find epochs newer than last.pt after a kill."""
+    file = Path(run_dir) / "metrics.jsonl"
+    lines = _metric_lines(file)
+    kept = [line for line, r in lines if r["epoch"] <= last_epoch]
+    if len(kept) < len(lines):
+        atomic_write_text(file, "".join(line + "\n" for line in kept))
+
+
+def write_status(run_dir, state: str, message: str | None = None, **progress) -> None:
+    """status.json: ``state``, ``message``, the trainer's progress fields, pid, host and ``updated`` (unix seconds)."""
+    if state not in STATES:
+        raise ValueError(f"state must be one of {', '.join(STATES)}, got {state!r}")
+    atomic_write_json(Path(run_dir) / "status.json", {"state": state, "message": message, **progress, "pid": os.getpid(),
+                                                      "host": socket.gethostname(), "updated": time.time()})
+
+
+def read_status(run_dir) -> dict:
+    file = Path(run_dir) / "status.json"
+    status = _read_json(file)
+    if status.get("state") not in STATES:
+        raise RunError(f"{file}: unknown state {status.get('state')!r}")
+    return status
+
+
+def _dynamics_file(run_dir, epoch: int) -> Path:
+    return Path(run_dir) / "dynamics" / f"epoch_{int(epoch):03d}.npz"
+
+
+def save_dynamics(run_dir, epoch: int, arrays: dict) -> Path:
+    """Save one epoch's per-sample arrays (exactly the DYNAMICS_KEYS, each of shape [N]) as dynamics/epoch_NNN.npz."""
+    if set(arrays) != set(DYNAMICS_KEYS):
+        missing, unknown = sorted(set(DYNAMICS_KEYS) - set(arrays)), sorted(set(arrays) - set(DYNAMICS_KEYS))
+        raise ValueError(f"dynamics need exactly the keys {', '.join(DYNAMICS_KEYS)}; missing {missing}, unknown {unknown}")
+    arrays = {k: np.asarray(arrays[k], dtype=dtype) for k, dtype in DYNAMICS_KEYS.items()}  # the contract's dtypes
+    if {v.shape for v in arrays.values()} != {arrays["index"].shape} or arrays["index"].ndim != 1:
+        raise ValueError(f"dynamics arrays must be 1-D and equally long, got {({k: v.shape for k, v in arrays.items()})}")
+    file = _dynamics_file(run_dir, epoch)
+    file.parent.mkdir(exist_ok=True)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(file, buf.getvalue())
+    return file
+
+
+def load_dynamics(run_dir, epoch: int) -> dict[str, np.ndarray]:
+    file = _dynamics_file(run_dir, epoch)
+    if not file.is_file():
+        raise RunError(f"{file}: missing")
+    try:
+        with np.load(file, allow_pickle=False) as npz:  # an object array is refused here, never unpickled
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception as exc:
+        raise RunError(f"{file}: refused to load ({exc.__class__.__name__}: {exc})") from None
+    missing = [k for k in DYNAMICS_KEYS if k not in arrays]
+    if missing or len({arrays[k].shape for k in DYNAMICS_KEYS}) > 1:
+        raise RunError(f"{file}: " + (f"lacks {', '.join(missing)}" if missing else "arrays of different shapes"))
+    return arrays
+
+
+def dynamics_epochs(run_dir) -> list[int]:
+    """The epochs that have a dynamics file, ascending."""
+    names = [p.name for p in (Path(run_dir) / "dynamics").glob("epoch_*.npz")]
+    return sorted(int(m.group(1)) for m in map(re.compile(r"epoch_(\d{3,})\.npz").fullmatch, names) if m)
+
+
+def save_weights(path, state_dict: dict, half: bool = False) -> None:
+    """A state_dict as safetensors; ``half`` stores floating tensors as float16 (integer buffers keep their dtype)."""
+    tensors = {k: v.detach().cpu() for k, v in state_dict.items()}
+    tensors = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, safetensors.torch.save(tensors))
+
+
+def load_weights(path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(str(path), device="cpu")
+    except Exception as exc:
+        reason = f"{exc.__class__.__name__}: {exc}" if Path(path).is_file() else "no such file"
+        raise RunError(f"{path}: not a readable safetensors file ({reason})") from None
+
+
+def save_checkpoint(path, state: dict) -> None:
+    """A resume state of plain tensors, numbers, strings, lists and dicts: what ``weights_only`` loading accepts."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path) -> dict:
+    if not Path(path).is_file():
+        raise RunError(f"{path}: missing")
+    try:  # weights_only: the unpickler rebuilds tensors and plain containers only, it never calls what the file names
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # torch's message is long: its first line names the refused global
+        reason = f"{exc.__class__.__name__}: {(str(exc).strip() or '-').splitlines()[0]}"
+        raise RunError(f"{path}: refused to load: not a plain tensor checkpoint ({reason})") from None
+    if not isinstance(state, dict):
+        raise RunError(f"{path}: refused to load: not a plain tensor checkpoint (a {type(state).__name__}, not a dict)")
+    return state
+
+
+def _process_gone(status: dict) -> str | None:
+    """Why a status that says ``running`` has no live writer, or None if it may still be alive."""
+    pid, host, updated = status.get("pid"), status.get("host"), status.get("updated")
+    # os.kill(pid, 0) only probes on POSIX (on Windows it terminates the process): elsewhere, judge by staleness
+    if host == socket.gethostname() and os.name == "posix" and type(pid) is int and pid > 0:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return f"process {pid} is gone"
+        except OSError:  # PermissionError: it exists, as another user's process
+            pass
+        return None
+    fresh = isinstance(updated, (int, float)) and time.time() - updated <= STALE_SECONDS
+    return None if fresh else f"no update from {host} for over {STALE_SECONDS // 60} minutes"
+
+
+@dataclass
+class Run:
+    """One run folder as read from disk; ``state`` adds interrupted/incomplete/corrupt to the status states."""
+
+    path: Path
+    run_id: str
+    state: str
+    problem: str | None
+    config: dict | None
+    status: dict
+    metrics: pd.DataFrame
+
+    def _get(self, section: str, key: str):
+        return ((self.config or {}).get(section) or {}).get(key)
+
+    method = property(lambda self: self._get("method", "name"))
+    model = property(lambda self: self._get("model", "name"))
+    data = property(lambda self: self._get("data", "spec"))
+    eps = property(lambda self: self._get("attack", "eps"))
+    norm = property(lambda self: self._get("attack", "norm"))
+    epochs = property(lambda self: self._get("train", "epochs") or self.status.get("epochs"), doc="planned epochs")
+    epochs_done = property(lambda self: int(self.metrics["epoch"].max()) if len(self.metrics) else 0)
+    has_weights = property(lambda self: (self.path / "weights.safetensors").is_file())
+
+    @property
+    def best(self) -> dict:
+        """The latest metrics row marked ``is_best``, else the last row, else ``{}``."""
+        m = self.metrics
+        if "is_best" in m and m["is_best"].eq(True).any():
+            m = m[m["is_best"].eq(True)]
+        return m.iloc[-1].to_dict() if len(m) else {}
+
+    @property
+    def modified(self) -> float:
+        """Latest mtime (unix seconds) of the folder and its entries; an entry may vanish while we look."""
+        times = []
+        for p in (self.path, *(self.path.iterdir() if self.path.is_dir() else ())):
+            try:
+                times.append(p.stat().st_mtime)
+            except OSError:
+                pass
+        return max(times, default=0.0)
+
+
+def load_run(path) -> Run:
+    """Read a run folder; a bad one gives state ``incomplete``/``corrupt`` and a ``problem``, never an exception."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RunError(f"{path}: not a run folder")
+    run = Run(path, path.name, "incomplete", None, None, {}, _no_metrics())
+    corrupt = []
+    for name, attr, read in (("config.json", "config", read_config), ("status.json", "status", read_status),
+                             ("metrics.jsonl", "metrics", read_metrics)):
+        if name != "metrics.jsonl" and not (path / name).exists():
+            run.problem = run.problem or f"{name} is missing"
+            continue
+        try:
+            setattr(run, attr, read(path))
+        except RunError as exc:  # name the file relative to the run: the table shows which run it is
+            corrupt.append(str(exc).replace(f"{path}{os.sep}", ""))
+    if corrupt:
+        run.state, run.problem = "corrupt", "; ".join(corrupt)
+    elif run.problem is None:
+        run.state = run.status["state"]
+        if run.state == "running" and (gone := _process_gone(run.status)):
+            run.state, run.problem = "interrupted", f"{gone}; continue with: python -m dpaat_core train --resume {path}"
+        elif run.state == "failed":
+            run.problem = run.status.get("message") or "failed without a message"
+    return run
+
+
+def list_runs(store="checkpoints") -> list[Run]:
+    """Every run folder in ``store`` (names starting with ``.``/``_`` skipped), newest first; ``[]`` without a store."""
+    runs = []
+    for entry in sorted(Path(store).iterdir()) if Path(store).is_dir() else ():
+        if entry.is_dir() and not entry.name.startswith((".", "_")):
+            try:
+                runs.append(load_run(entry))
+            except RunError:  # removed while we listed
+                pass
+    return sorted(runs, key=lambda r: r.modified, reverse=True)
+
+
+def runs_table(runs: list[Run]) -> pd.DataFrame:
+    """One row per run: identity, attack, progress as ``"done/planned"`` and the best epoch's validation numbers."""
+    scores = ("val_accuracy", "val_balanced_accuracy", "val_robust_accuracy")
+    columns = ["run_id", "state", "method", "model", "data", "norm", "eps", "epochs", *scores, "problem"]
+    rows = [[r.run_id, r.state, r.method, r.model, r.data, r.norm, r.eps, f"{r.epochs_done}/{r.epochs or '?'}",
+             *(r.best.get(s, math.nan) for s in scores), r.problem] for r in runs]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def load_model(run_dir, device="cpu", weights: str = "best") -> torch.nn.Module:
+    """The run's classifier, eval mode, on ``device``: ``"best"`` from weights.safetensors, ``"last"`` from last.pt."""
+    from .models import build_model  # here, not at the top: listing runs should not need torchvision
+
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    name, num_classes = config["model"].get("name"), config["dataset"].get("num_classes")
+    try:
+        model = build_model(name, num_classes, config["dataset"].get("in_channels", 3), pretrained=False)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RunError(f"{run_dir / 'config.json'}: cannot build the model ({exc})") from None
+    if weights not in ("best", "last"):
+        raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
+    file = run_dir / ("weights.safetensors" if weights == "best" else "last.pt")
+    state = load_weights(file) if weights == "best" else load_checkpoint(file).get("model")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RunError(f"{file}: no 'model' state_dict of tensors in it")
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state] + [f"unexpected {k}" for k in state if k not in expected]
+    problems += [f"{k} has shape {list(state[k].shape)}, the model {list(v.shape)}"
+                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise RunError(f"{file}: weights do not fit a {name} with {num_classes} classes: {'; '.join(problems[:3])}{more}")
+    model.load_state_dict(state, strict=True)  # copy_ casts to the model's dtypes: float16 files load into float32
+    return model.to(device).eval()
