@@ -1,7 +1,8 @@
 """Command line: ``python -m dpaat_core <command>``.
 
 ``data SPEC``: load every split of a data spec and print what is in it, to check a dataset
-before training on it. Bad arguments and unusable data exit with status 2 and one line.
+before training on it. ``train``: train a run (or ``--resume`` one); ``runs``: list the run
+store. Bad arguments and unusable data exit with status 2 and one line.
 """
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import argparse
 import sys
 import warnings
 
+from .cli_train import add_runs_parser, add_train_parser
+from .config import ConfigError
 from .data import SOURCES, SPLITS, DataError, DataWarning, load_dataset
+from .runs import RunError
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -26,9 +30,16 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags exit 2 with one line (argparse's usage block buries the problem)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dpaat_core", description="DPAAT Lab command line.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="python -m dpaat_core", description="DPAAT Lab command line.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     data = sub.add_parser("data", help="show the splits, sizes and class counts of a data spec")
     data.add_argument("spec", help=f"data spec: {', '.join(s + ':...' for s in SOURCES[:-1])} or synthetic[:n=..,classes=..,seed=..]")
     data.add_argument("--image-size", type=int, default=None, help="resize to this square size in pixels (needed for JPEG folders)")
@@ -36,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--root", default=None, help="folder of MedMNIST npz files (default $DPAAT_DATA_ROOT, else ./data)")
     data.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split for ham10000: and folder: (default 0)")
     data.set_defaults(run=_data)
+    add_train_parser(sub)
+    add_runs_parser(sub)
     return parser
 
 
@@ -45,7 +58,7 @@ def main(argv=None) -> int:
         args.splits = list(SPLITS)
     try:
         return args.run(args)
-    except DataError as exc:
+    except (DataError, ConfigError, RunError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,164 @@
+"""``python -m dpaat_core train`` and ``runs``: flags to a validated :class:`RunConfig`, a tqdm
+bar driven by the trainer's progress callback, and the run store as a table."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .config import METHODS, ConfigError, RunConfig, method_config
+from .models import MODEL_NAMES
+
+#: flags that describe a run; ``--resume`` takes them from the run's config.json instead.
+_RUN_FLAGS = ("data", "model", "method", "epochs", "batch_size", "image_size", "norm", "eps", "alpha_ratio", "steps",
+              "gamma", "threshold", "sync", "beta_clean", "lam", "memoryless", "lr", "weight_decay", "schedule",
+              "imbalance", "early_stop", "patience", "augment", "seed", "max_samples", "root", "pretrained", "name")
+
+
+def add_train_parser(sub) -> None:
+    t = sub.add_parser("train", help="train a model with ERM, PGD-AT, TRADES or DPAAT (or resume a run)",
+                       description="Train a run into the run store. The last line printed is the run folder.")
+    run = t.add_argument_group("what to train")
+    run.add_argument("--data", help="data spec: npz:<file>, medmnist:<flag>[@size], ham10000:<dir>, folder:<dir> or synthetic[:n=..]")
+    run.add_argument("--model", help=f"architecture: {', '.join(MODEL_NAMES)} (resnet8 is the small CPU model)")
+    run.add_argument("--method", help=f"training method: {', '.join(METHODS)}")
+    run.add_argument("--epochs", type=int, help="maximum number of epochs (early stopping may end sooner)")
+    run.add_argument("--batch-size", type=int, help="images per batch and process (default 32)")
+    run.add_argument("--image-size", type=int, help="square input size in pixels (default 64)")
+    run.add_argument("--max-samples", type=int, help="keep at most N images of each split (a seeded draw, for quick runs)")
+    run.add_argument("--root", help="folder of medmnist: files (default $DPAAT_DATA_ROOT, else ./data)")
+    run.add_argument("--pretrained", action="store_const", const=True,
+                     help="start from ImageNet weights in torchvision's local cache (fails if they are not there)")
+    atk = t.add_argument_group("training attack (PGD with a random start)")
+    atk.add_argument("--norm", help="threat model: l2 (default, the paper's) or linf")
+    atk.add_argument("--eps", type=float, help="eps0, the starting radius of each sample's ball (default 0.3, l2 on [0,1] pixels)")
+    atk.add_argument("--alpha-ratio", type=float, help="step size as a fraction of each sample's eps (default 0.5)")
+    atk.add_argument("--steps", type=int, help="PGD steps K per batch (default 7)")
+    mth = t.add_argument_group("DPAAT settings (paper/METHOD.md)")
+    mth.add_argument("--gamma", type=float, help="eps memory rate: fragile eps*(1-gamma), stable eps*(1+gamma) "
+                                                  "(default 0.1; adaptive methods only)")
+    mth.add_argument("--threshold", help="fragile/stable threshold on the loss change: batch_mean (default), ema, median "
+                                         "or quantile:<q>")
+    mth.add_argument("--sync", help="synchronisation loss: sym_kl (default), js, l1_logprob, kl")
+    mth.add_argument("--beta-clean", type=float, help="weight of the clean cross-entropy (default: the method's)")
+    mth.add_argument("--lam", type=float, help="weight of the synchronisation loss (default: the method's)")
+    mth.add_argument("--memoryless", action="store_const", const=True,
+                     help="no eps memory: split each batch with a probe attack at eps0 (two attacks per batch)")
+    opt = t.add_argument_group("optimisation")
+    opt.add_argument("--lr", type=float, help="Adam learning rate (default 3e-4, the paper's)")
+    opt.add_argument("--weight-decay", type=float, help="Adam weight decay (default 0)")
+    opt.add_argument("--schedule", choices=("none", "cosine"), help="learning-rate schedule over the epochs (default none)")
+    opt.add_argument("--imbalance", choices=("none", "class_weights", "balanced_sampler"),
+                     help="class imbalance: weighted cross-entropy (default), class-balanced sampling, or nothing")
+    opt.add_argument("--early-stop", choices=("balanced_accuracy", "robust_accuracy", "none"),
+                     help="validation metric that picks the best epoch and stops training (default balanced_accuracy)")
+    opt.add_argument("--patience", type=int, help="stop after this many epochs without improvement (default 5)")
+    opt.add_argument("--no-augment", dest="augment", action="store_const", const=False,
+                     help="no random flips of training images")
+    opt.add_argument("--seed", type=int, help="seed of weights, split, order, attacks and flips (default 0)")
+    where = t.add_argument_group("where")
+    where.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if available (default)")
+    where.add_argument("--store", default="checkpoints", help="run store folder (default checkpoints)")
+    where.add_argument("--name", help="run id (default: time, method, model and data)")
+    where.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last completed epoch; "
+                                                          "takes every setting from its config.json")
+    where.add_argument("--quiet", action="store_true", help="no progress bar (epoch summaries still print)")
+    t.set_defaults(run=_train)
+
+
+def add_runs_parser(sub) -> None:
+    r = sub.add_parser("runs", help="list the runs in the store with their status and headline metrics")
+    r.add_argument("--store", default="checkpoints", help="run store folder (default checkpoints)")
+    r.set_defaults(run=_runs)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """A validated :class:`RunConfig` from ``train`` flags (defaults where a flag is absent)."""
+    missing = [f"--{n}" for n in ("data", "model", "method", "epochs") if getattr(args, n) is None]
+    if missing:
+        raise ConfigError(f"train needs {', '.join(missing)} (or --resume RUN_DIR)")
+    cfg = RunConfig()
+    given = lambda name: getattr(args, name) is not None  # noqa: E731
+    for section, names in (("data", ("image_size", "max_samples", "root")), ("model", ("pretrained",)),
+                           ("attack", ("norm", "eps", "alpha_ratio", "steps")),
+                           ("train", ("epochs", "batch_size", "lr", "weight_decay", "schedule", "imbalance",
+                                      "early_stop", "patience", "augment", "seed", "device"))):
+        for name in names:
+            if given(name):
+                setattr(getattr(cfg, section), name, getattr(args, name))
+    cfg.data.spec, cfg.model.name = args.data, args.model
+    cfg.method = method_config(args.method, gamma=args.gamma, threshold=args.threshold, sync=args.sync,
+                               beta_clean=args.beta_clean, lam=args.lam, memoryless=args.memoryless)
+    return cfg.validate()
+
+
+class _Bar:
+    """The trainer's progress callback as a tqdm bar per epoch and a summary line per epoch."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar, self.loss_read = quiet, None, 0.0
+
+    def __call__(self, p) -> None:
+        if p.phase == "epoch_end":
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+            m = p.metrics
+            tqdm.write(f"epoch {p.epoch}/{p.epochs}  loss {m['train_loss']:.4f}  val acc {m['val_accuracy']:.3f}  "
+                       f"balanced {m['val_balanced_accuracy']:.3f}  robust {m['val_robust_accuracy']:.3f}  "
+                       f"fragile {m['fragile_fraction']:.2f}  eps {m['eps_mean']:.3f}  {m['seconds']:.1f} s"
+                       + ("  *best" if m["is_best"] else ""), file=sys.stderr)
+            return
+        if self.quiet:
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=p.batches, desc=f"epoch {p.epoch}/{p.epochs}", unit="batch", file=sys.stderr,
+                            dynamic_ncols=True, mininterval=0.5)
+        self.bar.update(p.batch - self.bar.n)
+        if p.phase == "val":
+            self.bar.set_postfix_str(f"loss {float(p.loss):.4f}  validating")
+        elif time.monotonic() - self.loss_read >= 1.0:  # reading the loss waits for the device: once a second
+            self.loss_read = time.monotonic()
+            self.bar.set_postfix_str(f"loss {float(p.loss):.4f}", refresh=False)
+
+
+def _raise_stopped(signum, frame):
+    from .train import _Stopped
+    raise _Stopped(f"signal {signum}")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from . import distributed, train
+    if args.resume:
+        clash = [f"--{n.replace('_', '-')}" for n in _RUN_FLAGS if getattr(args, n, None) is not None]
+        if clash:
+            raise ConfigError(f"--resume takes every setting from the run's config.json; drop {', '.join(clash)}")
+    else:
+        config = config_from_args(args)
+    main_process = not distributed.launched_by_torchrun() or distributed.os.environ.get("RANK") == "0"
+    progress = _Bar(args.quiet) if main_process else None
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    if args.resume:
+        run_dir = train.resume(args.resume, progress=progress, device=args.device)
+    else:
+        run_dir = train.train(config, store=args.store, run_id=args.name, progress=progress)
+    if main_process:
+        print(Path(run_dir))
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from .runs import list_runs, runs_table
+    found = list_runs(args.store)
+    if not found:
+        print(f"no runs in {args.store}")
+        return 0
+    table = runs_table(found)
+    import pandas as pd
+    with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_colwidth", 60):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0

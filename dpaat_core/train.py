@@ -1,0 +1,349 @@
+"""The trainer: one loop for every method, writing the run store as it goes.
+
+``train(config)`` starts a run, ``resume(run_dir)`` continues one from its last completed
+epoch (bit for bit on CPU: every random draw comes from generators seeded by seed and epoch).
+Under ``torchrun`` the same code trains with DistributedDataParallel; rank 0 alone writes.
+"""
+from __future__ import annotations
+
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
+
+from . import __version__, distributed, runs
+from .config import RunConfig
+from .data import ImageDataset, load_dataset
+from .models import build_model
+from .objectives import MethodState, training_step
+from .validation import validate
+
+
+@dataclass
+class Progress:
+    """What a progress callback receives: after every batch, and with ``metrics`` at an epoch's end."""
+
+    run_dir: Path
+    epoch: int
+    epochs: int
+    batch: int
+    batches: int
+    phase: str                          # "train", "val" or "epoch_end"
+    loss: Optional[torch.Tensor] = None  # running mean training loss (a device tensor: read it sparingly)
+    metrics: dict = field(default_factory=dict)
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device is 'cuda' but no CUDA device is available; use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def class_weights(dataset: ImageDataset) -> torch.Tensor:
+    """``N / (C * n_c)`` per class (0 for a class absent from training), float32 ``[C]``."""
+    counts = torch.as_tensor(dataset.class_counts, dtype=torch.float32)
+    present = counts > 0
+    weights = torch.zeros_like(counts)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights
+
+
+def epoch_order(dataset: ImageDataset, epoch: int, seed: int, world: distributed.World, balanced: bool) -> torch.Tensor:
+    """This process's sample indices for ``epoch``: a function of (seed, epoch) alone, so resume is exact.
+
+    Uniform: :class:`DistributedSampler` (a shuffled permutation, padded to a multiple of the
+    world size). Balanced: a class-balanced draw with replacement, split the same way.
+    """
+    if not balanced:
+        sampler = DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+        return torch.tensor(list(iter(sampler)), dtype=torch.int64)
+    counts = torch.as_tensor(dataset.class_counts, dtype=torch.float64)
+    weights = (1.0 / counts.clamp(min=1))[dataset.labels]
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.multinomial(weights, len(dataset), replacement=True, generator=gen)
+    per_rank = math.ceil(len(order) / world.size)
+    order = torch.cat([order, order[: per_rank * world.size - len(order)]])
+    return order[world.rank::world.size]
+
+
+def _batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, augment: bool, gen, channels_last: bool):
+    """Float images in [0, 1] (randomly flipped when ``augment``), labels and indices of one batch."""
+    x = images[idx].float().div_(255.0)
+    if augment:
+        flips = torch.rand((2, len(idx)), generator=gen, device=gen.device).to(x.device) < 0.5
+        x = torch.where(flips[0].view(-1, 1, 1, 1), x.flip(3), x)
+        x = torch.where(flips[1].view(-1, 1, 1, 1), x.flip(2), x)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, labels[idx], idx
+
+
+def _versions(device: torch.device, world: distributed.World) -> dict:
+    import torchvision
+    return {"dpaat_core": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "python": platform.python_version(), "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "world_size": world.size}
+
+
+def _dataset_info(train_set: ImageDataset, val_set: ImageDataset) -> dict:
+    return {"classes": train_set.classes, "num_classes": train_set.num_classes, "in_channels": train_set.in_channels,
+            "image_size": train_set.image_size, "train_size": len(train_set), "val_size": len(val_set),
+            "train_class_counts": train_set.class_counts.tolist(), "source_path": train_set.source.path}
+
+
+def _epoch_metrics(stats: dict, prev_fragile: torch.Tensor, classes: list) -> dict:
+    """Per-epoch summary of the per-sample arrays of one epoch (numpy, on rank 0)."""
+    fragile, label, eps = stats["fragile"], stats["label"], stats["eps"]
+    per_class = {c: (float(fragile[label == k].mean()) if (label == k).any() else math.nan) for k, c in enumerate(classes)}
+    seen_before = prev_fragile[stats["index"]].numpy()
+    both = seen_before >= 0
+    was, now = seen_before[both] == 1, fragile[both]
+    q = np.quantile(eps, [0.05, 0.5, 0.95]) if len(eps) else [math.nan] * 3
+    return {
+        "fragile_fraction": float(fragile.mean()),
+        "fragile_fraction_per_class": per_class,
+        "eps_mean": float(eps.mean()), "eps_min": float(eps.min()), "eps_max": float(eps.max()),
+        "eps_q05": float(q[0]), "eps_q50": float(q[1]), "eps_q95": float(q[2]),
+        "delta_loss_mean": float(stats["delta_loss"].mean()),
+        "train_accuracy_clean": float(stats["correct_clean"].mean()),
+        "train_accuracy_adv": float(stats["correct_adv"].mean()),
+        "transitions": {"fragile_to_stable": int((was & ~now).sum()), "stable_to_fragile": int((~was & now).sum()),
+                        "fragile_to_fragile": int((was & now).sum()), "stable_to_stable": int((~was & ~now).sum())},
+    }
+
+
+class _Stopped(Exception):
+    """Raised by the CLI's signal handler: the run was stopped on request."""
+
+
+def train(config: RunConfig, store: str | Path = "checkpoints", run_id: Optional[str] = None,
+          progress: Optional[ProgressFn] = None) -> Path:
+    """Train a new run described by ``config`` into ``store/run_id``; returns the run folder."""
+    config.validate()
+    return _run(config, progress, store=Path(store), run_id=run_id)
+
+
+def resume(run_dir: str | Path, progress: Optional[ProgressFn] = None, device: Optional[str] = None) -> Path:
+    """Continue a killed or stopped run from its last completed epoch (its ``last.pt``)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise runs.RunError(f"{run_dir}: no such run folder")
+    config = RunConfig.from_dict(runs.read_config(run_dir))
+    if device is not None:
+        config.train.device = device
+    return _run(config, progress, run_dir=run_dir)
+
+
+def _run(config: RunConfig, progress: Optional[ProgressFn], *, store=None, run_id=None, run_dir=None) -> Path:
+    device = resolve_device(config.train.device)
+    world = distributed.init_world(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    try:
+        return _train_loop(config, device, world, progress, store, run_id, run_dir)
+    finally:
+        distributed.close_world(world)
+
+
+def _train_loop(config, device, world, progress, store, run_id, run_dir) -> Path:
+    tc, method, attack = config.train, config.method, config.attack
+    load = dict(image_size=config.data.image_size, root=config.data.root, max_samples=config.data.max_samples,
+                seed=tc.seed, progress=world.is_main)
+    train_set, val_set = load_dataset(config.data.spec, "train", **load), load_dataset(config.data.spec, "val", **load)
+
+    resume_state = None
+    if run_dir is not None:
+        resume_state = _load_resume(run_dir, train_set)
+        if world.is_main:
+            runs.remove_temp_files(run_dir)
+    elif world.is_main:
+        cfg = config.to_dict() | {"format": 1, "dataset": _dataset_info(train_set, val_set),
+                                  "versions": _versions(device, world)}
+        run_dir = runs.create_run(store, cfg, run_id or runs.default_run_id(cfg))
+    run_dir = Path(_broadcast(str(run_dir) if run_dir is not None else None, world))
+
+    torch.manual_seed(tc.seed)
+    bare = build_model(config.model.name, train_set.num_classes, train_set.in_channels, config.model.pretrained).to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        bare = bare.to(memory_format=torch.channels_last)
+    model = DistributedDataParallel(bare, device_ids=[device.index] if cuda else None) if world.distributed else bare
+    optimizer = torch.optim.Adam(bare.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=cuda or None)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, tc.epochs) if tc.schedule == "cosine" else None
+    state = MethodState.create(method, attack, len(train_set), device)
+    weights = class_weights(train_set).to(device) if tc.imbalance == "class_weights" else None
+    images, labels = train_set.images.to(device), train_set.labels.to(device)
+    prev_fragile = torch.full((len(train_set),), -1, dtype=torch.int8)   # -1: not seen yet
+    best = {"metric": -math.inf, "epoch": 0, "bad_epochs": 0}
+    start = 1
+    if resume_state is not None:
+        bare.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resume_state["scheduler"])
+        state.load_state_dict(resume_state["method_state"])
+        prev_fragile = resume_state["prev_fragile"].to(torch.int8)
+        best = dict(resume_state["best"])
+        start = int(resume_state["epoch"]) + 1
+        if world.is_main:
+            runs.truncate_metrics(run_dir, start - 1)
+    finished = start > tc.epochs or best["bad_epochs"] >= tc.patience and tc.early_stop != "none"
+
+    status = _StatusWriter(run_dir, world, tc.epochs)
+    try:
+        for epoch in range(start, tc.epochs + 1):
+            if finished:
+                break
+            t0 = time.perf_counter()
+            gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + epoch * 1009 + world.rank)
+            order = epoch_order(train_set, epoch, tc.seed, world, tc.imbalance == "balanced_sampler").to(device)
+            batches = list(order.split(tc.batch_size))
+            model.train()
+            parts, loss_sum = [], torch.zeros((), device=device)
+            for b, idx in enumerate(batches, 1):
+                x, y, idx = _batch(images, labels, idx, tc.augment, gen, cuda)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                    step = training_step(model, x, y, idx, method, attack, state, class_weights=weights,
+                                         generator=gen, attack_model=bare)
+                optimizer.zero_grad(set_to_none=True)
+                step.loss.backward()
+                optimizer.step()
+                loss_sum += step.loss.detach() * len(idx)
+                parts.append({"index": idx, "label": y, "delta_loss": step.delta_loss, "eps": step.eps,
+                              "fragile": step.fragile, "correct_clean": step.correct_clean,
+                              "correct_adv": step.correct_adv, "threshold": step.threshold.expand(len(idx)),
+                              "ce_clean": step.ce_clean.expand(len(idx)), "ce_adv": step.ce_adv.expand(len(idx)),
+                              "sync": step.sync.expand(len(idx))})
+                seen = sum(len(p["index"]) for p in parts)
+                status.batch(epoch, b, len(batches), "train")
+                if progress:
+                    progress(Progress(run_dir, epoch, tc.epochs, b, len(batches), "train", loss_sum / seen))
+            if scheduler is not None:
+                scheduler.step()
+            if state.memory is not None:
+                distributed.check_same(state.memory.eps, "the eps memory")
+            stats = {k: distributed.all_gather_cat(torch.cat([p[k] for p in parts])).cpu().numpy() for k in parts[0]}
+            total = distributed.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), device=device)])).tolist()
+            train_seconds = time.perf_counter() - t0
+            status.batch(epoch, len(batches), len(batches), "val")
+            if progress:
+                progress(Progress(run_dir, epoch, tc.epochs, len(batches), len(batches), "val", loss_sum / max(seen, 1)))
+            val = validate(bare, val_set, attack, device, batch_size=2 * tc.batch_size, world=world, seed=tc.seed)
+            metric = val["val_robust_accuracy" if tc.early_stop == "robust_accuracy" else "val_balanced_accuracy"]
+            improved = tc.early_stop == "none" or metric > best["metric"]
+            if improved:
+                best = {"metric": float(metric), "epoch": epoch, "bad_epochs": 0}
+            else:
+                best["bad_epochs"] += 1
+            finished = epoch == tc.epochs or (tc.early_stop != "none" and best["bad_epochs"] >= tc.patience)
+
+            _, first = np.unique(stats["index"], return_index=True)   # DDP padding repeats a few samples
+            stats = {k: v[first] for k, v in stats.items()}
+            record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"] if scheduler is None else scheduler.get_last_lr()[0],
+                      "train_loss": float(total[0] / total[1]),
+                      "train_ce_clean": float(stats["ce_clean"].mean()), "train_ce_adv": float(stats["ce_adv"].mean()),
+                      "train_sync": float(stats["sync"].mean()), "threshold": float(stats["threshold"][-1]),
+                      "threshold_mean": float(stats["threshold"].mean())}
+            record |= _epoch_metrics(stats, prev_fragile, train_set.classes) | val
+            record |= {"seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
+                       "images_per_second": len(stats["index"]) / train_seconds, "is_best": improved,
+                       "early_stop_metric": tc.early_stop, "stopped_early": finished and epoch < tc.epochs}
+            prev_fragile[torch.from_numpy(stats["index"])] = torch.from_numpy(stats["fragile"]).to(torch.int8)
+            if world.is_main:
+                _save_epoch(run_dir, epoch, stats, record, bare, optimizer, scheduler, state, prev_fragile, best, improved)
+            status.epoch_end(epoch, best["epoch"], finished)
+            if progress:
+                progress(Progress(run_dir, epoch, tc.epochs, len(batches), len(batches), "epoch_end", metrics=record))
+        status.done(best["epoch"])
+    except BaseException as exc:
+        status.failed(exc)
+        raise
+    return run_dir
+
+
+def _broadcast(value, world: distributed.World):
+    """Rank 0's ``value`` on every process (a small picklable object, e.g. the run folder)."""
+    if not world.distributed:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _load_resume(run_dir: Path, train_set: ImageDataset) -> dict:
+    """``last.pt`` of a run, checked against the data it is resumed on."""
+    path = run_dir / "last.pt"
+    if not path.is_file():
+        raise runs.RunError(f"{path}: missing; the run has no completed epoch to resume from (start it again)")
+    state = runs.load_checkpoint(path)
+    missing = {"epoch", "model", "optimizer", "method_state", "prev_fragile", "best"} - set(state)
+    if missing:
+        raise runs.RunError(f"{path}: not a resume state (missing {', '.join(sorted(missing))})")
+    if len(state["prev_fragile"]) != len(train_set):
+        raise runs.RunError(f"{path}: saved for a training set of {len(state['prev_fragile'])} samples, "
+                            f"the data now gives {len(train_set)}; resume it on the same data")
+    return state
+
+
+def _save_epoch(run_dir, epoch, stats, record, model, optimizer, scheduler, state, prev_fragile, best, improved):
+    """Write one epoch to the store. ``last.pt`` goes last: it is what makes the epoch count as done."""
+    runs.save_dynamics(run_dir, epoch, {k: stats[k] for k in runs.DYNAMICS_KEYS})
+    weights = {k: v for k, v in model.state_dict().items()}
+    if improved:
+        runs.save_weights(run_dir / "weights.safetensors", weights)
+    runs.append_metrics(run_dir, record)
+    runs.save_checkpoint(run_dir / "last.pt", {
+        "format": 1, "epoch": epoch, "model": weights, "optimizer": optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "method_state": state.state_dict(), "prev_fragile": prev_fragile.clone(), "best": dict(best),
+        "torch_rng": torch.get_rng_state(),
+    })
+
+
+class _StatusWriter:
+    """``status.json`` for the dashboard: at most every ``every`` seconds during an epoch (rank 0)."""
+
+    def __init__(self, run_dir: Path, world: distributed.World, epochs: int, every: float = 2.0):
+        self.run_dir, self.main, self.epochs, self.every = run_dir, world.is_main, epochs, every
+        self.last = 0.0
+        self.best_epoch = None
+
+    def _write(self, state, message=None, **fields):
+        if self.main:
+            runs.write_status(self.run_dir, state, message, epochs=self.epochs, best_epoch=self.best_epoch, **fields)
+
+    def batch(self, epoch, batch, batches, phase):
+        now = time.monotonic()
+        if now - self.last >= self.every or batch == batches:
+            self.last = now
+            self._write("running", epoch=epoch, batch=batch, batches=batches, phase=phase)
+
+    def epoch_end(self, epoch, best_epoch, finished):
+        self.best_epoch = best_epoch
+        self._write("running", epoch=epoch, epochs_done=epoch, phase="epoch_end")
+
+    def done(self, best_epoch):
+        self.best_epoch = best_epoch
+        self._write("done", "finished", phase="done")
+
+    def failed(self, exc: BaseException):
+        if isinstance(exc, (KeyboardInterrupt, _Stopped)):
+            self._write("stopped", "stopped on request; continue with --resume", phase="stopped")
+        else:
+            self._write("failed", f"{type(exc).__name__}: {exc}", phase="failed")

@@ -1,0 +1,215 @@
+"""The trainer: a complete run folder, determinism, early stopping, resume after SIGKILL, DDP."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dpaat_core import runs
+from dpaat_core.config import RunConfig, method_config
+from dpaat_core.data import load_dataset
+from dpaat_core.distributed import World
+from dpaat_core.train import class_weights, epoch_order, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = "synthetic:n=48,classes=3"
+
+
+def small_config(method="dpaat", epochs=2, **train_overrides) -> RunConfig:
+    cfg = RunConfig()
+    cfg.data.spec, cfg.data.image_size = SPEC, 16
+    cfg.attack.steps = 2
+    cfg.method = method_config(method)
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.device = epochs, 16, "cpu"
+    for k, v in train_overrides.items():
+        setattr(cfg.train, k, v)
+    return cfg.validate()
+
+
+def _cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "dpaat_core", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _train_args(store, name, epochs=3):
+    return ["train", "--data", SPEC, "--model", "resnet8", "--method", "dpaat", "--epochs", str(epochs),
+            "--image-size", "16", "--steps", "2", "--batch-size", "16", "--device", "cpu", "--early-stop", "none",
+            "--store", str(store), "--name", name, "--quiet"]
+
+
+def test_a_run_leaves_a_complete_folder(tmp_path):
+    run = train(small_config(), store=tmp_path, run_id="r1")
+    assert run == tmp_path / "r1"
+    for name in ("config.json", "metrics.jsonl", "status.json", "weights.safetensors", "last.pt"):
+        assert (run / name).is_file(), name
+    assert not list(run.glob(".*.tmp"))
+    cfg = runs.read_config(run)
+    assert RunConfig.from_dict(cfg) == small_config()          # the config re-makes the run
+    assert cfg["dataset"]["classes"] and cfg["versions"]["torch"] == torch.__version__
+    assert runs.read_status(run)["state"] == "done"
+
+    metrics = runs.read_metrics(run)
+    assert list(metrics["epoch"]) == [1, 2]
+    train_set = load_dataset(SPEC, "train", 16)
+    for col in ("train_loss", "val_accuracy", "val_balanced_accuracy", "val_robust_accuracy", "fragile_fraction",
+                "eps_mean", "threshold", "seconds"):
+        assert np.isfinite(metrics[col]).all(), col
+    assert all(f"fragile_fraction_per_class.{c}" in metrics for c in train_set.classes)
+    assert (metrics["val_robust_accuracy"] <= metrics["val_accuracy"] + 1e-9).all()
+
+    assert runs.dynamics_epochs(run) == [1, 2]
+    dyn1, dyn2 = runs.load_dynamics(run, 1), runs.load_dynamics(run, 2)
+    assert sorted(dyn2["index"]) == list(range(len(train_set)))       # every training sample, once
+    np.testing.assert_array_equal(dyn2["label"], train_set.labels.numpy()[dyn2["index"]])
+    np.testing.assert_allclose(dyn1["eps"], 0.3, rtol=1e-6)            # epoch 1 starts at eps0
+    assert metrics["fragile_fraction"].iloc[1] == pytest.approx(dyn2["fragile"].mean())
+    # The memory moved each sample by its epoch-1 split: fragile down, stable up.
+    e2 = dict(zip(dyn2["index"], dyn2["eps"]))
+    for i, fragile in zip(dyn1["index"], dyn1["fragile"]):
+        assert e2[i] == pytest.approx(0.3 * (0.9 if fragile else 1.1), rel=1e-5)
+    moved = metrics.iloc[1]
+    transitions = sum(moved[f"transitions.{k}"] for k in
+                      ("fragile_to_stable", "stable_to_fragile", "fragile_to_fragile", "stable_to_stable"))
+    assert transitions == len(train_set)
+    assert moved["transitions.fragile_to_stable"] == int((dyn1["fragile"][np.argsort(dyn1["index"])] &
+                                                         ~dyn2["fragile"][np.argsort(dyn2["index"])]).sum())
+    # The memory saved for resume is the one after epoch 2.
+    state = runs.load_checkpoint(run / "last.pt")
+    mem = state["method_state"]["memory"]["eps"].numpy()
+    for i, eps, fragile in zip(dyn2["index"], dyn2["eps"], dyn2["fragile"]):
+        assert mem[i] == pytest.approx(eps * (0.9 if fragile else 1.1), rel=1e-5)
+
+    model = runs.load_model(run)
+    assert model.num_classes == train_set.num_classes and not model.training
+
+
+def test_the_same_seed_gives_the_same_run(tmp_path):
+    a = train(small_config(epochs=1), store=tmp_path, run_id="a")
+    b = train(small_config(epochs=1), store=tmp_path, run_id="b")
+    c = train(small_config(epochs=1, seed=1), store=tmp_path, run_id="c")
+    wa, wb, wc = (runs.load_weights(r / "weights.safetensors") for r in (a, b, c))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa if wa[k].is_floating_point())
+    np.testing.assert_array_equal(runs.load_dynamics(a, 1)["delta_loss"], runs.load_dynamics(b, 1)["delta_loss"])
+
+
+def test_early_stopping_ends_a_run_that_does_not_improve(tmp_path):
+    run = train(small_config(epochs=6, lr=1e-12, patience=2), store=tmp_path, run_id="flat")
+    metrics = runs.read_metrics(run)
+    assert list(metrics["epoch"]) == [1, 2, 3]          # best at 1, then two epochs without improvement
+    assert list(metrics["is_best"]) == [True, False, False]
+    assert metrics["stopped_early"].iloc[-1]
+    assert runs.read_status(run)["state"] == "done"
+
+
+def test_every_method_trains_end_to_end(tmp_path):
+    for method in ("erm", "pgd_at", "trades", "dpaat_nosync", "dpaat_fixed"):
+        run = train(small_config(method, epochs=1), store=tmp_path, run_id=method)
+        dyn = runs.load_dynamics(run, 1)
+        adaptive = method == "dpaat_nosync"
+        state = runs.load_checkpoint(run / "last.pt")["method_state"]
+        assert (state["memory"] is not None) == adaptive, method
+        if method == "erm":
+            assert (dyn["eps"] == 0).all() and not dyn["fragile"].any()
+            np.testing.assert_array_equal(dyn["correct_adv"], dyn["correct_clean"])
+        else:
+            np.testing.assert_allclose(dyn["eps"], 0.3, rtol=1e-6)
+
+
+def test_a_failure_is_recorded_in_the_status(tmp_path, monkeypatch):
+    import dpaat_core.train as trainer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of cheese")
+    monkeypatch.setattr(trainer, "training_step", broken)
+    with pytest.raises(RuntimeError, match="out of cheese"):
+        train(small_config(), store=tmp_path, run_id="broken")
+    status = runs.read_status(tmp_path / "broken")
+    assert status["state"] == "failed" and "out of cheese" in status["message"]
+
+
+def test_class_weights_and_balanced_order():
+    ds = load_dataset("synthetic:n=40,classes=4", "train", 16)
+    ds = ds.subset([i for i in range(len(ds)) if ds.labels[i] != 3 or i % 4 == 0])   # make class 3 rare
+    w = class_weights(ds).numpy()
+    counts = ds.class_counts
+    np.testing.assert_allclose(w * counts, counts.sum() / 4, rtol=1e-6)          # each class weighs the same
+    order = epoch_order(ds, epoch=1, seed=0, world=World(), balanced=True)
+    drawn = np.bincount(ds.labels[order].numpy(), minlength=4)
+    assert len(order) == len(ds) and drawn[3] > counts[3]                        # the rare class is drawn more
+    assert not torch.equal(order, epoch_order(ds, epoch=2, seed=0, world=World(), balanced=True))
+    torch.testing.assert_close(order, epoch_order(ds, epoch=1, seed=0, world=World(), balanced=True))
+    for balanced in (False, True):
+        halves = [epoch_order(ds, 3, 0, World(rank, 2), balanced) for rank in (0, 1)]
+        assert len(halves[0]) == len(halves[1]) == (len(ds) + 1) // 2
+        if not balanced:
+            assert set(torch.cat(halves).tolist()) == set(range(len(ds)))
+
+
+def _wait_for_epoch(run: Path, epoch: int, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run / "last.pt").exists() and runs.load_checkpoint(run / "last.pt")["epoch"] >= epoch:
+            return
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    raise AssertionError(f"epoch {epoch} not reached")
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    whole = _cli(*_train_args(tmp_path, "whole"))
+    killed = _cli(*_train_args(tmp_path, "killed"))
+    _wait_for_epoch(tmp_path / "killed", 1, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()
+    listed = {r.run_id: r for r in runs.list_runs(tmp_path)}
+    assert listed["killed"].state == "interrupted" and "--resume" in listed["killed"].problem
+
+    resumed = _cli("train", "--resume", str(tmp_path / "killed"), "--device", "cpu", "--quiet")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert out.strip().splitlines()[-1] == str(tmp_path / "killed")
+    assert runs.read_status(tmp_path / "killed")["state"] == "done"
+    a, b = runs.read_metrics(tmp_path / "whole"), runs.read_metrics(tmp_path / "killed")
+    assert list(b["epoch"]) == [1, 2, 3]
+    np.testing.assert_allclose(b["train_loss"], a["train_loss"], rtol=1e-5)
+    wa = runs.load_checkpoint(tmp_path / "whole" / "last.pt")
+    wb = runs.load_checkpoint(tmp_path / "killed" / "last.pt")
+    for k, v in wa["model"].items():
+        torch.testing.assert_close(wb["model"][k], v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wb["method_state"]["memory"]["eps"], wa["method_state"]["memory"]["eps"])
+    np.testing.assert_array_equal(runs.load_dynamics(tmp_path / "killed", 3)["fragile"],
+                                  runs.load_dynamics(tmp_path / "whole", 3)["fragile"])
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "dpaat_core", *_train_args(tmp_path, "ddp", epochs=2)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "ddp"
+    assert proc.stdout.strip().splitlines() == [str(run)]          # rank 0 alone prints and writes
+    assert runs.read_config(run)["versions"]["world_size"] == 2
+    assert runs.read_status(run)["state"] == "done"
+    train_set = load_dataset(SPEC, "train", 16)
+    dyn1, dyn2 = runs.load_dynamics(run, 1), runs.load_dynamics(run, 2)
+    assert sorted(dyn2["index"]) == list(range(len(train_set)))
+    # One global memory: every sample, whichever process saw it, moved by its own split.
+    e2 = dict(zip(dyn2["index"], dyn2["eps"]))
+    for i, fragile in zip(dyn1["index"], dyn1["fragile"]):
+        assert e2[i] == pytest.approx(0.3 * (0.9 if fragile else 1.1), rel=1e-5)
+    # The threshold is global: the fragile fraction is measured against one T per (global) batch.
+    assert 0 < runs.read_metrics(run)["fragile_fraction"].iloc[0] < 1
