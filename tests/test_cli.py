@@ -24,3 +24,86 @@ def test_bad_spec_exits_2_with_a_clear_line(tmp_path):
     assert "nothing.npz: no such file" in out.stderr and "Traceback" not in out.stderr
     out = _cli("data", "mnist:foo")
     assert out.returncode == 2 and "unknown data source 'mnist'" in out.stderr
+
+
+# --- train / runs ---------------------------------------------------------------------------
+
+import contextlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+from dpaat_core.__main__ import build_parser, main  # noqa: E402
+
+GOOD = ["train", "--data", "synthetic:n=24,classes=3", "--model", "resnet8", "--method", "dpaat", "--epochs", "1",
+        "--image-size", "16", "--steps", "1", "--device", "cpu", "--quiet"]
+
+
+def _with(*changes):
+    """GOOD with flags replaced (``("--eps", "-1")``) or added."""
+    argv = list(GOOD)
+    for flag, value in changes:
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    return argv
+
+
+@pytest.mark.parametrize("argv, says", [
+    (_with(("--eps", "-0.1")), "attack.eps must be a number > 0"),
+    (_with(("--model", "resnet9000")), "model.name must be one of"),
+    (_with(("--steps", "0")), "attack.steps must be an integer >= 1"),
+    (_with(("--data", "npz:/nowhere/x.npz")), "no such file"),
+    (_with(("--data", "mnist:foo")), "unknown data source 'mnist'"),
+    (_with(("--method", "madry")), "method.name must be one of"),
+    (_with(("--method", "pgd_at"), ("--gamma", "0.2")), "pgd_at keeps eps fixed"),
+    (_with(("--threshold", "quantile:2")), "method.threshold must be 'quantile:<q>'"),
+    (_with(("--epochs", "0")), "train.epochs must be an integer >= 1"),
+    (_with(("--norm", "l3")), "attack.norm must be one of l2, linf"),
+    (_with(("--eps", "abc")), "invalid float value: 'abc'"),
+    (_with(("--lr", "nan")), "train.lr must be a number > 0"),
+    (["train", "--model", "resnet8"], "train needs --data, --method, --epochs"),
+    (["train", "--resume", "x", "--data", "synthetic"], "drop --data"),
+    (["train", "--resume", "/nowhere/run"], "no such run folder"),
+    (_with(("--name", "../evil")), "../evil"),
+])
+def test_bad_train_input_fails_before_any_work_with_one_line(tmp_path, capsys, argv, says):
+    with pytest.raises(SystemExit) if "invalid float" in says else contextlib.nullcontext():
+        code = main(argv + ["--store", str(tmp_path / "store")])
+        assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
+
+
+def test_argparse_errors_exit_2_with_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--eps", "abc"])
+    assert exit_.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_every_train_flag_is_explained():
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    for action in train._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and len(action.help) > 15, action.option_strings
+
+
+def test_train_prints_the_run_folder_last_and_runs_lists_it(tmp_path, capsys):
+    store = tmp_path / "store"
+    assert main(GOOD + ["--store", str(store), "--name", "cli-run"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[-1] == str(store / "cli-run")
+    assert "epoch 1/1" in err and "val acc" in err
+    assert main(["runs", "--store", str(store)]) == 0
+    listing = capsys.readouterr().out
+    assert "cli-run" in listing and "done" in listing and "dpaat" in listing and "1/1" in listing
+    (store / "junk").mkdir()
+    (store / "junk" / "config.json").write_text("{not json")
+    assert main(["runs", "--store", str(store)]) == 0
+    listing = capsys.readouterr().out
+    assert "junk" in listing and "corrupt" in listing and "cli-run" in listing
+    # a finished run resumes to nothing and says where it is
+    assert main(["train", "--resume", str(store / "cli-run"), "--quiet"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(store / "cli-run")
