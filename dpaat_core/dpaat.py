@@ -123,10 +123,18 @@ class EpsMemory:
         """Apply the split of the samples ``index`` (int64 ``[B]``) given ``fragile`` (bool ``[B]``).
 
         Under DDP every process passes its own batch; the updates of all processes are gathered
-        and applied everywhere, so the memory stays identical on every process.
+        and applied everywhere, so the memory stays identical on every process. A sample that
+        appears more than once moves once, by the split of its last appearance.
         """
         index = distributed.all_gather_cat(index.to(self.eps.device))
         fragile = distributed.all_gather_cat(fragile.to(self.eps.device))
+        # A sample drawn twice (balanced sampling, DDP padding) moves once, by its last split:
+        # writing duplicates is order-undefined on CUDA and could let processes drift apart.
+        position = torch.arange(len(index), device=index.device)
+        last = torch.full((len(self.eps),), -1, dtype=torch.int64, device=index.device)
+        last.scatter_reduce_(0, index, position, reduce="amax")
+        keep = last[index] == position
+        index, fragile = index[keep], fragile[keep]
         current = self.eps[index]
         self.eps[index] = torch.where(
             fragile,

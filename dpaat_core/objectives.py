@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .attacks import pgd
+from .attacks import attack_mode, pgd
 from .config import AttackConfig, MethodConfig
 from .dpaat import EpsMemory, Threshold, delta_loss, memoryless_eps, per_sample_ce, sync_loss
 
@@ -24,6 +24,7 @@ class MethodState:
 
     threshold: Threshold
     memory: Optional[EpsMemory] = None
+    probe_threshold: Optional[Threshold] = None   # memoryless: the probe's split keeps its own (EMA) state
 
     @classmethod
     def create(cls, method: MethodConfig, attack: AttackConfig, train_size: int, device) -> "MethodState":
@@ -31,14 +32,18 @@ class MethodState:
         if method.adaptive and not method.memoryless:
             memory = EpsMemory(train_size, attack.eps, method.gamma, method.eps_min_ratio * attack.eps,
                                method.eps_max_ratio * attack.eps, device=device)
-        return cls(Threshold(method.threshold, method.ema_momentum), memory)
+        probe = Threshold(method.threshold, method.ema_momentum) if method.memoryless else None
+        return cls(Threshold(method.threshold, method.ema_momentum), memory, probe)
 
     def state_dict(self) -> dict:
         return {"threshold": self.threshold.state_dict(),
+                "probe_threshold": None if self.probe_threshold is None else self.probe_threshold.state_dict(),
                 "memory": None if self.memory is None else self.memory.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.threshold.load_state_dict(state["threshold"])
+        if self.probe_threshold is not None:
+            self.probe_threshold.load_state_dict(state["probe_threshold"])
         if (state.get("memory") is None) != (self.memory is None):
             raise ValueError("saved method state and this method disagree on having an eps memory")
         if self.memory is not None:
@@ -89,14 +94,9 @@ def _budget(model, x, y, idx, method: MethodConfig, attack: AttackConfig, state:
     # Memoryless: a probe attack at eps0 splits this batch, measured in eval mode (no BatchNorm update).
     probe = pgd(model, x, y, eps0, attack.alpha_ratio * eps0, attack.steps, attack.norm,
                 generator=generator, eval_mode=True, validate=False)
-    with torch.no_grad():
-        was = model.training
-        model.eval()
-        try:
-            dl = delta_loss(model(x), model(probe), y)
-        finally:
-            model.train(was)
-    return memoryless_eps(dl > state.threshold(dl), attack.eps, method.gamma)
+    with torch.no_grad(), attack_mode(model):
+        dl = delta_loss(model(x), model(probe), y)
+    return memoryless_eps(dl > state.probe_threshold(dl), attack.eps, method.gamma)
 
 
 def training_step(
@@ -132,11 +132,8 @@ def training_step(
     eps = _budget(attack_model, x, y, idx, method, attack, state, generator)
     loss_fn = None
     if method.attack == "kl":
-        with torch.no_grad():
-            was = attack_model.training
-            attack_model.eval()
+        with torch.no_grad(), attack_mode(attack_model):
             clean_target = attack_model(x).detach()
-            attack_model.train(was)
         loss_fn = _kl_to(clean_target)
     x_adv = pgd(attack_model, x, y, eps, attack.alpha_ratio * eps, attack.steps, attack.norm,
                 generator=generator, loss_fn=loss_fn, eval_mode=attack.eval_mode, validate=False)
