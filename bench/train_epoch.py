@@ -25,7 +25,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000_sam
 METHODS = ("erm", "pgd_at", "dpaat")
 
 
-def epoch_seconds(method: str, args, store: Path, round_: int) -> float:
+def epoch_seconds(method: str, args, store: Path, round_: int) -> tuple[float, float]:
     cfg = RunConfig()
     cfg.data.spec, cfg.data.image_size, cfg.data.max_samples = args.data, args.image_size, args.max_samples
     cfg.model.name = args.model
