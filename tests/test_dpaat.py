@@ -11,6 +11,7 @@ from scipy.spatial.distance import jensenshannon
 
 from dpaat_core.config import ConfigError
 from dpaat_core.dpaat import EpsMemory, Threshold, delta_loss, memoryless_eps, sync_loss
+from references import kl, softmax
 
 B, K = 6, 5
 
@@ -23,23 +24,12 @@ def logits():
 
 # --- references, in numpy float64 ------------------------------------------------------------
 
-def _softmax(z):
-    z = np.asarray(z, dtype=np.float64)
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _kl(p, q):
-    """KL(p || q) per row, natural log."""
-    return (p * (np.log(p) - np.log(q))).sum(axis=1)
-
-
 def _reference(kind, z, z_adv):
-    p, q = _softmax(z), _softmax(z_adv)
+    p, q = softmax(z), softmax(z_adv)
     if kind == "sym_kl":
-        return 0.5 * (_kl(p, q) + _kl(q, p))
+        return 0.5 * (kl(p, q) + kl(q, p))
     if kind == "kl":
-        return _kl(p, q)
+        return kl(p, q)
     if kind == "js":
         return np.array([jensenshannon(p[i], q[i]) ** 2 for i in range(len(p))])
     assert kind == "l1_logprob"
@@ -110,7 +100,7 @@ def test_kl_is_not_symmetric(logits):
     z, z_adv = logits
     forward, backward = sync_loss(z, z_adv, "kl", "none"), sync_loss(z_adv, z, "kl", "none")
     assert (forward - backward).abs().max() > 1e-2
-    np.testing.assert_allclose(_np(backward), _kl(_softmax(_np(z_adv)), _softmax(_np(z))), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_np(backward), kl(softmax(_np(z_adv)), softmax(_np(z))), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -15,6 +15,7 @@ from dpaat_core.config import AttackConfig, method_config
 from dpaat_core.data import load_dataset
 from dpaat_core.models import build_model
 from dpaat_core.objectives import MethodState, StepResult, training_step
+from references import kl, softmax
 
 METHODS = ("erm", "pgd_at", "trades", "dpaat", "dpaat_nosync", "dpaat_fixed")
 ATTACK = AttackConfig(steps=3)          # l2, eps 0.3, alpha 0.5 * eps, eval-mode attack
@@ -61,16 +62,6 @@ class PgdSpy:
 
 def _np(t):
     return t.detach().double().numpy()
-
-
-def _softmax(z):
-    z = np.asarray(z, dtype=np.float64)
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _kl(p, q):
-    return (p * (np.log(p) - np.log(q))).sum(axis=1)
 
 
 def _ce(z, y):
@@ -205,10 +196,10 @@ def test_dpaat_step_splits_by_mean_delta_loss_and_updates_memory(ham, monkeypatc
     assert (state.memory[others] == torch.tensor(eps0)).all(), "samples not in the batch keep eps0"
 
     # The loss is METHOD.md step 9 with the defaults: CE(adv) + CE(clean) + sym-KL
-    p, q = _softmax(_np(z)), _softmax(_np(z_adv))
-    reference = _ce(z_adv, y).mean() + _ce(z, y).mean() + (0.5 * (_kl(p, q) + _kl(q, p))).mean()
+    p, q = softmax(_np(z)), softmax(_np(z_adv))
+    reference = _ce(z_adv, y).mean() + _ce(z, y).mean() + (0.5 * (kl(p, q) + kl(q, p))).mean()
     np.testing.assert_allclose(result.loss.item(), reference, rtol=1e-5)
-    np.testing.assert_allclose(result.sync.item(), (0.5 * (_kl(p, q) + _kl(q, p))).mean(), rtol=1e-3)
+    np.testing.assert_allclose(result.sync.item(), (0.5 * (kl(p, q) + kl(q, p))).mean(), rtol=1e-3)
 
     # Step 2 on the same samples uses the updated memory
     after_first = state.memory[idx].clone()
@@ -254,18 +245,19 @@ def test_trades_attack_maximises_kl_to_the_clean_prediction(ham, monkeypatch):
     probe = torch.randn(16, ds.num_classes, generator=_gen(3)) * 2
     attack_loss = loss_fn(probe, y)
     assert attack_loss.shape == (16,)
-    np.testing.assert_allclose(_np(attack_loss), _kl(_softmax(_np(clean_eval)), _softmax(_np(probe))),
+    np.testing.assert_allclose(_np(attack_loss), kl(softmax(_np(clean_eval)), softmax(_np(probe))),
                                rtol=1e-4, atol=1e-6)
     # ... and not the CE of y: relabelling changes nothing
     torch.testing.assert_close(loss_fn(probe, (y + 1) % ds.num_classes), attack_loss)
 
     # The loss: beta_clean * CE(clean) + 6 * KL(p_clean || p_adv), no CE(adv) term
     z, z_adv = model(x), model(spy.calls[0]["x_adv"])
-    p, q = _softmax(_np(z)), _softmax(_np(z_adv))
-    kl, sym = _kl(p, q).mean(), (0.5 * (_kl(p, q) + _kl(q, p))).mean()
-    assert kl > 1e-3 and abs(sym - kl) > 1e-3 * kl, "the check below must tell KL(p||q) from the symmetric KL"
-    np.testing.assert_allclose(result.sync.item(), kl, rtol=1e-4)
-    reference = method.beta_clean * _ce(z, y).mean() + 6.0 * kl
+    p, q = softmax(_np(z)), softmax(_np(z_adv))
+    one_sided, sym = kl(p, q).mean(), (0.5 * (kl(p, q) + kl(q, p))).mean()
+    assert one_sided > 1e-3 and abs(sym - one_sided) > 1e-3 * one_sided, \
+        "the check below must tell KL(p||q) from the symmetric KL"
+    np.testing.assert_allclose(result.sync.item(), one_sided, rtol=1e-4)
+    reference = method.beta_clean * _ce(z, y).mean() + 6.0 * one_sided
     assert method.lam == 6.0 and method.beta_clean == 1.0
     np.testing.assert_allclose(result.loss.item(), reference, rtol=1e-5)
     assert abs(result.loss.item() - (reference + _ce(z_adv, y).mean())) > 0.1
@@ -301,9 +293,9 @@ def test_class_weights_apply_to_ce_terms_only(ham, monkeypatch):
 
     # Weighted CE (sum w_y CE / sum w_y) on both terms, unweighted sync loss
     z, z_adv = models["skewed"](x), models["skewed"](advs["skewed"])
-    p, q = _softmax(_np(z)), _softmax(_np(z_adv))
+    p, q = softmax(_np(z)), softmax(_np(z_adv))
     reference = (_weighted(_ce(z_adv, y), y, weights) + _weighted(_ce(z, y), y, weights)
-                 + (0.5 * (_kl(p, q) + _kl(q, p))).mean())
+                 + (0.5 * (kl(p, q) + kl(q, p))).mean())
     np.testing.assert_allclose(results["skewed"].loss.item(), reference, rtol=1e-4)
 
 
