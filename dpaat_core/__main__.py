@@ -1,8 +1,9 @@
 """Command line: ``python -m dpaat_core <command>``.
 
 ``data SPEC``: load every split of a data spec and print what is in it, to check a dataset
-before training on it. ``train``: train a run (or ``--resume`` one); ``runs``: list the run
-store. Bad arguments and unusable data exit with status 2 and one line.
+before training on it. ``train``: train a run (or ``--resume`` one); ``evaluate RUN_DIR``:
+robustness curves into the run's ``robustness.csv``; ``runs``: list the run store.
+Bad arguments and unusable data exit with status 2 and one line.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import argparse
 import sys
 import warnings
 
+from .cli_evaluate import add_evaluate_parser
 from .cli_train import add_runs_parser, add_train_parser
 from .config import ConfigError
 from .data import SOURCES, SPLITS, DataError, DataWarning, load_dataset
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split for ham10000: and folder: (default 0)")
     data.set_defaults(run=_data)
     add_train_parser(sub)
+    add_evaluate_parser(sub)
     add_runs_parser(sub)
     return parser
 

@@ -103,16 +103,19 @@ def _project(x: torch.Tensor, x_adv: torch.Tensor, eps: torch.Tensor, norm: str)
     return (x + delta).clamp_(0, 1)
 
 
-def _random_start(x: torch.Tensor, eps: torch.Tensor, norm: str, generator) -> torch.Tensor:
-    # Drawn where the generator lives (a CPU generator may seed a CUDA attack), then moved.
+def start_noise(x: torch.Tensor, norm: str, generator=None) -> torch.Tensor:
+    """A random point of the unit ball per sample, ``x``'s shape: ``x + noise * eps`` is a random start.
+
+    linf: uniform in [-1, 1] per pixel; l2: a Gaussian direction scaled to a uniform fraction of
+    the radius (torchattacks' convention). Drawn where the generator lives (a CPU generator may
+    seed a CUDA attack), then moved to ``x``'s device.
+    """
     draw = dict(generator=generator, device=generator.device if generator is not None else x.device, dtype=x.dtype)
     if norm == "linf":
-        u = torch.rand(x.shape, **draw).to(x.device)
-        return (x + (2 * u - 1) * eps).clamp_(0, 1)
-    # l2: a Gaussian direction scaled to a uniform fraction of eps (torchattacks' convention).
+        return (2 * torch.rand(x.shape, **draw) - 1).to(x.device)
     direction = torch.randn(x.shape, **draw).to(x.device)
     radius = torch.rand((x.shape[0], 1, 1, 1), **draw).to(x.device)
-    return (x + direction / _per_sample_flat_norm(direction) * radius * eps).clamp_(0, 1)
+    return direction / _per_sample_flat_norm(direction) * radius
 
 
 def pgd(
@@ -130,6 +133,7 @@ def pgd(
     eval_mode: bool = True,
     fold_bn: bool = True,
     validate: bool = True,
+    noise: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Projected gradient ascent on the loss, within each sample's eps ball.
 
@@ -144,6 +148,8 @@ def pgd(
         eval_mode: run the model in eval mode (restored afterwards); False uses its modes as they are.
         fold_bn: in eval mode, fold BatchNorm into convolutions for speed (equal up to float rounding).
         validate: check inputs (one host sync); a hot loop that already did may skip it.
+        noise: the random start as a point of the unit ball per sample (see :func:`start_noise`),
+            instead of drawing one: the same noise gives the same start at every eps.
 
     Returns: detached ``x_adv`` of ``x``'s shape, dtype and device, in [0, 1], with
     ``||x_adv - x|| <= eps`` per sample (a sample with eps 0 comes back unchanged).
@@ -156,7 +162,11 @@ def pgd(
     with attack_mode(model, eval_mode):
         view = folded_eval_view(model, x) if (eval_mode and fold_bn) else None
         net = view if view is not None else model
-        x_adv = _random_start(x, eps_t, norm, generator) if random_start else x.clone()
+        if random_start:
+            noise = start_noise(x, norm, generator) if noise is None else noise.to(x.device, x.dtype)
+            x_adv = (x + noise * eps_t).clamp_(0, 1)
+        else:
+            x_adv = x.clone()
         for _ in range(steps):
             x_adv.requires_grad_(True)
             with torch.enable_grad():

@@ -413,3 +413,50 @@ def load_model(run_dir, device="cpu", weights: str = "best") -> torch.nn.Module:
         raise RunError(f"{file}: weights do not fit a {name} with {num_classes} classes: {'; '.join(problems[:3])}{more}")
     model.load_state_dict(state, strict=True)  # copy_ casts to the model's dtypes: float16 files load into float32
     return model.to(device).eval()
+
+
+def load_run_data(run_dir, split: str = "test", spec: str | None = None, max_samples: int | None = None,
+                  progress: bool = False):
+    """A split of the run's own data (or of ``spec``), at the run's image size and split seed."""
+    from .data import load_dataset  # here, not at the top: listing runs should not need torchvision
+
+    config = read_config(run_dir)
+    data, train = config["data"], config.get("train") or {}
+    dataset = load_dataset(spec or data["spec"], split, data.get("image_size"), root=data.get("root"),
+                           max_samples=max_samples, seed=train.get("seed", 0), progress=progress)
+    expected = config["dataset"]
+    if dataset.num_classes != expected.get("num_classes") or dataset.in_channels != expected.get("in_channels"):
+        raise RunError(f"{spec or data['spec']}: {dataset.num_classes} classes and {dataset.in_channels} channels, "
+                       f"but the run's model takes {expected.get('in_channels')} channels and predicts "
+                       f"{expected.get('num_classes')} classes")
+    return dataset
+
+
+ROBUSTNESS_KEYS = ("attack", "norm", "steps", "monotone", "split", "data")
+
+
+def save_robustness(run_dir, frame: pd.DataFrame) -> Path:
+    """Merge robustness-curve rows into ``robustness.csv``: rows of the same curve (same
+    attack, norm, steps, monotone, split and data) are replaced, others kept. Atomic."""
+    path = Path(run_dir) / "robustness.csv"
+    old = read_robustness(run_dir)
+    if len(old):
+        same = old[list(ROBUSTNESS_KEYS)].apply(tuple, axis=1).isin(set(frame[list(ROBUSTNESS_KEYS)].apply(tuple, axis=1)))
+        frame = pd.concat([old[~same], frame], ignore_index=True)
+    atomic_write_text(path, frame.sort_values([*ROBUSTNESS_KEYS, "eps"]).to_csv(index=False))
+    return path
+
+
+def read_robustness(run_dir) -> pd.DataFrame:
+    """The run's ``robustness.csv`` (empty frame if none); an unreadable file is a :class:`RunError`."""
+    path = Path(run_dir) / "robustness.csv"
+    if not path.is_file():
+        return pd.DataFrame(columns=[*ROBUSTNESS_KEYS, "eps", "accuracy"])
+    try:
+        frame = pd.read_csv(path)
+    except (ValueError, OSError) as exc:
+        raise RunError(f"{path}: not a readable CSV ({exc})") from None
+    missing = {*ROBUSTNESS_KEYS, "eps", "accuracy"} - set(frame.columns)
+    if missing:
+        raise RunError(f"{path}: missing columns {', '.join(sorted(missing))}")
+    return frame

@@ -1,0 +1,253 @@
+"""Robustness evaluation: clean and robust accuracy, balanced and per class, mAP, margins, and
+accuracy-vs-epsilon curves, as plain data (dataclasses and pandas).
+
+A sample counts as *robust* at eps when it is classified correctly on the clean image and on the
+attacked one (robust accuracy never exceeds clean accuracy). Random starts are drawn per sample
+from a seed and the sample's index, so a sample starts from the same point of its unit ball in
+every batch and at every eps: results do not depend on batching.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .attacks import ATTACKS, NORMS, attack_mode, start_noise
+from .data import ImageDataset
+from .validation import balanced_accuracy, per_class_accuracy
+
+#: step size as a fraction of eps, per attack (the paper's protocol: PGD step eps/4; I-FGSM eps/steps).
+DEFAULT_ALPHA = {"pgd": lambda steps: 0.25, "ifgsm": lambda steps: 1.0 / steps, "fgsm": lambda steps: 1.0}
+DEFAULT_STEPS = {"pgd": 20, "ifgsm": 10, "fgsm": 1}
+#: the paper's protocol as named presets (eps is the training eps0).
+PRESETS = {
+    "pgd20_l2": dict(attack="pgd", norm="l2", steps=20),
+    "ifgsm_l2": dict(attack="ifgsm", norm="l2", steps=10),
+    "pgd20_linf": dict(attack="pgd", norm="linf", steps=20),
+    "ifgsm_linf": dict(attack="ifgsm", norm="linf", steps=10),
+}
+
+
+@dataclass
+class Evaluation:
+    """Clean and robust metrics of one model on one dataset under one attack."""
+
+    accuracy: float
+    balanced_accuracy: float
+    robust_accuracy: float
+    robust_balanced_accuracy: float
+    mean_average_precision: float
+    per_class: pd.DataFrame      # class, n, accuracy, robust_accuracy, average_precision
+    samples: pd.DataFrame        # index, label, pred_clean, pred_adv, correct_clean, robust, margin_clean, margin_adv
+    settings: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {"accuracy": self.accuracy, "balanced_accuracy": self.balanced_accuracy,
+                "robust_accuracy": self.robust_accuracy, "robust_balanced_accuracy": self.robust_balanced_accuracy,
+                "mean_average_precision": self.mean_average_precision, **self.settings}
+
+
+def check_attack(attack: str, norm: str, eps_values: Sequence[float], steps: int) -> None:
+    if attack not in ATTACKS:
+        raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, got {attack!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    bad = [e for e in eps_values if not (isinstance(e, (int, float)) and math.isfinite(e) and 0 <= e <= 1000)]
+    if bad or not len(eps_values):
+        raise ValueError(f"eps values must be finite numbers from 0 to 1000, got {list(eps_values)!r}")
+
+
+def eps_rms(eps: float, norm: str, shape: Sequence[int]) -> float:
+    """The per-pixel RMS change an eps allows at an input of ``shape`` ``(C, H, W)``: l2 ``eps / sqrt(CHW)``, linf ``eps``."""
+    return float(eps) / math.sqrt(float(np.prod(shape))) if norm == "l2" else float(eps)
+
+
+def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the precision-recall curve (mean precision at each positive), NaN without positives."""
+    if not positive.any():
+        return math.nan
+    order = np.argsort(-scores, kind="stable")
+    hits = positive[order].astype(np.float64)
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float((precision * hits).sum() / hits.sum())
+
+
+def _margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """True-class logit minus the best other logit: > 0 means correct."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.scatter(1, y[:, None], -math.inf).amax(1)
+    return true - other
+
+
+def _noise(dataset: ImageDataset, index: torch.Tensor, norm: str, seed: int) -> torch.Tensor:
+    """Each sample's random start in its unit ball, from a generator seeded by (seed, index)."""
+    one = torch.zeros((1, *dataset.images.shape[1:]))
+    return torch.cat([start_noise(one, norm, torch.Generator().manual_seed(seed * 1_000_003 + int(i))) for i in index])
+
+
+class _Attacker:
+    """One attack configuration applied to batches of (sample index, eps) pairs."""
+
+    def __init__(self, model, dataset, attack, norm, steps, alpha_ratio, device, seed):
+        self.model, self.dataset, self.attack, self.norm, self.steps = model, dataset, attack, norm, steps
+        self.alpha_ratio = DEFAULT_ALPHA[attack](steps) if alpha_ratio is None else float(alpha_ratio)
+        self.device, self.seed = device, seed
+
+    def images(self, index: torch.Tensor):
+        x = self.dataset.images[index].to(self.device).float().div_(255.0)
+        return x, self.dataset.labels[index].to(self.device)
+
+    def still_correct(self, index: np.ndarray, eps: np.ndarray, batch_size: int, bar=None) -> np.ndarray:
+        """Whether each sample ``index[j]`` is still classified correctly when attacked at ``eps[j]``."""
+        out = np.zeros(len(index), dtype=bool)
+        if bar is not None:
+            bar.total += len(index)
+            bar.refresh()
+        for start in range(0, len(index), batch_size):
+            i = torch.from_numpy(np.asarray(index[start:start + batch_size], dtype=np.int64))
+            e = torch.from_numpy(np.asarray(eps[start:start + batch_size], dtype=np.float32))
+            out[start:start + len(i)] = (self.logits(i, e).argmax(1).cpu() == self.dataset.labels[i]).numpy()
+            if bar is not None:
+                bar.update(len(i))
+        return out
+
+    def logits(self, index: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Logits of the attacked images ``index`` at per-sample ``eps`` (the clean ones where eps is 0)."""
+        x, y = self.images(index)
+        eps = eps.to(self.device, torch.float32)
+        if self.attack == "fgsm":
+            x_adv = ATTACKS["fgsm"](self.model, x, y, eps, norm=self.norm, validate=False)
+        else:
+            kw = dict(noise=_noise(self.dataset, index, self.norm, self.seed)) if self.attack == "pgd" else {}
+            x_adv = ATTACKS[self.attack](self.model, x, y, eps, self.alpha_ratio * eps, self.steps, norm=self.norm,
+                                         validate=False, **kw)
+        with torch.no_grad(), attack_mode(self.model):
+            return self.model(x_adv).float()
+
+
+def _clean_logits(attacker: _Attacker, batch_size: int) -> torch.Tensor:
+    n = len(attacker.dataset)
+    with torch.no_grad(), attack_mode(attacker.model):
+        return torch.cat([attacker.model(attacker.images(i)[0]).float().cpu()
+                          for i in torch.arange(n).split(batch_size)])
+
+
+def _model_device(model: nn.Module, device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def evaluate(model: nn.Module, dataset: ImageDataset, attack: str = "pgd", norm: str = "l2", eps: float = 0.3,
+             steps: Optional[int] = None, alpha_ratio: Optional[float] = None, batch_size: int = 128,
+             device=None, seed: int = 0, progress: bool = False) -> Evaluation:
+    """Clean and robust metrics of ``model`` on ``dataset`` under one attack at one ``eps``.
+
+    ``steps`` default per attack (PGD 20, I-FGSM 10, FGSM 1); ``alpha_ratio`` step as a fraction
+    of eps (PGD 1/4, I-FGSM 1/steps). Every sample is attacked; the model is left as it was.
+    """
+    steps = DEFAULT_STEPS[attack] if steps is None and attack in DEFAULT_STEPS else steps
+    check_attack(attack, norm, [eps], steps)
+    device = _model_device(model, device)
+    atk = _Attacker(model, dataset, attack, norm, steps, alpha_ratio, device, seed)
+    clean = _clean_logits(atk, batch_size)
+    adv = []
+    for index in tqdm(torch.arange(len(dataset)).split(batch_size), desc=f"{attack} {norm} eps {eps:g}",
+                      disable=not progress, unit="batch"):
+        adv.append(atk.logits(index, torch.full((len(index),), float(eps))).cpu())
+    adv = torch.cat(adv)
+    y = dataset.labels
+    pred_clean, pred_adv = clean.argmax(1).numpy(), adv.argmax(1).numpy()
+    yn = y.numpy()
+    correct, robust = pred_clean == yn, (pred_clean == yn) & (pred_adv == yn)
+    robust_pred = np.where(robust, yn, -1)   # a sample wrong on either image counts as wrong
+    probs = clean.softmax(1).numpy()
+    ap = [average_precision(probs[:, k], yn == k) for k in range(dataset.num_classes)]
+    k = dataset.num_classes
+    per_class = pd.DataFrame({"class": dataset.classes, "n": dataset.class_counts,
+                              "accuracy": per_class_accuracy(yn, pred_clean, k),
+                              "robust_accuracy": per_class_accuracy(yn, robust_pred, k), "average_precision": ap})
+    samples = pd.DataFrame({"index": np.arange(len(dataset)), "label": yn, "pred_clean": pred_clean, "pred_adv": pred_adv,
+                            "correct_clean": correct, "robust": robust, "margin_clean": _margins(clean, y).numpy(),
+                            "margin_adv": _margins(adv, y).numpy()})
+    return Evaluation(
+        accuracy=float(correct.mean()), balanced_accuracy=balanced_accuracy(yn, pred_clean, k),
+        robust_accuracy=float(robust.mean()), robust_balanced_accuracy=balanced_accuracy(yn, robust_pred, k),
+        mean_average_precision=float(np.nanmean(ap)), per_class=per_class, samples=samples,
+        settings={"attack": attack, "norm": norm, "eps": float(eps), "steps": steps, "alpha_ratio": atk.alpha_ratio,
+                  "eps_rms": eps_rms(eps, norm, dataset.images.shape[1:]), "n": len(dataset)})
+
+
+def robustness_curve(model: nn.Module, dataset: ImageDataset, eps_grid: Sequence[float], attack: str = "pgd",
+                     norm: str = "l2", steps: Optional[int] = None, alpha_ratio: Optional[float] = None,
+                     monotone: bool = True, fast: bool = True, batch_size: int = 128, device=None, seed: int = 0,
+                     progress: bool = False) -> pd.DataFrame:
+    """Accuracy against eps: a tidy frame, one row per eps (ascending).
+
+    Columns: eps, eps_rms (per-pixel RMS change at the input size), attack, norm, steps,
+    monotone, n, accuracy, balanced_accuracy, then ``accuracy:<class>`` per class.
+
+    ``monotone=True`` (default) counts a sample as robust at eps only if it also is at every
+    smaller eps of the grid: an adversarial image found at a smaller eps lies inside the larger
+    ball, so this is the attack's best estimate of robust accuracy and never increases with eps.
+    ``monotone=False`` gives each eps's own attack result, which PGD does not guarantee to be
+    monotone (step size and start scale with eps).
+
+    ``fast=True`` attacks only what can change the result: samples still robust at the previous
+    eps (monotone) or correct on the clean image, packed into full batches with a per-sample eps
+    tensor; ``fast=False`` attacks every sample at every eps, one eps at a time. Both give the
+    same curve (each sample's start depends on its index only).
+    """
+    eps_grid = sorted(float(e) for e in eps_grid)
+    steps = DEFAULT_STEPS[attack] if steps is None and attack in DEFAULT_STEPS else steps
+    check_attack(attack, norm, eps_grid, steps)
+    device = _model_device(model, device)
+    atk = _Attacker(model, dataset, attack, norm, steps, alpha_ratio, device, seed)
+    y = dataset.labels.numpy()
+    correct0 = _clean_logits(atk, batch_size).argmax(1).numpy() == y
+    hit = np.zeros((len(eps_grid), len(dataset)), dtype=bool)      # still correct after the attack at that eps
+    with tqdm(total=0, desc=f"{attack} {norm} curve", unit="img", disable=not progress) as bar:
+        if fast and not monotone:
+            # Every (sample, eps) pair is independent: stream them all, with a per-sample eps tensor.
+            grid = np.array(eps_grid)
+            hit[grid == 0] = correct0
+            ks, idx = np.nonzero((grid > 0)[:, None] & correct0[None, :])
+            hit[ks, idx] = atk.still_correct(idx, grid[ks], batch_size, bar)
+        else:
+            alive = correct0.copy()
+            for k, e in enumerate(eps_grid):
+                if not fast:
+                    targets = np.arange(len(dataset))
+                elif e == 0:    # nothing to attack: the clean result
+                    hit[k] = correct0
+                    continue
+                else:
+                    targets = np.flatnonzero(alive if monotone else correct0)
+                hit[k, targets] = atk.still_correct(targets, np.full(len(targets), e), batch_size, bar)
+                alive &= hit[k]
+    robust = hit & correct0[None, :]
+    if monotone:
+        robust = np.logical_and.accumulate(robust, axis=0)
+    return _curve_frame(robust, y, dataset, eps_grid, attack, norm, steps, monotone)
+
+
+def _curve_frame(robust, y, dataset, eps_grid, attack, norm, steps, monotone) -> pd.DataFrame:
+    rows = []
+    shape = dataset.images.shape[1:]
+    for k, e in enumerate(eps_grid):
+        pred = np.where(robust[k], y, -1)
+        row = {"eps": e, "eps_rms": eps_rms(e, norm, shape), "attack": attack, "norm": norm, "steps": steps,
+               "monotone": monotone, "n": len(y), "accuracy": float(robust[k].mean()),
+               "balanced_accuracy": balanced_accuracy(y, pred, dataset.num_classes)}
+        row |= {f"accuracy:{c}": a for c, a in zip(dataset.classes, per_class_accuracy(y, pred, dataset.num_classes))}
+        rows.append(row)
+    return pd.DataFrame(rows)

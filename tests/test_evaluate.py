@@ -1,0 +1,119 @@
+"""Robustness evaluation: robust <= clean, monotone curves, the fast curve equals the naive one,
+the evaluate command and robustness.csv."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dpaat_core import runs
+from dpaat_core.__main__ import main
+from dpaat_core.config import RunConfig, method_config
+from dpaat_core.data import load_dataset
+from dpaat_core.evaluate import average_precision, eps_rms, evaluate, robustness_curve
+from dpaat_core.models import build_model
+from dpaat_core.train import train
+
+GRID = [0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A resnet8 trained briefly on the synthetic set (a run in a temporary store) and its test split."""
+    cfg = RunConfig()
+    cfg.data.spec, cfg.data.image_size = "synthetic:n=96,classes=3", 16
+    cfg.attack.steps, cfg.method = 2, method_config("erm")
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.device, cfg.train.lr = 3, 16, "cpu", 3e-3
+    run = train(cfg, store=tmp_path_factory.mktemp("store"), run_id="erm")
+    return run, runs.load_model(run), runs.load_run_data(run, "test")
+
+
+def test_evaluate_reports_clean_and_robust_metrics(trained):
+    _, model, ds = trained
+    ev = evaluate(model, ds, attack="pgd", norm="l2", eps=0.5, steps=5)
+    s = ev.samples
+    assert ev.robust_accuracy <= ev.accuracy and ev.robust_balanced_accuracy <= ev.balanced_accuracy + 1e-12
+    assert ev.accuracy == pytest.approx(s.correct_clean.mean()) and ev.robust_accuracy == pytest.approx(s.robust.mean())
+    assert ((s.margin_clean > 0) == s.correct_clean).all()          # the margin's sign is correctness
+    assert (s.robust <= s.correct_clean).all()
+    assert list(ev.per_class["class"]) == ds.classes and ev.per_class["n"].sum() == len(ds)
+    assert ev.settings["eps_rms"] == pytest.approx(0.5 / np.sqrt(3 * 16 * 16))
+    with torch.no_grad():
+        assert ev.accuracy == pytest.approx((model(ds.images.float() / 255).argmax(1) == ds.labels).float().mean().item())
+    assert evaluate(model, ds, eps=0.0, steps=3).robust_accuracy == pytest.approx(ev.accuracy)
+    strong = evaluate(model, ds, attack="pgd", norm="linf", eps=0.5, steps=10)
+    assert strong.robust_accuracy < ev.accuracy                       # a large linf ball breaks it
+
+
+def test_average_precision_against_a_hand_computed_case():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    positive = np.array([True, False, True, False, True])
+    assert average_precision(scores, positive) == pytest.approx((1 / 1 + 2 / 3 + 3 / 5) / 3)
+    assert np.isnan(average_precision(scores, np.zeros(5, bool)))
+
+
+@pytest.mark.parametrize("attack, norm", [("pgd", "l2"), ("ifgsm", "linf"), ("fgsm", "l2")])
+def test_fast_curve_equals_attacking_every_sample_at_every_eps(trained, attack, norm):
+    _, model, ds = trained
+    grid = GRID if norm == "l2" else [e / 8 for e in GRID]
+    for monotone in (True, False):
+        fast = robustness_curve(model, ds, grid, attack, norm, steps=4, monotone=monotone, batch_size=7)
+        naive = robustness_curve(model, ds, grid, attack, norm, steps=4, monotone=monotone, fast=False, batch_size=32)
+        pd.testing.assert_frame_equal(fast, naive)
+    assert list(fast.eps) == sorted(grid) and fast.accuracy.iloc[0] == pytest.approx(evaluate(model, ds, eps=0, steps=1).accuracy)
+
+
+def test_curve_is_monotone_and_ends_low(trained):
+    _, model, ds = trained
+    curve = robustness_curve(model, ds, list(reversed(GRID)), "pgd", "l2", steps=5)
+    assert (np.diff(curve.accuracy) <= 0).all() and (np.diff(curve.balanced_accuracy) <= 1e-12).all()
+    assert curve.accuracy.iloc[-1] < curve.accuracy.iloc[0]
+    assert curve.eps_rms.tolist() == pytest.approx([eps_rms(e, "l2", (3, 16, 16)) for e in sorted(GRID)])
+    assert {f"accuracy:{c}" for c in ds.classes} <= set(curve.columns)
+    raw = robustness_curve(model, ds, GRID, "pgd", "l2", steps=5, monotone=False)
+    assert (raw.accuracy >= curve.accuracy - 1e-12).all()             # the worst case is never above a single attack
+
+
+def test_bad_attack_settings_are_refused(trained):
+    _, model, ds = trained
+    for kwargs, says in ((dict(attack="cw"), "attack must be one of"), (dict(norm="l1"), "norm must be one of"),
+                         (dict(eps_grid=[0.1, -1]), "eps values"), (dict(eps_grid=[float("nan")]), "eps values"),
+                         (dict(steps=0), "steps must be")):
+        args = dict(eps_grid=[0.1], attack="pgd", norm="l2", steps=2) | kwargs
+        with pytest.raises(ValueError, match=says):
+            robustness_curve(model, ds, **args)
+
+
+def test_evaluate_command_writes_and_merges_robustness_csv(trained, capsys):
+    run, _, ds = trained
+    argv = ["evaluate", str(run), "--steps", "2", "--eps-grid", "0,0.5,1", "--device", "cpu"]
+    assert main(argv + ["--attack", "pgd,ifgsm"]) == 0
+    out = capsys.readouterr().out
+    assert "worst case over the grid" in out and "ifgsm" in out and "pgd" in out
+    first = runs.read_robustness(run)
+    assert len(first) == 6 and set(first.attack) == {"pgd", "ifgsm"} and (first.split == "test").all()
+    assert main(argv + ["--norm", "linf", "--eps-grid", "0,0.01"]) == 0   # another curve is added ...
+    assert main(argv + ["--attack", "pgd"]) == 0                          # ... the same curve replaced
+    merged = runs.read_robustness(run)
+    assert len(merged) == 6 + 2 and (merged.groupby(["attack", "norm"]).size().to_dict()
+                                      == {("ifgsm", "l2"): 3, ("pgd", "l2"): 3, ("pgd", "linf"): 2})
+    assert not list(run.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("extra, says", [(["--eps-grid", "0,-1"], "must be >= 0"), (["--steps", "0"], "--steps"),
+                                         (["--attack", "cw"], "choose from"), (["--data", "mnist:x"], "unknown data source")])
+def test_evaluate_command_refuses_bad_input_with_one_line(trained, capsys, extra, says):
+    run, _, _ = trained
+    try:
+        code = main(["evaluate", str(run), *extra])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and says in err and len(err.splitlines()) == 1
+
+
+def test_evaluating_on_data_of_another_shape_is_refused(trained, capsys):
+    run, _, _ = trained
+    assert main(["evaluate", str(run), "--data", "synthetic:n=16,classes=5", "--steps", "1"]) == 2
+    assert "5 classes" in capsys.readouterr().err
