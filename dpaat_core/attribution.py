@@ -1,0 +1,291 @@
+"""Attribution maps (via Captum) of clean and adversarial images, and how far they agree and localise.
+
+:func:`attribute` gives one map per image; :func:`clean_and_adversarial` pairs the map of an image with
+the map of its adversarial version; the metrics compare two maps (spearman, topk_iou, ssim) or a map with
+a lesion mask (energy_in_mask, pointing_game); :func:`attribution_report` runs it all over a test split.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+from captum.attr import GuidedGradCam, IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion, Saliency
+from scipy.stats import rankdata
+from skimage.metrics import structural_similarity
+from tqdm.auto import tqdm
+
+from . import attacks
+from .attacks import attack_mode
+from .models import gradcam_layer
+
+METHODS = ("gradcam", "integrated_gradients", "saliency", "occlusion", "guided_gradcam")
+
+
+# Adapters: (model, x float [B,C,H,W] requiring grad, target int64 [B], **options) -> [B,1,H,W].
+def _gradcam(model, x, target, layer=None):
+    cam = LayerGradCam(model, layer or gradcam_layer(model)).attribute(x, target, relu_attributions=True)
+    return LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), "bilinear")
+
+
+def _integrated_gradients(model, x, target, n_steps=32, internal_batch_size=None):
+    # Black-image baseline: "no evidence" in pixel space. The internal batch bounds memory (B * n_steps
+    # images in all); Captum needs it to hold at least the B images of one step.
+    attr = IntegratedGradients(model).attribute(x, torch.zeros_like(x), target=target, n_steps=n_steps,
+                                                internal_batch_size=internal_batch_size or max(64, len(x)))
+    return attr.abs().sum(1, keepdim=True)
+
+
+def _saliency(model, x, target):
+    return Saliency(model).attribute(x, target=target, abs=True).sum(1, keepdim=True)
+
+
+def _occlusion(model, x, target, window=None, stride=None, perturbations_per_eval=16):
+    c, side = x.shape[1], min(x.shape[-2:])
+    window = window or max(2, round(side / 8))
+    stride = stride or max(1, window // 2)
+    with torch.no_grad():  # forward passes only: no graph needed
+        attr = Occlusion(model).attribute(x.detach(), sliding_window_shapes=(c, window, window), strides=(c, stride, stride),
+                                          baselines=0.0, target=target, perturbations_per_eval=perturbations_per_eval)
+    return attr.mean(1, keepdim=True)
+
+
+def _guided_gradcam(model, x, target, layer=None):
+    with warnings.catch_warnings():  # Captum announces its (temporary) ReLU hooks on every call
+        warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
+        attr = GuidedGradCam(model, layer or gradcam_layer(model)).attribute(x, target)
+    return attr.abs().sum(1, keepdim=True)
+
+
+_ADAPTERS = dict(zip(METHODS, (_gradcam, _integrated_gradients, _saliency, _occlusion, _guided_gradcam)))
+
+
+def _check_images(x) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim != 4 or x.shape[0] == 0:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a float tensor [B, C, H, W], got {got}")
+    lo, hi = torch.stack(torch.aminmax(x.detach().float())).tolist()
+    if not 0 <= lo <= hi <= 1:  # also refuses NaN
+        raise ValueError(f"x must be images in [0, 1], found values in [{lo:.4g}, {hi:.4g}]")
+
+
+def _as_target(target, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+        return torch.full((x.shape[0],), int(target), dtype=torch.int64, device=x.device)
+    if isinstance(target, torch.Tensor) and not target.is_floating_point() and target.shape == (x.shape[0],):
+        return target.to(device=x.device, dtype=torch.int64)
+    raise ValueError(f"target must be an int or an integer tensor of shape [{x.shape[0]}], got {target!r}")
+
+
+def attribute(model: nn.Module, x: torch.Tensor, target, method: str = "gradcam", **options) -> torch.Tensor:
+    """One attribution map per image: float32 ``[B, 1, H, W]``, detached, on ``x``'s device.
+
+    ``x``: float ``[B, C, H, W]`` in [0, 1]; ``target``: the class explained, an int or int64 ``[B]``.
+    ``method``: one of :data:`METHODS`; ``options`` go to its adapter (``layer`` for the Grad-CAMs,
+    ``n_steps``/``internal_batch_size`` for integrated gradients, ``window``/``stride`` in pixels for
+    occlusion). Maps are >= 0 except occlusion's (a negative pixel raised the target's score when hidden).
+    The model runs in eval mode; its modules' flags are restored and its parameters get no ``.grad``.
+    """
+    if method not in _ADAPTERS:
+        raise ValueError(f"unknown attribution method {method!r}; choose one of: {', '.join(METHODS)}")
+    _check_images(x)
+    target = _as_target(target, x)
+    with attack_mode(model), torch.enable_grad():
+        attr = _ADAPTERS[method](model, x.detach().clone().requires_grad_(True), target, **options)
+    return attr.detach().to(torch.float32)
+
+
+def clean_and_adversarial(model, x, y, eps, method="gradcam", attack="pgd", norm="l2", steps=10, alpha=None,
+                          generator=None, target=None, **options) -> dict:
+    """Attack ``x`` and explain both versions for the same class.
+
+    ``x``: float ``[B, C, H, W]`` in [0, 1]; ``y``: int64 ``[B]`` true labels (what the attack fights);
+    ``eps``: the attack's radius (float or ``[B]``); ``alpha``: step, default eps/4 (pgd) or eps/steps (ifgsm).
+    ``target``: the class both maps explain, default the clean prediction, so that a changed map means
+    changed evidence, not a different question. Returns ``x_adv``, ``map_clean``/``map_adv`` ``[B,1,H,W]``,
+    ``pred_clean``/``pred_adv`` int64 ``[B]`` and ``prob_clean``/``prob_adv`` softmax ``[B, K]``.
+    """
+    _check_images(x)
+    if attack == "pgd":
+        x_adv = attacks.pgd(model, x, y, eps, eps / 4 if alpha is None else alpha, steps, norm=norm, generator=generator)
+    elif attack == "ifgsm":
+        x_adv = attacks.ifgsm(model, x, y, eps, eps / steps if alpha is None else alpha, steps, norm=norm)
+    elif attack == "fgsm":
+        x_adv = attacks.fgsm(model, x, y, eps, norm=norm)
+    else:
+        raise ValueError(f"unknown attack {attack!r}; choose one of: pgd, ifgsm, fgsm")
+    with attack_mode(model), torch.no_grad():
+        prob_clean, prob_adv = model(x).softmax(1), model(x_adv).softmax(1)
+    target = prob_clean.argmax(1) if target is None else _as_target(target, x)
+    # One batched call for both versions: half the Captum overhead, and the same target for each pair.
+    maps = attribute(model, torch.cat([x, x_adv]), torch.cat([target, target]), method, **options)
+    return {"x_adv": x_adv, "map_clean": maps[: len(x)], "map_adv": maps[len(x):], "pred_clean": prob_clean.argmax(1),
+            "pred_adv": prob_adv.argmax(1), "prob_clean": prob_clean, "prob_adv": prob_adv}
+
+
+def _as_maps(a, name: str) -> tuple[np.ndarray, bool]:
+    """``[H,W]`` (one map) or ``[B,H,W]``/``[B,1,H,W]`` (a batch) as float64 ``[B,H,W]``, and whether batched."""
+    a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+    if a.ndim == 4 and a.shape[1] == 1:
+        a = a[:, 0]
+    if a.ndim not in (2, 3):
+        raise ValueError(f"{name} must be [H, W], [B, H, W] or [B, 1, H, W], got shape {a.shape}")
+    return (a[None] if a.ndim == 2 else a).astype(np.float64), a.ndim == 3
+
+
+def _pair(a, b, names=("a", "b")):
+    (a, batched_a), (b, batched_b) = _as_maps(a, names[0]), _as_maps(b, names[1])
+    if a.shape[1:] != b.shape[1:] or (len(a) != len(b) and 1 not in (len(a), len(b))):
+        raise ValueError(f"{names[0]} {a.shape} and {names[1]} {b.shape} do not match")
+    a, b = np.broadcast_arrays(a, b)
+    return a, b, batched_a or batched_b
+
+
+def _result(values: np.ndarray, batched: bool):
+    return values if batched else float(values[0])
+
+
+def spearman(a, b):
+    """Rank correlation over pixels (average ranks for ties), in [-1, 1]; nan when a map is constant."""
+    a, b, batched = _pair(a, b)
+    ra, rb = (rankdata(v.reshape(len(v), -1), axis=1) for v in (a, b))
+    ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a constant map has no ranking: 0/0 = nan
+        r = (ra * rb).sum(1) / np.sqrt((ra**2).sum(1) * (rb**2).sum(1))
+    return _result(np.clip(r, -1, 1), batched)
+
+
+def topk_iou(a, b, k: float = 0.1):
+    """IoU of the ``k`` fraction of highest pixels of each map (ties broken by pixel order); chance ~ k/(2-k)."""
+    if not 0 < k <= 1:
+        raise ValueError(f"k must be a fraction in (0, 1], got {k!r}")
+    a, b, batched = _pair(a, b)
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    count = max(1, round(k * a.shape[1]))
+    top = []
+    for v in (a, b):
+        chosen = np.zeros(v.shape, dtype=bool)
+        np.put_along_axis(chosen, np.argsort(-v, axis=1, kind="stable")[:, :count], True, axis=1)
+        top.append(chosen)
+    inter = (top[0] & top[1]).sum(1)
+    return _result(inter / (2 * count - inter), batched)
+
+
+def ssim(a, b):
+    """SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5) of the maps min-max scaled to [0, 1].
+
+    Scaling first compares the maps' shapes, not their units. A constant map scales to zeros.
+    Maps must be at least 11 px on a side.
+    """
+    a, b, batched = _pair(a, b)
+    unit = lambda v: (v - v.min()) / (v.max() - v.min()) if v.max() > v.min() else np.zeros_like(v)  # noqa: E731
+    values = [structural_similarity(unit(p), unit(q), data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                    use_sample_covariance=False) for p, q in zip(a, b)]
+    return _result(np.array(values, dtype=np.float64), batched)
+
+
+def energy_in_mask(a, m):
+    """Share of the map's positive part inside the mask ``m`` (bool/uint8, 1 = lesion), in [0, 1]; nan if none is positive.
+
+    A map spread evenly scores the mask's area fraction (the chance level of a uniform map). Lesions sit
+    near the image centre, so a centre-heavy map beats that without looking at the image: compare with the
+    same maps scored against other images' masks to tell localisation from centre bias.
+    """
+    a, m, batched = _pair(a, m, ("map", "mask"))
+    pos = np.clip(a, 0, None).reshape(len(a), -1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return _result((pos * (m.reshape(len(m), -1) > 0)).sum(1) / pos.sum(1), batched)
+
+
+def pointing_game(a, m):
+    """1.0 if the map's maximum (the first, in row-major order, when tied) lies in the mask, else 0.0; nan for a constant map."""
+    a, m, batched = _pair(a, m, ("map", "mask"))
+    a, m = a.reshape(len(a), -1), m.reshape(len(m), -1) > 0
+    hit = m[np.arange(len(a)), a.argmax(1)].astype(np.float64)
+    hit[a.max(1) == a.min(1)] = math.nan
+    return _result(hit, batched)
+
+
+def attribution_report(model, dataset, eps, method="gradcam", attack="pgd", norm="l2", steps=10, n=64, batch_size=16,
+                       seed=0, device="cpu", progress=False, **options) -> pd.DataFrame:
+    """Clean-vs-adversarial attribution metrics, one row per image of a seeded random draw of ``n`` items.
+
+    ``dataset``: an :class:`~dpaat_core.data.ImageDataset` (a test split); ``model`` must already be on ``device``.
+    Columns: index (into ``dataset``), label, pred_clean, pred_adv, correct_clean, correct_adv, spearman,
+    topk_iou, ssim (clean map vs adversarial map), and with masks: mask_fraction (a uniform map's energy),
+    energy_clean, energy_adv, pointing_clean, pointing_adv, and energy_other_mask: the clean map's energy in
+    another image's mask. Lesions sit near the image centre, so a map that ignores the image already beats
+    mask_fraction; energy_clean above energy_other_mask is what shows the map follows *this* lesion.
+    ``df.attrs`` records the settings.
+    """
+    device = torch.device(device)
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type != device.type:
+        raise ValueError(f"the model is on {param.device}, not {device}; move it there first")
+    g = torch.Generator().manual_seed(seed)  # one source for the draw and the attacks' random starts
+    order = torch.randperm(len(dataset), generator=g)[:n]
+    # Chance that allows for lesions sitting near the centre: each map scored on another image's mask.
+    others = order.roll(-1).split(batch_size)
+    frames = []
+    for idx, other in zip(tqdm(order.split(batch_size), disable=not progress, desc=f"{method} clean vs {attack}"),
+                          others):
+        x = dataset.images[idx].to(device).float().div_(255)
+        y = dataset.labels[idx].to(device)
+        out = clean_and_adversarial(model, x, y, eps, method, attack, norm, steps, generator=g, **options)
+        clean, adv = out["map_clean"], out["map_adv"]
+        cols = {"index": idx.numpy(), "label": y.cpu().numpy(), "pred_clean": out["pred_clean"].cpu().numpy(),
+                "pred_adv": out["pred_adv"].cpu().numpy(), "correct_clean": (out["pred_clean"] == y).cpu().numpy(),
+                "correct_adv": (out["pred_adv"] == y).cpu().numpy(), "spearman": spearman(clean, adv),
+                "topk_iou": topk_iou(clean, adv), "ssim": ssim(clean, adv)}
+        if dataset.masks is not None:
+            m = dataset.masks[idx]
+            cols.update(mask_fraction=m.float().mean((1, 2)).numpy().astype(np.float64),
+                        energy_clean=energy_in_mask(clean, m), energy_adv=energy_in_mask(adv, m),
+                        energy_other_mask=energy_in_mask(clean, dataset.masks[other]),
+                        pointing_clean=pointing_game(clean, m), pointing_adv=pointing_game(adv, m))
+        frames.append(pd.DataFrame(cols))
+    df = pd.concat(frames, ignore_index=True)
+    df.attrs = {"method": method, "eps": eps, "attack": attack, "norm": norm, "steps": steps}
+    return df
+
+
+def summarize_report(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean, std, median and n (non-NaN rows) of each metric column of an :func:`attribution_report` frame."""
+    values = df.drop(columns=[c for c in ("index", "label", "pred_clean", "pred_adv") if c in df]).astype(np.float64)
+    out = pd.DataFrame({"mean": values.mean(), "std": values.std(), "median": values.median(), "n": values.count()})
+    out.attrs = dict(df.attrs)
+    return out
+
+
+def overlay(image, attribution, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+    """The map as a heatmap blended over the image: uint8 ``[H, W, 3]``.
+
+    ``image``: float ``[C, H, W]`` in [0, 1] (C = 1 or 3, tensor or array) or uint8 ``[H, W, 3]``/``[H, W]``.
+    ``attribution``: ``[H, W]`` or ``[1, H, W]``. The map is scaled from its minimum (0) to its 99th
+    percentile (1) and clipped, so a few extreme pixels do not wash the rest out; a constant map leaves
+    the image as it is.
+    """
+    img = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if img.dtype == np.uint8:
+        rgb = (img[..., None] if img.ndim == 2 else img).astype(np.float64) / 255
+    elif img.ndim == 3 and np.issubdtype(img.dtype, np.floating) and img.shape[0] in (1, 3):
+        if img.min() < 0 or img.max() > 1:
+            raise ValueError("a float image must have values in [0, 1]")
+        rgb = np.moveaxis(img.astype(np.float64), 0, -1)
+    else:
+        raise ValueError(f"image must be float [C, H, W] in [0, 1] or uint8 [H, W, 3], got {img.dtype} {img.shape}")
+    rgb = np.repeat(rgb, 3, axis=-1) if rgb.shape[-1] == 1 else rgb
+    a = attribution.detach().cpu().numpy() if isinstance(attribution, torch.Tensor) else np.asarray(attribution)
+    a = a[0] if a.ndim == 3 and a.shape[0] == 1 else a
+    if rgb.shape[-1] != 3 or a.shape != rgb.shape[:2] or not np.isfinite(a).all():
+        raise ValueError(f"need a finite [H, W] attribution for a [H, W] RGB or grey image, got {a.shape} for {rgb.shape}")
+    lo, hi = a.min(), np.percentile(a, 99)
+    hi = hi if hi > lo else a.max()  # a map flat below its top percent still shows its peak
+    if hi > lo:
+        heat = matplotlib.colormaps[cmap](np.clip((a - lo) / (hi - lo), 0, 1))[..., :3]
+        rgb = (1 - alpha) * rgb + alpha * heat
+    return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
