@@ -48,6 +48,9 @@ def add_evaluate_parser(sub) -> None:
     e.add_argument("--batch-size", type=int, default=128, help="images per attack batch (default 128)")
     e.add_argument("--raw", action="store_true", help="each eps's own attack result instead of the worst case over "
                                                       "the grid up to that eps (may then not be monotone)")
+    e.add_argument("--protocol", action="store_true",
+                   help="also run the paper's protocol at the training eps (PGD-20 and I-FGSM, l2 and linf) and "
+                        "write it to RUN_DIR/protocol.csv")
     e.add_argument("--seed", type=int, default=0, help="seed of the random starts (default 0)")
     e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if available")
     e.set_defaults(run=_evaluate)
@@ -61,7 +64,7 @@ def default_grid(config: dict, norm: str) -> list[float]:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from . import runs
-    from .evaluate import robustness_curve
+    from .evaluate import protocol, robustness_curve
     from .train import resolve_device
 
     if args.steps is not None and args.steps < 1:
@@ -90,4 +93,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"\n{norm}  (eps_rms: per-pixel RMS change at {dataset.image_size}x{dataset.image_size})")
         print(table.to_string(float_format=lambda v: f"{v:.4g}"))
     print(f"wrote {path}", file=sys.stderr)
+    if args.protocol:
+        eps = {norm: default_grid(config, norm)[GRID_MULTIPLES.index(1)] for norm in ("l2", "linf")}
+        table = protocol(model, dataset, eps, batch_size=args.batch_size, device=device, seed=args.seed, progress=True)
+        runs.atomic_write_text(f"{args.run_dir}/protocol.csv", table.assign(split=args.split).to_csv(index=False))
+        print("\nthe paper's protocol at the training eps")
+        print(table[["preset", "eps", "accuracy", "robust_accuracy", "balanced_accuracy", "robust_balanced_accuracy",
+                     "mean_average_precision"]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0

@@ -25,13 +25,15 @@ from .validation import balanced_accuracy, per_class_accuracy
 #: step size as a fraction of eps, per attack (the paper's protocol: PGD step eps/4; I-FGSM eps/steps).
 DEFAULT_ALPHA = {"pgd": lambda steps: 0.25, "ifgsm": lambda steps: 1.0 / steps, "fgsm": lambda steps: 1.0}
 DEFAULT_STEPS = {"pgd": 20, "ifgsm": 10, "fgsm": 1}
-#: the paper's protocol as named presets (eps is the training eps0).
+#: the paper's protocol as named presets, each run at the eps of its norm (see :func:`protocol`).
 PRESETS = {
     "pgd20_l2": dict(attack="pgd", norm="l2", steps=20),
     "ifgsm_l2": dict(attack="ifgsm", norm="l2", steps=10),
     "pgd20_linf": dict(attack="pgd", norm="linf", steps=20),
     "ifgsm_linf": dict(attack="ifgsm", norm="linf", steps=10),
 }
+#: eps of the protocol: l2 0.3 is the paper's; linf 1/255 is about as large per pixel at 64 px.
+PROTOCOL_EPS = {"l2": 0.3, "linf": 1 / 255}
 
 
 @dataclass
@@ -250,4 +252,21 @@ def _curve_frame(robust, y, dataset, eps_grid, attack, norm, steps, monotone) ->
                "balanced_accuracy": balanced_accuracy(y, pred, dataset.num_classes)}
         row |= {f"accuracy:{c}": a for c, a in zip(dataset.classes, per_class_accuracy(y, pred, dataset.num_classes))}
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def protocol(model: nn.Module, dataset: ImageDataset, eps: Optional[dict] = None, presets: Sequence[str] = tuple(PRESETS),
+             batch_size: int = 128, device=None, seed: int = 0, progress: bool = False) -> pd.DataFrame:
+    """The paper's evaluation: one row per preset (PGD-20 and I-FGSM, l2 and linf) with clean,
+    robust and balanced accuracy and mAP. ``eps``: per norm, default :data:`PROTOCOL_EPS`."""
+    eps = {**PROTOCOL_EPS, **(eps or {})}
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown:
+        raise ValueError(f"unknown preset(s) {unknown}; choose from {', '.join(PRESETS)}")
+    rows = []
+    for name in presets:
+        p = PRESETS[name]
+        ev = evaluate(model, dataset, p["attack"], p["norm"], eps[p["norm"]], p["steps"], batch_size=batch_size,
+                      device=device, seed=seed, progress=progress)
+        rows.append({"preset": name, **ev.summary()})
     return pd.DataFrame(rows)

@@ -11,7 +11,7 @@ from dpaat_core import runs
 from dpaat_core.__main__ import main
 from dpaat_core.config import RunConfig, method_config
 from dpaat_core.data import load_dataset
-from dpaat_core.evaluate import average_precision, eps_rms, evaluate, robustness_curve
+from dpaat_core.evaluate import average_precision, eps_rms, evaluate, protocol, robustness_curve
 from dpaat_core.models import build_model
 from dpaat_core.train import train
 
@@ -117,3 +117,19 @@ def test_evaluating_on_data_of_another_shape_is_refused(trained, capsys):
     run, _, _ = trained
     assert main(["evaluate", str(run), "--data", "synthetic:n=16,classes=5", "--steps", "1"]) == 2
     assert "5 classes" in capsys.readouterr().err
+
+
+def test_protocol_runs_the_papers_presets(trained, capsys):
+    run, model, ds = trained
+    table = protocol(model, ds, {"l2": 0.5, "linf": 0.02}, presets=("pgd20_l2", "ifgsm_linf"))
+    assert list(table.preset) == ["pgd20_l2", "ifgsm_linf"] and list(table.steps) == [20, 10]
+    assert list(table.eps) == [0.5, 0.02] and (table.robust_accuracy <= table.accuracy).all()
+    single = evaluate(model, ds, "ifgsm", "linf", 0.02, 10)
+    assert table.robust_accuracy.iloc[1] == pytest.approx(single.robust_accuracy)
+    with pytest.raises(ValueError, match="unknown preset"):
+        protocol(model, ds, presets=("pgd7",))
+    assert main(["evaluate", str(run), "--steps", "1", "--eps-grid", "0,0.1", "--protocol", "--max-samples", "8"]) == 0
+    assert "the paper's protocol" in capsys.readouterr().out
+    saved = pd.read_csv(run / "protocol.csv")
+    assert list(saved.preset) == ["pgd20_l2", "ifgsm_l2", "pgd20_linf", "ifgsm_linf"]
+    assert saved.eps.iloc[0] == pytest.approx(0.3) and saved.n.iloc[0] == 8
