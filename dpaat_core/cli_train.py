@@ -142,10 +142,15 @@ def _train(args: argparse.Namespace) -> int:
     main_process = not distributed.launched_by_torchrun() or distributed.os.environ.get("RANK") == "0"
     progress = _Bar(args.quiet) if main_process else None
     signal.signal(signal.SIGTERM, _raise_stopped)
-    if args.resume:
-        run_dir = train.resume(args.resume, progress=progress, device=args.device)
-    else:
-        run_dir = train.train(config, store=args.store, run_id=args.name, progress=progress)
+    try:
+        if args.resume:
+            run_dir = train.resume(args.resume, progress=progress, device=args.device)
+        else:
+            run_dir = train.train(config, store=args.store, run_id=args.name, progress=progress)
+    except (train._Stopped, KeyboardInterrupt):
+        # status.json already says "stopped"; the last completed epoch is kept.
+        print("\nstopped; the last completed epoch is kept: continue with --resume RUN_DIR", file=sys.stderr)
+        return 130
     if main_process:
         print(Path(run_dir))
     return 0

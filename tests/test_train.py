@@ -213,3 +213,16 @@ def test_two_process_ddp_run(tmp_path):
         assert e2[i] == pytest.approx(0.3 * (0.9 if fragile else 1.1), rel=1e-5)
     # The threshold is global: the fragile fraction is measured against one T per (global) batch.
     assert 0 < runs.read_metrics(run)["fragile_fraction"].iloc[0] < 1
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_cleanly_and_it_can_resume(tmp_path):
+    proc = _cli(*_train_args(tmp_path, "stop", epochs=40))
+    _wait_for_epoch(tmp_path / "stop", 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err and "--resume" in err
+    status = runs.read_status(tmp_path / "stop")
+    assert status["state"] == "stopped" and "--resume" in status["message"]
+    done = runs.load_checkpoint(tmp_path / "stop" / "last.pt")["epoch"]
+    assert list(runs.read_metrics(tmp_path / "stop")["epoch"]) == list(range(1, done + 1))
