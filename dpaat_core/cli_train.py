@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -126,11 +127,6 @@ class _Bar:
             self.bar.set_postfix_str(f"loss {float(p.loss):.4f}", refresh=False)
 
 
-def _raise_stopped(signum, frame):
-    from .train import _Stopped
-    raise _Stopped(f"signal {signum}")
-
-
 def _train(args: argparse.Namespace) -> int:
     from . import distributed, train
     if args.resume:
@@ -141,13 +137,14 @@ def _train(args: argparse.Namespace) -> int:
         config = config_from_args(args)
     main_process = not distributed.launched_by_torchrun() or distributed.os.environ.get("RANK") == "0"
     progress = _Bar(args.quiet) if main_process else None
-    signal.signal(signal.SIGTERM, _raise_stopped)
+    stop = threading.Event()   # SIGTERM (the dashboard's stop button) ends the run between batches
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
         if args.resume:
-            run_dir = train.resume(args.resume, progress=progress, device=args.device)
+            run_dir = train.resume(args.resume, progress=progress, device=args.device, should_stop=stop.is_set)
         else:
-            run_dir = train.train(config, store=args.store, run_id=args.name, progress=progress)
-    except (train._Stopped, KeyboardInterrupt):
+            run_dir = train.train(config, store=args.store, run_id=args.name, progress=progress, should_stop=stop.is_set)
+    except (train.Stopped, KeyboardInterrupt):
         # status.json already says "stopped"; the last completed epoch is kept.
         print("\nstopped; the last completed epoch is kept: continue with --resume RUN_DIR", file=sys.stderr)
         return 130

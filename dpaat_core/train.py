@@ -127,18 +127,23 @@ def _epoch_metrics(stats: dict, prev_fragile: torch.Tensor, classes: list) -> di
     }
 
 
-class _Stopped(Exception):
-    """Raised by the CLI's signal handler: the run was stopped on request."""
+class Stopped(Exception):
+    """The run was stopped on request (``should_stop`` said so); its completed epochs are kept."""
 
 
 def train(config: RunConfig, store: str | Path = "checkpoints", run_id: Optional[str] = None,
-          progress: Optional[ProgressFn] = None) -> Path:
-    """Train a new run described by ``config`` into ``store/run_id``; returns the run folder."""
+          progress: Optional[ProgressFn] = None, should_stop: Optional[Callable[[], bool]] = None) -> Path:
+    """Train a new run described by ``config`` into ``store/run_id``; returns the run folder.
+
+    ``should_stop`` is asked before every batch; when it says yes the run ends with status
+    "stopped" and :class:`Stopped` is raised (files are never cut off in the middle of a write).
+    """
     config.validate()
-    return _run(config, progress, store=Path(store), run_id=run_id)
+    return _run(config, progress, should_stop, store=Path(store), run_id=run_id)
 
 
-def resume(run_dir: str | Path, progress: Optional[ProgressFn] = None, device: Optional[str] = None) -> Path:
+def resume(run_dir: str | Path, progress: Optional[ProgressFn] = None, device: Optional[str] = None,
+           should_stop: Optional[Callable[[], bool]] = None) -> Path:
     """Continue a killed or stopped run from its last completed epoch (its ``last.pt``)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -146,22 +151,23 @@ def resume(run_dir: str | Path, progress: Optional[ProgressFn] = None, device: O
     config = RunConfig.from_dict(runs.read_config(run_dir))
     if device is not None:
         config.train.device = device
-    return _run(config, progress, run_dir=run_dir)
+    return _run(config, progress, should_stop, run_dir=run_dir)
 
 
-def _run(config: RunConfig, progress: Optional[ProgressFn], *, store=None, run_id=None, run_dir=None) -> Path:
+def _run(config: RunConfig, progress: Optional[ProgressFn], should_stop, *, store=None, run_id=None,
+         run_dir=None) -> Path:
     device = resolve_device(config.train.device)
     world = distributed.init_world(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     try:
-        return _train_loop(config, device, world, progress, store, run_id, run_dir)
+        return _train_loop(config, device, world, progress, should_stop, store, run_id, run_dir)
     finally:
         distributed.close_world(world)
 
 
-def _train_loop(config, device, world, progress, store, run_id, run_dir) -> Path:
+def _train_loop(config, device, world, progress, should_stop, store, run_id, run_dir) -> Path:
     tc, method, attack = config.train, config.method, config.attack
     load = dict(image_size=config.data.image_size, root=config.data.root, max_samples=config.data.max_samples,
                 seed=tc.seed, progress=world.is_main)
@@ -217,6 +223,8 @@ def _train_loop(config, device, world, progress, store, run_id, run_dir) -> Path
             model.train()
             parts, loss_sum = [], torch.zeros((), device=device)
             for b, idx in enumerate(batches, 1):
+                if should_stop is not None and should_stop():
+                    raise Stopped(f"stopped in epoch {epoch}")
                 x, y, idx = _batch(images, labels, idx, tc.augment, gen, cuda)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                     step = training_step(model, x, y, idx, method, attack, state, class_weights=weights,
@@ -343,7 +351,7 @@ class _StatusWriter:
         self._write("done", "finished", phase="done")
 
     def failed(self, exc: BaseException):
-        if isinstance(exc, (KeyboardInterrupt, _Stopped)):
+        if isinstance(exc, (KeyboardInterrupt, Stopped)):
             self._write("stopped", "stopped on request; continue with --resume", phase="stopped")
         else:
             self._write("failed", f"{type(exc).__name__}: {exc}", phase="failed")

@@ -226,3 +226,17 @@ def test_sigterm_stops_a_run_cleanly_and_it_can_resume(tmp_path):
     assert status["state"] == "stopped" and "--resume" in status["message"]
     done = runs.load_checkpoint(tmp_path / "stop" / "last.pt")["epoch"]
     assert list(runs.read_metrics(tmp_path / "stop")["epoch"]) == list(range(1, done + 1))
+
+
+def test_should_stop_ends_a_run_between_batches(tmp_path):
+    from dpaat_core.train import Stopped
+    asked = []
+
+    def stop_in_epoch_two():
+        asked.append(1)
+        return len(asked) > 4          # 48 samples / batch 16 = 3 batches per epoch: stop in epoch 2
+    with pytest.raises(Stopped):
+        train(small_config(epochs=5), store=tmp_path, run_id="s", should_stop=stop_in_epoch_two)
+    assert runs.read_status(tmp_path / "s")["state"] == "stopped"
+    assert list(runs.read_metrics(tmp_path / "s")["epoch"]) == [1]
+    assert runs.load_checkpoint(tmp_path / "s" / "last.pt")["epoch"] == 1
