@@ -115,6 +115,9 @@ def _epoch_metrics(stats: dict, prev_fragile: torch.Tensor, classes: list) -> di
     was, now = seen_before[both] == 1, fragile[both]
     q = np.quantile(eps, [0.05, 0.5, 0.95]) if len(eps) else [math.nan] * 3
     return {
+        "train_ce_clean": float(stats["ce_clean"].mean()), "train_ce_adv": float(stats["ce_adv"].mean()),
+        "train_sync": float(stats["sync"].mean()), "threshold": stats["last_threshold"],
+        "threshold_mean": float(stats["threshold"].mean()),
         "fragile_fraction": float(fragile.mean()),
         "fragile_fraction_per_class": per_class,
         "eps_mean": float(eps.mean()), "eps_min": float(eps.min()), "eps_max": float(eps.max()),
@@ -212,77 +215,103 @@ def _train_loop(config, device, world, progress, should_stop, store, run_id, run
     finished = start > tc.epochs or best["bad_epochs"] >= tc.patience and tc.early_stop != "none"
 
     status = _StatusWriter(run_dir, world, tc.epochs)
+    loop = _Loop(config, device, world, model, bare, optimizer, state, weights, images, labels, train_set, status,
+                 progress, should_stop, run_dir)
     try:
         for epoch in range(start, tc.epochs + 1):
             if finished:
                 break
-            t0 = time.perf_counter()
-            gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + epoch * 1009 + world.rank)
-            order = epoch_order(train_set, epoch, tc.seed, world, tc.imbalance == "balanced_sampler").to(device)
-            batches = list(order.split(tc.batch_size))
-            model.train()
-            parts, loss_sum = [], torch.zeros((), device=device)
-            for b, idx in enumerate(batches, 1):
-                if should_stop is not None and should_stop():
-                    raise Stopped(f"stopped in epoch {epoch}")
-                x, y, idx = _batch(images, labels, idx, tc.augment, gen, cuda)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    step = training_step(model, x, y, idx, method, attack, state, class_weights=weights,
-                                         generator=gen, attack_model=bare)
-                optimizer.zero_grad(set_to_none=True)
-                step.loss.backward()
-                optimizer.step()
-                loss_sum += step.loss.detach() * len(idx)
-                parts.append({"index": idx, "label": y, "delta_loss": step.delta_loss, "eps": step.eps,
-                              "fragile": step.fragile, "correct_clean": step.correct_clean,
-                              "correct_adv": step.correct_adv, "threshold": step.threshold.expand(len(idx)),
-                              "ce_clean": step.ce_clean.expand(len(idx)), "ce_adv": step.ce_adv.expand(len(idx)),
-                              "sync": step.sync.expand(len(idx))})
-                seen = sum(len(p["index"]) for p in parts)
-                status.batch(epoch, b, len(batches), "train")
-                if progress:
-                    progress(Progress(run_dir, epoch, tc.epochs, b, len(batches), "train", loss_sum / seen))
+            t0, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+            stats, train_loss = loop.train_epoch(epoch)
             if scheduler is not None:
                 scheduler.step()
-            if state.memory is not None:
-                distributed.check_same(state.memory.eps, "the eps memory")
-            stats = {k: distributed.all_gather_cat(torch.cat([p[k] for p in parts])).cpu().numpy() for k in parts[0]}
-            total = distributed.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), device=device)])).tolist()
             train_seconds = time.perf_counter() - t0
-            status.batch(epoch, len(batches), len(batches), "val")
-            if progress:
-                progress(Progress(run_dir, epoch, tc.epochs, len(batches), len(batches), "val", loss_sum / max(seen, 1)))
             val = validate(bare, val_set, attack, device, batch_size=2 * tc.batch_size, world=world, seed=tc.seed)
             metric = val["val_robust_accuracy" if tc.early_stop == "robust_accuracy" else "val_balanced_accuracy"]
             improved = tc.early_stop == "none" or metric > best["metric"]
-            if improved:
-                best = {"metric": float(metric), "epoch": epoch, "bad_epochs": 0}
-            else:
-                best["bad_epochs"] += 1
+            best = {"metric": float(metric), "epoch": epoch, "bad_epochs": 0} if improved else \
+                best | {"bad_epochs": best["bad_epochs"] + 1}
             finished = epoch == tc.epochs or (tc.early_stop != "none" and best["bad_epochs"] >= tc.patience)
 
-            _, first = np.unique(stats["index"], return_index=True)   # DDP padding repeats a few samples
-            stats = {k: v[first] for k, v in stats.items()}
-            record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"] if scheduler is None else scheduler.get_last_lr()[0],
-                      "train_loss": float(total[0] / total[1]),
-                      "train_ce_clean": float(stats["ce_clean"].mean()), "train_ce_adv": float(stats["ce_adv"].mean()),
-                      "train_sync": float(stats["sync"].mean()), "threshold": float(stats["threshold"][-1]),
-                      "threshold_mean": float(stats["threshold"].mean())}
-            record |= _epoch_metrics(stats, prev_fragile, train_set.classes) | val
-            record |= {"seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
-                       "images_per_second": len(stats["index"]) / train_seconds, "is_best": improved,
-                       "early_stop_metric": tc.early_stop, "stopped_early": finished and epoch < tc.epochs}
+            record = {"epoch": epoch, "lr": lr, "train_loss": train_loss,
+                      **_epoch_metrics(stats, prev_fragile, train_set.classes), **val,
+                      "seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
+                      "images_per_second": len(stats["index"]) / train_seconds, "is_best": improved,
+                      "early_stop_metric": tc.early_stop, "stopped_early": finished and epoch < tc.epochs}
             prev_fragile[torch.from_numpy(stats["index"])] = torch.from_numpy(stats["fragile"]).to(torch.int8)
             if world.is_main:
                 _save_epoch(run_dir, epoch, stats, record, bare, optimizer, scheduler, state, prev_fragile, best, improved)
-            status.epoch_end(epoch, best["epoch"], finished)
+            status.epoch_end(epoch, best["epoch"])
             if progress:
-                progress(Progress(run_dir, epoch, tc.epochs, len(batches), len(batches), "epoch_end", metrics=record))
+                progress(Progress(run_dir, epoch, tc.epochs, 1, 1, "epoch_end", metrics=record))
         status.done(best["epoch"])
     except BaseException as exc:
         status.failed(exc)
         raise
     return run_dir
+
+
+@dataclass
+class _Loop:
+    """What one training epoch needs; :meth:`train_epoch` is the inner loop."""
+
+    config: RunConfig
+    device: torch.device
+    world: distributed.World
+    model: nn.Module          # what is trained (a DDP wrapper under torchrun)
+    bare: nn.Module           # the same network unwrapped: the attack runs on it
+    optimizer: torch.optim.Optimizer
+    state: MethodState
+    class_weights: Optional[torch.Tensor]
+    images: torch.Tensor
+    labels: torch.Tensor
+    train_set: ImageDataset
+    status: "_StatusWriter"
+    progress: Optional[ProgressFn]
+    should_stop: Optional[Callable[[], bool]]
+    run_dir: Path
+
+    def train_epoch(self, epoch: int) -> tuple[dict, float]:
+        """Train one epoch; returns the per-sample statistics of every process (numpy, one row per
+        sample, by index) and the mean training loss."""
+        tc, cuda = self.config.train, self.device.type == "cuda"
+        gen = torch.Generator(device=self.device).manual_seed(tc.seed * 1_000_003 + epoch * 1009 + self.world.rank)
+        order = epoch_order(self.train_set, epoch, tc.seed, self.world, tc.imbalance == "balanced_sampler")
+        batches = list(order.to(self.device).split(tc.batch_size))
+        self.model.train()
+        parts, loss_sum, seen = [], torch.zeros((), device=self.device), 0
+        for b, idx in enumerate(batches, 1):
+            if self.should_stop is not None and self.should_stop():
+                raise Stopped(f"stopped in epoch {epoch}")
+            x, y, idx = _batch(self.images, self.labels, idx, tc.augment, gen, cuda)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
+                step = training_step(self.model, x, y, idx, self.config.method, self.config.attack, self.state,
+                                     class_weights=self.class_weights, generator=gen, attack_model=self.bare)
+            self.optimizer.zero_grad(set_to_none=True)
+            step.loss.backward()
+            self.optimizer.step()
+            loss_sum += step.loss.detach() * len(idx)
+            seen += len(idx)
+            n = len(idx)
+            parts.append({"index": idx, "label": y, "delta_loss": step.delta_loss, "eps": step.eps,
+                          "fragile": step.fragile, "correct_clean": step.correct_clean, "correct_adv": step.correct_adv,
+                          "threshold": step.threshold.expand(n), "ce_clean": step.ce_clean.expand(n),
+                          "ce_adv": step.ce_adv.expand(n), "sync": step.sync.expand(n)})
+            self.status.batch(epoch, b, len(batches), "train")
+            if self.progress:
+                self.progress(Progress(self.run_dir, epoch, tc.epochs, b, len(batches), "train", loss_sum / seen))
+        self.status.batch(epoch, len(batches), len(batches), "val")
+        if self.progress:
+            self.progress(Progress(self.run_dir, epoch, tc.epochs, len(batches), len(batches), "val", loss_sum / seen))
+        if self.state.memory is not None:
+            distributed.check_same(self.state.memory.eps, "the eps memory")
+        total = distributed.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), device=self.device)]))
+        stats = {k: distributed.all_gather_cat(torch.cat([p[k] for p in parts])).cpu().numpy() for k in parts[0]}
+        last_threshold = float(stats["threshold"][-1])
+        _, first = np.unique(stats["index"], return_index=True)   # DDP padding repeats a few samples
+        stats = {k: v[first] for k, v in stats.items()}
+        stats["last_threshold"] = last_threshold
+        return stats, float(total[0] / total[1])
 
 
 def _broadcast(value, world: distributed.World):
@@ -342,7 +371,7 @@ class _StatusWriter:
             self.last = now
             self._write("running", epoch=epoch, batch=batch, batches=batches, phase=phase)
 
-    def epoch_end(self, epoch, best_epoch, finished):
+    def epoch_end(self, epoch, best_epoch):
         self.best_epoch = best_epoch
         self._write("running", epoch=epoch, epochs_done=epoch, phase="epoch_end")
 

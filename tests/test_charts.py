@@ -77,7 +77,7 @@ def test_histogram_edge_cases_none_threshold_nan_erm_empty():
     fig = charts.delta_loss_histogram(frame, None, epoch=1)
     assert not fig.layout.shapes  # no threshold, no line
     assert {t.name: len(t.x) for t in fig.data} == {"fragile": 1, "stable": 1}  # the NaN sample is left out
-    assert not fig.layout.shapes and charts.delta_loss_histogram(frame, math.nan, 1).layout.shapes == ()
+    assert not charts.delta_loss_histogram(frame, math.nan, epoch=1).layout.shapes
     erm = charts.dynamics_frame(dyn_dict(np.zeros(5), np.zeros(5, bool), eps=np.zeros(5)), CLASSES)
     fig = charts.delta_loss_histogram(erm, 0.0, epoch=1)
     assert {t.name: len(t.x) for t in fig.data} == {"fragile": 0, "stable": 5} and not has_no_data(fig)
@@ -91,7 +91,7 @@ def test_fragile_fraction_chart_one_line_per_class_plus_all():
     assert [t.name for t in fig.data] == ["nevus", "melanoma", "all"]
     assert list(fig.data[0].y) == [0.6, 0.3, 0.1] and list(fig.data[1].y) == [0.4, 0.2, 0.0]
     assert list(fig.data[2].x) == [1, 2, 3] and list(fig.data[2].y)[:2] == [0.5, 0.25] and math.isnan(fig.data[2].y[2])
-    assert fig.data[2].line.width > fig.data[0].line.width if fig.data[0].line.width else fig.data[2].line.width >= 3
+    assert fig.data[2].line.width == 4 and fig.data[0].line.width is None  # "all" is the thick line
     assert tuple(fig.layout.yaxis.range) == (0, 1.02) and fig.layout.yaxis.title.text == "fragile fraction"
     # classes default to the per-class columns; a class without a column is skipped
     assert [t.name for t in charts.fragile_fraction_chart(metrics_frame()).data] == ["nevus", "melanoma", "all"]

@@ -240,3 +240,13 @@ def test_should_stop_ends_a_run_between_batches(tmp_path):
     assert runs.read_status(tmp_path / "s")["state"] == "stopped"
     assert list(runs.read_metrics(tmp_path / "s")["epoch"]) == [1]
     assert runs.load_checkpoint(tmp_path / "s" / "last.pt")["epoch"] == 1
+
+
+def test_cosine_schedule_and_balanced_sampler_train_and_log_the_lr_used(tmp_path):
+    run = train(small_config(epochs=3, schedule="cosine", imbalance="balanced_sampler", early_stop="none"),
+                store=tmp_path, run_id="cos")
+    lr = runs.read_metrics(run)["lr"].tolist()
+    assert lr[0] == pytest.approx(3e-4) and lr[0] > lr[1] > lr[2] > 0
+    assert lr[1] == pytest.approx(3e-4 * (1 + np.cos(np.pi / 3)) / 2)
+    dyn = runs.load_dynamics(run, 1)
+    assert len(np.unique(dyn["index"])) == len(dyn["index"])       # a sample drawn twice is logged once
