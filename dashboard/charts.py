@@ -1,0 +1,323 @@
+"""Chart builders for the dashboard: pure functions from run-store tables (pandas) to plotly figures.
+
+No Streamlit here, so each chart is tested on its own; colours are Okabe-Ito (colour-blind safe)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+FRAGILE, STABLE = "#D55E00", "#0072B2"  # vermillion, blue
+SPLIT_COLOURS = {"fragile": FRAGILE, "stable": STABLE}
+SPLITS = ("fragile", "stable")
+#: Okabe-Ito without black (black is kept for "all"/reference lines) and without yellow (unreadable on white).
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#999999")
+NO_DATA = "no data yet"
+PER_CLASS_PREFIX = "fragile_fraction_per_class."
+TRANSITIONS = {  # metrics column -> (legend name, colour): ends fragile = warm, ends stable = cool
+    "transitions.fragile_to_stable": ("fragile → stable", "#56B4E9"),
+    "transitions.stable_to_fragile": ("stable → fragile", "#E69F00"),
+    "transitions.fragile_to_fragile": ("fragile → fragile", FRAGILE),
+    "transitions.stable_to_stable": ("stable → stable", STABLE),
+}
+ATTACK_DASH = {"pgd": "solid", "ifgsm": "dash", "fgsm": "dot"}
+DELTA_LOSS_TITLE = "ΔL = CE(x_adv) − CE(x) (nats)"
+
+
+def _finite(value) -> bool:
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def empty_figure(title: str, message: str = NO_DATA) -> go.Figure:
+    """A figure with ``title``, hidden axes and ``message`` in the middle: what every builder returns without data."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font={"size": 16})
+    fig.update_layout(title=title, template="plotly_white")
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return fig
+
+
+def _by_epoch(metrics: pd.DataFrame | None) -> pd.DataFrame:
+    """Rows with a finite epoch, sorted by it; an empty frame if there is no ``epoch`` column."""
+    if metrics is None or "epoch" not in metrics or not len(metrics):
+        return pd.DataFrame({"epoch": pd.Series(dtype="float64")})
+    epoch = pd.to_numeric(metrics["epoch"], errors="coerce")
+    return metrics[epoch.notna()].assign(epoch=epoch[epoch.notna()]).sort_values("epoch")
+
+
+def _split(frame: pd.DataFrame) -> pd.Series:
+    """The ``split`` column, or one derived from ``fragile`` (missing/NaN counts as stable)."""
+    if "split" in frame:
+        return frame["split"]
+    fragile = frame["fragile"].eq(True) if "fragile" in frame else pd.Series(False, index=frame.index)
+    return pd.Series(np.where(fragile, "fragile", "stable"), index=frame.index)
+
+
+def dynamics_frame(dyn: dict, classes: list[str]) -> pd.DataFrame:
+    """One epoch's dynamics (``runs.load_dynamics``: 1-D arrays index, label, delta_loss, eps, fragile,
+    correct_clean, correct_adv) as a frame, plus ``class`` (the label's name, or the label number as text when
+    ``classes`` does not name it) and ``split`` ("fragile"/"stable")."""
+    frame = pd.DataFrame({k: np.asarray(v).ravel() for k, v in (dyn or {}).items()})
+    labels = frame["label"] if "label" in frame else pd.Series(dtype="int64")
+    names = list(classes or ())
+    frame["class"] = [names[int(lab)] if _finite(lab) and 0 <= int(lab) < len(names) else str(lab) for lab in labels]
+    frame["split"] = _split(frame.drop(columns="split", errors="ignore"))
+    return frame
+
+
+def delta_loss_histogram(dyn: pd.DataFrame, threshold: float | None, epoch: int, bins: int = 50) -> go.Figure:
+    """Stacked histogram of the per-sample ΔL coloured by split, the ΔL threshold as a dashed vertical line.
+
+    ``dyn`` needs ``delta_loss`` and ``split`` (or ``fragile``), as made by :func:`dynamics_frame`; samples with a
+    NaN ΔL are left out. ``threshold`` None/NaN draws no line."""
+    title = f"ΔL per training sample, epoch {epoch}"
+    if dyn is None or "delta_loss" not in dyn or not len(dyn):
+        return empty_figure(title)
+    delta_loss = pd.to_numeric(dyn["delta_loss"], errors="coerce")
+    keep = np.isfinite(delta_loss.to_numpy(dtype=float))
+    if not keep.any():
+        return empty_figure(title)
+    frame = pd.DataFrame({"delta_loss": delta_loss[keep], "split": _split(dyn)[keep]})
+    lo, hi = float(frame["delta_loss"].min()), float(frame["delta_loss"].max())
+    # shared bins, so the stacked bars line up; a single value (ERM: all ΔL = 0) gets plotly's automatic bin
+    xbins = {"start": lo, "end": hi + (hi - lo) / max(bins, 1), "size": (hi - lo) / max(bins, 1)} if hi > lo else None
+    fig = go.Figure()
+    for split in ("stable", "fragile"):
+        values = frame.loc[frame["split"] == split, "delta_loss"]
+        fig.add_trace(go.Histogram(x=values.to_numpy(), name=split, marker_color=SPLIT_COLOURS[split], xbins=xbins,
+                                   bingroup=1, hovertemplate=f"{split}<br>ΔL %{{x}}<br>%{{y}} samples<extra></extra>"))
+    fig.update_layout(title=title, barmode="stack", template="plotly_white", legend_title_text="split",
+                      xaxis_title=DELTA_LOSS_TITLE, yaxis_title="training samples")
+    if _finite(threshold):
+        fig.add_vline(x=float(threshold), line_dash="dash", line_color="black",
+                      annotation_text=f"threshold ΔL = {float(threshold):.3g}", annotation_position="top right")
+    return fig
+
+
+def fragile_fraction_chart(metrics: pd.DataFrame, classes: list[str] | None = None) -> go.Figure:
+    """Fragile fraction over epochs: one line per class and a thick black "all" line.
+
+    ``metrics`` (``runs.read_metrics``) needs ``epoch`` and ``fragile_fraction`` and/or
+    ``fragile_fraction_per_class.<class>``; ``classes`` picks and orders the classes (default: every such column)."""
+    title = "Fragile fraction per epoch"
+    frame = _by_epoch(metrics)
+    if classes is None:
+        classes = [c[len(PER_CLASS_PREFIX):] for c in frame.columns if str(c).startswith(PER_CLASS_PREFIX)]
+    fig = go.Figure()
+    for i, name in enumerate(c for c in classes if PER_CLASS_PREFIX + c in frame):
+        fig.add_trace(go.Scatter(x=frame["epoch"], y=pd.to_numeric(frame[PER_CLASS_PREFIX + name], errors="coerce"),
+                                 name=name, mode="lines+markers", line={"color": PALETTE[i % len(PALETTE)]}))
+    if "fragile_fraction" in frame:
+        fig.add_trace(go.Scatter(x=frame["epoch"], y=pd.to_numeric(frame["fragile_fraction"], errors="coerce"),
+                                 name="all", mode="lines+markers", line={"color": "black", "width": 4}))
+    if not len(frame) or not fig.data:
+        return empty_figure(title)
+    fig.update_layout(title=title, template="plotly_white", legend_title_text="class",
+                      xaxis_title="epoch", yaxis_title="fragile fraction", yaxis_range=[0, 1.02])
+    fig.update_xaxes(dtick=1 if len(frame) <= 20 else None)
+    return fig
+
+
+def eps_distribution_chart(dynamics_by_epoch: dict[int, pd.DataFrame], eps0: float, *, norm: str = "l2") -> go.Figure:
+    """Box per epoch of the per-sample epsilon, the base epsilon ``eps0`` as a dashed horizontal line.
+
+    Each frame needs ``eps`` (NaNs left out); epochs without values are skipped. ``norm`` only labels the axis."""
+    title = "Per-sample epsilon per epoch"
+    epochs, values = [], []
+    for epoch, dyn in sorted((dynamics_by_epoch or {}).items()):
+        if dyn is None or "eps" not in dyn:
+            continue
+        eps = pd.to_numeric(dyn["eps"], errors="coerce").to_numpy(dtype=float)
+        eps = eps[np.isfinite(eps)]
+        epochs.append(np.full(len(eps), epoch))
+        values.append(eps)
+    if not values or not sum(map(len, values)):
+        return empty_figure(title)
+    fig = go.Figure(go.Box(x=np.concatenate(epochs), y=np.concatenate(values), name="eps per sample",
+                           marker_color=STABLE, boxpoints=False))
+    fig.update_layout(title=title, template="plotly_white", xaxis_title="epoch",
+                      yaxis_title=f"eps ({norm}, [0,1] pixels)", showlegend=False)
+    if _finite(eps0):
+        fig.add_hline(y=float(eps0), line_dash="dash", line_color="black", annotation_text=f"eps0 = {float(eps0):.3g}",
+                      annotation_position="top left")
+    return fig
+
+
+def transitions_chart(metrics: pd.DataFrame) -> go.Figure:
+    """Stacked bars per epoch (from epoch 2: epoch 1 has no previous split) of how many samples moved
+    fragile→stable, stable→fragile, or stayed. ``metrics`` needs ``epoch`` and ``transitions.<a>_to_<b>``."""
+    title = "Fragile/stable transitions from the previous epoch"
+    frame = _by_epoch(metrics)
+    frame = frame[frame["epoch"] >= 2]
+    present = [c for c in TRANSITIONS if c in frame]
+    if not len(frame) or not present:
+        return empty_figure(title)
+    fig = go.Figure()
+    for column in present:
+        name, colour = TRANSITIONS[column]
+        fig.add_trace(go.Bar(x=frame["epoch"], y=pd.to_numeric(frame[column], errors="coerce"), name=name,
+                             marker_color=colour))
+    fig.update_layout(title=title, barmode="stack", template="plotly_white", legend_title_text="move",
+                      xaxis_title="epoch", yaxis_title="training samples")
+    return fig
+
+
+def transition_matrix(prev: pd.DataFrame, cur: pd.DataFrame) -> pd.DataFrame:
+    """2x2 counts of samples by split at the previous epoch (rows) and the current one (columns), over the samples
+    (joined on ``index``) present in both. Each frame needs ``index`` and ``split`` (or ``fragile``)."""
+    def splits(frame):
+        if frame is None or "index" not in frame or not len(frame):
+            return pd.DataFrame({"index": pd.Series(dtype="int64"), "split": pd.Series(dtype="object")})
+        return pd.DataFrame({"index": frame["index"].to_numpy(), "split": _split(frame).to_numpy()})
+
+    both = splits(prev).merge(splits(cur), on="index", suffixes=("_prev", "_cur"))
+    counts = pd.crosstab(both["split_prev"], both["split_cur"]) if len(both) else pd.DataFrame()
+    counts = counts.reindex(index=list(SPLITS), columns=list(SPLITS), fill_value=0).fillna(0).astype("int64")
+    counts.index.name, counts.columns.name = "previous", "current"
+    return counts
+
+
+def transition_heatmap(prev: pd.DataFrame, cur: pd.DataFrame, epoch: int) -> go.Figure:
+    """Heat map of :func:`transition_matrix` (epoch-1 -> ``epoch``) with the counts written in the cells."""
+    title = f"Fragile/stable moves, epoch {epoch - 1} → {epoch}"
+    counts = transition_matrix(prev, cur)
+    if not counts.to_numpy().sum():
+        return empty_figure(title)
+    fig = go.Figure(go.Heatmap(z=counts.to_numpy(), x=list(counts.columns), y=list(counts.index),
+                               text=counts.to_numpy(), texttemplate="%{text}", colorscale="Blues",
+                               colorbar_title="samples",
+                               hovertemplate="%{y} → %{x}: %{z} samples<extra></extra>"))
+    fig.update_layout(title=title, template="plotly_white", xaxis_title=f"split at epoch {epoch}",
+                      yaxis_title=f"split at epoch {epoch - 1}", yaxis_autorange="reversed")
+    return fig
+
+
+def sample_trajectory_chart(history: pd.DataFrame) -> go.Figure:
+    """One sample over epochs: ΔL (top) and epsilon (bottom), the epochs where it was fragile marked.
+
+    ``history`` needs ``epoch``, ``delta_loss``, ``eps`` and ``fragile`` (one row per epoch; NaN fragile = stable)."""
+    title = "One sample over epochs"
+    frame = _by_epoch(history)
+    if not len(frame) or not {"delta_loss", "eps"} & set(frame.columns):
+        return empty_figure(title)
+    frame = frame.assign(**{c: pd.to_numeric(frame[c], errors="coerce") if c in frame else np.nan
+                            for c in ("delta_loss", "eps")})
+    fragile = frame["fragile"].eq(True) if "fragile" in frame else pd.Series(False, index=frame.index)
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08)
+    fig.add_trace(go.Scatter(x=frame["epoch"], y=frame["delta_loss"], name="ΔL", mode="lines",
+                             line={"color": "black"}), row=1, col=1)
+    fig.add_trace(go.Scatter(x=frame["epoch"], y=frame["eps"], name="eps", mode="lines+markers",
+                             line={"color": "#009E73"}), row=2, col=1)
+    for split, mask, symbol in (("fragile", fragile, "x"), ("stable", ~fragile, "circle")):
+        fig.add_trace(go.Scatter(x=frame.loc[mask, "epoch"], y=frame.loc[mask, "delta_loss"], name=split,
+                                 mode="markers", marker={"color": SPLIT_COLOURS[split], "size": 10, "symbol": symbol}),
+                      row=1, col=1)
+    fig.update_layout(title=title, template="plotly_white")
+    fig.update_yaxes(title_text=DELTA_LOSS_TITLE, row=1, col=1)
+    fig.update_yaxes(title_text="eps ([0,1] pixels)", row=2, col=1)
+    fig.update_xaxes(title_text="epoch", row=2, col=1)
+    return fig
+
+
+def _attack_label(attack, steps) -> str:
+    steps = f"-{int(steps)}" if _finite(steps) else ""
+    return {"pgd": f"PGD{steps}", "ifgsm": f"I-FGSM{steps}", "fgsm": "FGSM"}.get(attack, f"{attack}{steps}")
+
+
+def robustness_chart(curves: pd.DataFrame, x: str = "eps") -> go.Figure:
+    """Accuracy against epsilon (``x="eps"``) or per-pixel RMS change (``x="eps_rms"``), one facet per norm with its
+    own x axis; colour = run, dash = attack. ``curves`` (``runs.read_robustness``, several runs concatenated with a
+    ``run`` column) needs ``x``, ``accuracy``, ``attack`` and ``norm``; ``steps``, ``split``, ``data`` and
+    ``monotone`` tell curves apart when present."""
+    title = "Accuracy under attack"
+    needed = {x, "accuracy", "attack", "norm"}
+    if curves is None or not len(curves) or needed - set(curves.columns):
+        return empty_figure(title)
+    frame = curves.assign(**{c: pd.to_numeric(curves[c], errors="coerce") for c in (x, "accuracy")})
+    frame = frame[frame[x].notna() & frame["accuracy"].notna()]
+    if not len(frame):
+        return empty_figure(title)
+    frame = frame.assign(norm=frame["norm"].fillna("?").astype(str), attack=frame["attack"].fillna("?").astype(str))
+    has_run = "run" in frame
+    if has_run:
+        frame = frame.assign(run=frame["run"].fillna("?").astype(str))
+    extra = [c for c in ("split", "data", "monotone") if c in frame and frame[c].nunique(dropna=False) > 1]
+    keys = [k for k in ("run", "attack", "steps", *extra) if k in frame]
+    norms = sorted(frame["norm"].unique())
+    runs = list(dict.fromkeys(frame["run"])) if has_run else []
+    fig = make_subplots(rows=1, cols=len(norms), shared_yaxes=True, subplot_titles=[f"{n} norm" for n in norms],
+                        horizontal_spacing=0.06)
+    shown = set()
+    for col, norm in enumerate(norms, start=1):
+        for key, curve in frame[frame["norm"] == norm].groupby(keys, sort=True, dropna=False):
+            part = dict(zip(keys, key))
+            label = _attack_label(part["attack"], part.get("steps"))
+            name = " · ".join([*([part["run"]] if has_run else []), label, *(f"{c}={part[c]}" for c in extra)])
+            colour = PALETTE[runs.index(part["run"]) % len(PALETTE)] if has_run else "black"
+            curve = curve.sort_values(x)
+            fig.add_trace(go.Scatter(x=curve[x], y=curve["accuracy"], name=name, legendgroup=name,
+                                     showlegend=name not in shown, mode="lines+markers",
+                                     line={"color": colour, "dash": ATTACK_DASH.get(part["attack"], "dashdot")},
+                                     hovertemplate=f"{name}<br>{x} %{{x:.3g}}<br>accuracy %{{y:.3f}}<extra>{norm}</extra>"),
+                          row=1, col=col)
+            shown.add(name)
+        fig.update_xaxes(title_text=(f"eps ({norm}, [0,1] pixels)" if x == "eps"
+                                     else f"{x} (per-pixel RMS change, [0,1] pixels)"), row=1, col=col)
+    fig.update_yaxes(range=[0, 1.02])
+    fig.update_yaxes(title_text="accuracy", row=1, col=1)
+    fig.update_layout(title=title, template="plotly_white", legend_title_text="run · attack" if has_run else "attack")
+    return fig
+
+
+def probability_chart(classes: list[str], prob_clean, prob_adv) -> go.Figure:
+    """Grouped horizontal bars of the predicted class probabilities, clean against perturbed.
+
+    ``prob_clean``/``prob_adv``: sequences (or arrays/CPU tensors) of ``len(classes)`` numbers in [0,1];
+    ``prob_adv`` None shows the clean bars only. A length that differs from ``classes`` is a ValueError."""
+    title = "Predicted class probabilities"
+    classes = [str(c) for c in (classes or ())]
+    if not classes or prob_clean is None:
+        return empty_figure(title)
+    fig = go.Figure()
+    for name, probs, colour in (("clean", prob_clean, STABLE), ("perturbed", prob_adv, FRAGILE)):
+        if probs is None:
+            continue
+        probs = np.asarray(probs, dtype=float).ravel()
+        if len(probs) != len(classes):
+            raise ValueError(f"{len(probs)} {name} probabilities for {len(classes)} classes")
+        fig.add_trace(go.Bar(x=probs, y=classes, name=name, orientation="h", marker_color=colour,
+                             text=[f"{p:.2f}" if math.isfinite(p) else "" for p in probs], textposition="auto"))
+    fig.update_layout(title=title, barmode="group", template="plotly_white", xaxis_title="probability",
+                      xaxis_range=[0, 1], yaxis_title="class", yaxis_autorange="reversed")
+    return fig
+
+
+def metrics_chart(metrics: pd.DataFrame) -> go.Figure:
+    """Validation accuracy, balanced accuracy and robust accuracy over epochs, the best epoch (the latest row with
+    ``is_best`` true) marked by a dotted line. ``metrics`` needs ``epoch`` and any of ``val_accuracy``,
+    ``val_balanced_accuracy``, ``val_robust_accuracy``; ``is_best`` is optional."""
+    title = "Validation metrics per epoch"
+    frame = _by_epoch(metrics)
+    series = {"val_accuracy": ("accuracy", STABLE), "val_balanced_accuracy": ("balanced accuracy", "#009E73"),
+              "val_robust_accuracy": ("robust accuracy", FRAGILE)}
+    fig = go.Figure()
+    for column, (name, colour) in series.items():
+        if column in frame:
+            fig.add_trace(go.Scatter(x=frame["epoch"], y=pd.to_numeric(frame[column], errors="coerce"), name=name,
+                                     mode="lines+markers", line={"color": colour}))
+    if not len(frame) or not fig.data:
+        return empty_figure(title)
+    fig.update_layout(title=title, template="plotly_white", xaxis_title="epoch",
+                      yaxis_title="accuracy (validation)", yaxis_range=[0, 1.02])
+    best = frame.loc[frame["is_best"].eq(True), "epoch"] if "is_best" in frame else pd.Series(dtype="float64")
+    if len(best):
+        fig.add_vline(x=float(best.iloc[-1]), line_dash="dot", line_color="black",
+                      annotation_text=f"best epoch {int(best.iloc[-1])}", annotation_position="top left")
+    return fig
