@@ -1,7 +1,4 @@
-"""DPAAT Lab dashboard (placeholder until the run store and evaluation land).
-
-Run with: streamlit run dashboard/app.py
-"""
+"""DPAAT Lab dashboard: ``streamlit run dashboard/app.py``. Pages live in ``dashboard/pages/``."""
 from pathlib import Path
 import sys
 
@@ -10,17 +7,18 @@ import streamlit as st
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dpaat_core import __version__  # noqa: E402
 
+HERE = Path(__file__).resolve().parent
+
 
 def home() -> None:
     st.title("DPAAT Lab")
     st.caption(f"dpaat_core {__version__}")
     st.write(
         "Robust medical image classification with Dynamic Perturbation-Adaptive Adversarial "
-        "Training. The library (data sources, models, attacks with per-sample epsilon) is in "
-        "place; these pages are coming next:"
+        "Training. **Runs** lists the trained models in the run store with their headline "
+        "metrics; these pages are coming next:"
     )
     st.markdown(
-        "- **Runs**: trained models in `checkpoints/`, their configs and headline metrics\n"
         "- **Training dynamics**: per-sample loss change, the fragile/stable split over epochs\n"
         "- **Robustness**: accuracy against epsilon for several runs and attacks\n"
         "- **Attribution explorer**: clean and perturbed lesion images with their attribution maps\n"
@@ -29,4 +27,7 @@ def home() -> None:
 
 
 st.set_page_config(page_title="DPAAT Lab", layout="wide")
-st.navigation([st.Page(home, title="Home", icon=":material/home:")]).run()
+st.navigation([
+    st.Page(home, title="Home", icon=":material/home:"),
+    st.Page(str(HERE / "pages" / "runs.py"), title="Runs", icon=":material/table:"),
+]).run()

@@ -1,7 +1,11 @@
-"""The dashboard starts and renders (placeholder home page for now)."""
+"""The dashboard starts, and its pages render against a real run store (made by the fixtures)."""
 from pathlib import Path
 
+import pytest
 from streamlit.testing.v1 import AppTest
+
+from dpaat_core.config import RunConfig, method_config
+from dpaat_core.train import train
 
 APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
 
@@ -11,5 +15,47 @@ def test_dashboard_starts_and_says_what_is_coming():
     assert not at.exception
     assert at.title[0].value == "DPAAT Lab"
     text = " ".join(m.value for m in at.markdown)
-    for page in ("Runs", "Training dynamics", "Robustness", "Attribution explorer", "Train"):
+    for page in ("Training dynamics", "Robustness", "Attribution explorer", "Train"):
         assert page in text
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A store with one finished DPAAT run, one corrupt folder and one incomplete one."""
+    path = tmp_path_factory.mktemp("store")
+    cfg = RunConfig()
+    cfg.data.spec, cfg.data.image_size = "synthetic:n=32,classes=3", 16
+    cfg.attack.steps, cfg.method = 1, method_config("dpaat")
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.device = 2, 16, "cpu"
+    train(cfg, store=path, run_id="small-dpaat")
+    (path / "broken").mkdir()
+    (path / "broken" / "config.json").write_text("{oops")
+    (path / "empty").mkdir()
+    return path
+
+
+def _runs_page(store, monkeypatch) -> AppTest:
+    monkeypatch.setenv("DPAAT_STORE", str(store))
+    at = AppTest.from_file(str(APP), default_timeout=60).run()
+    at.switch_page("pages/runs.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_runs_page_lists_good_and_bad_runs(store, monkeypatch):
+    at = _runs_page(store, monkeypatch)
+    assert at.title[0].value == "Runs"
+    table = at.dataframe[0].value
+    assert set(table.run_id) == {"small-dpaat", "broken", "empty"}
+    good = table.set_index("run_id").loc["small-dpaat"]
+    assert good.state == "done" and good.method == "dpaat" and good.epochs == "2/2"
+    warnings = " ".join(w.value for w in at.warning)
+    assert "broken** is corrupt" in warnings and "config.json" in warnings and "empty** is incomplete" in warnings
+    assert at.multiselect[0].value == ["small-dpaat"]            # the picker offers only readable runs
+    assert at.multiselect[0].options == ["small-dpaat"]
+    assert len(at.get("plotly_chart")) == 1
+
+
+def test_runs_page_says_when_the_store_is_empty(tmp_path, monkeypatch):
+    at = _runs_page(tmp_path / "nothing-here", monkeypatch)
+    assert "No runs in" in at.info[0].value

@@ -1,0 +1,66 @@
+"""What the pages share: the run store, cached reads keyed on file times, and the sidebar run picker."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dpaat_core import runs  # noqa: E402
+
+
+def store() -> Path:
+    """The run store: ``$DPAAT_STORE``, else ``checkpoints/`` beside the dashboard."""
+    return Path(os.environ.get("DPAAT_STORE") or ROOT / "checkpoints")
+
+
+def store_signature(path: Path) -> tuple:
+    """Names and modification times of the store's run folders and their files: changes when any run does."""
+    if not path.is_dir():
+        return ()
+    entries = []
+    for run in sorted(path.iterdir()):
+        if run.is_dir() and not run.name.startswith((".", "_")):
+            for f in (run, *run.iterdir()):
+                try:
+                    entries.append((str(f), f.stat().st_mtime_ns))
+                except OSError:   # a file replaced while we looked
+                    pass
+    return tuple(entries)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _listing(path: str, signature: tuple) -> list[runs.Run]:
+    return runs.list_runs(path)
+
+
+def list_runs() -> list[runs.Run]:
+    """Every run in the store, re-read only when a file in it changed (a run in progress refreshes)."""
+    path = store()
+    return _listing(str(path), store_signature(path))
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def runs_table(path: str, signature: tuple) -> pd.DataFrame:
+    return runs.runs_table(runs.list_runs(path))
+
+
+def run_picker(label: str = "Runs", multi: bool = True) -> list[runs.Run]:
+    """The sidebar's run selection, shared by the pages through ``st.session_state["runs"]``."""
+    found = list_runs()
+    usable = [r.run_id for r in found if r.config is not None]
+    chosen = [r for r in st.session_state.get("runs", []) if r in usable] or usable[:1]
+    with st.sidebar:
+        if multi:
+            chosen = st.multiselect(label, usable, default=chosen, key="run_picker_multi")
+        elif usable:
+            chosen = [st.selectbox(label, usable, index=usable.index(chosen[0]), key="run_picker_one")]
+    st.session_state["runs"] = chosen
+    by_id = {r.run_id: r for r in found}
+    return [by_id[r] for r in chosen]
