@@ -16,10 +16,10 @@ def home() -> None:
     st.write(
         "Robust medical image classification with Dynamic Perturbation-Adaptive Adversarial "
         "Training. **Runs** lists the trained models in the run store with their headline "
-        "metrics; these pages are coming next:"
+        "metrics; **Training dynamics** shows each sample's loss change and the fragile/stable "
+        "split epoch by epoch. These pages are coming next:"
     )
     st.markdown(
-        "- **Training dynamics**: per-sample loss change, the fragile/stable split over epochs\n"
         "- **Robustness**: accuracy against epsilon for several runs and attacks\n"
         "- **Attribution explorer**: clean and perturbed lesion images with their attribution maps\n"
         "- **Train**: launch and watch a training run"
@@ -30,4 +30,5 @@ st.set_page_config(page_title="DPAAT Lab", layout="wide")
 st.navigation([
     st.Page(home, title="Home", icon=":material/home:"),
     st.Page(str(HERE / "pages" / "runs.py"), title="Runs", icon=":material/table:"),
+    st.Page(str(HERE / "pages" / "dynamics.py"), title="Training dynamics", icon=":material/timeline:"),
 ]).run()

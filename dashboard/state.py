@@ -64,3 +64,37 @@ def run_picker(label: str = "Runs", multi: bool = True) -> list[runs.Run]:
     st.session_state["runs"] = chosen
     by_id = {r.run_id: r for r in found}
     return [by_id[r] for r in chosen]
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _dynamics(run_dir: str, epoch: int, mtime: int) -> pd.DataFrame:
+    config = runs.read_config(run_dir)
+    from dashboard.charts import dynamics_frame
+    return dynamics_frame(runs.load_dynamics(run_dir, epoch), config["dataset"]["classes"]).assign(epoch=epoch)
+
+
+def dynamics(run: runs.Run, epoch: int) -> pd.DataFrame:
+    """One epoch's per-sample dynamics as a frame (cached until the file changes)."""
+    return _dynamics(str(run.path), epoch, _mtime(run.path / "dynamics" / f"epoch_{epoch:03d}.npz"))
+
+
+@st.cache_resource(show_spinner="Loading images…", max_entries=8)
+def _run_data(run_dir: str, split: str, mtime: int):
+    return runs.load_run_data(run_dir, split)
+
+
+def run_data(run: runs.Run, split: str):
+    """The run's own data split (cached), or None with the reason shown when it cannot be read here."""
+    try:
+        return _run_data(str(run.path), split, _mtime(run.path / "config.json"))
+    except Exception as exc:  # noqa: BLE001 - a missing or moved dataset must not break the page
+        st.warning(f"The images of {run.run_id} ({(run.config or {}).get('data', {}).get('spec')}) cannot be read "
+                   f"here: {exc}")
+        return None

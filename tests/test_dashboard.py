@@ -59,3 +59,18 @@ def test_runs_page_lists_good_and_bad_runs(store, monkeypatch):
 def test_runs_page_says_when_the_store_is_empty(tmp_path, monkeypatch):
     at = _runs_page(tmp_path / "nothing-here", monkeypatch)
     assert "No runs in" in at.info[0].value
+
+
+def test_dynamics_page_shows_the_selected_epoch(store, monkeypatch):
+    monkeypatch.setenv("DPAAT_STORE", str(store))
+    at = AppTest.from_file(str(APP), default_timeout=60).run()
+    at.switch_page("pages/dynamics.py").run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "Training dynamics" and at.selectbox[0].value == "small-dpaat"
+    assert at.select_slider[0].value == 2
+    charts = at.get("plotly_chart")
+    assert len(charts) == 5                      # histogram, fragile fraction, eps, transition heat map, trajectory
+    at.select_slider[0].set_value(1).run()
+    assert not at.exception and at.select_slider[0].value == 1
+    at.number_input[0].set_value(3).run()
+    assert not at.exception and len(at.get("image")) == 1

@@ -1,0 +1,47 @@
+"""Training dynamics: ΔL per epoch with its threshold, the fragile/stable split and how samples move."""
+import pandas as pd
+import streamlit as st
+
+from dashboard import charts
+from dashboard.state import dynamics, run_data, run_picker
+from dpaat_core import runs
+
+st.title("Training dynamics")
+picked = run_picker("Run", multi=False)
+if not picked:
+    st.info("No readable run in the store yet.")
+    st.stop()
+run = picked[0]
+epochs = runs.dynamics_epochs(run.path)
+if not epochs:
+    st.info(f"{run.run_id} has no completed epoch yet.")
+    st.stop()
+attack = run.config.get("attack", {})
+st.caption(f"{run.run_id} · {run.method} · {run.model} · {attack.get('norm')} eps0 {attack.get('eps')} · "
+           f"{len(epochs)} epoch(s) · {run.state}")
+
+epoch = st.select_slider("Epoch", options=epochs, value=epochs[-1]) if len(epochs) > 1 else epochs[0]
+frame = dynamics(run, epoch)
+row = run.metrics[run.metrics["epoch"] == epoch]
+threshold = float(row["threshold_mean"].iloc[0]) if len(row) and "threshold_mean" in row else None
+
+left, right = st.columns(2)
+left.plotly_chart(charts.delta_loss_histogram(frame, threshold, epoch), key="hist")
+right.plotly_chart(charts.fragile_fraction_chart(run.metrics, run.config["dataset"]["classes"]), key="fragile")
+left.plotly_chart(charts.eps_distribution_chart({e: dynamics(run, e) for e in epochs}, attack.get("eps"),
+                                                norm=attack.get("norm", "l2")), key="eps")
+if epoch - 1 in epochs:
+    right.plotly_chart(charts.transition_heatmap(dynamics(run, epoch - 1), frame, epoch), key="heat")
+else:
+    right.plotly_chart(charts.transitions_chart(run.metrics), key="transitions")
+
+st.subheader("Follow one sample")
+index = st.number_input("Training sample index", min_value=0, max_value=int(frame["index"].max()), value=0, step=1)
+history = pd.concat([dynamics(run, e) for e in epochs])
+history = history[history["index"] == index]
+cols = st.columns([1, 3])
+data = run_data(run, "train")
+if data is not None and index < len(data):
+    cols[0].image(data.images[index].permute(1, 2, 0).numpy(), caption=f"{data.classes[int(data.labels[index])]}",
+                  width="stretch", clamp=True)
+cols[1].plotly_chart(charts.sample_trajectory_chart(history), key="trajectory")
