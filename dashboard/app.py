@@ -17,10 +17,10 @@ def home() -> None:
         "Robust medical image classification with Dynamic Perturbation-Adaptive Adversarial "
         "Training. **Runs** lists the trained models in the run store with their headline "
         "metrics; **Training dynamics** shows each sample's loss change and the fragile/stable "
-        "split epoch by epoch. These pages are coming next:"
+        "split epoch by epoch; **Robustness** compares accuracy against epsilon across runs and "
+        "attacks a batch live. These pages are coming next:"
     )
     st.markdown(
-        "- **Robustness**: accuracy against epsilon for several runs and attacks\n"
         "- **Attribution explorer**: clean and perturbed lesion images with their attribution maps\n"
         "- **Train**: launch and watch a training run"
     )
@@ -31,4 +31,5 @@ st.navigation([
     st.Page(home, title="Home", icon=":material/home:"),
     st.Page(str(HERE / "pages" / "runs.py"), title="Runs", icon=":material/table:"),
     st.Page(str(HERE / "pages" / "dynamics.py"), title="Training dynamics", icon=":material/timeline:"),
+    st.Page(str(HERE / "pages" / "robustness.py"), title="Robustness", icon=":material/shield:"),
 ]).run()

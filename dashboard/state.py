@@ -98,3 +98,22 @@ def run_data(run: runs.Run, split: str):
         st.warning(f"The images of {run.run_id} ({(run.config or {}).get('data', {}).get('spec')}) cannot be read "
                    f"here: {exc}")
         return None
+
+
+@st.cache_resource(show_spinner="Loading model…", max_entries=16)
+def _model(run_dir: str, mtime: int):
+    return runs.load_model(run_dir)
+
+
+def model(run: runs.Run):
+    """The run's best model on CPU, eval mode (cached until its weights change)."""
+    return _model(str(run.path), _mtime(run.path / "weights.safetensors"))
+
+
+def robustness(run: runs.Run) -> pd.DataFrame:
+    """The run's saved robustness curves with a ``run`` column (empty if none, a warning if unreadable)."""
+    try:
+        return runs.read_robustness(run.path).assign(run=run.run_id)
+    except runs.RunError as exc:
+        st.warning(str(exc))
+        return pd.DataFrame()

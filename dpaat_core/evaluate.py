@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -102,6 +102,7 @@ class _Attacker:
         self.model, self.dataset, self.attack, self.norm, self.steps = model, dataset, attack, norm, steps
         self.alpha_ratio = DEFAULT_ALPHA[attack](steps) if alpha_ratio is None else float(alpha_ratio)
         self.device, self.seed = device, seed
+        self.callback, self.done, self.total = None, 0, 0   # progress over the images attacked
 
     def images(self, index: torch.Tensor):
         x = self.dataset.images[index].to(self.device).float().div_(255.0)
@@ -110,6 +111,7 @@ class _Attacker:
     def still_correct(self, index: np.ndarray, eps: np.ndarray, batch_size: int, bar=None) -> np.ndarray:
         """Whether each sample ``index[j]`` is still classified correctly when attacked at ``eps[j]``."""
         out = np.zeros(len(index), dtype=bool)
+        self.total += len(index)
         if bar is not None:
             bar.total += len(index)
             bar.refresh()
@@ -117,8 +119,11 @@ class _Attacker:
             i = torch.from_numpy(np.asarray(index[start:start + batch_size], dtype=np.int64))
             e = torch.from_numpy(np.asarray(eps[start:start + batch_size], dtype=np.float32))
             out[start:start + len(i)] = (self.logits(i, e).argmax(1).cpu() == self.dataset.labels[i]).numpy()
+            self.done += len(i)
             if bar is not None:
                 bar.update(len(i))
+            if self.callback is not None:
+                self.callback(self.done, self.total)
         return out
 
     def logits(self, index: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -133,6 +138,17 @@ class _Attacker:
                                          validate=False, **kw)
         with torch.no_grad(), attack_mode(self.model):
             return self.model(x_adv).float()
+
+
+def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str = "pgd", norm: str = "l2",
+            eps: float = 0.3, steps: Optional[int] = None, seed: int = 0) -> torch.Tensor:
+    """``x`` attacked with the evaluation protocol's settings (default steps and step size): ``x_adv``."""
+    steps = DEFAULT_STEPS.get(attack) if steps is None else steps
+    check_attack(attack, norm, [eps], steps)
+    if attack == "fgsm":
+        return ATTACKS["fgsm"](model, x, y, eps, norm=norm)
+    alpha = DEFAULT_ALPHA[attack](steps) * eps
+    return ATTACKS[attack](model, x, y, eps, alpha, steps, norm=norm, generator=torch.Generator().manual_seed(seed))
 
 
 def _clean_logits(attacker: _Attacker, batch_size: int) -> torch.Tensor:
@@ -192,7 +208,7 @@ def evaluate(model: nn.Module, dataset: ImageDataset, attack: str = "pgd", norm:
 def robustness_curve(model: nn.Module, dataset: ImageDataset, eps_grid: Sequence[float], attack: str = "pgd",
                      norm: str = "l2", steps: Optional[int] = None, alpha_ratio: Optional[float] = None,
                      monotone: bool = True, fast: bool = True, batch_size: int = 128, device=None, seed: int = 0,
-                     progress: bool = False) -> pd.DataFrame:
+                     progress: bool = False, callback: Optional[Callable[[int, int], None]] = None) -> pd.DataFrame:
     """Accuracy against eps: a tidy frame, one row per eps (ascending).
 
     Columns: eps, eps_rms (per-pixel RMS change at the input size), attack, norm, steps,
@@ -207,7 +223,8 @@ def robustness_curve(model: nn.Module, dataset: ImageDataset, eps_grid: Sequence
     ``fast=True`` attacks only what can change the result: samples still robust at the previous
     eps (monotone) or correct on the clean image, packed into full batches with a per-sample eps
     tensor; ``fast=False`` attacks every sample at every eps, one eps at a time. Both give the
-    same curve (each sample's start depends on its index only).
+    same curve (each sample's start depends on its index only). ``callback(done, total)`` is
+    called after every batch (images attacked so far, and so far known to need attacking).
     """
     eps_grid = sorted(float(e) for e in eps_grid)
     steps = DEFAULT_STEPS[attack] if steps is None and attack in DEFAULT_STEPS else steps
@@ -218,6 +235,7 @@ def robustness_curve(model: nn.Module, dataset: ImageDataset, eps_grid: Sequence
     correct0 = _clean_logits(atk, batch_size).argmax(1).numpy() == y
     hit = np.zeros((len(eps_grid), len(dataset)), dtype=bool)      # still correct after the attack at that eps
     with tqdm(total=0, desc=f"{attack} {norm} curve", unit="img", disable=not progress) as bar:
+        atk.callback = callback
         if fast and not monotone:
             # Every (sample, eps) pair is independent: stream them all, with a per-sample eps tensor.
             grid = np.array(eps_grid)

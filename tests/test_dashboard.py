@@ -74,3 +74,22 @@ def test_dynamics_page_shows_the_selected_epoch(store, monkeypatch):
     assert not at.exception and at.select_slider[0].value == 1
     at.number_input[0].set_value(3).run()
     assert not at.exception and len(at.get("image")) == 1
+
+
+def test_robustness_page_computes_saves_and_draws_curves(store, monkeypatch):
+    from dpaat_core import runs
+    monkeypatch.setenv("DPAAT_STORE", str(store))
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    at.switch_page("pages/robustness.py").run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "Robustness"
+    assert [m.label for m in at.metric] == ["clean accuracy", "robust accuracy", "per-pixel RMS"]
+    button = next(b for b in at.button if "Compute the PGD-20 l2 curve of small-dpaat" in b.label)
+    button.click().run()
+    assert not at.exception, at.exception
+    saved = runs.read_robustness(store / "small-dpaat")
+    assert len(saved) == 8 and (saved.attack == "pgd").all()
+    assert len(at.get("plotly_chart")) == 1 and not [b for b in at.button if "Compute" in b.label]
+    at.slider[0].set_value(0.0).run()                        # eps 0: nothing changes
+    assert at.metric[1].value == at.metric[0].value
+    assert len(at.get("image")) == 12                         # 4 clean, 4 perturbed, 4 perturbations

@@ -11,7 +11,7 @@ from dpaat_core import runs
 from dpaat_core.__main__ import main
 from dpaat_core.config import RunConfig, method_config
 from dpaat_core.data import load_dataset
-from dpaat_core.evaluate import average_precision, eps_rms, evaluate, protocol, robustness_curve
+from dpaat_core.evaluate import average_precision, eps_rms, evaluate, perturb, protocol, robustness_curve
 from dpaat_core.models import build_model
 from dpaat_core.train import train
 
@@ -133,3 +133,21 @@ def test_protocol_runs_the_papers_presets(trained, capsys):
     saved = pd.read_csv(run / "protocol.csv")
     assert list(saved.preset) == ["pgd20_l2", "ifgsm_l2", "pgd20_linf", "ifgsm_linf"]
     assert saved.eps.iloc[0] == pytest.approx(0.3) and saved.n.iloc[0] == 8
+
+
+def test_curve_reports_its_progress(trained):
+    _, model, ds = trained
+    seen = []
+    robustness_curve(model, ds, [0, 0.5, 1.0], steps=1, batch_size=8, callback=lambda done, total: seen.append((done, total)))
+    assert seen and all(0 < d <= t for d, t in seen) and seen[-1][0] == seen[-1][1]
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_perturb_uses_the_protocol_settings(trained):
+    from dpaat_core.attacks import pgd
+    _, model, ds = trained
+    x, y = ds.images[:4].float() / 255, ds.labels[:4]
+    x_adv = perturb(model, x, y, "pgd", "l2", 0.5, steps=3)
+    ref = pgd(model, x, y, 0.5, 0.125, 3, "l2", generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x_adv, ref)
+    assert torch.equal(perturb(model, x, y, "ifgsm", "linf", 0.0), x)

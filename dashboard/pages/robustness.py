@@ -1,0 +1,66 @@
+"""Robustness: accuracy against epsilon for the selected runs, and a live attack on a small batch."""
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from dashboard import charts
+from dashboard.state import model, robustness, run_data, run_picker
+from dpaat_core import runs
+from dpaat_core.evaluate import DEFAULT_STEPS, eps_rms, evaluate, perturb, robustness_curve
+from dpaat_core.attacks import ATTACKS
+
+st.title("Robustness")
+selected = [r for r in run_picker("Runs") if r.has_weights]
+if not selected:
+    st.info("Pick a run with trained weights in the sidebar.")
+    st.stop()
+
+curves = pd.concat([robustness(r) for r in selected], ignore_index=True)
+missing = [r for r in selected if not len(curves) or r.run_id not in set(curves.get("run", []))]
+for run in missing:
+    eps0 = run.config["attack"]["eps"]
+    if st.button(f"Compute the PGD-20 l2 curve of {run.run_id} (256 test images)", key=f"compute-{run.run_id}"):
+        data = run_data(run, "test")
+        if data is not None:
+            bar = st.progress(0.0, text="attacking…")
+            subset = data if len(data) <= 256 else data.subset(np.random.default_rng(0).choice(len(data), 256, replace=False))
+            grid = [round(m * eps0, 6) for m in (0, 0.25, 0.5, 0.75, 1, 1.5, 2, 3)]
+            curve = robustness_curve(model(run), subset, grid, "pgd", "l2",
+                                     callback=lambda done, total: bar.progress(min(done / max(total, 1), 1.0),
+                                                                               text=f"attacked {done} images"))
+            runs.save_robustness(run.path, curve.assign(split="test", data=run.config["data"]["spec"]))
+            st.rerun()
+if len(curves):
+    x = "eps_rms" if st.toggle("Per-pixel RMS on the x axis", value=False) else "eps"
+    st.plotly_chart(charts.robustness_chart(curves, x=x), key="curves")
+
+st.subheader("Attack a batch live")
+by_id = {r.run_id: r for r in selected}
+run = by_id[st.selectbox("Run", list(by_id))]
+c1, c2, c3 = st.columns(3)
+attack = c1.selectbox("Attack", list(ATTACKS), index=0)
+norm = c2.selectbox("Norm", ["l2", "linf"], index=0)
+n = c3.number_input("Images", min_value=4, max_value=64, value=16, step=4)
+eps0 = run.config["attack"]["eps"] if run.config["attack"]["norm"] == norm else (0.3 if norm == "l2" else 1 / 255)
+eps = st.slider("eps", min_value=0.0, max_value=float(4 * eps0), value=float(eps0), step=float(eps0) / 20, format="%.4f")
+data = run_data(run, "test")
+if data is not None:
+    batch = data.subset(range(min(int(n), len(data))))
+    ev = evaluate(model(run), batch, attack, norm, eps, DEFAULT_STEPS[attack])
+    shape = tuple(batch.images.shape[1:])
+    m1, m2, m3 = st.columns(3)
+    m1.metric("clean accuracy", f"{ev.accuracy:.2f}")
+    m2.metric("robust accuracy", f"{ev.robust_accuracy:.2f}", delta=f"{ev.robust_accuracy - ev.accuracy:+.2f}")
+    m3.metric("per-pixel RMS", f"{eps_rms(eps, norm, shape):.2e}",
+              help=f"eps {eps:.4g} ({norm}) at {shape[1]}x{shape[2]} pixels")
+    flipped = ev.samples[ev.samples.correct_clean & ~ev.samples.robust]
+    st.caption(f"{len(flipped)} of {len(batch)} images changed prediction under the attack")
+    x, y = batch.images[:4].float() / 255, batch.labels[:4]
+    x_adv = perturb(model(run), x, y, attack, norm, eps)
+    delta = x_adv - x
+    amplified = (0.5 + delta / (2 * delta.abs().max().clamp(min=1e-12))).clamp(0, 1)
+    for title, images in (("clean", x), ("perturbed", x_adv), ("perturbation, amplified", amplified)):
+        st.caption(title)
+        cols = st.columns(len(x))
+        for col, img in zip(cols, images):
+            col.image(img.permute(1, 2, 0).numpy(), width="stretch", clamp=True)
