@@ -18,10 +18,10 @@ def home() -> None:
         "Training. **Runs** lists the trained models in the run store with their headline "
         "metrics; **Training dynamics** shows each sample's loss change and the fragile/stable "
         "split epoch by epoch; **Robustness** compares accuracy against epsilon across runs and "
-        "attacks a batch live. These pages are coming next:"
+        "attacks a batch live; the **Attribution explorer** shows what a model looks at on a "
+        "lesion image, clean and perturbed. Coming next:"
     )
     st.markdown(
-        "- **Attribution explorer**: clean and perturbed lesion images with their attribution maps\n"
         "- **Train**: launch and watch a training run"
     )
 
@@ -32,4 +32,5 @@ st.navigation([
     st.Page(str(HERE / "pages" / "runs.py"), title="Runs", icon=":material/table:"),
     st.Page(str(HERE / "pages" / "dynamics.py"), title="Training dynamics", icon=":material/timeline:"),
     st.Page(str(HERE / "pages" / "robustness.py"), title="Robustness", icon=":material/shield:"),
+    st.Page(str(HERE / "pages" / "attribution.py"), title="Attribution explorer", icon=":material/visibility:"),
 ]).run()

@@ -93,3 +93,27 @@ def test_robustness_page_computes_saves_and_draws_curves(store, monkeypatch):
     at.slider[0].set_value(0.0).run()                        # eps 0: nothing changes
     assert at.metric[1].value == at.metric[0].value
     assert len(at.get("image")) == 12                         # 4 clean, 4 perturbed, 4 perturbations
+
+
+def test_attribution_explorer_explains_a_test_image_and_compares_runs(store, monkeypatch):
+    monkeypatch.setenv("DPAAT_STORE", str(store))
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    at.switch_page("pages/attribution.py").run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "Attribution explorer"
+    images = len(at.get("image"))
+    assert images == 3 + 2 * 2                      # clean, perturbed, perturbation + 2 maps x (clean, perturbed)
+    rho = [m for m in at.metric if m.label.startswith("rank agreement")]
+    assert len(rho) == 2 and all(-1 <= float(m.value) <= 1 for m in rho)
+    at.slider[0].set_value(0.0).run()               # eps 0: the perturbed map is the clean map
+    assert all(float(m.value) == 1.0 for m in at.metric if m.label.startswith("rank agreement"))
+    at.radio[1].set_value("wrong").run()
+    assert not at.exception
+
+
+def test_attribution_explorer_refuses_a_bad_upload(store, monkeypatch):
+    monkeypatch.setenv("DPAAT_STORE", str(store))
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    at.switch_page("pages/attribution.py").run()
+    at.radio[0].set_value("Upload a JPEG or PNG").run()
+    assert not at.exception and not at.get("image")   # nothing to show until a file arrives

@@ -986,3 +986,49 @@ def test_unknown_source_message_lists_sources():
         load_dataset("hdf5:/x", "train", None)
     for kind in data.SOURCES:
         assert f"{kind}:" in str(err.value)
+
+
+# --- uploads (the dashboard's attribution explorer) ----------------------------------------
+
+def _encoded(fmt: str, size=(40, 30), mode="RGB") -> bytes:
+    import io
+    from PIL import Image as PILImage
+    buf = io.BytesIO()
+    PILImage.new(mode, size, (200, 30, 10) if mode == "RGB" else 128).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_decode_upload_reads_jpeg_and_png_like_a_dataset_image():
+    from dpaat_core.data.images import decode_upload
+    for fmt in ("JPEG", "PNG"):
+        arr = decode_upload(_encoded(fmt), 16)
+        assert arr.shape == (3, 16, 16) and arr.dtype == np.uint8
+        assert abs(int(arr[0].mean()) - 200) < 6 and int(arr[2].mean()) < 20
+    assert decode_upload(_encoded("PNG", mode="L"), 8, channels=1).shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize("data, says", [
+    (b"\x00" * 100, "not a readable image"),
+    (None, "only JPEG or PNG"),
+    (b"big", "the limit is"),
+    ("bomb", "pixel limit"),
+    ("truncated", "damaged"),
+])
+def test_decode_upload_refuses_bad_files_with_a_reason(data, says, monkeypatch):
+    from dpaat_core.data import images
+    max_bytes = 10 * 2**20
+    if data is None:
+        data = _encoded("BMP")
+    elif data == b"big":
+        max_bytes = 2
+        data = _encoded("PNG")
+    elif data == "bomb":
+        monkeypatch.setattr(images, "MAX_PIXELS", 100)
+        data = _encoded("PNG")
+    elif data == "truncated":   # a noisy image: its header survives the cut, its pixels do not
+        import io
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(buf, "JPEG")
+        data = buf.getvalue()[: len(buf.getvalue()) // 2]
+    with pytest.raises(DataError, match=says):
+        images.decode_upload(data, 16, max_bytes=max_bytes)

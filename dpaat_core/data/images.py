@@ -125,3 +125,32 @@ def load_mask_files(paths: Sequence[Optional[Path]], size: int, progress: bool =
         warn(f"{len(bad)} lesion masks could not be decoded (first: {bad[0]}); masks are not used for this split")
         return None
     return np.stack([arr for arr, _ in results])
+
+
+#: what an upload may be (the dashboard's attribution explorer).
+UPLOAD_FORMATS = ("JPEG", "PNG")
+
+
+def decode_upload(data: bytes, size: int, channels: int = 3, max_bytes: int = 10 * 2**20) -> np.ndarray:
+    """Uploaded bytes to uint8 ``[C, size, size]``, like a dataset image; read in memory, never saved.
+
+    Only JPEG and PNG are accepted; files over ``max_bytes`` or ``MAX_PIXELS`` (a decompression
+    bomb) are refused before decoding. Every refusal is a :class:`DataError` that says why.
+    """
+    if len(data) > max_bytes:
+        raise DataError(f"the file is {len(data) / 2**20:.1f} MiB; the limit is {max_bytes / 2**20:.0f} MiB")
+    import io
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for junk
+        raise DataError(f"not a readable image ({type(exc).__name__})") from None
+    if img.format not in UPLOAD_FORMATS:
+        raise DataError(f"only JPEG or PNG images are accepted, this is {img.format or 'an unknown format'}")
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise DataError(f"{w}x{h} pixels is over the {MAX_PIXELS:,} pixel limit")
+    try:
+        img.load()
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt data
+        raise DataError(f"the image data is damaged ({exc})") from None
+    return preprocess_image(img, size, channels)

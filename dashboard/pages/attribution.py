@@ -1,0 +1,95 @@
+"""Attribution explorer (for clinicians): what a model looks at on a lesion image, clean and perturbed."""
+import streamlit as st
+import torch
+
+from dashboard import charts
+from dashboard.state import list_runs, model, run_data, run_picker, test_predictions
+from dpaat_core.attacks import ATTACKS
+from dpaat_core.attribution import METHODS, attribute, overlay, spearman, ssim, topk_iou
+from dpaat_core.data import DataError
+from dpaat_core.data.images import decode_upload
+from dpaat_core.evaluate import perturb
+
+st.title("Attribution explorer")
+picked = run_picker("Model (run)", multi=False)
+usable = [r for r in picked if r.has_weights]
+if not usable:
+    st.info("Pick a run with trained weights in the sidebar.")
+    st.stop()
+run = usable[0]
+classes = run.config["dataset"]["classes"]
+size, channels = run.config["dataset"]["image_size"], run.config["dataset"]["in_channels"]
+
+source = st.radio("Image", ["From the test split", "Upload a JPEG or PNG"], horizontal=True)
+x, label = None, None
+if source == "Upload a JPEG or PNG":
+    upload = st.file_uploader("Lesion image (read in memory only: never saved or sent anywhere)", type=["jpg", "jpeg", "png"])
+    if upload is not None:
+        try:
+            x = torch.from_numpy(decode_upload(upload.getvalue(), size, channels)).float()[None] / 255
+        except DataError as exc:
+            st.error(f"This file cannot be used: {exc}")
+else:
+    data = run_data(run, "test")
+    if data is not None:
+        table = test_predictions(run)
+        c1, c2 = st.columns(2)
+        wanted = c1.multiselect("Classes", classes, default=classes)
+        outcome = c2.radio("Prediction", ["all", "correct", "wrong"], horizontal=True)
+        rows = table[table["class"].isin(wanted)]
+        if outcome != "all":
+            rows = rows[(rows.pred == rows.label) == (outcome == "correct")]
+        if rows.empty:
+            st.info("No test image matches these filters.")
+        else:
+            index = st.selectbox("Test image", rows["index"].tolist(),
+                                 format_func=lambda i: f"#{i} · {table['class'][i]} · predicted {classes[table['pred'][i]]}")
+            x, label = data.images[index].float()[None] / 255, int(data.labels[index])
+if x is None:
+    st.stop()
+
+c1, c2, c3 = st.columns(3)
+attack = c1.selectbox("Attack", list(ATTACKS))
+norm = c2.selectbox("Norm", ["l2", "linf"])
+eps0 = run.config["attack"]["eps"] if run.config["attack"]["norm"] == norm else (0.3 if norm == "l2" else 1 / 255)
+eps = c3.slider("eps", 0.0, float(4 * eps0), float(eps0), float(eps0) / 20, format="%.4f")
+methods = st.multiselect("Attribution maps", list(METHODS), default=["gradcam", "saliency"])
+candidates = {r.run_id: r for r in list_runs() if r.has_weights and r.config is not None and r.run_id != run.run_id
+              and r.config["dataset"]["classes"] == classes}
+compare = st.selectbox("Compare with another run (same classes)", ["none", *candidates])
+
+
+def explain(r) -> None:
+    """Clean, perturbed and perturbation images, probabilities and maps with agreement, for run ``r``."""
+    net = model(r)
+    with torch.no_grad():
+        prob_clean = net(x).softmax(1)[0]
+    target = torch.tensor([label if label is not None else int(prob_clean.argmax())])
+    x_adv = perturb(net, x, target, attack, norm, eps)
+    with torch.no_grad():
+        prob_adv = net(x_adv).softmax(1)[0]
+    delta = x_adv - x
+    amplified = (0.5 + delta / (2 * delta.abs().max().clamp(min=1e-12))).clamp(0, 1)
+    cols = st.columns(4)
+    for col, img, cap in zip(cols, (x, x_adv, amplified), ("clean", "perturbed", "perturbation (amplified)")):
+        col.image(img[0].permute(1, 2, 0).numpy(), caption=cap, width="stretch", clamp=True)
+    cols[3].plotly_chart(charts.probability_chart(classes, prob_clean.numpy(), prob_adv.numpy()), key=f"p-{r.run_id}")
+    explained = torch.tensor([int(prob_clean.argmax())])   # both maps explain the clean prediction
+    for method in methods:
+        maps = attribute(net, torch.cat([x, x_adv]), explained.repeat(2), method)
+        a, b = maps[0, 0], maps[1, 0]
+        cols = st.columns([1, 1, 1])
+        cols[0].image(overlay(x[0], a), caption=f"{method}: clean", width="stretch")
+        cols[1].image(overlay(x_adv[0], b), caption=f"{method}: perturbed", width="stretch")
+        cols[2].metric("rank agreement (Spearman)", f"{spearman(a, b):.2f}")
+        cols[2].caption(f"top-10% overlap {topk_iou(a, b):.2f} · SSIM {ssim(a, b):.2f}"
+                        if min(a.shape) >= 11 else f"top-10% overlap {topk_iou(a, b):.2f}")
+
+
+st.subheader(f"{run.run_id} · {run.method}")
+if label is not None:
+    st.caption(f"true class: {classes[label]}")
+explain(run)
+if compare != "none":
+    st.subheader(compare)
+    explain(candidates[compare])
