@@ -34,16 +34,17 @@ def store(tmp_path_factory):
     return path
 
 
-def _runs_page(store, monkeypatch) -> AppTest:
+def _page(store, monkeypatch, page: str) -> AppTest:
+    """The app against ``store``, switched to ``pages/<page>.py``, rendered without an exception."""
     monkeypatch.setenv("DPAAT_STORE", str(store))
-    at = AppTest.from_file(str(APP), default_timeout=60).run()
-    at.switch_page("pages/runs.py").run()
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    at.switch_page(f"pages/{page}.py").run()
     assert not at.exception, at.exception
     return at
 
 
 def test_runs_page_lists_good_and_bad_runs(store, monkeypatch):
-    at = _runs_page(store, monkeypatch)
+    at = _page(store, monkeypatch, "runs")
     assert at.title[0].value == "Runs"
     table = at.dataframe[0].value
     assert set(table.run_id) == {"small-dpaat", "broken", "empty"}
@@ -57,15 +58,12 @@ def test_runs_page_lists_good_and_bad_runs(store, monkeypatch):
 
 
 def test_runs_page_says_when_the_store_is_empty(tmp_path, monkeypatch):
-    at = _runs_page(tmp_path / "nothing-here", monkeypatch)
+    at = _page(tmp_path / "nothing-here", monkeypatch, "runs")
     assert "No runs in" in at.info[0].value
 
 
 def test_dynamics_page_shows_the_selected_epoch(store, monkeypatch):
-    monkeypatch.setenv("DPAAT_STORE", str(store))
-    at = AppTest.from_file(str(APP), default_timeout=60).run()
-    at.switch_page("pages/dynamics.py").run()
-    assert not at.exception, at.exception
+    at = _page(store, monkeypatch, "dynamics")
     assert at.title[0].value == "Training dynamics" and at.selectbox[0].value == "small-dpaat"
     assert at.select_slider[0].value == 2
     charts = at.get("plotly_chart")
@@ -78,10 +76,7 @@ def test_dynamics_page_shows_the_selected_epoch(store, monkeypatch):
 
 def test_robustness_page_computes_saves_and_draws_curves(store, monkeypatch):
     from dpaat_core import runs
-    monkeypatch.setenv("DPAAT_STORE", str(store))
-    at = AppTest.from_file(str(APP), default_timeout=120).run()
-    at.switch_page("pages/robustness.py").run()
-    assert not at.exception, at.exception
+    at = _page(store, monkeypatch, "robustness")
     assert at.title[0].value == "Robustness"
     assert [m.label for m in at.metric] == ["clean accuracy", "robust accuracy", "per-pixel RMS"]
     button = next(b for b in at.button if "Compute the PGD-20 l2 curve of small-dpaat" in b.label)
@@ -96,10 +91,7 @@ def test_robustness_page_computes_saves_and_draws_curves(store, monkeypatch):
 
 
 def test_attribution_explorer_explains_a_test_image_and_compares_runs(store, monkeypatch):
-    monkeypatch.setenv("DPAAT_STORE", str(store))
-    at = AppTest.from_file(str(APP), default_timeout=120).run()
-    at.switch_page("pages/attribution.py").run()
-    assert not at.exception, at.exception
+    at = _page(store, monkeypatch, "attribution")
     assert at.title[0].value == "Attribution explorer"
     images = len(at.get("image"))
     assert images == 3 + 2 * 2                      # clean, perturbed, perturbation + 2 maps x (clean, perturbed)
@@ -112,8 +104,6 @@ def test_attribution_explorer_explains_a_test_image_and_compares_runs(store, mon
 
 
 def test_attribution_explorer_refuses_a_bad_upload(store, monkeypatch):
-    monkeypatch.setenv("DPAAT_STORE", str(store))
-    at = AppTest.from_file(str(APP), default_timeout=120).run()
-    at.switch_page("pages/attribution.py").run()
+    at = _page(store, monkeypatch, "attribution")
     at.radio[0].set_value("Upload a JPEG or PNG").run()
     assert not at.exception and not at.get("image")   # nothing to show until a file arrives
