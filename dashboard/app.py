@@ -19,10 +19,7 @@ def home() -> None:
         "metrics; **Training dynamics** shows each sample's loss change and the fragile/stable "
         "split epoch by epoch; **Robustness** compares accuracy against epsilon across runs and "
         "attacks a batch live; the **Attribution explorer** shows what a model looks at on a "
-        "lesion image, clean and perturbed. Coming next:"
-    )
-    st.markdown(
-        "- **Train**: launch and watch a training run"
+        "lesion image, clean and perturbed; **Train** launches and watches a training run."
     )
 
 
@@ -33,4 +30,5 @@ st.navigation([
     st.Page(str(HERE / "pages" / "dynamics.py"), title="Training dynamics", icon=":material/timeline:"),
     st.Page(str(HERE / "pages" / "robustness.py"), title="Robustness", icon=":material/shield:"),
     st.Page(str(HERE / "pages" / "attribution.py"), title="Attribution explorer", icon=":material/visibility:"),
+    st.Page(str(HERE / "pages" / "train.py"), title="Train", icon=":material/play_arrow:"),
 ]).run()

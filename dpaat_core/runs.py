@@ -111,12 +111,17 @@ def default_run_id(config: dict, now: float | None = None) -> str:
     return "-".join(parts)[:100]
 
 
+def check_run_id(run_id) -> str:
+    """``run_id`` if it is a safe folder name, else a :class:`RunError` that says what is allowed."""
+    if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id):
+        raise RunError(f"bad run id {run_id!r}: use 1-100 of A-Z a-z 0-9 . _ - starting with a letter or digit")
+    return run_id
+
+
 def create_run(store, config: dict, run_id: str | None = None) -> Path:
     """Make ``<store>/<run_id>/`` with config.json (``run_id`` filled in) and status.json ``running``; return its path."""
     _check_config(config, "create_run")
-    run_id = default_run_id(config) if run_id is None else run_id
-    if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id):
-        raise RunError(f"bad run id {run_id!r}: use 1-100 of A-Z a-z 0-9 . _ - starting with a letter or digit")
+    run_id = check_run_id(default_run_id(config) if run_id is None else run_id)
     run_dir = Path(store) / run_id
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     try:

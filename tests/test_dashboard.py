@@ -107,3 +107,34 @@ def test_attribution_explorer_refuses_a_bad_upload(store, monkeypatch):
     at = _page(store, monkeypatch, "attribution")
     at.radio[0].set_value("Upload a JPEG or PNG").run()
     assert not at.exception and not at.get("image")   # nothing to show until a file arrives
+
+
+def test_train_page_launches_a_run_that_the_other_pages_see(tmp_path, monkeypatch):
+    import time
+    from dpaat_core import runs
+    at = _page(tmp_path, monkeypatch, "train")
+    assert "No run is training right now." in [i.value for i in at.info]
+    at.text_input[0].set_value("synthetic:n=24,classes=3")
+    at.number_input[0].set_value(1)        # epochs
+    at.number_input[1].set_value(8)        # batch size
+    at.number_input[2].set_value(16)       # image size
+    at.number_input[6].set_value(1)        # steps
+    at.text_input[1].set_value("from-the-page")
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    assert "Launched from-the-page" in at.success[0].value
+    deadline = time.time() + 120
+    while not ((tmp_path / "from-the-page" / "status.json").exists()
+               and runs.read_status(tmp_path / "from-the-page")["state"] == "done"):
+        assert time.time() < deadline
+        time.sleep(0.2)
+    at.switch_page("pages/runs.py").run()
+    assert "from-the-page" in set(at.dataframe[0].value.run_id)
+
+
+def test_train_page_refuses_a_bad_config_with_a_message(tmp_path, monkeypatch):
+    at = _page(tmp_path, monkeypatch, "train")
+    at.text_input[1].set_value("../escape")
+    at.button[0].click().run()
+    assert not at.exception and "bad run id" in at.error[0].value
+    assert not any(tmp_path.iterdir())          # nothing written
