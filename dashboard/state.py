@@ -86,18 +86,54 @@ def dynamics(run: runs.Run, epoch: int) -> pd.DataFrame:
 
 
 @st.cache_resource(show_spinner="Loading images…", max_entries=8)
-def _run_data(run_dir: str, split: str, mtime: int):
-    return runs.load_run_data(run_dir, split)
+def _run_data(run_dir: str, split: str, spec: str | None, root: str | None, mtime: int):
+    return runs.load_run_data(run_dir, split, spec, root=root)
+
+
+def data_sources(run: runs.Run) -> list[tuple[str | None, str | None, str]]:
+    """Where a page looks for a run's images, in order: ``(spec, root, what to say on screen)``.
+
+    The spec typed in the sidebar; the run's own data spec; the same file under
+    ``$DPAAT_DATA_ROOT``; the synthetic set with the run's class count.
+    """
+    own = (run.config or {}).get("data", {}).get("spec", "")
+    typed = st.session_state.get("data_spec", "").strip()
+    sources = [(typed, None, f"the data spec you entered ({typed})")] if typed else []
+    sources.append((None, None, f"the run's own data ({own})"))
+    env = os.environ.get("DPAAT_DATA_ROOT")
+    kind, _, arg = own.partition(":")
+    if env and kind in ("npz", "ham10000", "folder") and arg:
+        moved = f"{kind}:{Path(env) / Path(arg).name}"
+        sources.append((moved, None, f"DPAAT_DATA_ROOT ({moved})"))
+    elif env and kind == "medmnist":
+        sources.append((own, env, f"DPAAT_DATA_ROOT ({env}/{arg})"))
+    classes = (run.config or {}).get("dataset", {}).get("num_classes", 2)
+    synthetic = f"synthetic:n=256,classes={classes}"
+    sources.append((synthetic, None, f"the synthetic set ({synthetic}): not this run's data, for a look at the model"))
+    return sources
 
 
 def run_data(run: runs.Run, split: str):
-    """The run's own data split (cached), or None with the reason shown when it cannot be read here."""
-    try:
-        return _run_data(str(run.path), split, _mtime(run.path / "config.json"))
-    except Exception as exc:  # noqa: BLE001 - a missing or moved dataset must not break the page
-        st.warning(f"The images of {run.run_id} ({(run.config or {}).get('data', {}).get('spec')}) cannot be read "
-                   f"here: {exc}")
-        return None
+    """The first readable data source for the run (cached), announced on screen; None if none is."""
+    problems = []
+    for spec, root, what in data_sources(run):
+        try:
+            data = _run_data(str(run.path), split, spec, root, _mtime(run.path / "config.json"))
+        except Exception as exc:  # noqa: BLE001 - a missing or moved dataset must not break the page
+            problems.append(f"{what}: {exc}")
+            continue
+        (st.caption if not problems else st.info)(f"Images from {what}, {split} split."
+                                                  + (" Not found: " + "; ".join(problems) if problems else ""))
+        return data
+    st.warning("No images could be loaded for this run: " + "; ".join(problems))
+    return None
+
+
+def data_spec_input() -> None:
+    """A sidebar box for a data spec that overrides the run's own (same specs as the CLI)."""
+    st.sidebar.text_input("Data spec (optional)", key="data_spec",
+                          help="npz:<file>, medmnist:<flag>[@size], ham10000:<dir>, folder:<dir> or synthetic; "
+                               "empty: the run's own data, then $DPAAT_DATA_ROOT, then the synthetic set")
 
 
 @st.cache_resource(show_spinner="Loading model…", max_entries=16)

@@ -421,13 +421,14 @@ def load_model(run_dir, device="cpu", weights: str = "best") -> torch.nn.Module:
 
 
 def load_run_data(run_dir, split: str = "test", spec: str | None = None, max_samples: int | None = None,
-                  progress: bool = False):
-    """A split of the run's own data (or of ``spec``), at the run's image size and split seed."""
+                  progress: bool = False, root: str | None = None):
+    """A split of the run's own data (or of ``spec``, with medmnist files under ``root``), at the
+    run's image size and split seed; data of another class count or channel count is refused."""
     from .data import load_dataset  # here, not at the top: listing runs should not need torchvision
 
     config = read_config(run_dir)
     data, train = config["data"], config.get("train") or {}
-    dataset = load_dataset(spec or data["spec"], split, data.get("image_size"), root=data.get("root"),
+    dataset = load_dataset(spec or data["spec"], split, data.get("image_size"), root=root or data.get("root"),
                            max_samples=max_samples, seed=train.get("seed", 0), progress=progress)
     expected = config["dataset"]
     if dataset.num_classes != expected.get("num_classes") or dataset.in_channels != expected.get("in_channels"):

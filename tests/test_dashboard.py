@@ -138,3 +138,27 @@ def test_train_page_refuses_a_bad_config_with_a_message(tmp_path, monkeypatch):
     at.button[0].click().run()
     assert not at.exception and "bad run id" in at.error[0].value
     assert not any(tmp_path.iterdir())          # nothing written
+
+
+def test_pages_fall_back_to_the_synthetic_set_and_say_so(store, tmp_path, monkeypatch):
+    import shutil
+    from dpaat_core import runs
+    moved = tmp_path / "moved-store"
+    shutil.copytree(store / "small-dpaat", moved / "small-dpaat")
+    config = runs.read_config(moved / "small-dpaat")
+    config["data"]["spec"] = "npz:/nowhere/gone.npz"
+    runs.atomic_write_json(moved / "small-dpaat" / "config.json", config)
+    at = _page(moved, monkeypatch, "dynamics")
+    said = " ".join(i.value for i in at.info)
+    assert "synthetic set" in said and "gone.npz" in said and len(at.get("image")) == 1
+    at.text_input(key="data_spec").set_value("synthetic:n=20,classes=3").run()   # a spec typed in the sidebar wins
+    assert "the data spec you entered" in " ".join(c.value for c in at.caption)
+
+
+@pytest.mark.parametrize("page", ["runs", "dynamics", "robustness", "attribution", "train"])
+def test_every_page_renders_without_an_error_on_empty_and_corrupt_stores(page, tmp_path, monkeypatch):
+    (tmp_path / "corrupt" / "bad").mkdir(parents=True)
+    (tmp_path / "corrupt" / "bad" / "config.json").write_text("[1, 2")
+    for store in (tmp_path / "empty", tmp_path / "corrupt"):
+        at = _page(store, monkeypatch, page)
+        assert not at.error, [e.value for e in at.error]

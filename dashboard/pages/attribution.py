@@ -3,7 +3,7 @@ import streamlit as st
 import torch
 
 from dashboard import charts
-from dashboard.state import list_runs, model, run_data, run_picker, test_predictions
+from dashboard.state import data_spec_input, list_runs, model, run_data, run_picker, test_predictions
 from dpaat_core.attacks import ATTACKS
 from dpaat_core.attribution import METHODS, attribute, overlay, spearman, ssim, topk_iou
 from dpaat_core.data import DataError
@@ -11,6 +11,7 @@ from dpaat_core.data.images import decode_upload
 from dpaat_core.evaluate import perturb
 
 st.title("Attribution explorer")
+data_spec_input()
 picked = run_picker("Model (run)", multi=False)
 usable = [r for r in picked if r.has_weights]
 if not usable:

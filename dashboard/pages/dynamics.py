@@ -3,10 +3,11 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts
-from dashboard.state import dynamics, run_data, run_picker
+from dashboard.state import data_spec_input, dynamics, run_data, run_picker
 from dpaat_core import runs
 
 st.title("Training dynamics")
+data_spec_input()
 picked = run_picker("Run", multi=False)
 if not picked:
     st.info("No readable run in the store yet.")

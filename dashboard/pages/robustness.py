@@ -4,12 +4,13 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts
-from dashboard.state import model, robustness, run_data, run_picker
+from dashboard.state import data_spec_input, model, robustness, run_data, run_picker
 from dpaat_core import runs
 from dpaat_core.evaluate import DEFAULT_STEPS, eps_rms, evaluate, perturb, robustness_curve
 from dpaat_core.attacks import ATTACKS
 
 st.title("Robustness")
+data_spec_input()
 selected = [r for r in run_picker("Runs") if r.has_weights]
 if not selected:
     st.info("Pick a run with trained weights in the sidebar.")
@@ -28,7 +29,7 @@ for run in missing:
             curve = robustness_curve(model(run), subset, grid, "pgd", "l2",
                                      callback=lambda done, total: bar.progress(min(done / max(total, 1), 1.0),
                                                                                text=f"attacked {done} images"))
-            runs.save_robustness(run.path, curve.assign(split="test", data=run.config["data"]["spec"]))
+            runs.save_robustness(run.path, curve.assign(split="test", data=data.source.spec))
             st.rerun()
 if len(curves):
     x = "eps_rms" if st.toggle("Per-pixel RMS on the x axis", value=False) else "eps"
