@@ -155,17 +155,16 @@ def robustness(run: runs.Run) -> pd.DataFrame:
         return pd.DataFrame()
 
 
-@st.cache_data(show_spinner="Classifying the test images…", max_entries=16)
-def _test_predictions(run_dir: str, mtime: int) -> pd.DataFrame:
+@st.cache_data(show_spinner="Classifying the images…", max_entries=16)
+def _predictions(run_dir: str, mtime: int, spec: str, split: str, _data) -> pd.DataFrame:
     import torch
-    data = runs.load_run_data(run_dir, "test")
-    net = _model(run_dir, _mtime(Path(run_dir) / "weights.safetensors"))
+    net = _model(run_dir, mtime)
     with torch.no_grad():
-        pred = torch.cat([net(data.images[i].float() / 255).argmax(1) for i in torch.arange(len(data)).split(256)])
-    return pd.DataFrame({"index": range(len(data)), "label": data.labels.numpy(), "pred": pred.numpy(),
-                         "class": [data.classes[int(c)] for c in data.labels]})
+        pred = torch.cat([net(_data.images[i].float() / 255).argmax(1) for i in torch.arange(len(_data)).split(256)])
+    return pd.DataFrame({"index": range(len(_data)), "label": _data.labels.numpy(), "pred": pred.numpy(),
+                         "class": [_data.classes[int(c)] for c in _data.labels]})
 
 
-def test_predictions(run: runs.Run) -> pd.DataFrame:
-    """Each test image's class and the run's clean prediction (cached)."""
-    return _test_predictions(str(run.path), _mtime(run.path / "weights.safetensors"))
+def predictions(run: runs.Run, data, split: str) -> pd.DataFrame:
+    """Each image's class and the run's clean prediction on ``data`` (cached per run, data and split)."""
+    return _predictions(str(run.path), _mtime(run.path / "weights.safetensors"), data.source.spec, split, data)

@@ -101,6 +101,16 @@ def test_attribution_explorer_explains_a_test_image_and_compares_runs(store, mon
     assert all(float(m.value) == 1.0 for m in at.metric if m.label.startswith("rank agreement"))
     at.radio[1].set_value("wrong").run()
     assert not at.exception
+    at.radio[0].set_value("Training split (fragile or stable in training)").run()
+    from dpaat_core import runs
+    last = runs.load_dynamics(store / "small-dpaat", 2)
+    fragile = set(last["index"][last["fragile"]].tolist())
+    for split in ("fragile", "stable"):
+        at.radio[2].set_value(split).run()
+        assert not at.exception and not at.error
+        shown = next(s for s in at.selectbox if s.label == "Image")
+        listed = {int(o.split(" ")[0][1:]) for o in shown.options}
+        assert listed and (listed <= fragile if split == "fragile" else not listed & fragile)
 
 
 def test_attribution_explorer_refuses_a_bad_upload(store, monkeypatch):

@@ -3,7 +3,8 @@ import streamlit as st
 import torch
 
 from dashboard import charts
-from dashboard.state import data_spec_input, list_runs, model, run_data, run_picker, test_predictions
+from dashboard.state import data_spec_input, dynamics, list_runs, model, predictions, run_data, run_picker
+from dpaat_core import runs
 from dpaat_core.attacks import ATTACKS
 from dpaat_core.attribution import METHODS, attribute, overlay, spearman, ssim, topk_iou
 from dpaat_core.data import DataError
@@ -21,9 +22,10 @@ run = usable[0]
 classes = run.config["dataset"]["classes"]
 size, channels = run.config["dataset"]["image_size"], run.config["dataset"]["in_channels"]
 
-source = st.radio("Image", ["From the test split", "Upload a JPEG or PNG"], horizontal=True)
+SOURCES = ["Test split", "Training split (fragile or stable in training)", "Upload a JPEG or PNG"]
+source = st.radio("Image", SOURCES, horizontal=True)
 x, label = None, None
-if source == "Upload a JPEG or PNG":
+if source == SOURCES[2]:
     upload = st.file_uploader("Lesion image (read in memory only: never saved or sent anywhere)", type=["jpg", "jpeg", "png"])
     if upload is not None:
         try:
@@ -31,19 +33,26 @@ if source == "Upload a JPEG or PNG":
         except DataError as exc:
             st.error(f"This file cannot be used: {exc}")
 else:
-    data = run_data(run, "test")
+    split = "test" if source == SOURCES[0] else "train"
+    data = run_data(run, split)
     if data is not None:
-        table = test_predictions(run)
-        c1, c2 = st.columns(2)
+        table = predictions(run, data, split)
+        c1, c2, c3 = st.columns(3)
         wanted = c1.multiselect("Classes", classes, default=classes)
         outcome = c2.radio("Prediction", ["all", "correct", "wrong"], horizontal=True)
         rows = table[table["class"].isin(wanted)]
         if outcome != "all":
             rows = rows[(rows.pred == rows.label) == (outcome == "correct")]
+        epochs = runs.dynamics_epochs(run.path) if split == "train" else []
+        if epochs and len(data) == run.config["dataset"]["train_size"]:
+            last = dynamics(run, epochs[-1]).set_index("index")["split"]
+            wanted_split = c3.radio(f"In training (epoch {epochs[-1]})", ["all", "fragile", "stable"], horizontal=True)
+            if wanted_split != "all":
+                rows = rows[rows["index"].map(last) == wanted_split]
         if rows.empty:
-            st.info("No test image matches these filters.")
+            st.info("No image matches these filters.")
         else:
-            index = st.selectbox("Test image", rows["index"].tolist(),
+            index = st.selectbox("Image", rows["index"].tolist(),
                                  format_func=lambda i: f"#{i} · {table['class'][i]} · predicted {classes[table['pred'][i]]}")
             x, label = data.images[index].float()[None] / 255, int(data.labels[index])
 if x is None:
