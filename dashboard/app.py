@@ -1,4 +1,8 @@
-"""DPAAT Lab dashboard: ``streamlit run dashboard/app.py``. Pages live in ``dashboard/pages/``."""
+"""DPAAT Lab dashboard: ``streamlit run dashboard/app.py``. One file per page in ``dashboard/views/``.
+
+The folder is not called ``pages/``: Streamlit would also serve files there as pages of its own
+(without this navigation) to anyone who opens a page's address directly.
+"""
 from pathlib import Path
 import sys
 
@@ -26,9 +30,9 @@ def home() -> None:
 st.set_page_config(page_title="DPAAT Lab", layout="wide")
 st.navigation([
     st.Page(home, title="Home", icon=":material/home:"),
-    st.Page(str(HERE / "pages" / "runs.py"), title="Runs", icon=":material/table:"),
-    st.Page(str(HERE / "pages" / "dynamics.py"), title="Training dynamics", icon=":material/timeline:"),
-    st.Page(str(HERE / "pages" / "robustness.py"), title="Robustness", icon=":material/shield:"),
-    st.Page(str(HERE / "pages" / "attribution.py"), title="Attribution explorer", icon=":material/visibility:"),
-    st.Page(str(HERE / "pages" / "train.py"), title="Train", icon=":material/play_arrow:"),
+    st.Page(str(HERE / "views" / "runs.py"), title="Runs", icon=":material/table:"),
+    st.Page(str(HERE / "views" / "dynamics.py"), title="Training dynamics", icon=":material/timeline:"),
+    st.Page(str(HERE / "views" / "robustness.py"), title="Robustness", icon=":material/shield:"),
+    st.Page(str(HERE / "views" / "attribution.py"), title="Attribution explorer", icon=":material/visibility:"),
+    st.Page(str(HERE / "views" / "train.py"), title="Train", icon=":material/play_arrow:"),
 ]).run()

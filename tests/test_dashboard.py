@@ -35,10 +35,10 @@ def store(tmp_path_factory):
 
 
 def _page(store, monkeypatch, page: str) -> AppTest:
-    """The app against ``store``, switched to ``pages/<page>.py``, rendered without an exception."""
+    """The app against ``store``, switched to ``views/<page>.py``, rendered without an exception."""
     monkeypatch.setenv("DPAAT_STORE", str(store))
     at = AppTest.from_file(str(APP), default_timeout=120).run()
-    at.switch_page(f"pages/{page}.py").run()
+    at.switch_page(f"views/{page}.py").run()
     assert not at.exception, at.exception
     return at
 
@@ -138,7 +138,7 @@ def test_train_page_launches_a_run_that_the_other_pages_see(tmp_path, monkeypatc
                and runs.read_status(tmp_path / "from-the-page")["state"] == "done"):
         assert time.time() < deadline
         time.sleep(0.2)
-    at.switch_page("pages/runs.py").run()
+    at.switch_page("views/runs.py").run()
     assert "from-the-page" in set(at.dataframe[0].value.run_id)
 
 
