@@ -28,6 +28,8 @@ def store(tmp_path_factory):
     cfg.attack.steps, cfg.method = 1, method_config("dpaat")
     cfg.train.epochs, cfg.train.batch_size, cfg.train.device = 2, 16, "cpu"
     train(cfg, store=path, run_id="small-dpaat")
+    cfg.method = method_config("pgd_at")
+    train(cfg, store=path, run_id="small-pgd")
     (path / "broken").mkdir()
     (path / "broken" / "config.json").write_text("{oops")
     (path / "empty").mkdir()
@@ -47,14 +49,16 @@ def test_runs_page_lists_good_and_bad_runs(store, monkeypatch):
     at = _page(store, monkeypatch, "runs")
     assert at.title[0].value == "Runs"
     table = at.dataframe[0].value
-    assert set(table.run_id) == {"small-dpaat", "broken", "empty"}
+    assert set(table.run_id) == {"small-dpaat", "small-pgd", "broken", "empty"}
     good = table.set_index("run_id").loc["small-dpaat"]
     assert good.state == "done" and good.method == "dpaat" and good.epochs == "2/2"
     warnings = " ".join(w.value for w in at.warning)
     assert "broken** is corrupt" in warnings and "config.json" in warnings and "empty** is incomplete" in warnings
-    assert at.multiselect[0].value == ["small-dpaat"]            # the picker offers only readable runs
-    assert at.multiselect[0].options == ["small-dpaat"]
-    assert len(at.get("plotly_chart")) == 1
+    assert sorted(at.multiselect[0].options) == ["small-dpaat", "small-pgd"]   # only readable runs are offered
+    assert len(at.multiselect[0].value) == 1 and len(at.get("plotly_chart")) == 1
+    at.multiselect[0].set_value(["small-dpaat", "small-pgd"]).run()           # compare two runs
+    assert not at.exception and len(at.get("plotly_chart")) == 2
+    assert sorted(e.label.split(" · ")[0] for e in at.expander) == ["small-dpaat", "small-pgd"]
 
 
 def test_runs_page_says_when_the_store_is_empty(tmp_path, monkeypatch):
@@ -64,6 +68,7 @@ def test_runs_page_says_when_the_store_is_empty(tmp_path, monkeypatch):
 
 def test_dynamics_page_shows_the_selected_epoch(store, monkeypatch):
     at = _page(store, monkeypatch, "dynamics")
+    at.selectbox(key="run_picker_one").set_value("small-dpaat").run()
     assert at.title[0].value == "Training dynamics" and at.selectbox[0].value == "small-dpaat"
     assert at.select_slider[0].value == 2
     charts = at.get("plotly_chart")
@@ -77,6 +82,7 @@ def test_dynamics_page_shows_the_selected_epoch(store, monkeypatch):
 def test_robustness_page_computes_saves_and_draws_curves(store, monkeypatch):
     from dpaat_core import runs
     at = _page(store, monkeypatch, "robustness")
+    at.multiselect[0].set_value(["small-dpaat"]).run()
     assert at.title[0].value == "Robustness"
     assert [m.label for m in at.metric] == ["clean accuracy", "robust accuracy", "per-pixel RMS"]
     button = next(b for b in at.button if "Compute the PGD-20 l2 curve of small-dpaat" in b.label)
@@ -92,6 +98,7 @@ def test_robustness_page_computes_saves_and_draws_curves(store, monkeypatch):
 
 def test_attribution_explorer_explains_a_test_image_and_compares_runs(store, monkeypatch):
     at = _page(store, monkeypatch, "attribution")
+    at.selectbox(key="run_picker_one").set_value("small-dpaat").run()
     assert at.title[0].value == "Attribution explorer"
     images = len(at.get("image"))
     assert images == 3 + 2 * 2                      # clean, perturbed, perturbation + 2 maps x (clean, perturbed)
@@ -99,6 +106,11 @@ def test_attribution_explorer_explains_a_test_image_and_compares_runs(store, mon
     assert len(rho) == 2 and all(-1 <= float(m.value) <= 1 for m in rho)
     at.slider[0].set_value(0.0).run()               # eps 0: the perturbed map is the clean map
     assert all(float(m.value) == 1.0 for m in at.metric if m.label.startswith("rank agreement"))
+    compare = next(s for s in at.selectbox if s.label.startswith("Compare with another run"))
+    other = next(o for o in compare.options if o != "none")
+    compare.set_value(other).run()                  # a second run on the same image, side by side
+    assert not at.exception and len(at.get("image")) == 2 * (3 + 2 * 2)
+    assert other in [h.value for h in at.subheader]
     at.radio[1].set_value("wrong").run()
     assert not at.exception
     at.radio[0].set_value("Training split (fragile or stable in training)").run()
