@@ -80,10 +80,11 @@ def explain(r) -> None:
         prob_adv = net(x_adv).softmax(1)[0]
     delta = x_adv - x
     amplified = (0.5 + delta / (2 * delta.abs().max().clamp(min=1e-12))).clamp(0, 1)
-    cols = st.columns(4)
+    images, probs = st.columns([3, 2])
+    cols = images.columns(3)
     for col, img, cap in zip(cols, (x, x_adv, amplified), ("clean", "perturbed", "perturbation (amplified)")):
         col.image(img[0].permute(1, 2, 0).numpy(), caption=cap, width="stretch", clamp=True)
-    cols[3].plotly_chart(charts.probability_chart(classes, prob_clean.numpy(), prob_adv.numpy()), key=f"p-{r.run_id}")
+    probs.plotly_chart(charts.probability_chart(classes, prob_clean.numpy(), prob_adv.numpy()), key=f"p-{r.run_id}")
     explained = torch.tensor([int(prob_clean.argmax())])   # both maps explain the clean prediction
     for method in methods:
         maps = attribute(net, torch.cat([x, x_adv]), explained.repeat(2), method)
