@@ -19,8 +19,8 @@ from scipy.stats import rankdata
 from skimage.metrics import structural_similarity
 from tqdm.auto import tqdm
 
-from . import attacks
 from .attacks import attack_mode
+from .evaluate import perturb
 from .models import gradcam_layer
 
 METHODS = ("gradcam", "integrated_gradients", "saliency", "occlusion", "guided_gradcam")
@@ -99,25 +99,19 @@ def attribute(model: nn.Module, x: torch.Tensor, target, method: str = "gradcam"
     return attr.detach().to(torch.float32)
 
 
-def clean_and_adversarial(model, x, y, eps, method="gradcam", attack="pgd", norm="l2", steps=10, alpha=None,
+def clean_and_adversarial(model, x, y, eps, method="gradcam", attack="pgd", norm="l2", steps=10, alpha_ratio=None,
                           generator=None, target=None, **options) -> dict:
     """Attack ``x`` and explain both versions for the same class.
 
     ``x``: float ``[B, C, H, W]`` in [0, 1]; ``y``: int64 ``[B]`` true labels (what the attack fights);
-    ``eps``: the attack's radius (float or ``[B]``); ``alpha``: step, default eps/4 (pgd) or eps/steps (ifgsm).
+    ``eps``: the attack's radius (float or ``[B]``); the attack is :func:`dpaat_core.evaluate.perturb`
+    (step ``alpha_ratio * eps``, default eps/4 for pgd, eps/steps for ifgsm).
     ``target``: the class both maps explain, default the clean prediction, so that a changed map means
     changed evidence, not a different question. Returns ``x_adv``, ``map_clean``/``map_adv`` ``[B,1,H,W]``,
     ``pred_clean``/``pred_adv`` int64 ``[B]`` and ``prob_clean``/``prob_adv`` softmax ``[B, K]``.
     """
     _check_images(x)
-    if attack == "pgd":
-        x_adv = attacks.pgd(model, x, y, eps, eps / 4 if alpha is None else alpha, steps, norm=norm, generator=generator)
-    elif attack == "ifgsm":
-        x_adv = attacks.ifgsm(model, x, y, eps, eps / steps if alpha is None else alpha, steps, norm=norm)
-    elif attack == "fgsm":
-        x_adv = attacks.fgsm(model, x, y, eps, norm=norm)
-    else:
-        raise ValueError(f"unknown attack {attack!r}; choose one of: pgd, ifgsm, fgsm")
+    x_adv = perturb(model, x, y, attack, norm, eps, steps, alpha_ratio, generator=generator)
     with attack_mode(model), torch.no_grad():
         prob_clean, prob_adv = model(x).softmax(1), model(x_adv).softmax(1)
     target = prob_clean.argmax(1) if target is None else _as_target(target, x)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -129,26 +129,32 @@ class _Attacker:
     def logits(self, index: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Logits of the attacked images ``index`` at per-sample ``eps`` (the clean ones where eps is 0)."""
         x, y = self.images(index)
-        eps = eps.to(self.device, torch.float32)
-        if self.attack == "fgsm":
-            x_adv = ATTACKS["fgsm"](self.model, x, y, eps, norm=self.norm, validate=False)
-        else:
-            kw = dict(noise=_noise(self.dataset, index, self.norm, self.seed)) if self.attack == "pgd" else {}
-            x_adv = ATTACKS[self.attack](self.model, x, y, eps, self.alpha_ratio * eps, self.steps, norm=self.norm,
-                                         validate=False, **kw)
+        noise = _noise(self.dataset, index, self.norm, self.seed) if self.attack == "pgd" else None
+        x_adv = perturb(self.model, x, y, self.attack, self.norm, eps.to(self.device, torch.float32), self.steps,
+                        self.alpha_ratio, noise=noise, validate=False)
         with torch.no_grad(), attack_mode(self.model):
             return self.model(x_adv).float()
 
 
 def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str = "pgd", norm: str = "l2",
-            eps: float = 0.3, steps: Optional[int] = None, seed: int = 0) -> torch.Tensor:
-    """``x`` attacked with the evaluation protocol's settings (default steps and step size): ``x_adv``."""
+            eps: Union[float, torch.Tensor] = 0.3, steps: Optional[int] = None, alpha_ratio: Optional[float] = None,
+            *, generator: Optional[torch.Generator] = None, seed: int = 0, noise: Optional[torch.Tensor] = None,
+            validate: bool = True) -> torch.Tensor:
+    """``x`` attacked with the evaluation protocol's settings: ``x_adv``.
+
+    ``steps`` default per attack (PGD 20, I-FGSM 10, FGSM 1); step ``alpha_ratio * eps`` (default
+    PGD 1/4, I-FGSM 1/steps; FGSM takes one step of eps). ``eps``: a float or ``[B]``. PGD's random
+    start comes from ``noise`` (see :func:`attacks.start_noise`), else ``generator``, else ``seed``.
+    """
     steps = DEFAULT_STEPS.get(attack) if steps is None else steps
-    check_attack(attack, norm, [eps], steps)
+    if validate:
+        check_attack(attack, norm, [float(e) for e in torch.as_tensor(eps).flatten()], steps)
     if attack == "fgsm":
-        return ATTACKS["fgsm"](model, x, y, eps, norm=norm)
-    alpha = DEFAULT_ALPHA[attack](steps) * eps
-    return ATTACKS[attack](model, x, y, eps, alpha, steps, norm=norm, generator=torch.Generator().manual_seed(seed))
+        return ATTACKS["fgsm"](model, x, y, eps, norm=norm, validate=validate)
+    ratio = DEFAULT_ALPHA[attack](steps) if alpha_ratio is None else float(alpha_ratio)
+    generator = torch.Generator().manual_seed(seed) if generator is None and noise is None else generator
+    return ATTACKS[attack](model, x, y, eps, ratio * eps, steps, norm=norm, generator=generator, noise=noise,
+                           validate=validate)
 
 
 def _clean_logits(attacker: _Attacker, batch_size: int) -> torch.Tensor:
