@@ -255,6 +255,12 @@ def summarize_report(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def perturbation_image(x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+    """``x_adv - x`` made visible: scaled so its largest change spans [0, 1] around grey 0.5."""
+    delta = x_adv - x
+    return (0.5 + delta / (2 * delta.abs().max().clamp(min=1e-12))).clamp(0, 1)
+
+
 def overlay(image, attribution, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
     """The map as a heatmap blended over the image: uint8 ``[H, W, 3]``.
 

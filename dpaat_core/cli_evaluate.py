@@ -9,11 +9,8 @@ import pandas as pd
 
 from .attacks import ATTACKS, NORMS
 from .config import ConfigError
+from .evaluate import default_grid, protocol, reference_eps, robustness_curve
 
-#: the default grid, as multiples of eps0 (the run's training eps in its own norm).
-GRID_MULTIPLES = (0, 0.25, 0.5, 0.75, 1, 1.5, 2, 3)
-#: eps0 for a norm the run was not trained in: l2 0.3 (the paper's), linf 1/255.
-DEFAULT_EPS0 = {"l2": 0.3, "linf": 1 / 255}
 
 
 def _csv(kind, allowed=None):
@@ -56,15 +53,8 @@ def add_evaluate_parser(sub) -> None:
     e.set_defaults(run=_evaluate)
 
 
-def default_grid(config: dict, norm: str) -> list[float]:
-    attack = config.get("attack") or {}
-    eps0 = attack.get("eps") if attack.get("norm") == norm and attack.get("eps") else DEFAULT_EPS0[norm]
-    return [round(m * eps0, 6) for m in GRID_MULTIPLES]
-
-
 def _evaluate(args: argparse.Namespace) -> int:
     from . import runs
-    from .evaluate import protocol, robustness_curve
     from .train import resolve_device
 
     if args.steps is not None and args.steps < 1:
@@ -94,7 +84,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(table.to_string(float_format=lambda v: f"{v:.4g}"))
     print(f"wrote {path}", file=sys.stderr)
     if args.protocol:
-        eps = {norm: default_grid(config, norm)[GRID_MULTIPLES.index(1)] for norm in ("l2", "linf")}
+        eps = {norm: reference_eps(config, norm) for norm in ("l2", "linf")}
         table = protocol(model, dataset, eps, batch_size=args.batch_size, device=device, seed=args.seed, progress=True)
         runs.atomic_write_text(f"{args.run_dir}/protocol.csv", table.assign(split=args.split).to_csv(index=False))
         print("\nthe paper's protocol at the training eps")

@@ -36,6 +36,22 @@ PRESETS = {
 PROTOCOL_EPS = {"l2": 0.3, "linf": 1 / 255}
 
 
+def reference_eps(config: dict, norm: str) -> float:
+    """The eps a run is judged at in ``norm``: its training eps0 if it trained in that norm, else :data:`PROTOCOL_EPS`."""
+    attack = (config or {}).get("attack") or {}
+    return float(attack["eps"]) if attack.get("norm") == norm and attack.get("eps") else PROTOCOL_EPS[norm]
+
+
+#: the default eps grid, as multiples of :func:`reference_eps`.
+GRID_MULTIPLES = (0, 0.25, 0.5, 0.75, 1, 1.5, 2, 3)
+
+
+def default_grid(config: dict, norm: str) -> list[float]:
+    """The eps values a run's curves are drawn at by default (8 values from 0 to 3 x its reference eps)."""
+    eps0 = reference_eps(config, norm)
+    return [round(m * eps0, 6) for m in GRID_MULTIPLES]
+
+
 @dataclass
 class Evaluation:
     """Clean and robust metrics of one model on one dataset under one attack."""

@@ -6,10 +6,10 @@ from dashboard import charts
 from dashboard.state import data_spec_input, dynamics, list_runs, model, predictions, run_data, run_picker
 from dpaat_core import runs
 from dpaat_core.attacks import ATTACKS
-from dpaat_core.attribution import METHODS, attribute, overlay, spearman, ssim, topk_iou
+from dpaat_core.attribution import METHODS, attribute, overlay, perturbation_image, spearman, ssim, topk_iou
 from dpaat_core.data import DataError
 from dpaat_core.data.images import decode_upload
-from dpaat_core.evaluate import perturb
+from dpaat_core.evaluate import perturb, reference_eps
 
 st.title("Attribution explorer")
 data_spec_input()
@@ -61,7 +61,7 @@ if x is None:
 c1, c2, c3 = st.columns(3)
 attack = c1.selectbox("Attack", list(ATTACKS))
 norm = c2.selectbox("Norm", ["l2", "linf"])
-eps0 = run.config["attack"]["eps"] if run.config["attack"]["norm"] == norm else (0.3 if norm == "l2" else 1 / 255)
+eps0 = reference_eps(run.config, norm)
 eps = c3.slider("eps", 0.0, float(4 * eps0), float(eps0), float(eps0) / 20, format="%.4f")
 methods = st.multiselect("Attribution maps", list(METHODS), default=["gradcam", "saliency"])
 candidates = {r.run_id: r for r in list_runs() if r.has_weights and r.config is not None and r.run_id != run.run_id
@@ -78,8 +78,7 @@ def explain(r) -> None:
     x_adv = perturb(net, x, target, attack, norm, eps)
     with torch.no_grad():
         prob_adv = net(x_adv).softmax(1)[0]
-    delta = x_adv - x
-    amplified = (0.5 + delta / (2 * delta.abs().max().clamp(min=1e-12))).clamp(0, 1)
+    amplified = perturbation_image(x, x_adv)
     images, probs = st.columns([3, 2])
     cols = images.columns(3)
     for col, img, cap in zip(cols, (x, x_adv, amplified), ("clean", "perturbed", "perturbation (amplified)")):

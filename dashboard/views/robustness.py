@@ -6,7 +6,8 @@ import streamlit as st
 from dashboard import charts
 from dashboard.state import data_spec_input, model, robustness, run_data, run_picker
 from dpaat_core import runs
-from dpaat_core.evaluate import DEFAULT_STEPS, eps_rms, evaluate, perturb, robustness_curve
+from dpaat_core.attribution import perturbation_image
+from dpaat_core.evaluate import DEFAULT_STEPS, default_grid, eps_rms, evaluate, perturb, reference_eps, robustness_curve
 from dpaat_core.attacks import ATTACKS
 
 st.title("Robustness")
@@ -19,13 +20,12 @@ if not selected:
 curves = pd.concat([robustness(r) for r in selected], ignore_index=True)
 missing = [r for r in selected if not len(curves) or r.run_id not in set(curves.get("run", []))]
 for run in missing:
-    eps0 = run.config["attack"]["eps"]
     if st.button(f"Compute the PGD-20 l2 curve of {run.run_id} (256 test images)", key=f"compute-{run.run_id}"):
         data = run_data(run, "test")
         if data is not None:
             bar = st.progress(0.0, text="attacking…")
             subset = data if len(data) <= 256 else data.subset(np.random.default_rng(0).choice(len(data), 256, replace=False))
-            grid = [round(m * eps0, 6) for m in (0, 0.25, 0.5, 0.75, 1, 1.5, 2, 3)]
+            grid = default_grid(run.config, "l2")
             curve = robustness_curve(model(run), subset, grid, "pgd", "l2",
                                      callback=lambda done, total: bar.progress(min(done / max(total, 1), 1.0),
                                                                                text=f"attacked {done} images"))
@@ -42,7 +42,7 @@ c1, c2, c3 = st.columns(3)
 attack = c1.selectbox("Attack", list(ATTACKS), index=0)
 norm = c2.selectbox("Norm", ["l2", "linf"], index=0)
 n = c3.number_input("Images", min_value=4, max_value=64, value=16, step=4)
-eps0 = run.config["attack"]["eps"] if run.config["attack"]["norm"] == norm else (0.3 if norm == "l2" else 1 / 255)
+eps0 = reference_eps(run.config, norm)
 eps = st.slider("eps", min_value=0.0, max_value=float(4 * eps0), value=float(eps0), step=float(eps0) / 20, format="%.4f")
 data = run_data(run, "test")
 if data is not None:
@@ -58,9 +58,7 @@ if data is not None:
     st.caption(f"{len(flipped)} of {len(batch)} images changed prediction under the attack")
     x, y = batch.images[:4].float() / 255, batch.labels[:4]
     x_adv = perturb(model(run), x, y, attack, norm, eps)
-    delta = x_adv - x
-    amplified = (0.5 + delta / (2 * delta.abs().max().clamp(min=1e-12))).clamp(0, 1)
-    for title, images in (("clean", x), ("perturbed", x_adv), ("perturbation, amplified", amplified)):
+    for title, images in (("clean", x), ("perturbed", x_adv), ("perturbation, amplified", perturbation_image(x, x_adv))):
         st.caption(title)
         cols = st.columns(len(x))
         for col, img in zip(cols, images):
