@@ -46,11 +46,6 @@ def list_runs() -> list[runs.Run]:
     return _listing(str(path), store_signature(path))
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
-def runs_table(path: str, signature: tuple) -> pd.DataFrame:
-    return runs.runs_table(runs.list_runs(path))
-
-
 def run_picker(label: str = "Runs", multi: bool = True) -> list[runs.Run]:
     """The sidebar's run selection, shared by the pages through ``st.session_state["runs"]``."""
     found = list_runs()

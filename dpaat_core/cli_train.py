@@ -3,6 +3,7 @@ bar driven by the trainer's progress callback, and the run store as a table."""
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -128,14 +129,14 @@ class _Bar:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from . import distributed, train
+    from . import train
     if args.resume:
         clash = [f"--{n.replace('_', '-')}" for n in _RUN_FLAGS if getattr(args, n, None) is not None]
         if clash:
             raise ConfigError(f"--resume takes every setting from the run's config.json; drop {', '.join(clash)}")
     else:
         config = config_from_args(args)
-    main_process = not distributed.launched_by_torchrun() or distributed.os.environ.get("RANK") == "0"
+    main_process = os.environ.get("RANK", "0") == "0"   # under torchrun only rank 0 prints
     progress = _Bar(args.quiet) if main_process else None
     stop = threading.Event()   # SIGTERM (the dashboard's stop button) ends the run between batches
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())

@@ -22,23 +22,24 @@ st.caption(f"{run.run_id} · {run.method} · {run.model} · {attack.get('norm')}
            f"{len(epochs)} epoch(s) · {run.state}")
 
 epoch = st.select_slider("Epoch", options=epochs, value=epochs[-1]) if len(epochs) > 1 else epochs[0]
-frame = dynamics(run, epoch)
+by_epoch = {e: dynamics(run, e) for e in epochs}
+frame = by_epoch[epoch]
 row = run.metrics[run.metrics["epoch"] == epoch]
 threshold = float(row["threshold_mean"].iloc[0]) if len(row) and "threshold_mean" in row else None
 
 left, right = st.columns(2)
 left.plotly_chart(charts.delta_loss_histogram(frame, threshold, epoch), key="hist")
 right.plotly_chart(charts.fragile_fraction_chart(run.metrics, run.config["dataset"]["classes"]), key="fragile")
-left.plotly_chart(charts.eps_distribution_chart({e: dynamics(run, e) for e in epochs}, attack.get("eps"),
+left.plotly_chart(charts.eps_distribution_chart(by_epoch, attack.get("eps"),
                                                 norm=attack.get("norm", "l2")), key="eps")
 if epoch - 1 in epochs:
-    right.plotly_chart(charts.transition_heatmap(dynamics(run, epoch - 1), frame, epoch), key="heat")
+    right.plotly_chart(charts.transition_heatmap(by_epoch[epoch - 1], frame, epoch), key="heat")
 else:
     right.plotly_chart(charts.transitions_chart(run.metrics), key="transitions")
 
 st.subheader("Follow one sample")
 index = st.number_input("Training sample index", min_value=0, max_value=int(frame["index"].max()), value=0, step=1)
-history = pd.concat([dynamics(run, e) for e in epochs])
+history = pd.concat(by_epoch.values())
 history = history[history["index"] == index]
 cols = st.columns([1, 3])
 data = run_data(run, "train")

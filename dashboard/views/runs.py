@@ -2,7 +2,8 @@
 import streamlit as st
 
 from dashboard import charts
-from dashboard.state import list_runs, run_picker, runs_table, store, store_signature
+from dashboard.state import list_runs, run_picker, store
+from dpaat_core import runs
 
 st.title("Runs")
 path = store()
@@ -13,7 +14,7 @@ if not found:
             "(or set `DPAAT_STORE` to another store).")
     st.stop()
 
-table = runs_table(str(path), store_signature(path))
+table = runs.runs_table(found)   # from the listing above: the store is read once per run
 st.dataframe(table, hide_index=True, width="stretch",
              column_config={c: st.column_config.NumberColumn(format="%.3f")
                             for c in ("eps", "val_accuracy", "val_balanced_accuracy", "val_robust_accuracy")})
