@@ -152,10 +152,8 @@ def robustness(run: runs.Run) -> pd.DataFrame:
 
 @st.cache_data(show_spinner="Classifying the images…", max_entries=16)
 def _predictions(run_dir: str, mtime: int, spec: str, split: str, _data) -> pd.DataFrame:
-    import torch
-    net = _model(run_dir, mtime)
-    with torch.no_grad():
-        pred = torch.cat([net(_data.images[i].float() / 255).argmax(1) for i in torch.arange(len(_data)).split(256)])
+    from dpaat_core.evaluate import clean_logits
+    pred = clean_logits(_model(run_dir, mtime), _data, batch_size=256).argmax(1)
     return pd.DataFrame({"index": range(len(_data)), "label": _data.labels.numpy(), "pred": pred.numpy(),
                          "class": [_data.classes[int(c)] for c in _data.labels]})
 

@@ -173,11 +173,12 @@ def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str = "p
                            validate=validate)
 
 
-def _clean_logits(attacker: _Attacker, batch_size: int) -> torch.Tensor:
-    n = len(attacker.dataset)
-    with torch.no_grad(), attack_mode(attacker.model):
-        return torch.cat([attacker.model(attacker.images(i)[0]).float().cpu()
-                          for i in torch.arange(n).split(batch_size)])
+def clean_logits(model: nn.Module, dataset: ImageDataset, batch_size: int = 128, device=None) -> torch.Tensor:
+    """The model's float32 logits ``[N, K]`` (on the CPU) for every clean image of ``dataset``, in eval mode."""
+    device = _model_device(model, device)
+    with torch.no_grad(), attack_mode(model):
+        return torch.cat([model(dataset.images[i].to(device).float().div_(255.0)).float().cpu()
+                          for i in torch.arange(len(dataset)).split(batch_size)])
 
 
 def _model_device(model: nn.Module, device) -> torch.device:
@@ -199,7 +200,7 @@ def evaluate(model: nn.Module, dataset: ImageDataset, attack: str = "pgd", norm:
     check_attack(attack, norm, [eps], steps)
     device = _model_device(model, device)
     atk = _Attacker(model, dataset, attack, norm, steps, alpha_ratio, device, seed)
-    clean = _clean_logits(atk, batch_size)
+    clean = clean_logits(model, dataset, batch_size, device)
     adv = []
     for index in tqdm(torch.arange(len(dataset)).split(batch_size), desc=f"{attack} {norm} eps {eps:g}",
                       disable=not progress, unit="batch"):
@@ -254,7 +255,7 @@ def robustness_curve(model: nn.Module, dataset: ImageDataset, eps_grid: Sequence
     device = _model_device(model, device)
     atk = _Attacker(model, dataset, attack, norm, steps, alpha_ratio, device, seed)
     y = dataset.labels.numpy()
-    correct0 = _clean_logits(atk, batch_size).argmax(1).numpy() == y
+    correct0 = clean_logits(model, dataset, batch_size, device).argmax(1).numpy() == y
     hit = np.zeros((len(eps_grid), len(dataset)), dtype=bool)      # still correct after the attack at that eps
     with tqdm(total=0, desc=f"{attack} {norm} curve", unit="img", disable=not progress) as bar:
         atk.callback = callback
