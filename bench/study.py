@@ -1,0 +1,196 @@
+"""The reproduction study: train a grid of runs, evaluate each on its test split, collect the results.
+
+    python bench/study.py run main64 [--seeds 0 1 2] [--shard 0/2] [--threads 1]
+    python bench/study.py collect            # -> bench/results/study.csv and epochs.csv
+
+Runs go to ``--store`` (default ``study_runs/``, git-ignored), named ``<study>-<variant>-s<seed>``.
+A finished run is skipped, an interrupted one resumed, so the command can be re-run after a kill.
+Each run is evaluated once on its test split at its training eps and norm: clean, balanced accuracy,
+mAP, PGD-20, I-FGSM and APGD-CE+DLR (worst case with PGD-20), written to ``<run>/study.json``.
+Studies with ``cross_norm`` also get PGD-20 in the other norm (l2 0.3 <-> linf 0.3/sqrt(d)).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dpaat_core import runs  # noqa: E402
+from dpaat_core.config import AttackConfig, DataConfig, ModelConfig, RunConfig, TrainConfig, method_config  # noqa: E402
+from dpaat_core.evaluate import evaluate  # noqa: E402
+from dpaat_core.strong import strong_robustness  # noqa: E402
+from dpaat_core.train import resume, train  # noqa: E402
+
+SAMPLE = "npz:../shared/data/ham10000_sample.npz"
+HAM28 = "npz:../shared/data/ham10000_28.npz"
+METHODS = ("erm", "pgd_at", "trades", "dpaat", "dpaat_nosync", "dpaat_fixed")
+L2_EPS = 0.3
+
+
+def linf_eps(image_size: int) -> float:
+    """The largest linf ball inside the l2 ball of radius 0.3: 0.3 / sqrt(3 * size^2)."""
+    return L2_EPS / math.sqrt(3 * image_size * image_size)
+
+
+def _variants_ablation(size: int) -> dict:
+    """Each ablation as (method, overrides); an 'attack' override changes the training norm and eps.
+    The reference (dpaat with gamma 0.1, batch_mean threshold, l2) is main28's dpaat run."""
+    return {
+        "dpaat-thr_median": ("dpaat", {"threshold": "median"}),
+        "dpaat-thr_q75": ("dpaat", {"threshold": "quantile:0.75"}),
+        "dpaat-thr_ema": ("dpaat", {"threshold": "ema"}),
+        "dpaat-gamma0.05": ("dpaat", {"gamma": 0.05}),
+        "dpaat-gamma0.2": ("dpaat", {"gamma": 0.2}),
+        "dpaat-gamma0.4": ("dpaat", {"gamma": 0.4}),
+        "dpaat-linf": ("dpaat", {"attack": {"norm": "linf", "eps": linf_eps(size)}}),
+        "pgd_at-linf": ("pgd_at", {"attack": {"norm": "linf", "eps": linf_eps(size)}}),
+    }
+
+
+STUDIES = {
+    "main64": dict(data=SAMPLE, size=64, variants={m: (m, {}) for m in METHODS}, seeds=(0, 1, 2), epochs=10),
+    "main28": dict(data=HAM28, size=28, variants={m: (m, {}) for m in METHODS[:4]}, seeds=(0, 1, 2), epochs=8,
+                   cross_norm=True),
+    "ablate28": dict(data=HAM28, size=28, variants=_variants_ablation(28), seeds=(0,), epochs=8, cross_norm=True),
+}
+COMMON = dict(model="resnet8", steps=7, batch_size=32, patience=4)
+
+
+def run_config(study: str, variant: str, seed: int) -> RunConfig:
+    s = STUDIES[study]
+    method, overrides = s["variants"][variant]
+    overrides = dict(overrides)
+    attack = {"norm": "l2", "eps": L2_EPS, "steps": COMMON["steps"], **overrides.pop("attack", {})}
+    return RunConfig(data=DataConfig(spec=s["data"], image_size=s["size"]), model=ModelConfig(name=COMMON["model"]),
+                     attack=AttackConfig(**attack), method=method_config(method, **overrides),
+                     train=TrainConfig(epochs=s["epochs"], batch_size=COMMON["batch_size"], seed=seed,
+                                       patience=COMMON["patience"])).validate()
+
+
+def jobs(study: str, seeds=None) -> list[tuple[str, str, int]]:
+    s = STUDIES[study]
+    return [(study, v, seed) for seed in (seeds if seeds is not None else s["seeds"]) for v in s["variants"]]
+
+
+def run_id(study: str, variant: str, seed: int) -> str:
+    return f"{study}-{variant}-s{seed}"
+
+
+def ensure_trained(store: Path, study: str, variant: str, seed: int) -> Path:
+    rid = run_id(study, variant, seed)
+    run_dir = store / rid
+    state = runs.load_run(run_dir).state if run_dir.is_dir() else None
+    if state == "done":
+        return run_dir
+    t0 = time.time()
+    if state in ("interrupted", "stopped", "failed") and (run_dir / "last.pt").is_file():
+        print(f"[study] resuming {rid} ({state})", flush=True)
+        resume(run_dir)
+    else:
+        if run_dir.exists():
+            import shutil
+            shutil.rmtree(run_dir)
+        print(f"[study] training {rid}", flush=True)
+        train(run_config(study, variant, seed), store=store, run_id=rid)
+    print(f"[study] trained {rid} in {time.time() - t0:.0f} s", flush=True)
+    return run_dir
+
+
+def evaluate_run(run_dir: Path, cross_norm: bool = False, apgd_steps: int = 50) -> dict:
+    """The study's numbers for one finished run (cached in ``study.json``)."""
+    out_file = run_dir / "study.json"
+    if out_file.is_file():
+        return json.loads(out_file.read_text())
+    t0 = time.time()
+    config = runs.read_config(run_dir)
+    norm, eps = config["attack"]["norm"], float(config["attack"]["eps"])
+    model = runs.load_model(run_dir)
+    test = runs.load_run_data(run_dir, "test")
+    pgd = evaluate(model, test, "pgd", norm, eps, 20)
+    ifgsm = evaluate(model, test, "ifgsm", norm, eps, 10)
+    strong = strong_robustness(model, test, norm, eps, steps=apgd_steps, survivors=pgd.samples["robust"].to_numpy())
+    metrics = runs.read_metrics(run_dir)
+    status = runs.read_status(run_dir)
+    result = {
+        "run": run_dir.name, "method": config["method"]["name"], "seed": config["train"]["seed"],
+        "data": config["data"]["spec"], "image_size": config["data"]["image_size"], "norm": norm, "eps": eps,
+        "gamma": config["method"]["gamma"], "threshold": config["method"]["threshold"],
+        "memoryless": config["method"].get("memoryless", False), "n_test": len(test),
+        "clean_accuracy": pgd.accuracy, "balanced_accuracy": pgd.balanced_accuracy, "mAP": pgd.mean_average_precision,
+        "pgd20": pgd.robust_accuracy, "pgd20_balanced": pgd.robust_balanced_accuracy,
+        "ifgsm": ifgsm.robust_accuracy, "ifgsm_balanced": ifgsm.robust_balanced_accuracy,
+        "apgd": strong["robust_accuracy"], "apgd_balanced": strong["robust_balanced_accuracy"],
+        "apgd_attacks": f"pgd20+{strong['attacks']} ({apgd_steps} steps)",
+        "best_epoch": status.get("best_epoch"), "epochs_run": int(metrics["epoch"].max()) if len(metrics) else 0,
+        "train_seconds": float(metrics["train_seconds"].sum()) if "train_seconds" in metrics else None,
+    }
+    if cross_norm:
+        other = "linf" if norm == "l2" else "l2"
+        other_eps = linf_eps(config["data"]["image_size"]) if other == "linf" else L2_EPS
+        ev = evaluate(model, test, "pgd", other, other_eps, 20)
+        result.update({f"pgd20_{other}": ev.robust_accuracy, f"pgd20_{norm}": pgd.robust_accuracy,
+                       f"eps_{other}": other_eps})
+    result["eval_seconds"] = time.time() - t0
+    runs.atomic_write_json(out_file, result)
+    print(f"[study] evaluated {run_dir.name} in {result['eval_seconds']:.0f} s: clean {result['clean_accuracy']:.3f} "
+          f"bal {result['balanced_accuracy']:.3f} pgd20 {result['pgd20']:.3f} apgd {result['apgd']:.3f}", flush=True)
+    return result
+
+
+def collect(store: Path, out: Path) -> pd.DataFrame:
+    """Every evaluated run's numbers as ``study.csv`` and every epoch's metrics as ``epochs.csv``."""
+    rows, epochs = [], []
+    for run_dir in sorted(p for p in store.iterdir() if (p / "study.json").is_file()):
+        result = json.loads((run_dir / "study.json").read_text())
+        result["study"], result["variant"] = run_dir.name.split("-", 1)[0], run_dir.name.split("-", 1)[1].rsplit("-s", 1)[0]
+        rows.append(result)
+        m = runs.read_metrics(run_dir)
+        m.insert(0, "run", run_dir.name)
+        epochs.append(m)
+    out.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(rows)
+    frame.to_csv(out / "study.csv", index=False)
+    if epochs:
+        pd.concat(epochs, ignore_index=True).to_csv(out / "epochs.csv", index=False)
+    return frame
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train and evaluate the runs of one or more studies")
+    r.add_argument("studies", nargs="+", choices=sorted(STUDIES))
+    r.add_argument("--seeds", type=int, nargs="+")
+    r.add_argument("--variants", nargs="+", help="only these variants")
+    r.add_argument("--shard", default="0/1", help="i/n: take every n-th job starting at i (parallel workers)")
+    r.add_argument("--threads", type=int, default=None, help="torch threads of this worker")
+    r.add_argument("--store", type=Path, default=ROOT / "study_runs")
+    c = sub.add_parser("collect", help="gather study.json files into bench/results/")
+    c.add_argument("--store", type=Path, default=ROOT / "study_runs")
+    c.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = p.parse_args(argv)
+    if args.command == "collect":
+        frame = collect(args.store, args.out)
+        print(f"{len(frame)} runs -> {args.out}")
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    i, n = (int(v) for v in args.shard.split("/"))
+    todo = [j for s in args.studies for j in jobs(s, args.seeds) if not args.variants or j[1] in args.variants][i::n]
+    for study, variant, seed in todo:
+        run_dir = ensure_trained(args.store, study, variant, seed)
+        evaluate_run(run_dir, cross_norm=STUDIES[study].get("cross_norm", False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
