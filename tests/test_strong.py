@@ -1,0 +1,73 @@
+"""The strong check: APGD (torchattacks) counted as the worst case with PGD-20, per sample."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dpaat_core import runs
+from dpaat_core.config import RunConfig, method_config
+from dpaat_core.evaluate import evaluate
+from dpaat_core.strong import apgd, strong_robustness
+from dpaat_core.train import train
+
+pytest.importorskip("torchattacks")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    cfg = RunConfig()
+    cfg.data.spec, cfg.data.image_size = "synthetic:n=96,classes=3", 16
+    cfg.attack.steps, cfg.method = 2, method_config("erm")
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.device, cfg.train.lr = 3, 16, "cpu", 3e-3
+    run = train(cfg, store=tmp_path_factory.mktemp("store"), run_id="erm")
+    return runs.load_model(run), runs.load_run_data(run, "test")
+
+
+@pytest.mark.parametrize("norm,eps", [("l2", 0.5), ("linf", 8 / 255)])
+def test_apgd_stays_in_the_ball_and_the_image_range(trained, norm, eps):
+    model, data = trained
+    x = data.images[:8].float() / 255
+    y = data.labels[:8]
+    x_adv = apgd(model, x, y, norm, eps, "ce", steps=5)
+    delta = (x_adv - x).flatten(1)
+    size = delta.norm(dim=1) if norm == "l2" else delta.abs().amax(1)
+    assert (size <= eps * (1 + 1e-4) + 1e-6).all()
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_apgd_leaves_the_global_random_state_alone(trained):
+    model, data = trained
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    apgd(model, data.images[:4].float() / 255, data.labels[:4], "l2", 0.5, "dlr", steps=3)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_strong_check_is_the_worst_case_with_pgd(trained):
+    model, data = trained
+    eps = 1.0   # large enough that some samples break
+    pgd = evaluate(model, data, "pgd", "l2", eps, 20)
+    alone = strong_robustness(model, data, "l2", eps, steps=20)
+    both = strong_robustness(model, data, "l2", eps, steps=20, survivors=pgd.samples["robust"].to_numpy())
+    correct = pgd.samples["correct_clean"].to_numpy()
+    assert not (alone["robust"] & ~correct).any()                    # robust implies correct
+    assert not (both["robust"] & ~pgd.samples["robust"].to_numpy()).any()
+    assert both["robust_accuracy"] <= min(alone["robust_accuracy"], pgd.robust_accuracy) + 1e-12
+    assert both["robust_accuracy"] < pgd.accuracy                      # the attacks broke something
+    assert both["attacks"] == "apgd-ce+apgd-dlr" and both["n"] == len(data)
+    assert 0 <= both["robust_balanced_accuracy"] <= 1
+
+
+def test_bad_arguments_are_refused_with_the_reason(trained):
+    model, data = trained
+    x, y = data.images[:2].float() / 255, data.labels[:2]
+    with pytest.raises(ValueError, match="norm"):
+        apgd(model, x, y, "l1", 0.3)
+    with pytest.raises(ValueError, match="eps"):
+        apgd(model, x, y, "l2", float("nan"))
+    with pytest.raises(ValueError, match="loss"):
+        apgd(model, x, y, "l2", 0.3, loss="hinge")
+    with pytest.raises(ValueError, match="survivors"):
+        strong_robustness(model, data, "l2", 0.3, survivors=np.ones(3, dtype=bool))
