@@ -2,7 +2,8 @@
 
 ``data SPEC``: load every split of a data spec and print what is in it, to check a dataset
 before training on it. ``train``: train a run (or ``--resume`` one); ``evaluate RUN_DIR``:
-robustness curves into the run's ``robustness.csv``; ``runs``: list the run store.
+robustness curves into the run's ``robustness.csv``; ``attribute RUN_DIR``:
+clean-vs-adversarial attribution numbers into ``attribution.csv``; ``runs``: list the run store.
 Bad arguments and unusable data exit with status 2 and one line.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import sys
 import warnings
 
+from .cli_attribute import add_attribute_parser
 from .cli_evaluate import add_evaluate_parser
 from .cli_train import add_runs_parser, add_train_parser
 from .config import ConfigError
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.set_defaults(run=_data)
     add_train_parser(sub)
     add_evaluate_parser(sub)
+    add_attribute_parser(sub)
     add_runs_parser(sub)
     return parser
 

@@ -1,0 +1,97 @@
+"""Turn the study's seed-0 runs on the HAM10000 sample into the demo runs in ``checkpoints/``.
+
+    python bench/demo_runs.py [--store study_runs] [--dest checkpoints]
+
+For each method: copy the run (config, metrics, dynamics, best weights, status, study numbers;
+not ``last.pt``, the resume state a finished demo does not need), store the weights as float16
+when that changes no prediction and no robust outcome on the test split (else float32), then add
+robustness curves (PGD-20 and I-FGSM, l2 and linf, ``robustness.csv``), the paper's protocol
+(``protocol.csv``) and the attribution numbers (``attribution.csv``) with the project's CLI.
+``bench/make_demo_runs.sh`` trains the runs first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dpaat_core import runs  # noqa: E402
+from dpaat_core.__main__ import main as cli  # noqa: E402
+from dpaat_core.evaluate import evaluate  # noqa: E402
+
+METHODS = ("erm", "pgd_at", "trades", "dpaat", "dpaat_nosync", "dpaat_fixed")
+COPY = ("config.json", "metrics.jsonl", "status.json", "study.json", "weights.safetensors", "dynamics")
+
+
+def demo_id(method: str) -> str:
+    return f"demo-{method}-resnet8-ham10000"
+
+
+def fp16_is_lossless(run_dir: Path) -> dict:
+    """Does rounding the weights to float16 change any clean prediction or PGD-20 outcome on the test split?"""
+    config = runs.read_config(run_dir)
+    test = runs.load_run_data(run_dir, "test")
+    full = runs.load_model(run_dir)
+    half = runs.load_model(run_dir)
+    half.load_state_dict({k: v.half().to(v.dtype) if v.is_floating_point() else v for k, v in full.state_dict().items()})
+    norm, eps = config["attack"]["norm"], float(config["attack"]["eps"])
+    a, b = (evaluate(m, test, "pgd", norm, eps, 20).samples for m in (full, half))
+    changed_clean = int((a["pred_clean"] != b["pred_clean"]).sum())
+    changed_robust = int((a["robust"] != b["robust"]).sum())
+    return {"n": len(test), "changed_clean_predictions": changed_clean, "changed_pgd20_outcomes": changed_robust,
+            "lossless": changed_clean == 0 and changed_robust == 0}
+
+
+def make_demo(src: Path, dest: Path, attribution_n: int) -> dict:
+    if runs.load_run(src).state != "done":
+        raise SystemExit(f"{src}: not a finished run; train it first (bench/study.py run main64 --seeds 0)")
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in COPY:
+        if (src / name).is_dir():
+            shutil.copytree(src / name, tmp / name)
+        elif (src / name).is_file():
+            shutil.copy2(src / name, tmp / name)
+    config = runs.read_config(tmp)
+    config["run_id"] = dest.name
+    runs.atomic_write_json(tmp / "config.json", config)
+    check = fp16_is_lossless(tmp)
+    if check["lossless"]:
+        runs.save_weights(tmp / "weights.safetensors", runs.load_weights(tmp / "weights.safetensors"), half=True)
+    runs.atomic_write_json(tmp / "fp16_check.json", check)
+    for argv in (["evaluate", str(tmp), "--attack", "pgd,ifgsm", "--norm", "l2,linf", "--protocol"],
+                 ["attribute", str(tmp), "--methods", "gradcam,saliency", "--n", str(attribution_n)]):
+        if cli(argv) != 0:
+            raise SystemExit(f"{' '.join(argv)} failed")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return check
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", type=Path, default=ROOT / "study_runs")
+    p.add_argument("--dest", type=Path, default=ROOT / "checkpoints")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--attribution-n", type=int, default=256)
+    p.add_argument("--threads", type=int)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for method in args.methods:
+        check = make_demo(args.store / f"main64-{method}-s0", args.dest / demo_id(method), args.attribution_n)
+        print(f"[demo] {demo_id(method)}: float16 weights {'kept' if check['lossless'] else 'NOT lossless, float32'} "
+              f"({json.dumps(check)})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

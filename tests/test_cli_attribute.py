@@ -1,0 +1,40 @@
+"""``python -m dpaat_core attribute RUN_DIR``: attribution numbers written into the run."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from dpaat_core import runs
+from dpaat_core.__main__ import main
+from dpaat_core.config import RunConfig, method_config
+from dpaat_core.train import train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    cfg = RunConfig()
+    cfg.data.spec, cfg.data.image_size = "synthetic:n=64,classes=3", 16
+    cfg.attack.steps, cfg.method = 2, method_config("erm")
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.device = 1, 16, "cpu"
+    return train(cfg, store=tmp_path_factory.mktemp("store"), run_id="erm")
+
+
+def test_attribute_writes_a_summary_per_method(run, capsys):
+    assert main(["attribute", str(run), "--methods", "gradcam,saliency", "--n", "6", "--steps", "2"]) == 0
+    table = pd.read_csv(run / "attribution.csv")
+    assert set(table["method"]) == {"gradcam", "saliency"}
+    spearman = table[table["metric"] == "spearman"].set_index("method")
+    assert ((spearman["mean"] >= -1) & (spearman["mean"] <= 1)).all()
+    assert (spearman["n"] == 6).all()
+    assert table["eps"].unique().tolist() == [runs.read_config(run)["attack"]["eps"]]
+    assert "spearman" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, says", [(["--methods", "gradcam,nope"], "--methods"), (["--n", "0"], "--n"),
+                                         (["--eps", "-1"], "--eps")])
+def test_bad_input_exits_2_with_one_line_and_keeps_the_old_file(run, capsys, extra, says):
+    (run / "attribution.csv").write_text("kept\n")
+    assert main(["attribute", str(run), *extra]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1
+    assert (run / "attribution.csv").read_text() == "kept\n"
