@@ -321,3 +321,22 @@ def metrics_chart(metrics: pd.DataFrame) -> go.Figure:
         fig.add_vline(x=float(best.iloc[-1]), line_dash="dot", line_color="black",
                       annotation_text=f"best epoch {int(best.iloc[-1])}", annotation_position="top left")
     return fig
+
+
+def study_chart(summary: pd.DataFrame, metrics, x: str = "variant", title: str = "Reproduction study") -> go.Figure:
+    """Grouped bars of mean ± std (percent) per ``x`` group, one bar colour per metric; ``summary`` is
+    :func:`dpaat_core.reproduction.summarize` output and ``metrics`` its ``(column, label)`` pairs."""
+    metrics = [(m, label) for m, label in metrics if f"{m}_mean" in (summary.columns if summary is not None else ())]
+    if summary is None or not len(summary) or x not in summary or not metrics:
+        return empty_figure(title)
+    fig = go.Figure()
+    for i, (m, label) in enumerate(metrics):
+        std = pd.to_numeric(summary[f"{m}_std"], errors="coerce")
+        fig.add_trace(go.Bar(x=summary[x].astype(str), y=summary[f"{m}_mean"], name=label,
+                             marker_color=PALETTE[i % len(PALETTE)],
+                             error_y={"type": "data", "array": std.fillna(0), "visible": bool(std.notna().any())},
+                             hovertemplate=f"{label}<br>%{{x}}<br>%{{y:.1f}}%<extra></extra>"))
+    fig.update_layout(title=title, template="plotly_white", barmode="group", yaxis_title="percent",
+                      legend_title_text="metric (mean ± std over seeds)")
+    fig.update_yaxes(range=[0, 100])
+    return fig

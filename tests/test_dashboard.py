@@ -61,6 +61,29 @@ def test_runs_page_lists_good_and_bad_runs(store, monkeypatch):
     assert sorted(e.label.split(" · ")[0] for e in at.expander) == ["small-dpaat", "small-pgd"]
 
 
+def test_runs_page_shows_the_reproduction_study_table(tmp_path, store, monkeypatch):
+    import shutil
+
+    import pandas as pd
+
+    from dpaat_core import reproduction
+
+    study = tmp_path / "store"
+    shutil.copytree(store / "small-dpaat", study / "small-dpaat")
+    rows = [{"study": s, "variant": v, "seed": seed, **{m: 0.4 + 0.01 * seed for m, _ in reproduction.METRICS}}
+            for s in ("main64", "main28") for v in ("pgd_at", "dpaat") for seed in range(3)]
+    pd.DataFrame(rows).to_csv(study / reproduction.REPRODUCTION_FILE, index=False)
+    at = _page(study, monkeypatch, "runs")
+    assert "Reproduction study" in [h.value for h in at.subheader]
+    assert at.selectbox[0].options == ["main64", "main28"]
+    table = at.dataframe[1].value.set_index("variant")
+    assert table.loc["dpaat", "PGD-20"] == "41.0 ± 1.0" and table.loc["dpaat", "seeds"] == 3
+    assert table.loc["pgd_at", "paper PGD-20 (ResNet34, 224 px)"] == "63.14"
+    (study / reproduction.REPRODUCTION_FILE).write_text("study,variant\nx,y\n")   # a damaged file: a warning
+    at = _page(study, monkeypatch, "runs")
+    assert any("study table cannot be read" in w.value and "missing columns" in w.value for w in at.warning)
+
+
 def test_runs_page_says_when_the_store_is_empty(tmp_path, monkeypatch):
     at = _page(tmp_path / "nothing-here", monkeypatch, "runs")
     assert "No runs in" in at.info[0].value

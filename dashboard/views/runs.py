@@ -3,7 +3,7 @@ import streamlit as st
 
 from dashboard import charts
 from dashboard.state import list_runs, run_picker, store
-from dpaat_core import runs
+from dpaat_core import reproduction, runs
 
 st.title("Runs")
 path = store()
@@ -21,6 +21,23 @@ st.dataframe(table, hide_index=True, width="stretch",
 for run in found:
     if run.state in ("corrupt", "incomplete", "interrupted", "failed"):
         st.warning(f"**{run.run_id}** is {run.state}: {run.problem}")
+
+study_file = path / reproduction.REPRODUCTION_FILE
+if study_file.is_file():
+    st.subheader("Reproduction study")
+    try:
+        results = reproduction.read_results(study_file)
+    except runs.RunError as exc:
+        st.warning(f"The study table cannot be read: {exc}")
+    else:
+        study = st.selectbox("Study", list(dict.fromkeys(results["study"])))
+        summary = reproduction.summarize(results[results["study"] == study])
+        st.dataframe(reproduction.format_table(summary), hide_index=True, width="stretch")
+        st.plotly_chart(charts.study_chart(summary, reproduction.METRICS, title=f"{study}: test split"),
+                        key="study-chart")
+        st.caption("Percent on the test split, mean ± std over seeds (a single value: one seed). Robust accuracy at "
+                   "the training eps: PGD-20, I-FGSM, and the worst case of PGD-20, APGD-CE and APGD-DLR. The "
+                   "paper's figures are ResNet34 at 224 px; see REPRODUCTION.md for the setting and the commands.")
 
 selected = run_picker("Compare runs")
 for run in selected:

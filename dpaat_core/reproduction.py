@@ -1,0 +1,79 @@
+"""The reproduction study's numbers: one row per trained run, summarised as mean ± std over seeds,
+with DPAAT-minus-baseline differences paired by seed, beside the paper's figures.
+
+The rows are what ``bench/study.py collect`` writes (``bench/results/study.csv``); a copy lives in
+the run store as ``reproduction.csv`` so the dashboard's Runs page shows the same table.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .runs import RunError
+
+REPRODUCTION_FILE = "reproduction.csv"
+#: (column, label) of the headline metrics, in the order tables show them.
+METRICS = (("clean_accuracy", "clean"), ("balanced_accuracy", "balanced"), ("mAP", "mAP"),
+           ("pgd20", "PGD-20"), ("ifgsm", "I-FGSM"), ("apgd", "APGD (worst case)"))
+REQUIRED = ("study", "variant", "seed", *(m for m, _ in METRICS))
+#: the paper's ResNet34 figures on HAM10000 (224 px, l2 eps 0.3), robust accuracy under PGD-20, in percent.
+PAPER = {"dpaat": {"pgd20": 65.46}, "pgd_at": {"pgd20": 63.14}}
+
+
+def read_results(path) -> pd.DataFrame:
+    """The per-run rows of a study (``study.csv`` or the store's ``reproduction.csv``), checked."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{path}: not a readable CSV ({exc})") from None
+    missing = [c for c in REQUIRED if c not in frame.columns]
+    if missing:
+        raise RunError(f"{path}: missing columns {', '.join(missing)}")
+    values = frame[[m for m, _ in METRICS]].apply(pd.to_numeric, errors="coerce")
+    if not ((values >= 0) & (values <= 1)).all().all():
+        raise RunError(f"{path}: metric values must be numbers in [0, 1]")
+    return frame
+
+
+def summarize(frame: pd.DataFrame, by=("study", "variant"), metrics=None) -> pd.DataFrame:
+    """Mean, std (ddof 1; NaN for one seed) and seed count of each metric per group, in percent."""
+    metrics = [m for m, _ in METRICS] if metrics is None else list(metrics)
+    grouped = frame.groupby(list(by), sort=False)
+    out = grouped[metrics].agg(["mean", "std"]) * 100
+    out.columns = [f"{m}_{stat}" for m, stat in out.columns]
+    out["seeds"] = grouped["seed"].nunique()
+    return out.reset_index()
+
+
+def format_table(summary: pd.DataFrame, by=("study", "variant"), metrics=METRICS, paper: bool = True) -> pd.DataFrame:
+    """``mean ± std`` strings (percent, one decimal; a lone seed shows its value), with the paper's PGD-20."""
+    out = summary[list(by) + ["seeds"]].copy()
+    for m, label in metrics:
+        mean, std = summary[f"{m}_mean"], summary[f"{m}_std"]
+        out[label] = [f"{a:.1f}" if not np.isfinite(s) else f"{a:.1f} ± {s:.1f}" for a, s in zip(mean, std)]
+    if paper:
+        method = summary["method"] if "method" in summary else summary[by[-1]]
+        out["paper PGD-20 (ResNet34, 224 px)"] = [f"{PAPER[v]['pgd20']:.2f}" if v in PAPER else "" for v in method]
+    return out
+
+
+def paired_difference(frame: pd.DataFrame, a: str, b: str, metric: str, study: str) -> dict:
+    """``a`` minus ``b`` on ``metric`` (percent points), paired by seed: mean, std, n and a 95% t interval."""
+    from scipy import stats
+
+    part = frame[frame["study"] == study]
+    pa = part[part["variant"] == a].set_index("seed")[metric]
+    pb = part[part["variant"] == b].set_index("seed")[metric]
+    seeds = sorted(set(pa.index) & set(pb.index))
+    d = (pa.loc[seeds] - pb.loc[seeds]).to_numpy(dtype=float) * 100
+    n = len(d)
+    if n == 0:
+        return {"mean": math.nan, "std": math.nan, "n": 0, "ci_low": math.nan, "ci_high": math.nan}
+    mean = float(d.mean())
+    std = float(d.std(ddof=1)) if n > 1 else math.nan
+    half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
+    return {"mean": mean, "std": std, "n": n, "ci_low": mean - half, "ci_high": mean + half}
