@@ -170,7 +170,7 @@ def pgd(
         for _ in range(steps):
             x_adv.requires_grad_(True)
             with torch.enable_grad():
-                logits = net(x_adv)
+                logits = net(x_adv).float()   # the loss in float32 under bf16 autocast
                 losses = F.cross_entropy(logits, y, reduction="none") if loss_fn is None else loss_fn(logits, y)
                 (grad,) = torch.autograd.grad(losses.sum(), x_adv)
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):

@@ -62,6 +62,10 @@ def add_train_parser(sub) -> None:
     opt.add_argument("--no-augment", dest="augment", action="store_const", const=False,
                      help="no random flips of training images")
     opt.add_argument("--seed", type=int, help="seed of weights, split, order, attacks and flips (default 0)")
+    opt.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="torch.compile the training forward passes (default auto: on for CUDA, off on CPU); "
+                          "drops the last incomplete batch so every step has the same shape; "
+                          "may also be given with --resume")
     where = t.add_argument_group("where")
     where.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if available (default)")
     where.add_argument("--store", default="checkpoints", help="run store folder (default checkpoints)")
@@ -88,7 +92,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     for section, names in (("data", ("image_size", "max_samples", "root")), ("model", ("pretrained",)),
                            ("attack", ("norm", "eps", "alpha_ratio", "steps")),
                            ("train", ("epochs", "batch_size", "lr", "weight_decay", "schedule", "imbalance",
-                                      "early_stop", "patience", "augment", "seed", "device"))):
+                                      "early_stop", "patience", "augment", "seed", "device", "compile"))):
         for name in names:
             if given(name):
                 setattr(getattr(cfg, section), name, getattr(args, name))
@@ -142,7 +146,8 @@ def _train(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
         if args.resume:
-            run_dir = train.resume(args.resume, progress=progress, device=args.device, should_stop=stop.is_set)
+            run_dir = train.resume(args.resume, progress=progress, device=args.device, should_stop=stop.is_set,
+                                   compile=args.compile)
         else:
             run_dir = train.train(config, store=args.store, run_id=args.name, progress=progress, should_stop=stop.is_set)
     except (train.Stopped, KeyboardInterrupt):

@@ -193,6 +193,9 @@ class TrainConfig:
     augment: bool = True     # random horizontal and vertical flips (lesions have no orientation)
     seed: int = 0
     device: str = "auto"
+    # torch.compile the training forward passes: None is auto (on for CUDA, off on CPU). When on,
+    # the last incomplete batch of an epoch is dropped so every step has the same shape.
+    compile: Optional[bool] = None
 
     def validate(self):
         _number("train", "epochs", self.epochs, 1, 100000, integer=True)
@@ -205,6 +208,8 @@ class TrainConfig:
         _number("train", "patience", self.patience, 1, 100000, integer=True)
         _number("train", "seed", self.seed, 0, 2**63 - 1, integer=True)
         _choice("train", "device", self.device, DEVICES)
+        if self.compile is not None and not isinstance(self.compile, bool):
+            _fail("train", "compile", self.compile, "true, false or null (auto: on for CUDA, off on CPU)")
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "attack": AttackConfig, "method": MethodConfig,

@@ -5,6 +5,10 @@ A sample counts as *robust* at eps when it is classified correctly on the clean 
 attacked one (robust accuracy never exceeds clean accuracy). Random starts are drawn per sample
 from a seed and the sample's index, so a sample starts from the same point of its unit ball in
 every batch and at every eps: results do not depend on batching.
+
+``amp=True`` runs the model's forward passes (in the attack and for the final logits) under bf16
+autocast; losses, gradient norms and projections stay float32. It is faster on a GPU and moves
+accuracies by a sample or two; the default is float32 throughout.
 """
 from __future__ import annotations
 
@@ -114,10 +118,10 @@ def _noise(dataset: ImageDataset, index: torch.Tensor, norm: str, seed: int) -> 
 class _Attacker:
     """One attack configuration applied to batches of (sample index, eps) pairs."""
 
-    def __init__(self, model, dataset, attack, norm, steps, alpha_ratio, device, seed):
+    def __init__(self, model, dataset, attack, norm, steps, alpha_ratio, device, seed, amp=False):
         self.model, self.dataset, self.attack, self.norm, self.steps = model, dataset, attack, norm, steps
         self.alpha_ratio = DEFAULT_ALPHA[attack](steps) if alpha_ratio is None else float(alpha_ratio)
-        self.device, self.seed = device, seed
+        self.device, self.seed, self.amp = device, seed, amp
         self.callback, self.done, self.total = None, 0, 0   # progress over the images attacked
 
     def images(self, index: torch.Tensor):
@@ -147,36 +151,45 @@ class _Attacker:
         x, y = self.images(index)
         noise = _noise(self.dataset, index, self.norm, self.seed) if self.attack == "pgd" else None
         x_adv = perturb(self.model, x, y, self.attack, self.norm, eps.to(self.device, torch.float32), self.steps,
-                        self.alpha_ratio, noise=noise, validate=False)
-        with torch.no_grad(), attack_mode(self.model):
+                        self.alpha_ratio, noise=noise, validate=False, amp=self.amp)
+        with torch.no_grad(), attack_mode(self.model), _autocast(self.device, self.amp):
             return self.model(x_adv).float()
+
+
+def _autocast(device, amp: bool):
+    """bf16 autocast on ``device`` when ``amp``, else a context that changes nothing."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bool(amp))
 
 
 def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str = "pgd", norm: str = "l2",
             eps: Union[float, torch.Tensor] = 0.3, steps: Optional[int] = None, alpha_ratio: Optional[float] = None,
             *, generator: Optional[torch.Generator] = None, seed: int = 0, noise: Optional[torch.Tensor] = None,
-            validate: bool = True) -> torch.Tensor:
+            validate: bool = True, amp: bool = False) -> torch.Tensor:
     """``x`` attacked with the evaluation protocol's settings: ``x_adv``.
 
     ``steps`` default per attack (PGD 20, I-FGSM 10, FGSM 1); step ``alpha_ratio * eps`` (default
     PGD 1/4, I-FGSM 1/steps; FGSM takes one step of eps). ``eps``: a float or ``[B]``. PGD's random
     start comes from ``noise`` (see :func:`attacks.start_noise`), else ``generator``, else ``seed``.
+    ``amp``: the model's forward passes under bf16 autocast (the attack's arithmetic stays float32).
     """
     steps = DEFAULT_STEPS.get(attack) if steps is None else steps
     if validate:
         check_attack(attack, norm, [float(e) for e in torch.as_tensor(eps).flatten()], steps)
-    if attack == "fgsm":
-        return ATTACKS["fgsm"](model, x, y, eps, norm=norm, validate=validate)
-    ratio = DEFAULT_ALPHA[attack](steps) if alpha_ratio is None else float(alpha_ratio)
-    generator = torch.Generator().manual_seed(seed) if generator is None and noise is None else generator
-    return ATTACKS[attack](model, x, y, eps, ratio * eps, steps, norm=norm, generator=generator, noise=noise,
-                           validate=validate)
+    with _autocast(x.device, amp):
+        if attack == "fgsm":
+            return ATTACKS["fgsm"](model, x, y, eps, norm=norm, validate=validate)
+        ratio = DEFAULT_ALPHA[attack](steps) if alpha_ratio is None else float(alpha_ratio)
+        generator = torch.Generator().manual_seed(seed) if generator is None and noise is None else generator
+        return ATTACKS[attack](model, x, y, eps, ratio * eps, steps, norm=norm, generator=generator, noise=noise,
+                               validate=validate)
 
 
-def clean_logits(model: nn.Module, dataset: ImageDataset, batch_size: int = 128, device=None) -> torch.Tensor:
-    """The model's float32 logits ``[N, K]`` (on the CPU) for every clean image of ``dataset``, in eval mode."""
+def clean_logits(model: nn.Module, dataset: ImageDataset, batch_size: int = 128, device=None,
+                 amp: bool = False) -> torch.Tensor:
+    """The model's float32 logits ``[N, K]`` (on the CPU) for every clean image of ``dataset``, in eval mode
+    (the forward passes under bf16 autocast when ``amp``)."""
     device = _model_device(model, device)
-    with torch.no_grad(), attack_mode(model):
+    with torch.no_grad(), attack_mode(model), _autocast(device, amp):
         return torch.cat([model(dataset.images[i].to(device).float().div_(255.0)).float().cpu()
                           for i in torch.arange(len(dataset)).split(batch_size)])
 
@@ -190,17 +203,18 @@ def _model_device(model: nn.Module, device) -> torch.device:
 
 def evaluate(model: nn.Module, dataset: ImageDataset, attack: str = "pgd", norm: str = "l2", eps: float = 0.3,
              steps: Optional[int] = None, alpha_ratio: Optional[float] = None, batch_size: int = 128,
-             device=None, seed: int = 0, progress: bool = False) -> Evaluation:
+             device=None, seed: int = 0, progress: bool = False, amp: bool = False) -> Evaluation:
     """Clean and robust metrics of ``model`` on ``dataset`` under one attack at one ``eps``.
 
     ``steps`` default per attack (PGD 20, I-FGSM 10, FGSM 1); ``alpha_ratio`` step as a fraction
     of eps (PGD 1/4, I-FGSM 1/steps). Every sample is attacked; the model is left as it was.
+    ``amp``: forward passes under bf16 autocast (see the module docstring).
     """
     steps = DEFAULT_STEPS[attack] if steps is None and attack in DEFAULT_STEPS else steps
     check_attack(attack, norm, [eps], steps)
     device = _model_device(model, device)
-    atk = _Attacker(model, dataset, attack, norm, steps, alpha_ratio, device, seed)
-    clean = clean_logits(model, dataset, batch_size, device)
+    atk = _Attacker(model, dataset, attack, norm, steps, alpha_ratio, device, seed, amp)
+    clean = clean_logits(model, dataset, batch_size, device, amp)
     adv = []
     for index in tqdm(torch.arange(len(dataset)).split(batch_size), desc=f"{attack} {norm} eps {eps:g}",
                       disable=not progress, unit="batch"):
@@ -231,7 +245,8 @@ def evaluate(model: nn.Module, dataset: ImageDataset, attack: str = "pgd", norm:
 def robustness_curve(model: nn.Module, dataset: ImageDataset, eps_grid: Sequence[float], attack: str = "pgd",
                      norm: str = "l2", steps: Optional[int] = None, alpha_ratio: Optional[float] = None,
                      monotone: bool = True, fast: bool = True, batch_size: int = 128, device=None, seed: int = 0,
-                     progress: bool = False, callback: Optional[Callable[[int, int], None]] = None) -> pd.DataFrame:
+                     progress: bool = False, callback: Optional[Callable[[int, int], None]] = None,
+                     amp: bool = False) -> pd.DataFrame:
     """Accuracy against eps: a tidy frame, one row per eps (ascending).
 
     Columns: eps, eps_rms (per-pixel RMS change at the input size), attack, norm, steps,
@@ -248,14 +263,15 @@ def robustness_curve(model: nn.Module, dataset: ImageDataset, eps_grid: Sequence
     tensor; ``fast=False`` attacks every sample at every eps, one eps at a time. Both give the
     same curve (each sample's start depends on its index only). ``callback(done, total)`` is
     called after every batch (images attacked so far, and so far known to need attacking).
+    ``amp``: forward passes under bf16 autocast (see the module docstring).
     """
     eps_grid = sorted(float(e) for e in eps_grid)
     steps = DEFAULT_STEPS[attack] if steps is None and attack in DEFAULT_STEPS else steps
     check_attack(attack, norm, eps_grid, steps)
     device = _model_device(model, device)
-    atk = _Attacker(model, dataset, attack, norm, steps, alpha_ratio, device, seed)
+    atk = _Attacker(model, dataset, attack, norm, steps, alpha_ratio, device, seed, amp)
     y = dataset.labels.numpy()
-    correct0 = clean_logits(model, dataset, batch_size, device).argmax(1).numpy() == y
+    correct0 = clean_logits(model, dataset, batch_size, device, amp).argmax(1).numpy() == y
     hit = np.zeros((len(eps_grid), len(dataset)), dtype=bool)      # still correct after the attack at that eps
     with tqdm(total=0, desc=f"{attack} {norm} curve", unit="img", disable=not progress) as bar:
         atk.callback = callback
@@ -297,9 +313,11 @@ def _curve_frame(robust, y, dataset, eps_grid, attack, norm, steps, monotone) ->
 
 
 def protocol(model: nn.Module, dataset: ImageDataset, eps: Optional[dict] = None, presets: Sequence[str] = tuple(PRESETS),
-             batch_size: int = 128, device=None, seed: int = 0, progress: bool = False) -> pd.DataFrame:
+             batch_size: int = 128, device=None, seed: int = 0, progress: bool = False,
+             amp: bool = False) -> pd.DataFrame:
     """The paper's evaluation: one row per preset (PGD-20 and I-FGSM, l2 and linf) with clean,
-    robust and balanced accuracy and mAP. ``eps``: per norm, default :data:`PROTOCOL_EPS`."""
+    robust and balanced accuracy and mAP. ``eps``: per norm, default :data:`PROTOCOL_EPS`;
+    ``amp``: forward passes under bf16 autocast (see the module docstring)."""
     eps = {**PROTOCOL_EPS, **(eps or {})}
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:
@@ -308,6 +326,6 @@ def protocol(model: nn.Module, dataset: ImageDataset, eps: Optional[dict] = None
     for name in presets:
         p = PRESETS[name]
         ev = evaluate(model, dataset, p["attack"], p["norm"], eps[p["norm"]], p["steps"], batch_size=batch_size,
-                      device=device, seed=seed, progress=progress)
+                      device=device, seed=seed, progress=progress, amp=amp)
         rows.append({"preset": name, **ev.summary()})
     return pd.DataFrame(rows)

@@ -1,0 +1,159 @@
+"""The GPU fast path, on the CPU: the compile switch (config, CLI, a compiled run equals an eager
+one and drops the last incomplete batch), device-resident data, bf16 evaluation, bench/gpu_speed.py."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dpaat_core import runs
+from dpaat_core.__main__ import build_parser
+from dpaat_core.cli_train import config_from_args
+from dpaat_core.config import ConfigError, RunConfig, method_config
+from dpaat_core.data import load_dataset
+from dpaat_core.evaluate import evaluate, robustness_curve
+from dpaat_core.folding import folded_eval_view
+from dpaat_core.models import build_model
+from dpaat_core.train import COMPILE_BACKEND_ENV, compile_enabled, make_batch, resident_split, train
+from test_evaluate import trained  # noqa: F401  (the module's trained resnet8 and its test split)
+
+ROOT = Path(__file__).resolve().parents[1]
+LOSSES = ("train_loss", "train_ce_clean", "train_ce_adv", "train_sync", "delta_loss_mean", "val_loss")
+
+
+def run_config(n: int, compile=None, epochs=1) -> RunConfig:
+    cfg = RunConfig()
+    cfg.data.spec, cfg.data.image_size = f"synthetic:n={n},classes=3", 16
+    cfg.attack.steps, cfg.method = 2, method_config("dpaat")
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.device, cfg.train.early_stop = epochs, 16, "cpu", "none"
+    cfg.train.compile = compile
+    return cfg.validate()
+
+
+# --- the switch -------------------------------------------------------------------------------
+
+def test_compile_setting_validates_and_round_trips():
+    assert RunConfig().train.compile is None
+    for value in (None, True, False):
+        cfg = run_config(32, value)
+        assert RunConfig.from_dict(cfg.to_dict()).train.compile is value
+    for bad in ("yes", 1, 0, "true"):
+        with pytest.raises(ConfigError, match="train.compile"):
+            run_config(32, bad)
+    old = run_config(32).to_dict()
+    del old["train"]["compile"]                          # a config.json written before the switch existed
+    assert RunConfig.from_dict(old).train.compile is None
+    assert compile_enabled(None, torch.device("cpu")) is False and compile_enabled(None, torch.device("cuda")) is True
+    assert compile_enabled(True, torch.device("cpu")) is True and compile_enabled(False, torch.device("cuda")) is False
+
+
+@pytest.mark.parametrize("flag, value", [([], None), (["--compile"], True), (["--no-compile"], False)])
+def test_compile_flag_reaches_the_config(flag, value):
+    args = build_parser().parse_args(["train", "--data", "synthetic:n=24", "--model", "resnet8", "--method", "erm",
+                                      "--epochs", "1", *flag])
+    assert config_from_args(args).train.compile is value
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
+    assert "--no-compile" in help_text and "drops the last incomplete batch" in help_text
+
+
+# --- a compiled run -------------------------------------------------------------------------
+
+@pytest.fixture
+def compile_backend(monkeypatch):
+    """torch.compile without an inductor build, and a fresh compile cache (the recompile limit counts per code object)."""
+    monkeypatch.setenv(COMPILE_BACKEND_ENV, "aot_eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def test_a_compiled_run_has_the_eager_runs_losses(tmp_path, compile_backend):
+    eager = train(run_config(32, False), store=tmp_path, run_id="eager")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+    compiled = train(run_config(32, True), store=tmp_path, run_id="compiled")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1     # the compiled path did run
+    a, b = runs.read_metrics(eager), runs.read_metrics(compiled)
+    for col in LOSSES:
+        np.testing.assert_allclose(b[col], a[col], rtol=1e-4, err_msg=col)
+    da, db = runs.load_dynamics(eager, 1), runs.load_dynamics(compiled, 1)
+    np.testing.assert_array_equal(da["index"], db["index"])
+    np.testing.assert_allclose(db["delta_loss"], da["delta_loss"], rtol=1e-4, atol=1e-6)
+    for m in (a, b):
+        assert (m["data_seconds"] >= 0).all() and (m["data_seconds"] <= m["train_seconds"]).all()
+
+
+def test_a_compiled_run_drops_the_last_incomplete_batch(tmp_path, compile_backend):
+    n, batch = 40, 16
+    run = train(run_config(n, True), store=tmp_path, run_id="compiled")
+    dyn = runs.load_dynamics(run, 1)
+    assert len(dyn["index"]) == len(set(dyn["index"])) == (n // batch) * batch    # 32 of 40
+    assert runs.read_metrics(run)["data_seconds"].notna().all()
+
+
+# --- device-resident data -------------------------------------------------------------------
+
+def _devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_resident_split_batches_equal_host_batches(device):
+    ds = load_dataset("synthetic:n=24,classes=3", "train", 16)
+    images, labels = resident_split(ds, torch.device(device))
+    assert images.device.type == device and labels.device.type == device
+    assert images.dtype == torch.uint8 and labels.dtype == torch.int64
+    if device == "cpu":
+        assert images.data_ptr() == ds.images.data_ptr()       # no copy on the CPU
+    idx = torch.tensor([5, 0, 17, 3, 3, 11])
+    host = make_batch(ds.images, ds.labels, idx, True, torch.Generator().manual_seed(4), False)
+    gen = torch.Generator(device=device).manual_seed(4)
+    on_device = make_batch(images, labels, idx.to(device), True, gen, device == "cuda")
+    if device == "cpu":
+        for h, d in zip(host, on_device):
+            torch.testing.assert_close(d, h, rtol=0, atol=0)
+    else:   # CUDA draws other flips from the same seed: compare each image with its flips
+        x = on_device[0].cpu()
+        plain = ds.images[idx].float() / 255
+        assert all(any(torch.equal(x[i], v) for v in (p, p.flip(2), p.flip(1), p.flip(1).flip(2)))
+                   for i, p in enumerate(plain))
+        torch.testing.assert_close(on_device[1].cpu(), host[1], rtol=0, atol=0)
+    x, y, i = host
+    assert x.shape == (6, 3, 16, 16) and 0 <= x.min() and x.max() <= 1 and torch.equal(y, ds.labels[idx])
+
+
+# --- bf16 evaluation ------------------------------------------------------------------------
+
+def test_bf16_evaluation_is_close_to_float32(trained):  # noqa: F811
+    _, model, ds = trained
+    ref = evaluate(model, ds, "pgd", "l2", eps=0.5, steps=5)
+    amp = evaluate(model, ds, "pgd", "l2", eps=0.5, steps=5, amp=True)
+    assert abs(amp.accuracy - ref.accuracy) <= 0.05 and abs(amp.robust_accuracy - ref.robust_accuracy) <= 0.05
+    assert 0 < ref.robust_accuracy < ref.accuracy                     # the attack does something to compare
+    assert amp.samples.margin_adv.dtype == np.float32                 # logits come back in float32
+    curve = robustness_curve(model, ds, [0, 0.25, 0.5], "pgd", "l2", steps=5)
+    curve_amp = robustness_curve(model, ds, [0, 0.25, 0.5], "pgd", "l2", steps=5, amp=True)
+    assert (curve_amp.accuracy - curve.accuracy).abs().max() <= 0.05
+    assert len(ds) >= 24
+
+
+def test_bn_folding_survives_bf16_autocast():
+    model = build_model("resnet8", 3).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert folded_eval_view(model, torch.rand(4, 3, 16, 16)) is not None
+
+
+# --- the benchmark --------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_gpu_speed_quick_prints_the_table(tmp_path):
+    out = subprocess.run([sys.executable, "bench/gpu_speed.py", "--device", "cpu", "--quick", "--csv",
+                          str(tmp_path / "speed.csv")], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for word in ("erm", "pgd_at", "dpaat", "pgd20_eval", "naive", "images/s", "MFU", "dpaat/pgd_at"):
+        assert word in out.stdout, word
+    assert (tmp_path / "speed.csv").read_text().count("\n") == 6      # header + 5 variants
