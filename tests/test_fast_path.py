@@ -157,3 +157,20 @@ def test_gpu_speed_quick_prints_the_table(tmp_path):
     for word in ("erm", "pgd_at", "dpaat", "pgd20_eval", "naive", "images/s", "MFU", "dpaat/pgd_at"):
         assert word in out.stdout, word
     assert (tmp_path / "speed.csv").read_text().count("\n") == 6      # header + 5 variants
+
+
+def test_resuming_a_run_from_before_the_switch_keeps_every_batch(tmp_path, monkeypatch):
+    import json
+
+    from dpaat_core import train as train_module
+
+    run = train(run_config(32), store=tmp_path, run_id="old")
+    seen = []
+    monkeypatch.setattr(train_module, "_run", lambda config, *a, **k: seen.append(config.train.compile))
+    train_module.resume(run)                                   # written with the key (None): stays auto
+    config = json.loads((run / "config.json").read_text())
+    del config["train"]["compile"]                             # as written before the switch existed
+    (run / "config.json").write_text(json.dumps(config))
+    train_module.resume(run)
+    train_module.resume(run, compile=True)                     # an explicit choice still wins
+    assert seen == [None, False, True]
