@@ -10,7 +10,6 @@ import pandas as pd
 from .config import ConfigError
 
 DEFAULT_METHODS = ("gradcam", "saliency", "integrated_gradients")
-ATTRIBUTION_FILE = "attribution.csv"
 
 
 def add_attribute_parser(sub) -> None:
@@ -73,7 +72,7 @@ def _attribute(args: argparse.Namespace) -> int:
         raise ConfigError(f"--eps must be a number > 0, got {args.eps}")
     table = attribution_table(args.run_dir, methods, args.n, args.split, args.data, args.eps, args.norm, args.steps,
                               args.seed, resolve_device(args.device))
-    path = f"{args.run_dir}/{ATTRIBUTION_FILE}"
+    path = f"{args.run_dir}/{runs.ATTRIBUTION_FILE}"
     runs.atomic_write_text(path, table.to_csv(index=False))
     wide = table.pivot_table(index="metric", columns="method", values="mean", sort=False)
     print(f"attribution on {int(table['n'].max())} {args.split} images, clean vs PGD-{args.steps} {args.norm} "

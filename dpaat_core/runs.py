@@ -466,3 +466,23 @@ def read_robustness(run_dir) -> pd.DataFrame:
     if missing:
         raise RunError(f"{path}: missing columns {', '.join(sorted(missing))}")
     return frame
+
+
+ATTRIBUTION_FILE = "attribution.csv"
+
+
+def read_attribution(run_dir) -> pd.DataFrame:
+    """The run's ``attribution.csv`` (written by ``python -m dpaat_core attribute``; empty frame if
+    none): one row per (attribution method, metric) with mean, std, median and n."""
+    path = Path(run_dir) / ATTRIBUTION_FILE
+    columns = ["method", "metric", "mean", "std", "median", "n"]
+    if not path.is_file():
+        return pd.DataFrame(columns=columns)
+    try:
+        frame = pd.read_csv(path)
+    except (ValueError, OSError) as exc:
+        raise RunError(f"{path}: not a readable CSV ({exc})") from None
+    missing = set(columns) - set(frame.columns)
+    if missing:
+        raise RunError(f"{path}: missing columns {', '.join(sorted(missing))}")
+    return frame

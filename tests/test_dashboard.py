@@ -148,6 +148,23 @@ def test_attribution_explorer_explains_a_test_image_and_compares_runs(store, mon
         assert listed and (listed <= fragile if split == "fragile" else not listed & fragile)
 
 
+def test_attribution_explorer_shows_the_runs_attribution_numbers(tmp_path, store, monkeypatch):
+    import shutil
+
+    from dpaat_core.__main__ import main
+
+    shutil.copytree(store / "small-dpaat", tmp_path / "small-dpaat")
+    assert main(["attribute", str(tmp_path / "small-dpaat"), "--methods", "gradcam", "--n", "4", "--steps", "1"]) == 0
+    at = _page(tmp_path, monkeypatch, "attribution")
+    expander = [e for e in at.expander if "attribution.csv" in e.label]
+    assert len(expander) == 1
+    table = expander[0].dataframe[0].value
+    assert list(table.columns) == ["gradcam"] and "spearman" in table.index
+    (tmp_path / "small-dpaat" / "attribution.csv").write_text("method\ngradcam\n")
+    at = _page(tmp_path, monkeypatch, "attribution")
+    assert any("attribution numbers cannot be read" in w.value for w in at.warning)
+
+
 def test_attribution_explorer_refuses_a_bad_upload(store, monkeypatch):
     at = _page(store, monkeypatch, "attribution")
     at.radio[0].set_value("Upload a JPEG or PNG").run()

@@ -103,3 +103,17 @@ explain(run)
 if compare != "none":
     st.subheader(compare)
     explain(candidates[compare])
+
+try:
+    summary = runs.read_attribution(run.path)
+except runs.RunError as exc:
+    st.warning(f"The run's attribution numbers cannot be read: {exc}")
+else:
+    if len(summary):
+        with st.expander(f"{run.run_id} across the test split (`attribution.csv`)", expanded=False):
+            st.dataframe(summary.pivot_table(index="metric", columns="method", values="mean", sort=False),
+                         width="stretch", column_config=None)
+            st.caption(f"Means over {int(summary['n'].max())} test images, clean vs {summary['norm'].iloc[0] if 'norm' in summary else 'l2'} "
+                       "PGD at the training eps. energy_*: share of the map on the lesion mask; energy_other_mask: "
+                       "the same map on another image's mask (the centre-bias baseline); pointing_*: the map's peak "
+                       "lies on the lesion.")
