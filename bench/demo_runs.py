@@ -5,8 +5,9 @@
 For each method: copy the run (config, metrics, dynamics, best weights, status, study numbers;
 not ``last.pt``, the resume state a finished demo does not need), store the weights as float16
 when that changes no prediction and no robust outcome on the test split (else float32), then add
-robustness curves (PGD-20 and I-FGSM, l2 and linf, ``robustness.csv``), the paper's protocol
-(``protocol.csv``) and the attribution numbers (``attribution.csv``) with the project's CLI.
+robustness curves (PGD-20 and I-FGSM, l2 and linf, on a seeded draw of 256 test images:
+``robustness.csv``) and the attribution numbers (``attribution.csv``) with the project's CLI; the
+full test split's protocol numbers (PGD-20, I-FGSM, APGD) are the study's, in ``study.json``.
 ``bench/make_demo_runs.sh`` trains the runs first.
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ def fp16_is_lossless(run_dir: Path) -> dict:
             "lossless": changed_clean == 0 and changed_robust == 0}
 
 
-def make_demo(src: Path, dest: Path, attribution_n: int) -> dict:
+def make_demo(src: Path, dest: Path, attribution_n: int, curve_n: int) -> dict:
     if runs.load_run(src).state != "done":
         raise SystemExit(f"{src}: not a finished run; train it first (bench/study.py run main64 --seeds 0)")
     tmp = dest.with_name(dest.name + ".tmp")
@@ -67,7 +68,7 @@ def make_demo(src: Path, dest: Path, attribution_n: int) -> dict:
     if check["lossless"]:
         runs.save_weights(tmp / "weights.safetensors", runs.load_weights(tmp / "weights.safetensors"), half=True)
     runs.atomic_write_json(tmp / "fp16_check.json", check)
-    for argv in (["evaluate", str(tmp), "--attack", "pgd,ifgsm", "--norm", "l2,linf", "--protocol"],
+    for argv in (["evaluate", str(tmp), "--attack", "pgd,ifgsm", "--norm", "l2,linf", "--max-samples", str(curve_n)],
                  ["attribute", str(tmp), "--methods", "gradcam,saliency", "--n", str(attribution_n)]):
         if cli(argv) != 0:
             raise SystemExit(f"{' '.join(argv)} failed")
@@ -81,13 +82,15 @@ def main(argv=None) -> int:
     p.add_argument("--store", type=Path, default=ROOT / "study_runs")
     p.add_argument("--dest", type=Path, default=ROOT / "checkpoints")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--attribution-n", type=int, default=256)
+    p.add_argument("--attribution-n", type=int, default=256, help="test images explained (default 256)")
+    p.add_argument("--curve-n", type=int, default=256, help="test images of the robustness curves (default 256)")
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     for method in args.methods:
-        check = make_demo(args.store / f"main64-{method}-s0", args.dest / demo_id(method), args.attribution_n)
+        check = make_demo(args.store / f"main64-{method}-s0", args.dest / demo_id(method), args.attribution_n,
+                           args.curve_n)
         print(f"[demo] {demo_id(method)}: float16 weights {'kept' if check['lossless'] else 'NOT lossless, float32'} "
               f"({json.dumps(check)})", flush=True)
     return 0
