@@ -5,28 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from dpaat_core import runs
-from dpaat_core.config import RunConfig, method_config
 from dpaat_core.evaluate import evaluate
 from dpaat_core.strong import apgd, strong_robustness
-from dpaat_core.train import train
+from test_evaluate import trained  # noqa: F401  (a resnet8 trained briefly on the synthetic set, and its test split)
 
 pytest.importorskip("torchattacks")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    cfg = RunConfig()
-    cfg.data.spec, cfg.data.image_size = "synthetic:n=96,classes=3", 16
-    cfg.attack.steps, cfg.method = 2, method_config("erm")
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.device, cfg.train.lr = 3, 16, "cpu", 3e-3
-    run = train(cfg, store=tmp_path_factory.mktemp("store"), run_id="erm")
-    return runs.load_model(run), runs.load_run_data(run, "test")
-
-
 @pytest.mark.parametrize("norm,eps", [("l2", 0.5), ("linf", 8 / 255)])
 def test_apgd_stays_in_the_ball_and_the_image_range(trained, norm, eps):
-    model, data = trained
+    _, model, data = trained
     x = data.images[:8].float() / 255
     y = data.labels[:8]
     x_adv = apgd(model, x, y, norm, eps, "ce", steps=5)
@@ -37,7 +25,7 @@ def test_apgd_stays_in_the_ball_and_the_image_range(trained, norm, eps):
 
 
 def test_apgd_leaves_the_global_random_state_alone(trained):
-    model, data = trained
+    _, model, data = trained
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
@@ -46,7 +34,7 @@ def test_apgd_leaves_the_global_random_state_alone(trained):
 
 
 def test_strong_check_is_the_worst_case_with_pgd(trained):
-    model, data = trained
+    _, model, data = trained
     eps = 1.0   # large enough that some samples break
     pgd = evaluate(model, data, "pgd", "l2", eps, 20)
     alone = strong_robustness(model, data, "l2", eps, steps=20)
@@ -61,7 +49,7 @@ def test_strong_check_is_the_worst_case_with_pgd(trained):
 
 
 def test_bad_arguments_are_refused_with_the_reason(trained):
-    model, data = trained
+    _, model, data = trained
     x, y = data.images[:2].float() / 255, data.labels[:2]
     with pytest.raises(ValueError, match="norm"):
         apgd(model, x, y, "l1", 0.3)
