@@ -49,6 +49,9 @@ def add_evaluate_parser(sub) -> None:
                    help="also run the paper's protocol at the training eps (PGD-20 and I-FGSM, l2 and linf) and "
                         "write it to RUN_DIR/protocol.csv")
     e.add_argument("--seed", type=int, default=0, help="seed of the random starts (default 0)")
+    e.add_argument("--amp", action="store_true",
+                   help="run the model under bf16 autocast in the attacks and for the logits (fast on GPUs; "
+                        "accuracies match float32 to within a sample or two, see README)")
     e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if available")
     e.set_defaults(run=_evaluate)
 
@@ -72,7 +75,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         grid = args.eps_grid or default_grid(config, norm)
         for attack in args.attack:
             frame = robustness_curve(model, dataset, grid, attack, norm, args.steps, monotone=not args.raw,
-                                     batch_size=args.batch_size, device=device, seed=args.seed, progress=True)
+                                     batch_size=args.batch_size, device=device, seed=args.seed, progress=True,
+                                     amp=args.amp)
             frames.append(frame.assign(split=args.split, data=args.data or config["data"]["spec"]))
     curves = pd.concat(frames, ignore_index=True)
     path = runs.save_robustness(args.run_dir, curves)
@@ -85,7 +89,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(f"wrote {path}", file=sys.stderr)
     if args.protocol:
         eps = {norm: reference_eps(config, norm) for norm in ("l2", "linf")}
-        table = protocol(model, dataset, eps, batch_size=args.batch_size, device=device, seed=args.seed, progress=True)
+        table = protocol(model, dataset, eps, batch_size=args.batch_size, device=device, seed=args.seed, progress=True,
+                         amp=args.amp)
         runs.atomic_write_text(f"{args.run_dir}/protocol.csv", table.assign(split=args.split).to_csv(index=False))
         print("\nthe paper's protocol at the training eps")
         print(table[["preset", "eps", "accuracy", "robust_accuracy", "balanced_accuracy", "robust_balanced_accuracy",

@@ -224,3 +224,33 @@ def test_every_page_renders_without_an_error_on_empty_and_corrupt_stores(page, t
     for store in (tmp_path / "empty", tmp_path / "corrupt"):
         at = _page(store, monkeypatch, page)
         assert not at.error, [e.value for e in at.error]
+
+
+DEMO_METHODS = ("erm", "pgd_at", "trades", "dpaat", "dpaat_nosync", "dpaat_fixed")
+
+
+@pytest.mark.parametrize("page", ["runs", "dynamics", "robustness", "attribution"])
+def test_the_shipped_demo_runs_show_on_every_page(page, shared_data, monkeypatch):
+    """What a fresh clone shows: the six demo runs in checkpoints/, on their real HAM10000 data."""
+    import pandas as pd
+
+    from dpaat_core import runs
+
+    store = APP.parents[1] / "checkpoints"
+    demo = {f"demo-{m}-resnet8-ham10000" for m in DEMO_METHODS}
+    found = {r.run_id: r for r in runs.list_runs(store)}
+    assert demo <= set(found) and all(found[d].state == "done" and found[d].has_weights for d in demo)
+    for d in demo:   # each demo run carries its curves (both norms, both attacks) and attribution numbers
+        curves = runs.read_robustness(store / d)
+        assert {("pgd", "l2"), ("pgd", "linf"), ("ifgsm", "l2"), ("ifgsm", "linf")} <= set(zip(curves.attack, curves.norm))
+        assert {"gradcam", "saliency"} <= set(runs.read_attribution(store / d)["method"])
+    at = _page(store, monkeypatch, page)
+    picker = at.multiselect[0] if page in ("runs", "dynamics", "robustness") else at.selectbox[0]
+    assert demo <= set(picker.options)
+    assert not any("synthetic set" in i.value for i in at.info)    # its real data, not the synthetic fallback
+    if page == "runs":
+        assert demo <= set(at.dataframe[0].value.run_id)
+        table = at.dataframe[1].value
+        assert isinstance(table, pd.DataFrame) and {"dpaat", "pgd_at"} <= set(table.variant)
+    else:
+        assert at.get("plotly_chart") or at.get("image")

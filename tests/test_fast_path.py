@@ -174,3 +174,16 @@ def test_resuming_a_run_from_before_the_switch_keeps_every_batch(tmp_path, monke
     train_module.resume(run)
     train_module.resume(run, compile=True)                     # an explicit choice still wins
     assert seen == [None, False, True]
+
+
+def test_evaluate_command_passes_amp_to_the_curves(trained, monkeypatch, capsys):  # noqa: F811
+    from dpaat_core import cli_evaluate
+    from dpaat_core.__main__ import main
+
+    run, _, _ = trained
+    seen = []
+    real = cli_evaluate.robustness_curve
+    monkeypatch.setattr(cli_evaluate, "robustness_curve", lambda *a, **k: seen.append(k["amp"]) or real(*a, **k))
+    assert main(["evaluate", str(run), "--eps-grid", "0,0.2", "--max-samples", "8", "--amp"]) == 0
+    assert main(["evaluate", str(run), "--eps-grid", "0,0.2", "--max-samples", "8"]) == 0
+    assert seen == [True, False]
