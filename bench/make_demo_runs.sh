@@ -2,7 +2,7 @@
 # Regenerate the demo runs in checkpoints/ from scratch: train the six methods on the HAM10000
 # sample (64 px, resnet8, l2 eps 0.3, K=7, seed 0, 10 epochs), evaluate them, and copy them in
 # with robustness curves, the paper's protocol and attribution numbers.
-# About 1 h on a 2-core CPU (two workers); run from anywhere, with ../shared beside the repo.
+# About 1.5 h on a 2-core CPU (two workers); run from anywhere, with ../shared beside the repo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 store=${STORE:-study_runs}

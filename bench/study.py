@@ -179,7 +179,11 @@ def collect(store: Path, out: Path) -> pd.DataFrame:
         m.insert(0, "run", run_dir.name)
         epochs.append(m)
     out.mkdir(parents=True, exist_ok=True)
+    order = {name: i for i, name in enumerate(STUDIES)}   # the main studies first: the Runs page opens on them
     frame = pd.DataFrame(rows)
+    if len(frame):
+        frame = frame.sort_values(["study", "run"], key=lambda c: c.map(order) if c.name == "study" else c,
+                                  kind="stable", ignore_index=True)
     frame.to_csv(out / "study.csv", index=False)
     if epochs:
         pd.concat(epochs, ignore_index=True).to_csv(out / "epochs.csv", index=False)

@@ -245,12 +245,13 @@ def test_the_shipped_demo_runs_show_on_every_page(page, shared_data, monkeypatch
         assert {("pgd", "l2"), ("pgd", "linf"), ("ifgsm", "l2"), ("ifgsm", "linf")} <= set(zip(curves.attack, curves.norm))
         assert {"gradcam", "saliency"} <= set(runs.read_attribution(store / d)["method"])
     at = _page(store, monkeypatch, page)
-    picker = at.multiselect[0] if page in ("runs", "dynamics", "robustness") else at.selectbox[0]
+    picker = at.sidebar.multiselect[0] if page in ("runs", "robustness") else at.sidebar.selectbox[0]
     assert demo <= set(picker.options)
     assert not any("synthetic set" in i.value for i in at.info)    # its real data, not the synthetic fallback
     if page == "runs":
         assert demo <= set(at.dataframe[0].value.run_id)
+        assert at.selectbox[0].options[:2] == ["main64", "main28"]          # the study opens on the 64 px table
         table = at.dataframe[1].value
-        assert isinstance(table, pd.DataFrame) and {"dpaat", "pgd_at"} <= set(table.variant)
+        assert isinstance(table, pd.DataFrame) and set(DEMO_METHODS) <= set(table.variant)
     else:
         assert at.get("plotly_chart") or at.get("image")
