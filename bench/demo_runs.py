@@ -13,6 +13,7 @@ full test split's protocol numbers (PGD-20, I-FGSM, APGD) are the study's, in ``
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import sys
@@ -41,7 +42,7 @@ def fp16_is_lossless(run_dir: Path) -> dict:
     config = runs.read_config(run_dir)
     test = runs.load_run_data(run_dir, "test")
     full = runs.load_model(run_dir)
-    half = runs.load_model(run_dir)
+    half = copy.deepcopy(full)
     half.load_state_dict({k: v.half().to(v.dtype) if v.is_floating_point() else v for k, v in full.state_dict().items()})
     a, b = (clean_logits(m, test).argmax(1) for m in (full, half))
     check = {"n": len(test), "changed_clean_predictions": int((a != b).sum()), "changed_pgd20_outcomes": None}

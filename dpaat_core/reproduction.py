@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .runs import RunError
+from .runs import RunError, read_table
 
 REPRODUCTION_FILE = "reproduction.csv"
 #: (column, label) of the headline metrics, in the order tables show them.
@@ -25,17 +25,10 @@ PAPER = {"dpaat": {"pgd20": 65.46}, "pgd_at": {"pgd20": 63.14}}
 
 def read_results(path) -> pd.DataFrame:
     """The per-run rows of a study (``study.csv`` or the store's ``reproduction.csv``), checked."""
-    path = Path(path)
-    try:
-        frame = pd.read_csv(path)
-    except (OSError, ValueError) as exc:
-        raise RunError(f"{path}: not a readable CSV ({exc})") from None
-    missing = [c for c in REQUIRED if c not in frame.columns]
-    if missing:
-        raise RunError(f"{path}: missing columns {', '.join(missing)}")
+    frame = read_table(path, REQUIRED, missing_ok=False)
     values = frame[[m for m, _ in METRICS]].apply(pd.to_numeric, errors="coerce")
     if not ((values >= 0) & (values <= 1)).all().all():
-        raise RunError(f"{path}: metric values must be numbers in [0, 1]")
+        raise RunError(f"{Path(path)}: metric values must be numbers in [0, 1]")
     return frame
 
 

@@ -453,31 +453,12 @@ def save_robustness(run_dir, frame: pd.DataFrame) -> Path:
     return path
 
 
-def read_robustness(run_dir) -> pd.DataFrame:
-    """The run's ``robustness.csv`` (empty frame if none); an unreadable file is a :class:`RunError`."""
-    path = Path(run_dir) / "robustness.csv"
-    if not path.is_file():
-        return pd.DataFrame(columns=[*ROBUSTNESS_KEYS, "eps", "accuracy"])
-    try:
-        frame = pd.read_csv(path)
-    except (ValueError, OSError) as exc:
-        raise RunError(f"{path}: not a readable CSV ({exc})") from None
-    missing = {*ROBUSTNESS_KEYS, "eps", "accuracy"} - set(frame.columns)
-    if missing:
-        raise RunError(f"{path}: missing columns {', '.join(sorted(missing))}")
-    return frame
-
-
-ATTRIBUTION_FILE = "attribution.csv"
-
-
-def read_attribution(run_dir) -> pd.DataFrame:
-    """The run's ``attribution.csv`` (written by ``python -m dpaat_core attribute``; empty frame if
-    none): one row per (attribution method, metric) with mean, std, median and n."""
-    path = Path(run_dir) / ATTRIBUTION_FILE
-    columns = ["method", "metric", "mean", "std", "median", "n"]
-    if not path.is_file():
-        return pd.DataFrame(columns=columns)
+def read_table(path, columns, missing_ok: bool = True) -> pd.DataFrame:
+    """A CSV of the store with at least ``columns``: an empty frame of them if the file is absent
+    (and ``missing_ok``); an unreadable file or a missing column is a :class:`RunError` naming it."""
+    path = Path(path)
+    if missing_ok and not path.is_file():
+        return pd.DataFrame(columns=list(columns))
     try:
         frame = pd.read_csv(path)
     except (ValueError, OSError) as exc:
@@ -486,3 +467,16 @@ def read_attribution(run_dir) -> pd.DataFrame:
     if missing:
         raise RunError(f"{path}: missing columns {', '.join(sorted(missing))}")
     return frame
+
+
+def read_robustness(run_dir) -> pd.DataFrame:
+    """The run's ``robustness.csv`` (empty frame if none); an unreadable file is a :class:`RunError`."""
+    return read_table(Path(run_dir) / "robustness.csv", [*ROBUSTNESS_KEYS, "eps", "accuracy"])
+
+ATTRIBUTION_FILE = "attribution.csv"
+
+
+def read_attribution(run_dir) -> pd.DataFrame:
+    """The run's ``attribution.csv`` (written by ``python -m dpaat_core attribute``; empty frame if
+    none): one row per (attribution method, metric) with mean, std, median and n."""
+    return read_table(Path(run_dir) / ATTRIBUTION_FILE, ["method", "metric", "mean", "std", "median", "n"])

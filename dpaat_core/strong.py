@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .attacks import attack_mode
 from .data import ImageDataset
+from .evaluate import clean_logits
 from .validation import balanced_accuracy
 
 #: the losses APGD runs with, in order (DLR needs at least three classes).
@@ -64,10 +65,7 @@ def strong_robustness(model: nn.Module, dataset: ImageDataset, norm: str, eps: f
     device = torch.device(device) if device is not None else next(model.parameters()).device
     losses = tuple(losses) if losses is not None else (LOSSES if dataset.num_classes >= 3 else ("ce",))
     y_all = dataset.labels.numpy()
-    with torch.no_grad(), attack_mode(model):
-        pred = torch.cat([model(dataset.images[i].to(device).float().div_(255.0)).argmax(1).cpu()
-                          for i in torch.arange(len(dataset)).split(batch_size)]).numpy()
-    robust = pred == y_all
+    robust = clean_logits(model, dataset, batch_size, device).argmax(1).numpy() == y_all
     if survivors is not None:
         survivors = np.asarray(survivors, dtype=bool)
         if survivors.shape != robust.shape:
@@ -75,10 +73,9 @@ def strong_robustness(model: nn.Module, dataset: ImageDataset, norm: str, eps: f
         robust &= survivors
     for loss in losses:
         index = np.flatnonzero(robust)
-        for chunk in tqdm(np.array_split(index, max(1, -(-len(index) // batch_size))), disable=not progress,
+        for start in tqdm(range(0, len(index), batch_size), disable=not progress,
                           desc=f"APGD-{loss.upper()} {norm} eps {eps:g}", unit="batch"):
-            if len(chunk) == 0:
-                continue
+            chunk = index[start:start + batch_size]
             i = torch.from_numpy(chunk)
             x = dataset.images[i].to(device).float().div_(255.0)
             y = dataset.labels[i].to(device)
