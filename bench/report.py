@@ -89,10 +89,10 @@ def ablation_table(results: pd.DataFrame) -> tuple[str, pd.DataFrame]:
 def attribution_table(store: Path) -> str:
     rows = []
     for method in MAIN_METHODS:
-        file = store / f"demo-{method}-resnet8-ham10000" / "attribution.csv"
-        if not file.is_file():
+        summary = runs.read_attribution(store / f"demo-{method}-resnet8-ham10000")
+        if not len(summary):
             continue
-        t = pd.read_csv(file).pivot_table(index="method", columns="metric", values="mean")
+        t = summary.pivot_table(index="method", columns="metric", values="mean")
         for attr, r in t.iterrows():
             rows.append({"training": method, "attribution": attr, "spearman": r["spearman"], "top-10% IoU": r["topk_iou"],
                          "SSIM": r["ssim"], "energy in lesion (clean)": r["energy_clean"],
