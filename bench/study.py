@@ -60,6 +60,11 @@ STUDIES = {
     "main28": dict(data=HAM28, size=28, variants={m: (m, {}) for m in METHODS}, seeds=(0, 1, 2), epochs=5,
                    cross_norm=True),
     "ablate28": dict(data=HAM28, size=28, variants=_variants_ablation(28), seeds=(0, 1, 2), epochs=5, cross_norm=True),
+    # second round: long enough for the eps memory to act (a sample's eps moves once per epoch)
+    "long28": dict(data=HAM28, size=28, variants={m: (m, {}) for m in ("dpaat", "pgd_at", "dpaat_fixed")},
+                   seeds=(0, 1, 2), epochs=40, patience=10, cross_norm=True),
+    "long28x": dict(data=HAM28, size=28, variants={"trades": ("trades", {}), "dpaat-gamma0.3": ("dpaat", {"gamma": 0.3})},
+                    seeds=(0, 1, 2), epochs=40, patience=10, cross_norm=True),
 }
 COMMON = dict(model="resnet8", steps=7, batch_size=32, patience=3)
 
