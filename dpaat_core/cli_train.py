@@ -66,6 +66,9 @@ def add_train_parser(sub) -> None:
                      help="torch.compile the training forward passes (default auto: on for CUDA, off on CPU); "
                           "drops the last incomplete batch so every step has the same shape; "
                           "may also be given with --resume")
+    opt.add_argument("--max-minutes", type=float, metavar="M",
+                     help="wall-time budget: end the run at the first epoch boundary past M minutes, as a finished "
+                          "run (status says why); --resume continues it with a new budget (may be given with --resume)")
     where = t.add_argument_group("where")
     where.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if available (default)")
     where.add_argument("--store", default="checkpoints", help="run store folder (default checkpoints)")
@@ -92,7 +95,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     for section, names in (("data", ("image_size", "max_samples", "root")), ("model", ("pretrained",)),
                            ("attack", ("norm", "eps", "alpha_ratio", "steps")),
                            ("train", ("epochs", "batch_size", "lr", "weight_decay", "schedule", "imbalance",
-                                      "early_stop", "patience", "augment", "seed", "device", "compile"))):
+                                      "early_stop", "patience", "augment", "seed", "device", "compile",
+                                      "max_minutes"))):
         for name in names:
             if given(name):
                 setattr(getattr(cfg, section), name, getattr(args, name))
@@ -147,7 +151,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         if args.resume:
             run_dir = train.resume(args.resume, progress=progress, device=args.device, should_stop=stop.is_set,
-                                   compile=args.compile)
+                                   compile=args.compile, max_minutes=args.max_minutes)
         else:
             run_dir = train.train(config, store=args.store, run_id=args.name, progress=progress, should_stop=stop.is_set)
     except (train.Stopped, KeyboardInterrupt):

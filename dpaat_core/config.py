@@ -196,6 +196,9 @@ class TrainConfig:
     # torch.compile the training forward passes: None is auto (on for CUDA, off on CPU). When on,
     # the last incomplete batch of an epoch is dropped so every step has the same shape.
     compile: Optional[bool] = None
+    # wall-time budget in minutes (None: none): the run ends at the first epoch boundary past it, as a
+    # finished run ("done", stopped_by "max_minutes"); a resume gets the budget afresh and continues it.
+    max_minutes: Optional[float] = None
 
     def validate(self):
         _number("train", "epochs", self.epochs, 1, 100000, integer=True)
@@ -210,6 +213,8 @@ class TrainConfig:
         _choice("train", "device", self.device, DEVICES)
         if self.compile is not None and not isinstance(self.compile, bool):
             _fail("train", "compile", self.compile, "true, false or null (auto: on for CUDA, off on CPU)")
+        if self.max_minutes is not None:
+            _number("train", "max_minutes", self.max_minutes, 0, 10**6, lo_open=True)
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "attack": AttackConfig, "method": MethodConfig,

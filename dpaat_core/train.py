@@ -186,10 +186,13 @@ def train(config: RunConfig, store: str | Path = "checkpoints", run_id: Optional
 
 
 def resume(run_dir: str | Path, progress: Optional[ProgressFn] = None, device: Optional[str] = None,
-           should_stop: Optional[Callable[[], bool]] = None, compile: Optional[bool] = None) -> Path:
-    """Continue a killed or stopped run from its last completed epoch (its ``last.pt``).
+           should_stop: Optional[Callable[[], bool]] = None, compile: Optional[bool] = None,
+           max_minutes: Optional[float] = None) -> Path:
+    """Continue a killed, stopped or out-of-time run from its last completed epoch (its ``last.pt``).
 
-    ``device`` and ``compile``, when given, replace the run's own ``train.device`` and ``train.compile``.
+    ``device``, ``compile`` and ``max_minutes``, when given, replace the run's own ``train.device``,
+    ``train.compile`` and ``train.max_minutes`` (and are written to its ``config.json``). A time budget
+    counts from the start of this call: a run that ended on its budget continues for another one.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -198,28 +201,46 @@ def resume(run_dir: str | Path, progress: Optional[ProgressFn] = None, device: O
     config = RunConfig.from_dict(raw)
     if device is not None:
         config.train.device = device
-    if compile is None and "compile" not in (raw.get("train") or {}):
-        compile = False   # a run made before the switch existed trained every batch: keep its batches
-    if compile is not None:
-        config.train.compile = compile
+    if "compile" not in (raw.get("train") or {}):
+        config.train.compile = False   # a run made before the switch existed trained every batch: keep its batches
+    given = {k: v for k, v in (("compile", compile), ("max_minutes", max_minutes)) if v is not None}
+    if given:   # the run's config says what it now trains with
+        for k, v in given.items():
+            setattr(config.train, k, v)
         config.validate()
+        runs.atomic_write_json(run_dir / "config.json", raw | {"train": (raw.get("train") or {}) | given})
     return _run(config, progress, should_stop, run_dir=run_dir)
 
 
 def _run(config: RunConfig, progress: Optional[ProgressFn], should_stop, *, store=None, run_id=None,
          run_dir=None) -> Path:
+    started = time.monotonic()   # the time budget (train.max_minutes) counts from here
     device = resolve_device(config.train.device)
     world = distributed.init_world(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     try:
-        return _train_loop(config, device, world, progress, should_stop, store, run_id, run_dir)
+        return _train_loop(config, device, world, progress, should_stop, store, run_id, run_dir, started)
     finally:
         distributed.close_world(world)
 
 
-def _train_loop(config, device, world, progress, should_stop, store, run_id, run_dir) -> Path:
+def out_of_time(max_minutes: Optional[float], started: float, world: distributed.World) -> bool:
+    """Whether ``max_minutes`` have passed since ``started`` (``time.monotonic``); rank 0 decides for all."""
+    if max_minutes is None:
+        return False
+    return bool(_broadcast(time.monotonic() - started >= 60.0 * max_minutes, world))
+
+
+def _stopped_by(finished: bool, epoch: int, tc, no_patience_left: bool) -> Optional[str]:
+    """Why a run ended after ``epoch`` (None while it goes on): its last epoch, early stopping, or its time budget."""
+    if not finished:
+        return None
+    return "epochs" if epoch == tc.epochs else "early_stop" if no_patience_left else "max_minutes"
+
+
+def _train_loop(config, device, world, progress, should_stop, store, run_id, run_dir, started) -> Path:
     tc, method, attack = config.train, config.method, config.attack
     load = dict(image_size=config.data.image_size, root=config.data.root, max_samples=config.data.max_samples,
                 seed=tc.seed, progress=world.is_main)
@@ -283,20 +304,23 @@ def _train_loop(config, device, world, progress, should_stop, store, run_id, run
             improved = tc.early_stop == "none" or metric > best["metric"]
             best = {"metric": float(metric), "epoch": epoch, "bad_epochs": 0} if improved else \
                 best | {"bad_epochs": best["bad_epochs"] + 1}
-            finished = epoch == tc.epochs or (tc.early_stop != "none" and best["bad_epochs"] >= tc.patience)
+            no_patience_left = tc.early_stop != "none" and best["bad_epochs"] >= tc.patience
+            finished = epoch == tc.epochs or no_patience_left or out_of_time(tc.max_minutes, started, world)
+            stopped_by = _stopped_by(finished, epoch, tc, no_patience_left)
 
             record = {"epoch": epoch, "lr": lr, "train_loss": train_loss,
                       **_epoch_metrics(stats, prev_fragile, train_set.classes), **val,
                       "seconds": time.perf_counter() - t0, "train_seconds": train_seconds, "data_seconds": data_seconds,
                       "images_per_second": len(stats["index"]) / train_seconds, "is_best": improved,
-                      "early_stop_metric": tc.early_stop, "stopped_early": finished and epoch < tc.epochs}
+                      "early_stop_metric": tc.early_stop, "stopped_early": stopped_by == "early_stop",
+                      "stopped_by": stopped_by}
             prev_fragile[torch.from_numpy(stats["index"])] = torch.from_numpy(stats["fragile"]).to(torch.int8)
             if world.is_main:
                 _save_epoch(run_dir, epoch, stats, record, bare, optimizer, scheduler, state, prev_fragile, best, improved)
             status.epoch_end(epoch, best["epoch"])
             if progress:
                 progress(Progress(run_dir, epoch, tc.epochs, 1, 1, "epoch_end", metrics=record))
-        status.done(best["epoch"])
+        status.done(best["epoch"], stopped_by, tc.max_minutes)
     except BaseException as exc:
         status.failed(exc)
         raise
@@ -444,9 +468,14 @@ class _StatusWriter:
         self.best_epoch = best_epoch
         self._write("running", epoch=epoch, epochs_done=epoch, phase="epoch_end")
 
-    def done(self, best_epoch):
+    def done(self, best_epoch, stopped_by=None, max_minutes=None):
         self.best_epoch = best_epoch
-        self._write("done", "finished", phase="done")
+        if stopped_by == "max_minutes":
+            message = (f"time budget of {max_minutes:g} min reached at an epoch boundary; "
+                       "continue with --resume RUN_DIR")
+        else:
+            message = {"early_stop": "finished (early stopping)"}.get(stopped_by, "finished")
+        self._write("done", message, phase="done", stopped_by=stopped_by)
 
     def failed(self, exc: BaseException):
         if isinstance(exc, (KeyboardInterrupt, Stopped)):

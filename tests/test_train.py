@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from dpaat_core import runs
-from dpaat_core.config import RunConfig, method_config
+from dpaat_core.config import ConfigError, RunConfig, method_config
 from dpaat_core.data import load_dataset
 from dpaat_core.distributed import World
-from dpaat_core.train import class_weights, epoch_order, train
+from dpaat_core.train import class_weights, epoch_order, resume, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = "synthetic:n=48,classes=3"
@@ -250,3 +250,36 @@ def test_cosine_schedule_and_balanced_sampler_train_and_log_the_lr_used(tmp_path
     assert lr[1] == pytest.approx(3e-4 * (1 + np.cos(np.pi / 3)) / 2)
     dyn = runs.load_dynamics(run, 1)
     assert len(np.unique(dyn["index"])) == len(dyn["index"])       # a sample drawn twice is logged once
+
+
+def test_a_time_budget_ends_the_run_at_an_epoch_boundary_and_resume_continues_it(tmp_path):
+    """``train.max_minutes``: the first epoch boundary past the budget ends the run as a finished one that says why;
+    a resume gets a new budget, and the pieces add up to the uninterrupted run."""
+    timed = train(small_config(epochs=3, early_stop="none", max_minutes=1e-6), store=tmp_path, run_id="timed")
+    assert list(runs.read_metrics(timed)["epoch"]) == [1]                 # any epoch is past a budget of 60 µs
+    status = runs.read_status(timed)
+    assert status["state"] == "done" and status["stopped_by"] == "max_minutes"
+    assert "time budget of 1e-06 min" in status["message"] and "--resume" in status["message"]
+    assert runs.read_metrics(timed)["stopped_by"].iloc[-1] == "max_minutes"
+    assert runs.read_config(timed)["train"]["max_minutes"] == 1e-6
+    resume(timed)                                                          # the config's budget again: one more epoch
+    assert list(runs.read_metrics(timed)["epoch"]) == [1, 2]
+    resume(timed, max_minutes=60)                                          # a budget that lasts: to the last epoch
+    assert list(runs.read_metrics(timed)["epoch"]) == [1, 2, 3]
+    status = runs.read_status(timed)
+    assert status["state"] == "done" and status["stopped_by"] == "epochs" and status["message"] == "finished"
+    assert runs.read_config(timed)["train"]["max_minutes"] == 60
+    whole = train(small_config(epochs=3, early_stop="none"), store=tmp_path, run_id="whole")
+    a, b = runs.load_weights(timed / "weights.safetensors"), runs.load_weights(whole / "weights.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_a_bad_time_budget_is_one_line(tmp_path):
+    for value in (0, -1, float("nan"), "5"):
+        with pytest.raises(ConfigError, match="train.max_minutes must be a number > 0"):
+            small_config(max_minutes=value)
+    proc = _cli(*_train_args(tmp_path, "bad", epochs=1), "--max-minutes", "0")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "train.max_minutes must be a number > 0" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
