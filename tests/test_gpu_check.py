@@ -1,0 +1,73 @@
+"""bench/gpu_check.py, rehearsed on the CPU: every stage runs and reports its figures; a stage that fails or
+overruns its cap is reported and the next one still runs; the run folders travel in one archive."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _check(tmp_path, *args, timeout=300):
+    out, store = tmp_path / "out", tmp_path / "runs"
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--quick", "--out", str(out),
+                           "--store", str(store), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    results = json.loads((out / "results.json").read_text())
+    return proc, results, (out / "report.md").read_text(), out
+
+
+@pytest.mark.slow
+def test_quick_check_runs_every_stage_on_the_cpu(tmp_path, shared_data):
+    proc, results, report, out = _check(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage in ("env", "tests", "speed", "pair", "archive"):
+        assert results[stage]["status"] == "ok", (stage, results[stage].get("error"))
+        assert f"## {stage}: ok" in report
+    assert results["env"]["peak_tflop_per_s"] > 0 and results["env"]["torch"] in report
+    tests = results["tests"]
+    assert tests["passed"] > 0 and tests["failed"] == 0 and "-m device" in tests["command"]
+    variants = {r["variant"] for r in results["speed"]["rows"]}
+    assert {"erm", "pgd_at", "dpaat", "pgd20_eval", "naive_pgd_at"} <= variants
+    pair = results["pair"]["runs"]
+    assert set(pair) == {"dpaat", "pgd_at"}
+    for method, r in pair.items():
+        assert r["method"] == method and r["epochs_run"] >= 1 and r["stopped_by"] in ("epochs", "early_stop")
+        for key in ("clean_accuracy", "balanced_accuracy", "mAP", "pgd20", "ifgsm"):
+            assert 0 <= r[key] <= 1, (method, key)
+        assert r["pgd20"] <= r["clean_accuracy"] and (r["apgd"] is None or r["apgd"] <= r["pgd20"])
+        assert f"| {method} | {r['epochs_run']}/" in report
+    with tarfile.open(out / "runs.tar.gz") as tar:
+        names = tar.getnames()
+    for method in ("dpaat", "pgd_at"):
+        run = f"gpu-{method}-resnet8-32"
+        for file in ("config.json", "metrics.jsonl", "status.json", "study.json", "weights.safetensors"):
+            assert f"{run}/{file}" in names, (run, file)
+        assert any(n.startswith(f"{run}/dynamics/epoch_") for n in names)
+    assert not any(n.endswith("last.pt") for n in names)          # resume state stays behind
+    assert sorted(p.name for p in out.iterdir()) == ["report.md", "results.json", "runs.tar.gz", "stages.log"]
+
+
+def test_a_stage_that_overruns_or_fails_is_reported_and_the_next_one_runs(tmp_path):
+    proc, results, report, out = _check(tmp_path, "--stages", "env,tests,pair,archive", "--cap", "tests=1",
+                                        "--data", str(tmp_path / "no-such-folder"))
+    assert proc.returncode == 1
+    assert results["env"]["status"] == "ok" and "peak_tflop_per_s" in report      # figures of the stage before
+    assert results["tests"]["status"] == "timed out" and "killed at its cap of 1 s" in report
+    assert results["pair"]["status"] == "failed" and "no-such-folder" in results["pair"]["error"]
+    assert "Traceback" in results["pair"]["runs"]["dpaat"]["error"] and "## pair: failed" in report
+    assert results["archive"]["status"] == "failed" and "no run folders" in report
+    assert "=== archive" in (out / "stages.log").read_text()                    # it still ran
+
+
+@pytest.mark.parametrize("args, says", [(["--cap", "tests=0"], "seconds must be a number > 0"),
+                                        (["--cap", "train=5"], "unknown stage 'train'"),
+                                        (["--stages", "env,gpu"], "--stages: unknown gpu")])
+def test_bad_arguments_are_one_line(tmp_path, args, says):
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and says in proc.stderr.strip().splitlines()[-1]
