@@ -280,7 +280,7 @@ def write_csv(rows: list[dict], path: str) -> None:
         writer.writerows(rows)
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda (default if any) or cpu")
@@ -294,28 +294,37 @@ def main(argv=None) -> None:
                    help="torch.compile our training forward passes (default auto: on for CUDA, off on CPU)")
     p.add_argument("--csv", metavar="PATH", help="also write the table to this CSV file")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available; use --device cpu")
-    settings = args.settings.split(",") if args.settings else (QUICK if args.quick else GRID)
+    args.settings = [s.strip() for s in args.settings.split(",")] if args.settings else list(QUICK if args.quick else GRID)
     args.steps = args.steps or (2 if args.quick else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     args.rounds = args.rounds or (1 if args.quick else 3)
+    return args
+
+
+def load_torchattacks():
     try:
         import torchattacks
     except ImportError:
-        torchattacks = None
         print("torchattacks is not installed (pip install torchattacks): the naive PGD-AT baseline is skipped",
               file=sys.stderr)
+        return None
+    return torchattacks
 
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device, torchattacks = args.device, load_torchattacks()
     peak = peak_flops(device, args.quick)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{name}, torch {torch.__version__}, compile {'on' if compile_enabled(args.compile, device) else 'off'}, "
           f"PGD K={K} l2 eps {EPS}, {args.steps} steps x {args.rounds} rounds (median), "
           f"peak {'bf16' if device.type == 'cuda' else 'float32'} matmul {peak / 1e12:.2f} TFLOP/s\n")
     rows = []
-    for setting in settings:
-        rows += bench_setting(setting.strip(), args, device, peak, torchattacks)
+    for setting in args.settings:
+        rows += bench_setting(setting, args, device, peak, torchattacks)
     print_table(rows)
     print_targets(rows)
     if args.csv:
