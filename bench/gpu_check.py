@@ -120,7 +120,7 @@ def stage_tests(args) -> dict:
         timed_out = True
     print(output)
     result = pytest_counts(output) | {"command": " ".join(cmd[2:]), "returncode": proc.returncode,
-                                      "seconds": time.time() - t0, "timed_out": timed_out}
+                                      "pytest_seconds": time.time() - t0, "timed_out": timed_out}
     if timed_out:
         raise RuntimeError(f"pytest stopped at the stage's cap after {result['passed']} passed, "
                            f"{result['failed']} failed: {', '.join(result['failures']) or 'no failure so far'}")
@@ -350,7 +350,7 @@ def run_stage(args) -> int:
         print(tb, file=sys.stderr)
         record(out, args.stage, status="failed", error=tb, seconds=time.time() - t0)
         return 1
-    record(out, args.stage, status="ok", seconds=time.time() - t0, **result)
+    record(out, args.stage, **(result | {"status": "ok", "seconds": time.time() - t0}))
     return 0
 
 

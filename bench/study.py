@@ -157,6 +157,8 @@ def evaluate_run(run_dir: Path, cross_norm: bool = False, apgd_steps: int = 50) 
         "ifgsm": ifgsm.robust_accuracy, "ifgsm_balanced": ifgsm.robust_balanced_accuracy,
         "apgd": strong["robust_accuracy"], "apgd_balanced": strong["robust_balanced_accuracy"],
         "apgd_attacks": f"pgd20+{strong['attacks']} ({apgd_steps} steps)",
+        "per_class": {row["class"]: {"n": int(row["n"]), "clean": row["accuracy"], "pgd20": row["robust_accuracy"]}
+                      for row in pgd.per_class.to_dict("records")},
         "best_epoch": status.get("best_epoch"), "epochs_run": int(metrics["epoch"].max()) if len(metrics) else 0,
         "train_seconds": float(metrics["train_seconds"].sum()) if "train_seconds" in metrics else None,
     }
@@ -179,6 +181,8 @@ def collect(store: Path, out: Path) -> pd.DataFrame:
     for run_dir in sorted(p for p in store.iterdir() if (p / "study.json").is_file()):
         result = json.loads((run_dir / "study.json").read_text())
         result["study"], result["variant"] = run_dir.name.split("-", 1)[0], run_dir.name.split("-", 1)[1].rsplit("-s", 1)[0]
+        for name, figures in result.pop("per_class", {}).items():   # flat columns: pgd20:<class>, clean:<class>
+            result |= {f"{k}:{name}": v for k, v in figures.items()}
         rows.append(result)
         m = runs.read_metrics(run_dir)
         m.insert(0, "run", run_dir.name)
