@@ -340,3 +340,76 @@ def study_chart(summary: pd.DataFrame, metrics, x: str = "variant", title: str =
                       legend_title_text="metric (mean ± std over seeds)")
     fig.update_yaxes(range=[0, 100])
     return fig
+
+
+def eps_spread_chart(by_epoch: pd.DataFrame, eps_min: float | None = None, eps_max: float | None = None,
+                     title: str = "Per-sample eps over epochs (median, 25–75% and 5–95% of samples)") -> go.Figure:
+    """One colour per ``run``: the median eps as a line, the 25–75% and 5–95% quantiles as bands, the memory's
+    bounds as dashed lines. ``by_epoch`` needs ``run``, ``epoch`` and ``q05``, ``q25``, ``q50``, ``q75``, ``q95``
+    (``dpaat_core.eps_dynamics.run_memory``'s ``by_epoch``, one per run, concatenated)."""
+    need = {"run", "epoch", "q05", "q25", "q50", "q75", "q95"}
+    if by_epoch is None or not len(by_epoch) or not need <= set(by_epoch.columns):
+        return empty_figure(title)
+    fig = go.Figure()
+    for i, (run, part) in enumerate(by_epoch.sort_values("epoch").groupby("run", sort=False)):
+        colour = PALETTE[i % len(PALETTE)]
+        for lo, hi, alpha in (("q05", "q95", 0.12), ("q25", "q75", 0.25)):
+            fig.add_trace(go.Scatter(x=np.r_[part["epoch"], part["epoch"][::-1]], y=np.r_[part[hi], part[lo][::-1]],
+                                     fill="toself", mode="none", fillcolor=_rgba(colour, alpha), showlegend=False,
+                                     hoverinfo="skip", legendgroup=str(run)))
+        fig.add_trace(go.Scatter(x=part["epoch"], y=part["q50"], name=str(run), mode="lines", legendgroup=str(run),
+                                 line={"color": colour, "width": 2}))
+    for value, label in ((eps_min, "eps_min"), (eps_max, "eps_max")):
+        if _finite(value):
+            fig.add_hline(y=float(value), line_dash="dash", line_color="black", annotation_text=f"{label} {value:.3g}",
+                          annotation_position="top left")
+    fig.update_layout(title=title, template="plotly_white", xaxis_title="epoch", yaxis_title="eps (l2, [0,1] pixels)",
+                      legend_title_text="run (median)")
+    return fig
+
+
+def _rgba(hex_colour: str, alpha: float) -> str:
+    r, g, b = (int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def transition_rate_chart(rates: pd.DataFrame,
+                          title: str = "Does a fragile sample stay fragile? P(fragile | the previous epoch's split)") -> go.Figure:
+    """Per ``run`` (one colour): P(fragile | fragile before) as a solid line and P(fragile | stable before) as a
+    dashed one, over epochs. ``rates`` needs ``run``, ``epoch``, ``stay_fragile`` and ``become_fragile``
+    (``dpaat_core.eps_dynamics.transition_rates``). Lines far apart: fragility lasts; together: redrawn."""
+    need = {"run", "epoch", "stay_fragile", "become_fragile"}
+    if rates is None or not len(rates) or not need <= set(rates.columns):
+        return empty_figure(title)
+    fig = go.Figure()
+    for i, (run, part) in enumerate(rates.sort_values("epoch").groupby("run", sort=False)):
+        colour = PALETTE[i % len(PALETTE)]
+        fig.add_trace(go.Scatter(x=part["epoch"], y=part["stay_fragile"], name=f"{run}: fragile → fragile",
+                                 mode="lines", line={"color": colour}))
+        fig.add_trace(go.Scatter(x=part["epoch"], y=part["become_fragile"], name=f"{run}: stable → fragile",
+                                 mode="lines", line={"color": colour, "dash": "dash"}))
+    fig.update_layout(title=title, template="plotly_white", xaxis_title="epoch", yaxis_title="probability",
+                      yaxis_range=[0, 1])
+    return fig
+
+
+def class_eps_chart(frame: pd.DataFrame, y: str = "pgd20", y_title: str = "PGD-20 accuracy on the test split",
+                    title: str = "Each class's mean training eps beside its robust accuracy") -> go.Figure:
+    """One marker per class and ``run``: x the class's mean training eps (at the best epoch), y its ``y`` column
+    (a fraction, shown in %), size by the class's training count; one colour per class. ``frame`` needs
+    ``class``, ``run``, ``eps_mean``, ``n`` and ``y``."""
+    need = {"class", "run", "eps_mean", "n", y}
+    if frame is None or not len(frame) or not need <= set(frame.columns):
+        return empty_figure(title)
+    fig = go.Figure()
+    biggest = max(float(frame["n"].max()), 1.0)
+    for i, (name, part) in enumerate(frame.groupby("class", sort=False)):
+        fig.add_trace(go.Scatter(x=part["eps_mean"], y=100 * part[y], name=f"{name} (n={int(part['n'].iloc[0])})",
+                                 mode="markers", text=part["run"],
+                                 marker={"color": PALETTE[i % len(PALETTE)], "size": 8 + 22 * np.sqrt(part["n"] / biggest),
+                                         "line": {"width": 1, "color": "white"}},
+                                 hovertemplate="%{text}<br>eps %{x:.3f}<br>%{y:.1f}%<extra>" + str(name) + "</extra>"))
+    fig.update_layout(title=title, template="plotly_white", xaxis_title="mean training eps at the best epoch",
+                      yaxis_title=f"{y_title} (%)", legend_title_text="class (training images)")
+    fig.update_yaxes(range=[0, 100])
+    return fig
