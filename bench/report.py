@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 from dashboard import charts  # noqa: E402
 from dpaat_core import reproduction as rep  # noqa: E402
 from dpaat_core import runs  # noqa: E402
+from dpaat_core.eps_dynamics import run_memory  # noqa: E402
 
 MAIN_METHODS = ("erm", "pgd_at", "trades", "dpaat", "dpaat_nosync", "dpaat_fixed")
 BASELINES = ("pgd_at", "trades")
@@ -49,9 +50,9 @@ def main_table(results: pd.DataFrame, study: str) -> tuple[str, pd.DataFrame]:
     return md(rep.format_table(summary).drop(columns=["study"])), summary
 
 
-def differences(results: pd.DataFrame, study: str) -> str:
+def differences(results: pd.DataFrame, study: str, baselines=BASELINES) -> str:
     rows = []
-    for base in BASELINES:
+    for base in baselines:
         for m, label in rep.METRICS:
             d = rep.paired_difference(results, "dpaat", base, m, study)
             if d["n"]:
@@ -112,6 +113,81 @@ def demo_curves(store: Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+MEMORY_TABLES = ("memory_by_epoch", "memory_transitions", "memory_per_class", "memory_spread")
+LONG_METHODS = ("pgd_at", "trades", "dpaat", "dpaat_fixed", "dpaat-gamma0.3")
+LONG_BASELINES = ("pgd_at", "dpaat_fixed", "trades")
+
+
+def long_results(results: pd.DataFrame) -> pd.DataFrame:
+    """The second round's rows as one study, ``long28``: long28's runs and long28x's extra variants."""
+    return results[results["study"].isin(["long28", "long28x"])].assign(study="long28")
+
+
+def epochs_table(long: pd.DataFrame) -> str:
+    frame = long.sort_values(["variant", "seed"])[["run", "epochs_run", "best_epoch", "train_seconds"]].copy()
+    frame["train minutes"] = (frame.pop("train_seconds") / 60).round(1)
+    frame.columns = ["run", "epochs run (of 40)", "best epoch", "train minutes"]
+    return md(frame)
+
+
+def memory_frames(store: Path, long: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """What each DPAAT run's eps memory did (``eps_dynamics.run_memory``), as three flat tables: the spread per
+    epoch, the transition rates per epoch, and per class at the best epoch with the class's test figures."""
+    by_epoch, rates, classes, spreads = [], [], [], []
+    for row in long[long["variant"].str.startswith("dpaat") & (long["gamma"] > 0)].itertuples():
+        run_dir = store / row.run
+        if not run_dir.is_dir():
+            continue
+        m = run_memory(run_dir)
+        tag = dict(run=row.run, variant=row.variant, seed=row.seed)
+        by_epoch.append(m["by_epoch"].assign(**tag))
+        rates.append(m["transitions"].assign(**tag))
+        spreads.append({**tag, "best_epoch": m["best_epoch"], **m["spread"]})
+        pc = m["per_class"].assign(**tag)
+        figures = long.set_index("run").loc[row.run]          # the run's test figures per class, from study.csv
+        for fig in ("clean", "pgd20"):
+            pc[fig] = [figures.get(f"{fig}:{c}", float("nan")) for c in pc["class"]]
+        classes.append(pc)
+    cat = lambda parts: pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()  # noqa: E731
+    return {"memory_by_epoch": cat(by_epoch), "memory_transitions": cat(rates), "memory_per_class": cat(classes),
+            "memory_spread": pd.DataFrame(spreads)}
+
+
+def per_class_robustness(long: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """Mean over seeds of each class's test PGD-20 accuracy per variant (percent), DPAAT minus PGD-AT beside."""
+    cols = [f"pgd20:{c}" for c in classes if f"pgd20:{c}" in long]
+    if not cols:
+        return pd.DataFrame()
+    table = (long.groupby("variant")[cols].mean() * 100).T
+    table.index = [c.split(":", 1)[1] for c in table.index]
+    if {"dpaat", "pgd_at"} <= set(table.columns):
+        table["dpaat - pgd_at"] = table["dpaat"] - table["pgd_at"]
+    return table.round(1).reset_index(names="class")
+
+
+def memory_section(frames: dict[str, pd.DataFrame], long: pd.DataFrame) -> list[str]:
+    out = []
+    spread, pc, rates = frames["memory_spread"], frames["memory_per_class"], frames["memory_transitions"]
+    if len(spread):
+        cols = ["run", "best_epoch", "mean", "q05", "q25", "q50", "q75", "q95", "at_min", "at_max"]
+        out += ["### Spread of the per-sample eps at the best epoch (eps0 0.3, bounds 0.075 and 0.6)\n",
+                md(spread[cols].round(3)), ""]
+    if len(rates):
+        late = rates[rates["epoch"] >= 5].groupby("run")[["fragile_fraction", "stay_fragile", "become_fragile"]].mean()
+        out += ["### Fragile → fragile against stable → fragile (mean over epochs 5 onwards)\n",
+                md(late.round(3).reset_index()), ""]
+    if len(pc):
+        keep = ["n", "eps_mean", "at_min", "at_max", "fragile_fraction", "pgd20", "clean"]
+        table = pc[pc["variant"] == "dpaat"].groupby("class", sort=False)[keep].mean().reset_index()
+        out += ["### Per class at the best epoch (DPAAT, mean over seeds): training eps, fragile share, test accuracy\n",
+                md(table.round(3)), ""]
+    classes = list(dict.fromkeys(pc["class"])) if len(pc) else []
+    robust = per_class_robustness(long, classes)
+    if len(robust):
+        out += ["### Test PGD-20 accuracy per class (%, mean over seeds)\n", md(robust), ""]
+    return out
+
+
 def write_png(fig, path: Path, width=1000, height=480) -> None:
     os.environ.setdefault("BROWSER_PATH", shutil.which("chromium") or "/usr/bin/chromium")
     fig.write_image(str(path), width=width, height=height, scale=1.5)
@@ -122,6 +198,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--store", type=Path, default=ROOT / "checkpoints")
+    p.add_argument("--runs", type=Path, default=ROOT / "study_runs",
+                   help="the study's run folders, for what the eps memory did (default study_runs/); without them "
+                        "the memory tables are read from bench/results/memory_*.csv")
     p.add_argument("--no-figures", action="store_true")
     args = p.parse_args(argv)
     results = rep.read_results(args.results / "study.csv")
@@ -135,6 +214,22 @@ def main(argv=None) -> int:
                 differences(results, study), ""]
     table, summaries["ablate28"] = ablation_table(results)
     out += ["## ablate28: ablations at 28 px beside main28's DPAAT and PGD-AT (same seeds)\n", table, ""]
+    long = long_results(results)
+    frames = {}
+    if len(long):
+        table, summaries["long28"] = main_table(long, "long28")
+        frames = memory_frames(args.runs, long) if args.runs.is_dir() else {}
+        for name, frame in frames.items():       # kept beside study.csv: the tables need no run folders then
+            if len(frame):
+                frame.to_csv(args.results / f"{name}.csv", index=False)
+        frames = {name: (pd.read_csv(args.results / f"{name}.csv") if (args.results / f"{name}.csv").is_file()
+                         else pd.DataFrame()) for name in MEMORY_TABLES}
+        out += ["## long28: 28 px, 40 epochs, early stopping with patience 10 (second round)\n", table, "",
+                "### long28: DPAAT minus baseline, paired by seed\n", differences(long, "long28", LONG_BASELINES), "",
+                "### long28: epochs each run reached\n", epochs_table(long), "", *memory_section(frames, long)]
+        gap = (results["pgd20"] - results["apgd"]) * 100
+        out += [f"APGD's worst case lies {gap.min():.1f}–{gap.max():.1f} points below PGD-20 over all "
+                f"{len(results)} runs of study.csv.", ""]
     out += ["## Attribution on the demo runs (test split, clean vs PGD-10 l2 eps 0.3)\n", attribution_table(args.store), ""]
     (args.results / "tables.md").write_text("\n".join(out))
     print(f"wrote {args.results / 'tables.md'}")
@@ -145,6 +240,18 @@ def main(argv=None) -> int:
         if len(summaries[study]):
             write_png(charts.study_chart(summaries[study], rep.METRICS, title=f"{study}: test split, mean ± std over seeds"),
                       figures / f"{study}.png")
+    if len(long):
+        write_png(charts.study_chart(ordered(summaries["long28"], LONG_METHODS), rep.METRICS,
+                                     title="long28 (40 epochs): test split, mean ± std over seeds"), figures / "long28.png")
+        if len(frames.get("memory_by_epoch", ())):
+            write_png(charts.eps_spread_chart(frames["memory_by_epoch"], 0.075, 0.6,
+                                              title="DPAAT's per-sample eps over 40 epochs (one colour per run)"),
+                      figures / "long28_eps_spread.png")
+        if len(frames.get("memory_transitions", ())):
+            write_png(charts.transition_rate_chart(frames["memory_transitions"]), figures / "long28_transitions.png")
+        if len(frames.get("memory_per_class", ())):
+            pc = frames["memory_per_class"]
+            write_png(charts.class_eps_chart(pc[pc["variant"] == "dpaat"]), figures / "long28_class_eps.png")
     abl = summaries["ablate28"]
     if len(abl):
         metrics = [("clean_accuracy", "clean"), ("balanced_accuracy", "balanced"), ("pgd20", "PGD-20 (training norm)"),

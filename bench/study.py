@@ -176,7 +176,8 @@ def evaluate_run(run_dir: Path, cross_norm: bool = False, apgd_steps: int = 50) 
 
 
 def collect(store: Path, out: Path) -> pd.DataFrame:
-    """Every evaluated run's numbers as ``study.csv`` and every epoch's metrics as ``epochs.csv``."""
+    """Every evaluated run's numbers as ``study.csv`` and every epoch's metrics as ``epochs.csv``, merged into the
+    files already in ``out``: a run found in ``store`` replaces its rows, the rows of other runs stay."""
     rows, epochs = [], []
     for run_dir in sorted(p for p in store.iterdir() if (p / "study.json").is_file()):
         result = json.loads((run_dir / "study.json").read_text())
@@ -190,6 +191,15 @@ def collect(store: Path, out: Path) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
     order = {name: i for i, name in enumerate(STUDIES)}   # the main studies first: the Runs page opens on them
     frame = pd.DataFrame(rows)
+    found = set(frame["run"]) if len(frame) else set()
+    for name, parts in (("study.csv", None), ("epochs.csv", epochs)):   # rows of runs not in this store stay
+        if (out / name).is_file():
+            kept = pd.read_csv(out / name)
+            kept = kept[~kept["run"].isin(found)]
+            if parts is None:
+                frame = pd.concat([kept, frame], ignore_index=True)
+            else:
+                parts.insert(0, kept)
     if len(frame):
         frame = frame.sort_values(["study", "run"], key=lambda c: c.map(order) if c.name == "study" else c,
                                   kind="stable", ignore_index=True)
