@@ -1,12 +1,72 @@
-"""Shared fixtures for the test suite."""
+"""Shared fixtures for the test suite, and the device the ``device``-marked tests run on.
+
+``DPAAT_TEST_DEVICE`` (``cpu``, the default, or ``cuda``) picks where the tests marked ``device``
+run their models and tensors: ``DPAAT_TEST_DEVICE=cuda python -m pytest -m device`` runs the
+device path on a GPU. On the CPU every test is exactly what it is without the variable. Tests
+import what they need from here: ``from conftest import EXACT, TEST_DEVICE, on_device``.
+"""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 #: The real HAM10000 sample data shipped beside the repository (``<repo>/../shared/data``).
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+DEVICE_ENV = "DPAAT_TEST_DEVICE"
+DEVICE_NAMES = ("cpu", "cuda")
+_NAME = os.environ.get(DEVICE_ENV, "").strip() or "cpu"
+
+#: Where the ``device``-marked tests run (``$DPAAT_TEST_DEVICE``, default cpu).
+TEST_DEVICE = torch.device(_NAME if _NAME in DEVICE_NAMES else "cpu")
+
+#: Whether results that are bit for bit equal on the CPU may be compared exactly. CUDA kernels may
+#: sum in a different order from run to run (atomics, split reductions), so a test that compares two
+#: trainings exactly on the CPU compares them with a stated tolerance elsewhere.
+EXACT = TEST_DEVICE.type == "cpu"
+
+#: Where not :data:`EXACT`: how close the weights of two trainings that should be the same run must be
+#: (``torch.testing.assert_close`` arguments). On CUDA the trainer runs under bf16 autocast (8-bit
+#: mantissa: one rounding is a relative step of 2**-8 = 0.4%), so a float32 sum that comes out one ulp
+#: different can flip a bf16 rounding and the difference grows from there. Measured on the CPU with
+#: the runs of test_train.py (3 epochs of dpaat at lr 3e-4): random relative noise of 1e-4 on every
+#: gradient element at every step (a thousand float32 ulps) moved no weight or BatchNorm statistic by
+#: more than 1.1e-6; noise of 1e-3 (a quarter of a bf16 step on every element) moved a few by up to
+#: 8e-4 and breaks this tolerance. So rtol 1e-3 / atol 1e-4 absorbs rounding noise with a wide margin
+#: and still catches a resume that loses state (a resume that drops Adam's moments moves 45 of the
+#: tensors of the time-budget test past it, by up to 2e-2). Losses of such runs are compared with its rtol.
+TRAINED_TOLERANCE = dict(rtol=1e-3, atol=1e-4)
+
+#: ``train.compile`` for runs the ``device`` tests start: the default (auto: eager on the CPU) on the
+#: CPU. On CUDA auto would compile every run with inductor (the compiled path has its own tests in
+#: test_fast_path.py, which reset dynamo between runs): off, so these runs see every batch, as on
+#: the CPU, and do not pile up recompilations in one process.
+TRAIN_COMPILE = None if EXACT else False
+
+
+def on_device(*tensors: torch.Tensor):
+    """``tensors`` moved to :data:`TEST_DEVICE` (one tensor for one argument, else a tuple)."""
+    moved = tuple(t.to(TEST_DEVICE) for t in tensors)
+    return moved[0] if len(moved) == 1 else moved
+
+
+def pytest_configure(config):
+    if _NAME not in DEVICE_NAMES:
+        pytest.exit(f"{DEVICE_ENV} must be one of {', '.join(DEVICE_NAMES)}, got {_NAME!r}", returncode=2)
+    if TEST_DEVICE.type == "cuda":
+        if not torch.cuda.is_available():
+            pytest.exit(f"{DEVICE_ENV}=cuda but no CUDA device is available", returncode=2)
+        # float32 means float32: TF32 matmuls/convolutions (10-bit mantissa) would make the float32
+        # tolerances of the tests (set on the CPU) mean something else.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        # cuDNN picks deterministic algorithms (same shapes, same sums in the same order): the tests
+        # that compare two computations of the same thing should not see run-to-run noise.
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,7 @@
-"""Attacks: equivalence with torchattacks, per-sample epsilon, side effects, bad input."""
+"""Attacks: equivalence with torchattacks, per-sample epsilon, side effects, bad input.
+
+Every test runs on ``$DPAAT_TEST_DEVICE`` (see conftest.py): models, images and budgets live there.
+"""
 import pytest
 import torch
 import torch.nn as nn
@@ -8,6 +11,9 @@ torchattacks = pytest.importorskip("torchattacks")
 
 from dpaat_core.attacks import ATTACKS, attack_mode, fgsm, ifgsm, pgd  # noqa: E402
 from dpaat_core.models import build_model  # noqa: E402
+from conftest import TEST_DEVICE, on_device  # noqa: E402
+
+pytestmark = pytest.mark.device
 
 B, C, S, K = 6, 3, 16, 4
 
@@ -27,19 +33,19 @@ class PlainNet(nn.Module):
 @pytest.fixture
 def batch():
     g = torch.Generator().manual_seed(0)
-    return torch.rand(B, C, S, S, generator=g), torch.randint(0, K, (B,), generator=g)
+    return on_device(torch.rand(B, C, S, S, generator=g), torch.randint(0, K, (B,), generator=g))
 
 
 @pytest.fixture
 def resnet():
     torch.manual_seed(0)
-    return build_model("resnet8", K).eval()
+    return build_model("resnet8", K).to(TEST_DEVICE).eval()
 
 
 @pytest.fixture
 def plain():
     torch.manual_seed(0)
-    return PlainNet().eval()
+    return PlainNet().to(TEST_DEVICE).eval()
 
 
 def _peer(name, model, eps, alpha, steps):
@@ -89,7 +95,7 @@ def test_batchnorm_model_matches_torchattacks(resnet, batch, name, eps, alpha, s
 @pytest.mark.parametrize("random_start", [False, True])
 def test_per_sample_eps_stays_in_each_ball(resnet, batch, norm, random_start):
     x, y = batch
-    eps = torch.tensor([0.0, 0.05, 0.1, 0.5, 1.0, 2.0]) * (1 if norm == "l2" else 0.03)
+    eps = torch.tensor([0.0, 0.05, 0.1, 0.5, 1.0, 2.0], device=TEST_DEVICE) * (1 if norm == "l2" else 0.03)
     x_adv = pgd(resnet, x, y, eps, eps / 4, 5, norm=norm, random_start=random_start,
                 generator=torch.Generator().manual_seed(1))
     delta = (x_adv - x).flatten(1)
@@ -104,7 +110,7 @@ def test_per_sample_eps_stays_in_each_ball(resnet, batch, norm, random_start):
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_per_sample_eps_equals_one_sample_at_a_time(resnet, batch, norm):
     x, y = batch
-    eps = torch.linspace(0.1, 1.0, B) * (1 if norm == "l2" else 0.05)
+    eps = torch.linspace(0.1, 1.0, B, device=TEST_DEVICE) * (1 if norm == "l2" else 0.05)
     together = pgd(resnet, x, y, eps, eps / 3, 4, norm=norm, random_start=False)
     for i in range(B):
         alone = pgd(resnet, x[i : i + 1], y[i : i + 1], float(eps[i]), float(eps[i]) / 3, 4, norm=norm, random_start=False)
@@ -114,6 +120,7 @@ def test_per_sample_eps_equals_one_sample_at_a_time(resnet, batch, norm):
 def test_tensor_eps_equals_float_eps(resnet, batch):
     x, y = batch
     a = pgd(resnet, x, y, 0.5, 0.1, 3, random_start=False)
+    # budgets given on the CPU for images elsewhere are the attack's to move
     b = pgd(resnet, x, y, torch.full((B,), 0.5), torch.tensor(0.1), 3, random_start=False)
     assert torch.equal(a, b)
 
@@ -179,7 +186,7 @@ def test_custom_loss_with_soft_targets(resnet, batch):
 
 def test_under_autocast_the_geometry_stays_float32(resnet, batch):
     x, y = batch
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(TEST_DEVICE.type, dtype=torch.bfloat16):
         x_adv = pgd(resnet, x, y, 0.5, 0.2, 3)
     assert x_adv.dtype == torch.float32
     assert torch.all((x_adv - x).flatten(1).norm(dim=1) <= 0.5 * (1 + 1e-5))
@@ -235,17 +242,16 @@ def test_per_sample_eps_on_real_lesion_images(shared_data):
     from dpaat_core.data import load_dataset
 
     data = load_dataset(f"npz:{shared_data / 'ham10000_sample.npz'}", "test", 32, max_samples=16)
-    x = data.images.float() / 255
-    y = data.labels
+    x, y = on_device(data.images.float() / 255, data.labels)
     torch.manual_seed(0)
-    model = build_model("resnet8", data.num_classes)
+    model = build_model("resnet8", data.num_classes).to(TEST_DEVICE)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(15):  # fit these 16 images so that the attack has margins to cross
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
     model.eval()
-    eps = torch.linspace(0, 1.0, len(x))
+    eps = torch.linspace(0, 1.0, len(x), device=TEST_DEVICE)
     x_adv = pgd(model, x, y, eps, eps / 4, 10, generator=torch.Generator().manual_seed(0))
     norms = (x_adv - x).flatten(1).norm(dim=1)
     assert torch.all(norms <= eps * (1 + 1e-5) + 1e-7) and torch.equal(x_adv[0], x[0])

@@ -1,4 +1,8 @@
-"""Attribution maps and their metrics, against Captum, autograd, scipy and constructed cases."""
+"""Attribution maps and their metrics, against Captum, autograd, scipy and constructed cases.
+
+The tests marked ``device`` run models and images on ``$DPAAT_TEST_DEVICE`` (see conftest.py); the
+metrics (numpy) and the argument checks run on the CPU.
+"""
 import math
 
 import matplotlib
@@ -17,24 +21,31 @@ from dpaat_core.attribution import (
 from dpaat_core.data import load_dataset
 from dpaat_core.data.dataset import ImageDataset
 from dpaat_core.models import build_model, gradcam_layer
+from conftest import TEST_DEVICE, on_device
 
 SYNTHETIC = "synthetic:n=512,classes=4"
 
 
-def _model(name="resnet8", classes=4, channels=3, seed=0):
+def _model(name="resnet8", classes=4, channels=3, seed=0, device="cpu"):
     torch.manual_seed(seed)
-    return build_model(name, classes, in_channels=channels).eval()
+    return build_model(name, classes, in_channels=channels).to(device).eval()
+
+
+def _device_model(*args, **kwargs):
+    """:func:`_model` (the same weights: drawn on the CPU) on TEST_DEVICE."""
+    return _model(*args, device=TEST_DEVICE, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def trained():
-    """A resnet8 trained on 32 px synthetic lesions: 200 Adam steps of 32 images (~3 s on 2 cores, ~85-100% test accuracy)."""
+    """A resnet8 trained on 32 px synthetic lesions: 200 Adam steps of 32 images (~3 s on 2 cores, ~85-100% test accuracy),
+    on TEST_DEVICE."""
     data = load_dataset(SYNTHETIC, "train", 32)
-    model, g = _model(seed=0).train(), torch.Generator().manual_seed(0)
+    model, g = _device_model(seed=0).train(), torch.Generator().manual_seed(0)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(200):
         idx = torch.randint(len(data), (32,), generator=g)
-        loss = F.cross_entropy(model(data.images[idx].float() / 255), data.labels[idx])
+        loss = F.cross_entropy(model(on_device(data.images[idx].float() / 255)), on_device(data.labels[idx]))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -43,22 +54,25 @@ def trained():
 
 @pytest.fixture(scope="module")
 def synthetic_test():
+    """Images and labels on TEST_DEVICE, masks on the CPU (the metrics take them there)."""
     data = load_dataset(SYNTHETIC, "test", 32)
-    return data.images.float() / 255, data.labels, data.masks
+    return *on_device(data.images.float() / 255, data.labels), data.masks
 
 
 # ---------------------------------------------------------------- maps
 
+@pytest.mark.device
 @pytest.mark.parametrize("name,size", [("resnet8", 32), ("mobilenet_v3_small", 128)])  # mobilenet: a 4x4 CAM at 128 px
 def test_gradcam_is_captums_layer_gradcam_upsampled(name, size):
-    model = _model(name)
-    x, target = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2])
+    model = _device_model(name)
+    x, target = on_device(torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2]))
     cam = LayerGradCam(model, gradcam_layer(model)).attribute(x, target, relu_attributions=True)
     expected = F.interpolate(cam.detach(), size=(size, size), mode="bilinear", align_corners=False)
     assert cam.shape[-1] < size and expected.amax() > 0  # a coarse, non-trivial map is being upsampled
     torch.testing.assert_close(attribute(model, x, target, "gradcam"), expected)
 
 
+@pytest.mark.device
 def test_gradcam_matches_a_hand_computation(trained, synthetic_test):
     x, y = synthetic_test[0][:4], synthetic_test[1][:4]
     layer, seen = gradcam_layer(trained), {}
@@ -72,34 +86,38 @@ def test_gradcam_matches_a_hand_computation(trained, synthetic_test):
     torch.testing.assert_close(attribute(trained, x, y, "gradcam"), expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("channels", [3, 1])
 def test_every_method_gives_one_map_per_image(method, channels):
-    model = _model(channels=channels)
-    x = torch.rand(2, channels, 32, 32, generator=torch.Generator().manual_seed(0))
+    model = _device_model(channels=channels)
+    x = on_device(torch.rand(2, channels, 32, 32, generator=torch.Generator().manual_seed(0)))
     maps = attribute(model, x, 1, method)
     assert maps.shape == (2, 1, 32, 32) and maps.dtype == torch.float32 and not maps.requires_grad
+    assert maps.device == x.device
     assert torch.isfinite(maps).all()
     if method != "occlusion":  # occlusion may be negative: hiding a patch can raise the score
         assert (maps >= 0).all()
 
 
+@pytest.mark.device
 def test_saliency_is_the_absolute_input_gradient_summed_over_channels():
-    model = _model()
-    x, target = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2)), torch.tensor([3, 0, 1])
+    model = _device_model()
+    x, target = on_device(torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2)), torch.tensor([3, 0, 1]))
     xg = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(model(xg).gather(1, target[:, None]).sum(), xg)
     torch.testing.assert_close(attribute(model, x, target, "saliency"), grad.abs().sum(1, keepdim=True))
 
 
+@pytest.mark.device
 def test_model_flags_are_restored_and_parameters_get_no_grad():
-    model = _model().train()
+    model = _device_model().train()
     model.backbone.layer2.eval()  # a mixed state, which a plain model.train() afterwards would lose
     flags = [m.training for m in model.modules()]
     bn = model.backbone.bn1.running_mean.clone()
-    x = torch.rand(2, 3, 32, 32)
+    x = on_device(torch.rand(2, 3, 32, 32))
     for method in METHODS:
-        attribute(model, x, torch.tensor([0, 1]), method)
+        attribute(model, x, on_device(torch.tensor([0, 1])), method)
     assert [m.training for m in model.modules()] == flags
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(model.backbone.bn1.running_mean, bn)  # ran in eval mode: statistics untouched
@@ -119,10 +137,11 @@ def test_bad_arguments_are_refused(x, target, method, match):
 
 # ---------------------------------------------------------------- clean vs adversarial
 
+@pytest.mark.device
 @pytest.mark.parametrize("attack,norm,eps", [("pgd", "l2", 1.0), ("ifgsm", "linf", 8 / 255), ("fgsm", "linf", 8 / 255)])
 def test_clean_and_adversarial_explains_both_for_the_clean_prediction(attack, norm, eps):
-    model = _model()
-    x, y = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)), torch.tensor([0, 1, 2, 3])
+    model = _device_model()
+    x, y = on_device(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)), torch.tensor([0, 1, 2, 3]))
     out = clean_and_adversarial(model, x, y, eps, "saliency", attack, norm, steps=3, generator=torch.Generator().manual_seed(0))
     expected = {"pgd": lambda: attacks.pgd(model, x, y, eps, eps / 4, 3, norm, generator=torch.Generator().manual_seed(0)),
                 "ifgsm": lambda: attacks.ifgsm(model, x, y, eps, eps / 3, 3, norm),
@@ -140,9 +159,10 @@ def test_clean_and_adversarial_explains_both_for_the_clean_prediction(attack, no
     torch.testing.assert_close(out["map_clean"], attribute(model, x, out["pred_clean"], "saliency"))
 
 
+@pytest.mark.device
 def test_zero_budget_gives_identical_maps():
-    model, x, y = _model(), torch.rand(3, 3, 32, 32), torch.tensor([0, 1, 2])
-    out = clean_and_adversarial(model, x, y, 0.0, "gradcam", target=torch.tensor([2, 2, 2]))
+    model, (x, y) = _device_model(), on_device(torch.rand(3, 3, 32, 32), torch.tensor([0, 1, 2]))
+    out = clean_and_adversarial(model, x, y, 0.0, "gradcam", target=on_device(torch.tensor([2, 2, 2])))
     assert torch.equal(out["x_adv"], x) and torch.equal(out["map_clean"], out["map_adv"])
     a, b = out["map_clean"], out["map_adv"]
     assert a.amax() > 0
@@ -237,6 +257,7 @@ def test_synthetic_lesions_sit_near_the_centre_so_mask_fraction_is_a_weak_chance
     assert scores["vs_fraction"] > 2.5 and 0.9 < scores["vs_others"] < 1.1  # measured 3.08 and ~1.0
 
 
+@pytest.mark.device
 def test_a_trained_model_attends_to_the_lesion(trained, synthetic_test):
     x, y, masks = synthetic_test
     # Saliency separates trained from random best at 32 px; Grad-CAM's 8x8 map is mostly centre bias.
@@ -247,9 +268,10 @@ def test_a_trained_model_attends_to_the_lesion(trained, synthetic_test):
     assert cam["pointing"] > cam["pointing_others"] + 0.2  # measured 0.80-0.88 against 0.48-0.55
 
 
+@pytest.mark.device
 def test_a_random_model_attends_at_chance(synthetic_test):
     x, y, masks = synthetic_test
-    sal = _localisation(attribute(_model(seed=0), x, y, "saliency"), masks)
+    sal = _localisation(attribute(_device_model(seed=0), x, y, "saliency"), masks)
     # measured over 14 initialisations: 0.85-1.44 against the fraction, 0.86-1.13 against other masks
     assert 0.7 < sal["vs_fraction"] < 1.6 and 0.75 < sal["vs_others"] < 1.2
 
@@ -259,10 +281,11 @@ def test_a_random_model_attends_at_chance(synthetic_test):
 MASK_COLUMNS = ["mask_fraction", "energy_clean", "energy_adv", "energy_other_mask", "pointing_clean", "pointing_adv"]
 
 
+@pytest.mark.device
 def test_attribution_report_on_real_ham10000(shared_data):
     data = load_dataset(f"npz:{shared_data / 'ham10000_sample.npz'}", "test", 32)
-    model = _model(classes=data.num_classes)
-    df = attribution_report(model, data, 0.5, "gradcam", steps=3, n=8, batch_size=4, seed=1)
+    model = _device_model(classes=data.num_classes)
+    df = attribution_report(model, data, 0.5, "gradcam", steps=3, n=8, batch_size=4, seed=1, device=TEST_DEVICE)
     assert list(df.columns) == ["index", "label", "pred_clean", "pred_adv", "correct_clean", "correct_adv", "spearman",
                                 "topk_iou", "ssim"] + MASK_COLUMNS
     assert len(df) == 8 and df["index"].is_unique and df["index"].between(0, len(data) - 1).all()
@@ -277,8 +300,8 @@ def test_attribution_report_on_real_ham10000(shared_data):
     assert set(df["pointing_clean"].dropna()) <= {0.0, 1.0}
     # energy_other_mask scores each clean map on the next drawn image's mask
     from dpaat_core.attribution import attribute
-    x = data.images[df["index"]].float() / 255
-    maps = attribute(model, x, torch.tensor(df["pred_clean"].to_numpy()), "gradcam")
+    x = on_device(data.images[df["index"]].float() / 255)
+    maps = attribute(model, x, on_device(torch.tensor(df["pred_clean"].to_numpy())), "gradcam")
     np.testing.assert_allclose(df["energy_other_mask"], energy_in_mask(maps, data.masks[np.roll(df["index"], -1)]),
                                rtol=1e-4, atol=1e-6)
     assert df.attrs == {"method": "gradcam", "eps": 0.5, "attack": "pgd", "norm": "l2", "steps": 3}
@@ -290,14 +313,16 @@ def test_attribution_report_on_real_ham10000(shared_data):
     assert summary.loc["energy_clean", "n"] == df["energy_clean"].notna().sum()
     assert summary.loc["correct_clean", "mean"] == pytest.approx(df["correct_clean"].mean())
 
-    again = attribution_report(model, data, 0.5, "gradcam", steps=3, n=8, batch_size=8, seed=1)
+    again = attribution_report(model, data, 0.5, "gradcam", steps=3, n=8, batch_size=8, seed=1, device=TEST_DEVICE)
     np.testing.assert_array_equal(again["index"], df["index"])  # the draw depends on the seed, not the batching
 
 
+@pytest.mark.device
 def test_attribution_report_without_masks_has_no_mask_columns():
     data = load_dataset(SYNTHETIC, "test", 16)
     bare = ImageDataset(data.images[:6], data.labels[:6], data.classes, data.source)
-    df = attribution_report(_model(), bare, 0.3, "saliency", attack="fgsm", norm="linf", n=100, batch_size=4)
+    df = attribution_report(_device_model(), bare, 0.3, "saliency", attack="fgsm", norm="linf", n=100, batch_size=4,
+                            device=TEST_DEVICE)
     assert len(df) == 6 and not set(MASK_COLUMNS) & set(df.columns)
 
 

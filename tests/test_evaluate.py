@@ -1,5 +1,9 @@
 """Robustness evaluation: robust <= clean, monotone curves, the fast curve equals the naive one,
-the evaluate command and robustness.csv."""
+the evaluate command and robustness.csv.
+
+``trained`` trains and loads its model on ``$DPAAT_TEST_DEVICE`` (see conftest.py); the tests marked
+``device`` run the model there (the evaluation functions work on the model's device).
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -14,21 +18,24 @@ from dpaat_core.data import load_dataset
 from dpaat_core.evaluate import average_precision, eps_rms, evaluate, perturb, protocol, robustness_curve
 from dpaat_core.models import build_model
 from dpaat_core.train import train
+from conftest import TEST_DEVICE, TRAIN_COMPILE, on_device
 
 GRID = [0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A resnet8 trained briefly on the synthetic set (a run in a temporary store) and its test split."""
+    """A resnet8 trained briefly on the synthetic set (a run in a temporary store), on TEST_DEVICE, and its test split."""
     cfg = RunConfig()
     cfg.data.spec, cfg.data.image_size = "synthetic:n=96,classes=3", 16
     cfg.attack.steps, cfg.method = 2, method_config("erm")
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.device, cfg.train.lr = 3, 16, "cpu", 3e-3
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.device, cfg.train.lr = 3, 16, TEST_DEVICE.type, 3e-3
+    cfg.train.compile = TRAIN_COMPILE
     run = train(cfg, store=tmp_path_factory.mktemp("store"), run_id="erm")
-    return run, runs.load_model(run), runs.load_run_data(run, "test")
+    return run, runs.load_model(run, device=TEST_DEVICE), runs.load_run_data(run, "test")
 
 
+@pytest.mark.device
 def test_evaluate_reports_clean_and_robust_metrics(trained):
     _, model, ds = trained
     ev = evaluate(model, ds, attack="pgd", norm="l2", eps=0.5, steps=5)
@@ -40,7 +47,8 @@ def test_evaluate_reports_clean_and_robust_metrics(trained):
     assert list(ev.per_class["class"]) == ds.classes and ev.per_class["n"].sum() == len(ds)
     assert ev.settings["eps_rms"] == pytest.approx(0.5 / np.sqrt(3 * 16 * 16))
     with torch.no_grad():
-        assert ev.accuracy == pytest.approx((model(ds.images.float() / 255).argmax(1) == ds.labels).float().mean().item())
+        assert ev.accuracy == pytest.approx((model(on_device(ds.images.float() / 255)).argmax(1).cpu() == ds.labels)
+                                            .float().mean().item())
     assert evaluate(model, ds, eps=0.0, steps=3).robust_accuracy == pytest.approx(ev.accuracy)
     strong = evaluate(model, ds, attack="pgd", norm="linf", eps=0.5, steps=10)
     assert strong.robust_accuracy < ev.accuracy                       # a large linf ball breaks it
@@ -54,6 +62,7 @@ def test_average_precision_against_a_hand_computed_case():
 
 
 @pytest.mark.parametrize("attack, norm", [("pgd", "l2"), ("ifgsm", "linf"), ("fgsm", "l2")])
+@pytest.mark.device
 def test_fast_curve_equals_attacking_every_sample_at_every_eps(trained, attack, norm):
     _, model, ds = trained
     grid = GRID if norm == "l2" else [e / 8 for e in GRID]
@@ -64,6 +73,7 @@ def test_fast_curve_equals_attacking_every_sample_at_every_eps(trained, attack, 
     assert list(fast.eps) == sorted(grid) and fast.accuracy.iloc[0] == pytest.approx(evaluate(model, ds, eps=0, steps=1).accuracy)
 
 
+@pytest.mark.device
 def test_curve_is_monotone_and_ends_low(trained):
     _, model, ds = trained
     curve = robustness_curve(model, ds, list(reversed(GRID)), "pgd", "l2", steps=5)
@@ -85,9 +95,10 @@ def test_bad_attack_settings_are_refused(trained):
             robustness_curve(model, ds, **args)
 
 
+@pytest.mark.device
 def test_evaluate_command_writes_and_merges_robustness_csv(trained, capsys):
     run, _, ds = trained
-    argv = ["evaluate", str(run), "--steps", "2", "--eps-grid", "0,0.5,1", "--device", "cpu"]
+    argv = ["evaluate", str(run), "--steps", "2", "--eps-grid", "0,0.5,1", "--device", TEST_DEVICE.type]
     assert main(argv + ["--attack", "pgd,ifgsm"]) == 0
     out = capsys.readouterr().out
     assert "worst case over the grid" in out and "ifgsm" in out and "pgd" in out
@@ -119,6 +130,7 @@ def test_evaluating_on_data_of_another_shape_is_refused(trained, capsys):
     assert "5 classes" in capsys.readouterr().err
 
 
+@pytest.mark.device
 def test_protocol_runs_the_papers_presets(trained, capsys):
     run, model, ds = trained
     table = protocol(model, ds, {"l2": 0.5, "linf": 0.02}, presets=("pgd20_l2", "ifgsm_linf"))
@@ -135,6 +147,7 @@ def test_protocol_runs_the_papers_presets(trained, capsys):
     assert saved.eps.iloc[0] == pytest.approx(0.3) and saved.n.iloc[0] == 8
 
 
+@pytest.mark.device
 def test_curve_reports_its_progress(trained):
     _, model, ds = trained
     seen = []
@@ -143,10 +156,11 @@ def test_curve_reports_its_progress(trained):
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
 
 
+@pytest.mark.device
 def test_perturb_uses_the_protocol_settings(trained):
     from dpaat_core.attacks import pgd
     _, model, ds = trained
-    x, y = ds.images[:4].float() / 255, ds.labels[:4]
+    x, y = on_device(ds.images[:4].float() / 255, ds.labels[:4])
     x_adv = perturb(model, x, y, "pgd", "l2", 0.5, steps=3)
     ref = pgd(model, x, y, 0.5, 0.125, 3, "l2", generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(x_adv, ref)

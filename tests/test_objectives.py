@@ -2,6 +2,8 @@
 
 References are recomputed from the model's own outputs with torch's cross-entropy and a numpy KL,
 never taken from :class:`StepResult`; the attack is captured by wrapping ``objectives.pgd``.
+Every test runs on ``$DPAAT_TEST_DEVICE`` (see conftest.py): model, batch, memory and class weights
+live there; references are computed there and compared on the CPU (numpy).
 """
 import copy
 
@@ -15,7 +17,10 @@ from dpaat_core.config import AttackConfig, method_config
 from dpaat_core.data import load_dataset
 from dpaat_core.models import build_model
 from dpaat_core.objectives import MethodState, StepResult, training_step
+from conftest import TEST_DEVICE, on_device
 from references import kl, softmax
+
+pytestmark = pytest.mark.device
 
 METHODS = ("erm", "pgd_at", "trades", "dpaat", "dpaat_nosync", "dpaat_fixed")
 ATTACK = AttackConfig(steps=3)          # l2, eps 0.3, alpha 0.5 * eps, eval-mode attack
@@ -25,7 +30,7 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def ham(shared_data):
-    """16 real HAM10000 images at 32 px: ``(x [16,3,32,32] in [0,1], y [16], idx [16], dataset)``."""
+    """16 real HAM10000 images at 32 px: ``(x [16,3,32,32] in [0,1], y [16], idx [16], dataset)``, on TEST_DEVICE."""
     ds = load_dataset(f"npz:{shared_data / 'ham10000_sample.npz'}", "train", SIZE, max_samples=16)
     items = [ds[i] for i in range(len(ds))]
     x = torch.stack([it[0] for it in items])
@@ -33,12 +38,12 @@ def ham(shared_data):
     idx = torch.tensor([it[2] for it in items])
     assert x.shape == (16, 3, SIZE, SIZE) and 0 <= x.min() and x.max() <= 1
     assert len(torch.unique(y)) >= 3, "the sample batch should hold several classes"
-    return x, y, idx, ds
+    return (*on_device(x, y, idx), ds)
 
 
 def _model(num_classes, seed=0):
     torch.manual_seed(seed)
-    return build_model("resnet8", num_classes).train()
+    return build_model("resnet8", num_classes).to(TEST_DEVICE).train()
 
 
 def _gen(seed):
@@ -61,12 +66,12 @@ class PgdSpy:
 
 
 def _np(t):
-    return t.detach().double().numpy()
+    return t.detach().double().cpu().numpy()
 
 
 def _ce(z, y):
     """Per-sample cross-entropy in float64 (numpy ``[B]``)."""
-    return F.cross_entropy(z.detach().double(), y, reduction="none").numpy()
+    return F.cross_entropy(z.detach().double(), y, reduction="none").cpu().numpy()
 
 
 # --- every member of the family learns ----------------------------------------------------------
@@ -77,13 +82,13 @@ def test_objective_loss_goes_down_on_a_real_batch(name, ham):
     method = method_config(name)
     model = _model(ds.num_classes)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    state = MethodState.create(method, ATTACK, len(ds), "cpu")
+    state = MethodState.create(method, ATTACK, len(ds), TEST_DEVICE)
 
     def measure():
         # Same seed, fresh state (eps0 everywhere), a copy of the model in train mode; plus the
         # clean cross-entropy computed here, so an objective that went the wrong way shows too.
         probe = copy.deepcopy(model).train()
-        fresh = MethodState.create(method, ATTACK, len(ds), "cpu")
+        fresh = MethodState.create(method, ATTACK, len(ds), TEST_DEVICE)
         loss = training_step(probe, x, y, idx, method, ATTACK, fresh, generator=_gen(1234)).loss.item()
         with torch.no_grad():
             ce = _ce(copy.deepcopy(model).train()(x), y).mean()
@@ -111,10 +116,10 @@ def _train(method, ham, steps=4, batch=8):
     x, y, idx, ds = ham
     model = _model(ds.num_classes)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    state = MethodState.create(method, ATTACK, len(ds), "cpu")
+    state = MethodState.create(method, ATTACK, len(ds), TEST_DEVICE)
     losses = []
     for step in range(steps):
-        part = torch.arange(step * batch, (step + 1) * batch) % len(x)
+        part = torch.arange(step * batch, (step + 1) * batch, device=x.device) % len(x)
         result = training_step(model, x[part], y[part], idx[part], method, ATTACK, state, generator=_gen(10 + step))
         opt.zero_grad()
         result.loss.backward()
@@ -149,7 +154,7 @@ def test_erm_runs_no_attack_and_reports_zeros(ham, monkeypatch):
     monkeypatch.setattr(objectives, "pgd", no_attack)
     method = method_config("erm")
     model = _model(ds.num_classes)
-    state = MethodState.create(method, ATTACK, len(ds), "cpu")
+    state = MethodState.create(method, ATTACK, len(ds), TEST_DEVICE)
     assert state.memory is None
     result = training_step(model, x, y, idx, method, ATTACK, state, generator=_gen(0))
 
@@ -172,8 +177,8 @@ def test_dpaat_step_splits_by_mean_delta_loss_and_updates_memory(ham, monkeypatc
     eps0, gamma = ATTACK.eps, method.gamma
     model = _model(ds.num_classes)
     # non-contiguous dataset indices in a larger memory, so index bookkeeping matters
-    state = MethodState.create(method, ATTACK, 40, "cpu")
-    idx = torch.arange(16) * 2 + 5
+    state = MethodState.create(method, ATTACK, 40, TEST_DEVICE)
+    idx = on_device(torch.arange(16) * 2 + 5)
 
     result = training_step(model, x, y, idx, method, ATTACK, state, generator=_gen(0))
     assert len(spy.calls) == 1, "dpaat with a memory runs one attack per batch"
@@ -189,11 +194,11 @@ def test_dpaat_step_splits_by_mean_delta_loss_and_updates_memory(ham, monkeypatc
     assert torch.equal(result.fragile, result.delta_loss > result.threshold)
     assert 0 < result.fragile.sum() < 16, "the batch has both fragile and stable samples"
 
-    fragile = result.fragile.numpy()
+    fragile = result.fragile.cpu().numpy()
     expected = np.where(fragile, eps0 * (1 - gamma), eps0 * (1 + gamma))
     np.testing.assert_allclose(_np(state.memory[idx]), expected, rtol=1e-6)
-    others = torch.tensor([i for i in range(40) if i not in set(idx.tolist())])
-    assert (state.memory[others] == torch.tensor(eps0)).all(), "samples not in the batch keep eps0"
+    others = on_device(torch.tensor([i for i in range(40) if i not in set(idx.tolist())]))
+    assert (state.memory[others] == torch.tensor(eps0, device=TEST_DEVICE)).all(), "samples not in the batch keep eps0"
 
     # The loss is METHOD.md step 9 with the defaults: CE(adv) + CE(clean) + sym-KL
     p, q = softmax(_np(z)), softmax(_np(z_adv))
@@ -214,10 +219,10 @@ def test_dpaat_memory_follows_permuted_batches(ham):
     x, y, idx, ds = ham
     method = method_config("dpaat")
     model = _model(ds.num_classes)
-    state = MethodState.create(method, ATTACK, len(ds), "cpu")
+    state = MethodState.create(method, ATTACK, len(ds), TEST_DEVICE)
     first = training_step(model, x, y, idx, method, ATTACK, state, generator=_gen(0))
     memory = state.memory.eps.clone()
-    perm = torch.randperm(16, generator=_gen(5))
+    perm = on_device(torch.randperm(16, generator=_gen(5)))
     second = training_step(model, x[perm], y[perm], idx[perm], method, ATTACK, state, generator=_gen(1))
     torch.testing.assert_close(second.eps, memory[idx[perm]], rtol=0, atol=0)
     assert first.eps.unique().numel() == 1 and second.eps.unique().numel() == 2
@@ -234,7 +239,7 @@ def test_trades_attack_maximises_kl_to_the_clean_prediction(ham, monkeypatch):
     model = _model(ds.num_classes)
     with torch.no_grad():
         clean_eval = copy.deepcopy(model).eval()(x)   # the target TRADES attacks away from
-    state = MethodState.create(method, attack, len(ds), "cpu")
+    state = MethodState.create(method, attack, len(ds), TEST_DEVICE)
     assert state.memory is None
     result = training_step(model, x, y, idx, method, attack, state, generator=_gen(0))
 
@@ -242,7 +247,7 @@ def test_trades_attack_maximises_kl_to_the_clean_prediction(ham, monkeypatch):
     loss_fn = spy.calls[0]["kwargs"].get("loss_fn")
     assert loss_fn is not None, "TRADES must attack the KL, not the default cross-entropy"
     np.testing.assert_allclose(_np(spy.calls[0]["eps"]), np.full(16, attack.eps), rtol=1e-6)
-    probe = torch.randn(16, ds.num_classes, generator=_gen(3)) * 2
+    probe = on_device(torch.randn(16, ds.num_classes, generator=_gen(3)) * 2)
     attack_loss = loss_fn(probe, y)
     assert attack_loss.shape == (16,)
     np.testing.assert_allclose(_np(attack_loss), kl(softmax(_np(clean_eval)), softmax(_np(probe))),
@@ -266,7 +271,7 @@ def test_trades_attack_maximises_kl_to_the_clean_prediction(ham, monkeypatch):
 # --- class weights ----------------------------------------------------------------------------
 
 def _weighted(ce, y, w):
-    w = w[y].double().numpy()
+    w = w[y].double().cpu().numpy()
     return (w * ce).sum() / w.sum()
 
 
@@ -274,12 +279,12 @@ def test_class_weights_apply_to_ce_terms_only(ham, monkeypatch):
     x, y, idx, ds = ham
     method = method_config("dpaat")
     base = _model(ds.num_classes)
-    weights = torch.linspace(0.2, 3.0, ds.num_classes)
+    weights = on_device(torch.linspace(0.2, 3.0, ds.num_classes))
     results, advs, models = {}, {}, {}
-    for key, w in (("none", None), ("ones", torch.ones(ds.num_classes)), ("skewed", weights)):
+    for key, w in (("none", None), ("ones", on_device(torch.ones(ds.num_classes))), ("skewed", weights)):
         spy = PgdSpy(monkeypatch)
         model = copy.deepcopy(base)
-        state = MethodState.create(method, ATTACK, len(ds), "cpu")
+        state = MethodState.create(method, ATTACK, len(ds), TEST_DEVICE)
         results[key] = training_step(model, x, y, idx, method, ATTACK, state, class_weights=w, generator=_gen(0))
         advs[key], models[key] = spy.calls[0]["x_adv"], model
         monkeypatch.undo()
@@ -302,9 +307,9 @@ def test_class_weights_apply_to_ce_terms_only(ham, monkeypatch):
 def test_class_weights_in_erm(ham):
     x, y, idx, ds = ham
     method = method_config("erm")
-    weights = torch.linspace(0.2, 3.0, ds.num_classes)
+    weights = on_device(torch.linspace(0.2, 3.0, ds.num_classes))
     model = _model(ds.num_classes)
-    state = MethodState.create(method, ATTACK, len(ds), "cpu")
+    state = MethodState.create(method, ATTACK, len(ds), TEST_DEVICE)
     result = training_step(copy.deepcopy(model), x, y, idx, method, ATTACK, state, class_weights=weights)
     np.testing.assert_allclose(result.loss.item(), _weighted(_ce(model(x), y), y, weights), rtol=1e-5)
 
@@ -318,7 +323,7 @@ def test_memoryless_dpaat_uses_eps0_times_one_plus_minus_gamma(ham, monkeypatch)
     eps0, gamma = ATTACK.eps, method.gamma
     model = _model(ds.num_classes)
     before = copy.deepcopy(model).eval()
-    state = MethodState.create(method, ATTACK, len(ds), "cpu")
+    state = MethodState.create(method, ATTACK, len(ds), TEST_DEVICE)
     assert state.memory is None
     result = training_step(model, x, y, idx, method, ATTACK, state, generator=_gen(0))
 
@@ -349,7 +354,7 @@ def test_step_leaves_train_mode_and_no_grads(name, overrides, ham):
     x, y, idx, ds = ham
     method = method_config(name, **overrides)
     model = _model(ds.num_classes)
-    state = MethodState.create(method, ATTACK_1, len(ds), "cpu")
+    state = MethodState.create(method, ATTACK_1, len(ds), TEST_DEVICE)
     result = training_step(model, x[:4], y[:4], idx[:4], method, ATTACK_1, state, generator=_gen(0))
     assert all(m.training for m in model.modules()), "training_step leaves the model in train mode"
     assert all(p.grad is None for p in model.parameters()), "no gradient before loss.backward()"
@@ -369,7 +374,7 @@ def test_step_keeps_each_module_flag(name, overrides, ham):
     model = _model(ds.num_classes)
     model.backbone.bn1.eval()
     flags = {n: m.training for n, m in model.named_modules()}
-    state = MethodState.create(method, ATTACK_1, len(ds), "cpu")
+    state = MethodState.create(method, ATTACK_1, len(ds), TEST_DEVICE)
     training_step(model, x[:4], y[:4], idx[:4], method, ATTACK_1, state, generator=_gen(0))
     changed = [n for n, m in model.named_modules() if m.training != flags[n]]
     assert not changed, (f"BUG in objectives.training_step ({name}, {overrides}): the per-module train/eval "

@@ -1,4 +1,7 @@
-"""The strong check: APGD (torchattacks) counted as the worst case with PGD-20, per sample."""
+"""The strong check: APGD (torchattacks) counted as the worst case with PGD-20, per sample.
+
+The model (test_evaluate's ``trained``) and the images attacked live on ``$DPAAT_TEST_DEVICE`` (see conftest.py).
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -8,15 +11,17 @@ import torch
 from dpaat_core.evaluate import evaluate
 from dpaat_core.strong import apgd, strong_robustness
 from test_evaluate import trained  # noqa: F401  (a resnet8 trained briefly on the synthetic set, and its test split)
+from conftest import on_device
 
 pytest.importorskip("torchattacks")
+
+pytestmark = pytest.mark.device
 
 
 @pytest.mark.parametrize("norm,eps", [("l2", 0.5), ("linf", 8 / 255)])
 def test_apgd_stays_in_the_ball_and_the_image_range(trained, norm, eps):
     _, model, data = trained
-    x = data.images[:8].float() / 255
-    y = data.labels[:8]
+    x, y = on_device(data.images[:8].float() / 255, data.labels[:8])
     x_adv = apgd(model, x, y, norm, eps, "ce", steps=5)
     delta = (x_adv - x).flatten(1)
     size = delta.norm(dim=1) if norm == "l2" else delta.abs().amax(1)
@@ -29,7 +34,7 @@ def test_apgd_leaves_the_global_random_state_alone(trained):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    apgd(model, data.images[:4].float() / 255, data.labels[:4], "l2", 0.5, "dlr", steps=3)
+    apgd(model, *on_device(data.images[:4].float() / 255, data.labels[:4]), "l2", 0.5, "dlr", steps=3)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -50,7 +55,7 @@ def test_strong_check_is_the_worst_case_with_pgd(trained):
 
 def test_bad_arguments_are_refused_with_the_reason(trained):
     _, model, data = trained
-    x, y = data.images[:2].float() / 255, data.labels[:2]
+    x, y = on_device(data.images[:2].float() / 255, data.labels[:2])
     with pytest.raises(ValueError, match="norm"):
         apgd(model, x, y, "l1", 0.3)
     with pytest.raises(ValueError, match="eps"):
