@@ -66,13 +66,20 @@ def launch(config: RunConfig, store: str | Path, run_id: str) -> int:
 def stop(run_dir: str | Path) -> bool:
     """Ask a running run to stop (SIGTERM: it ends between batches, keeping its completed epochs).
 
-    Returns False when there is nothing to stop here (not running, or running on another host).
+    Only a run that proves it is alive is signalled (``runs.load_run``: it holds its writer lock, or its pid
+    still names the process that wrote its status), so a stale status never gets another process killed.
+    Returns False when there is nothing to stop here (not running, interrupted, or on another host).
     """
-    status = runs.read_status(run_dir)
-    if status.get("state") != "running" or status.get("host") != socket.gethostname() or not status.get("pid"):
+    run = runs.load_run(run_dir)
+    status = run.status
+    if run.state != "running" or status.get("host") != socket.gethostname() or type(status.get("pid")) is not int:
         return False
+    pid = status["pid"]
+    recorded = {k: status.get(k) for k in ("pid_start", "boot_id")}
+    if None not in recorded.values() and runs.process_identity(pid) != recorded:
+        return False   # the number belongs to another process by now
     try:
-        os.kill(int(status["pid"]), signal.SIGTERM)
+        os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return False
     return True

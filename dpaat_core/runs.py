@@ -23,7 +23,7 @@ STATES = ("running", "done", "failed", "stopped")
 CONFIG_SECTIONS = ("model", "data", "method", "dataset")
 DYNAMICS_KEYS = {"index": np.int64, "label": np.int64, "delta_loss": np.float32, "eps": np.float32,
                  "fragile": np.bool_, "correct_clean": np.bool_, "correct_adv": np.bool_}
-STALE_SECONDS = 15 * 60  # a "running" run on another host that has not written status.json for this long is presumed dead
+STALE_SECONDS = 5 * 60  # a "running" run that has not refreshed status.json for this long (heartbeat: 30 s) is presumed dead
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: mkstemp makes 0600 files, but a shared run store should get the usual permissions
 
@@ -193,11 +193,13 @@ def truncate_metrics(run_dir, last_epoch: int) -> None:
 
 
 def write_status(run_dir, state: str, message: str | None = None, **progress) -> None:
-    """status.json: ``state``, ``message``, the trainer's progress fields, pid, host and ``updated`` (unix seconds)."""
+    """status.json: ``state``, ``message``, the trainer's progress fields, pid (with its start time and boot id,
+    see :func:`process_identity`), host and ``updated`` (unix seconds: the heartbeat)."""
     if state not in STATES:
         raise ValueError(f"state must be one of {', '.join(STATES)}, got {state!r}")
     atomic_write_json(Path(run_dir) / "status.json", {"state": state, "message": message, **progress, "pid": os.getpid(),
-                                                      "host": socket.gethostname(), "updated": time.time()})
+                                                      **_own_identity(), "host": socket.gethostname(),
+                                                      "updated": time.time()})
 
 
 def read_status(run_dir) -> dict:
@@ -284,20 +286,61 @@ def load_checkpoint(path) -> dict:
     return state
 
 
-def _process_gone(status: dict) -> str | None:
-    """Why a status that says ``running`` has no live writer, or None if it may still be alive."""
+def process_identity(pid: int) -> dict:
+    """What tells process ``pid`` apart from a later process given the same number: its start time (clock ticks
+    after boot, from ``/proc/<pid>/stat``) and the boot's id. Empty where ``/proc`` is missing or pid is gone."""
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except (OSError, ValueError):
+        return {}
+    return {"pid_start": int(stat.rsplit(")", 1)[1].split()[19]), "boot_id": boot}
+
+
+_OWN_IDENTITY: dict = {}
+
+
+def _own_identity() -> dict:
+    if _OWN_IDENTITY.get("pid") != os.getpid():   # recomputed in a forked child
+        _OWN_IDENTITY.clear()
+        _OWN_IDENTITY.update(process_identity(os.getpid()), pid=os.getpid())
+    return {k: v for k, v in _OWN_IDENTITY.items() if k != "pid"}
+
+
+def writer_gone(status: dict, run_dir) -> str | None:
+    """Why a status that says ``running`` has no live writer, or None if its writer is alive.
+
+    On this machine a run proves it is alive by holding its writer lock (``locks.WriterLock``); a run written
+    before that lock existed, by a pid that still exists and started when the status says it did. A run on
+    another machine proves it by its heartbeat: ``updated`` refreshed within ``STALE_SECONDS``."""
+    from .locks import writer_alive
     pid, host, updated = status.get("pid"), status.get("host"), status.get("updated")
-    # os.kill(pid, 0) only probes on POSIX (on Windows it terminates the process): elsewhere, judge by staleness
-    if host == socket.gethostname() and os.name == "posix" and type(pid) is int and pid > 0:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return f"process {pid} is gone"
-        except OSError:  # PermissionError: it exists, as another user's process
-            pass
+    if host == socket.gethostname() and os.name == "posix":
+        alive = writer_alive(run_dir)
+        if alive is not None:
+            return None if alive else f"no process holds the run (its process {pid} has ended)"
+        if type(pid) is not int or pid <= 0:
+            return "its status names no process"
+        now = process_identity(pid)
+        if not now and not Path(f"/proc/{pid}").exists():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return f"process {pid} is gone"
+            except OSError:   # PermissionError: it exists, as another user's process
+                pass
+        recorded = {k: status.get(k) for k in ("pid_start", "boot_id")}
+        if now and all(v is not None for v in recorded.values()) and recorded != now:
+            return f"process {pid} is gone (the number now belongs to another process)"
+        if now and None in recorded.values() and not _fresh(updated):
+            return f"process {pid} cannot be shown to be the run's, and it has not updated it for over " \
+                   f"{STALE_SECONDS // 60} minutes"
         return None
-    fresh = isinstance(updated, (int, float)) and time.time() - updated <= STALE_SECONDS
-    return None if fresh else f"no update from {host} for over {STALE_SECONDS // 60} minutes"
+    return None if _fresh(updated) else f"no update from {host} for over {STALE_SECONDS // 60} minutes"
+
+
+def _fresh(updated) -> bool:
+    return isinstance(updated, (int, float)) and time.time() - updated <= STALE_SECONDS
 
 
 @dataclass
@@ -364,7 +407,7 @@ def load_run(path) -> Run:
         run.state, run.problem = "corrupt", "; ".join(corrupt)
     elif run.problem is None:
         run.state = run.status["state"]
-        if run.state == "running" and (gone := _process_gone(run.status)):
+        if run.state == "running" and (gone := writer_gone(run.status, path)):
             run.state, run.problem = "interrupted", f"{gone}; continue with: python -m dpaat_core train --resume {path}"
         elif run.state == "failed":
             run.problem = run.status.get("message") or "failed without a message"
@@ -443,13 +486,17 @@ ROBUSTNESS_KEYS = ("attack", "norm", "steps", "monotone", "split", "data")
 
 def save_robustness(run_dir, frame: pd.DataFrame) -> Path:
     """Merge robustness-curve rows into ``robustness.csv``: rows of the same curve (same
-    attack, norm, steps, monotone, split and data) are replaced, others kept. Atomic."""
+    attack, norm, steps, monotone, split and data) are replaced, others kept. Atomic, and under the run's
+    merge lock (``locks.merge_lock``), so concurrent merges each keep the other's rows."""
+    from .locks import merge_lock
     path = Path(run_dir) / "robustness.csv"
-    old = read_robustness(run_dir)
-    if len(old):
-        same = old[list(ROBUSTNESS_KEYS)].apply(tuple, axis=1).isin(set(frame[list(ROBUSTNESS_KEYS)].apply(tuple, axis=1)))
-        frame = pd.concat([old[~same], frame], ignore_index=True)
-    atomic_write_text(path, frame.sort_values([*ROBUSTNESS_KEYS, "eps"]).to_csv(index=False))
+    with merge_lock(run_dir):   # two evaluate processes finishing at once must not lose each other's curve
+        old = read_robustness(run_dir)
+        if len(old):
+            same = old[list(ROBUSTNESS_KEYS)].apply(tuple, axis=1).isin(
+                set(frame[list(ROBUSTNESS_KEYS)].apply(tuple, axis=1)))
+            frame = pd.concat([old[~same], frame], ignore_index=True)
+        atomic_write_text(path, frame.sort_values([*ROBUSTNESS_KEYS, "eps"]).to_csv(index=False))
     return path
 
 

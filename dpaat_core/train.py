@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
-from . import __version__, distributed, runs
+from . import __version__, distributed, locks, runs
 from .config import RunConfig
 from .data import ImageDataset, load_dataset
 from .models import build_model
@@ -220,9 +221,14 @@ def _run(config: RunConfig, progress: Optional[ProgressFn], should_stop, *, stor
     if device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
+    held = []   # the writer lock, taken before anything in the run is read, cleaned or written
     try:
-        return _train_loop(config, device, world, progress, should_stop, store, run_id, run_dir, started)
+        if run_dir is not None and world.is_main:
+            held.append(locks.WriterLock(run_dir))
+        return _train_loop(config, device, world, progress, should_stop, store, run_id, run_dir, started, held)
     finally:
+        for lock in held:
+            lock.release()
         distributed.close_world(world)
 
 
@@ -240,7 +246,7 @@ def _stopped_by(finished: bool, epoch: int, tc, no_patience_left: bool) -> Optio
     return "epochs" if epoch == tc.epochs else "early_stop" if no_patience_left else "max_minutes"
 
 
-def _train_loop(config, device, world, progress, should_stop, store, run_id, run_dir, started) -> Path:
+def _train_loop(config, device, world, progress, should_stop, store, run_id, run_dir, started, held) -> Path:
     tc, method, attack = config.train, config.method, config.attack
     load = dict(image_size=config.data.image_size, root=config.data.root, max_samples=config.data.max_samples,
                 seed=tc.seed, progress=world.is_main)
@@ -255,6 +261,7 @@ def _train_loop(config, device, world, progress, should_stop, store, run_id, run
         cfg = config.to_dict() | {"format": 1, "dataset": _dataset_info(train_set, val_set),
                                   "versions": _versions(device, world)}
         run_dir = runs.create_run(store, cfg, run_id or runs.default_run_id(cfg))
+        held.append(locks.WriterLock(run_dir))
     run_dir = Path(_broadcast(str(run_dir) if run_dir is not None else None, world))
 
     torch.manual_seed(tc.seed)
@@ -447,16 +454,38 @@ def _save_epoch(run_dir, epoch, stats, record, model, optimizer, scheduler, stat
 
 
 class _StatusWriter:
-    """``status.json`` for the dashboard: at most every ``every`` seconds during an epoch (rank 0)."""
+    """``status.json`` for the dashboard: at most every ``every`` seconds during an epoch (rank 0), and a heartbeat:
+    a thread that refreshes it every ``heartbeat`` seconds while the run is running, through validation and
+    compilation too, so a listing can tell a live run from a dead one (``runs.writer_gone``)."""
 
-    def __init__(self, run_dir: Path, world: distributed.World, epochs: int, every: float = 2.0):
+    def __init__(self, run_dir: Path, world: distributed.World, epochs: int, every: float = 2.0,
+                 heartbeat: float = 30.0):
         self.run_dir, self.main, self.epochs, self.every = run_dir, world.is_main, epochs, every
         self.last = 0.0
         self.best_epoch = None
+        self._payload = None
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        if self.main:
+            threading.Thread(target=self._beat, args=(heartbeat,), daemon=True, name="dpaat-heartbeat").start()
+
+    def _beat(self, every: float) -> None:
+        while not self._stopped.wait(every):
+            with self._lock:
+                if self._payload is not None and self._payload[0] == "running" and not self._stopped.is_set():
+                    try:
+                        runs.write_status(self.run_dir, *self._payload[:2], **self._payload[2])
+                    except OSError:   # the folder went away (removed, or a full disk): the main thread will say so
+                        return
 
     def _write(self, state, message=None, **fields):
         if self.main:
-            runs.write_status(self.run_dir, state, message, epochs=self.epochs, best_epoch=self.best_epoch, **fields)
+            fields = dict(epochs=self.epochs, best_epoch=self.best_epoch, **fields)
+            with self._lock:
+                self._payload = (state, message, fields)
+                runs.write_status(self.run_dir, state, message, **fields)
+            if state != "running":
+                self._stopped.set()
 
     def batch(self, epoch, batch, batches, phase):
         now = time.monotonic()
