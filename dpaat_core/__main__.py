@@ -67,6 +67,10 @@ def main(argv=None) -> int:
     except (DataError, ConfigError, RunError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:   # a read-only store, a full disk, a folder where a file should be: one line, no traceback
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def add_attribute_parser(sub) -> None:
     a.add_argument("--data", help="data spec (default: the run's own)")
     a.add_argument("--eps", type=float, help="attack eps (default: the run's training eps in --norm)")
     a.add_argument("--norm", default="l2", choices=("l2", "linf"), help="threat model (default l2)")
-    a.add_argument("--steps", type=int, default=10, help="PGD steps of the attack (default 10)")
+    a.add_argument("--steps", type=int, default=10, help="PGD steps of the attack, 1 to 1000 (default 10)")
     a.add_argument("--seed", type=int, default=0, help="seed of the draw and the random starts (default 0)")
     a.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if available")
     a.set_defaults(run=_attribute)
@@ -66,8 +66,8 @@ def _attribute(args: argparse.Namespace) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ConfigError(f"--methods: choose from {', '.join(METHODS)}; got {args.methods!r}")
-    if args.n < 1 or args.steps < 1:
-        raise ConfigError(f"--n and --steps must be >= 1, got {args.n} and {args.steps}")
+    if args.n < 1 or not 1 <= args.steps <= 1000:
+        raise ConfigError(f"--n must be >= 1 and --steps from 1 to 1000, got {args.n} and {args.steps}")
     if args.eps is not None and not 0 < args.eps <= 1000:
         raise ConfigError(f"--eps must be a number > 0, got {args.eps}")
     table = attribution_table(args.run_dir, methods, args.n, args.split, args.data, args.eps, args.norm, args.steps,

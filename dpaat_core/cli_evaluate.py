@@ -3,13 +3,17 @@ the run's ``robustness.csv``."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 
 from .attacks import ATTACKS, NORMS
 from .config import ConfigError
-from .evaluate import default_grid, protocol, reference_eps, robustness_curve
+from .runs import RunError
+from .evaluate import MAX_STEPS, default_grid, max_eps, protocol, reference_eps, robustness_curve
 
 
 
@@ -38,9 +42,11 @@ def add_evaluate_parser(sub) -> None:
                         "(default pgd)")
     e.add_argument("--norm", type=_csv(str, NORMS), default=["l2"], help="threat models, comma-separated: l2, linf "
                                                                          "(default l2)")
-    e.add_argument("--eps-grid", type=_csv(float), help="eps values, comma-separated (default: 0, 0.25, ..., 3 times "
-                                                        "the run's training eps; 1/255 units for linf if it trained l2)")
-    e.add_argument("--steps", type=int, help="attack steps (default: PGD 20, I-FGSM 10, FGSM 1: the paper's protocol)")
+    e.add_argument("--eps-grid", type=_csv(float), help="eps values, comma-separated: linf from 0 to 1, l2 from 0 to "
+                                                        "sqrt(C*H*W) (default: 0, 0.25, ..., 3 times the run's training "
+                                                        "eps; 1/255 units for linf if it trained l2)")
+    e.add_argument("--steps", type=int, help="attack steps, 1 to 1000 (default: PGD 20, I-FGSM 10, FGSM 1: the "
+                                             "paper's protocol)")
     e.add_argument("--max-samples", type=int, help="evaluate at most N images (a seeded draw, for a quick look)")
     e.add_argument("--batch-size", type=int, default=128, help="images per attack batch (default 128)")
     e.add_argument("--raw", action="store_true", help="each eps's own attack result instead of the worst case over "
@@ -56,20 +62,43 @@ def add_evaluate_parser(sub) -> None:
     e.set_defaults(run=_evaluate)
 
 
+def _save_or_keep(save, table: pd.DataFrame, run_dir, what: str):
+    """``save()``; if the store cannot be written (read-only, full disk), the computed table is printed and kept in
+    a file of the temp folder, and the command ends with one line that says so (exit 2)."""
+    try:
+        return save()
+    except OSError as exc:
+        import tempfile
+        kept = Path(tempfile.gettempdir()) / f"{Path(run_dir).name}-{what}-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+        try:
+            kept.write_text(table.to_csv(index=False))
+            where = f"kept in {kept}"
+        except OSError:
+            where = "printed below"
+        print(table.to_csv(index=False), file=sys.stdout)
+        raise RunError(f"could not write {what} into {run_dir} ({exc.strerror or exc}); the results are {where}") \
+            from None
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from . import runs
     from .train import resolve_device
 
-    if args.steps is not None and args.steps < 1:
-        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
-    if args.eps_grid is not None and any(e < 0 for e in args.eps_grid):
-        raise ConfigError(f"--eps-grid values must be >= 0, got {args.eps_grid}")
+    if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
+        raise ConfigError(f"--steps must be from 1 to {MAX_STEPS}, got {args.steps}")
+    if args.eps_grid is not None and not all(math.isfinite(e) and e >= 0 for e in args.eps_grid):
+        raise ConfigError(f"--eps-grid values must be >= 0 and finite, got {args.eps_grid}")
     if args.batch_size < 1 or (args.max_samples is not None and args.max_samples < 1):
         raise ConfigError("--batch-size and --max-samples must be >= 1")
     device = resolve_device(args.device)
     config = runs.read_config(args.run_dir)
     model = runs.load_model(args.run_dir, device=device)
     dataset = runs.load_run_data(args.run_dir, args.split, args.data, args.max_samples, progress=True)
+    shape = (dataset.in_channels, dataset.image_size, dataset.image_size)
+    for norm in args.norm:
+        if args.eps_grid is not None and max(args.eps_grid) > max_eps(norm, shape):
+            raise ConfigError(f"--eps-grid: {norm} eps above {max_eps(norm, shape):.4g} means nothing for "
+                              f"{'x'.join(map(str, shape))} images in [0, 1] (got {max(args.eps_grid):g})")
     frames = []
     for norm in args.norm:
         grid = args.eps_grid or default_grid(config, norm)
@@ -79,7 +108,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                                      amp=args.amp)
             frames.append(frame.assign(split=args.split, data=args.data or config["data"]["spec"]))
     curves = pd.concat(frames, ignore_index=True)
-    path = runs.save_robustness(args.run_dir, curves)
+    path = _save_or_keep(lambda: runs.save_robustness(args.run_dir, curves), curves, args.run_dir, "robustness")
     print(f"accuracy on {len(dataset)} {args.split} images of {args.data or config['data']['spec']} "
           f"({'each eps on its own' if args.raw else 'worst case over the grid up to eps'})")
     for norm, part in curves.groupby("norm", sort=False):
@@ -91,7 +120,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         eps = {norm: reference_eps(config, norm) for norm in ("l2", "linf")}
         table = protocol(model, dataset, eps, batch_size=args.batch_size, device=device, seed=args.seed, progress=True,
                          amp=args.amp)
-        runs.atomic_write_text(f"{args.run_dir}/protocol.csv", table.assign(split=args.split).to_csv(index=False))
+        table = table.assign(split=args.split)
+        _save_or_keep(lambda: runs.atomic_write_text(f"{args.run_dir}/protocol.csv", table.to_csv(index=False)), table,
+                      args.run_dir, "protocol")
         print("\nthe paper's protocol at the training eps")
         print(table[["preset", "eps", "accuracy", "robust_accuracy", "balanced_accuracy", "robust_balanced_accuracy",
                      "mean_average_precision"]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))

@@ -75,16 +75,36 @@ class Evaluation:
                 "mean_average_precision": self.mean_average_precision, **self.settings}
 
 
-def check_attack(attack: str, norm: str, eps_values: Sequence[float], steps: int) -> None:
+#: the most attack steps an evaluation takes (PGD-20 is the protocol; 1000 is already a very strong attack)
+MAX_STEPS = 1000
+
+
+def max_eps(norm: str, shape: Optional[Sequence[int]] = None) -> float:
+    """The largest eps that means something for images in [0, 1] of ``shape`` ``(C, H, W)``: linf 1 (a change of 1
+    per pixel can turn any image into any other), l2 the diagonal of the pixel cube, ``sqrt(C*H*W)``; without a
+    shape, l2 is bounded by 1000."""
+    if norm == "linf":
+        return 1.0
+    return math.sqrt(float(np.prod(shape))) if shape is not None else 1000.0
+
+
+def check_attack(attack: str, norm: str, eps_values: Sequence[float], steps: int,
+                 shape: Optional[Sequence[int]] = None) -> None:
     if attack not in ATTACKS:
         raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, got {attack!r}")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    bad = [e for e in eps_values if not (isinstance(e, (int, float)) and math.isfinite(e) and 0 <= e <= 1000)]
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+    top = max_eps(norm, shape)
+    bad = [e for e in eps_values if not (isinstance(e, (int, float)) and math.isfinite(e) and 0 <= e <= top)]
     if bad or not len(eps_values):
-        raise ValueError(f"eps values must be finite numbers from 0 to 1000, got {list(eps_values)!r}")
+        where = f" at {'x'.join(map(str, shape))}" if shape is not None and norm == "l2" else ""
+        raise ValueError(f"{norm} eps values must be finite numbers from 0 to {top:.4g}{where}, got {list(eps_values)!r}")
+
+
+def _shape(dataset) -> tuple[int, int, int]:
+    return dataset.in_channels, dataset.image_size, dataset.image_size
 
 
 def eps_rms(eps: float, norm: str, shape: Sequence[int]) -> float:
@@ -211,7 +231,7 @@ def evaluate(model: nn.Module, dataset: ImageDataset, attack: str = "pgd", norm:
     ``amp``: forward passes under bf16 autocast (see the module docstring).
     """
     steps = DEFAULT_STEPS[attack] if steps is None and attack in DEFAULT_STEPS else steps
-    check_attack(attack, norm, [eps], steps)
+    check_attack(attack, norm, [eps], steps, _shape(dataset))
     device = _model_device(model, device)
     atk = _Attacker(model, dataset, attack, norm, steps, alpha_ratio, device, seed, amp)
     clean = clean_logits(model, dataset, batch_size, device, amp)
@@ -267,7 +287,7 @@ def robustness_curve(model: nn.Module, dataset: ImageDataset, eps_grid: Sequence
     """
     eps_grid = sorted(float(e) for e in eps_grid)
     steps = DEFAULT_STEPS[attack] if steps is None and attack in DEFAULT_STEPS else steps
-    check_attack(attack, norm, eps_grid, steps)
+    check_attack(attack, norm, eps_grid, steps, _shape(dataset))
     device = _model_device(model, device)
     atk = _Attacker(model, dataset, attack, norm, steps, alpha_ratio, device, seed, amp)
     y = dataset.labels.numpy()

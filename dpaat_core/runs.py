@@ -123,6 +123,8 @@ def create_run(store, config: dict, run_id: str | None = None) -> Path:
     _check_config(config, "create_run")
     run_id = check_run_id(default_run_id(config) if run_id is None else run_id)
     run_dir = Path(store) / run_id
+    if run_dir.parent.exists() and not run_dir.parent.is_dir():
+        raise RunError(f"{run_dir.parent}: the run store must be a folder, and this is a file")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
         run_dir.mkdir()  # atomic: of two trainers given the same id, one gets here first
@@ -411,7 +413,31 @@ def load_run(path) -> Run:
             run.state, run.problem = "interrupted", f"{gone}; continue with: python -m dpaat_core train --resume {path}"
         elif run.state == "failed":
             run.problem = run.status.get("message") or "failed without a message"
+        elif run.state in ("done", "stopped", "interrupted"):
+            bad = _unreadable_files(path)
+            if bad:
+                run.state, run.problem = "corrupt", bad
     return run
+
+
+def _unreadable_files(run_dir: Path) -> str | None:
+    """A cheap look at the weights and the resume state (headers only): what is wrong with them, or None."""
+    weights, resume = run_dir / "weights.safetensors", run_dir / "last.pt"
+    if weights.exists():
+        try:
+            with safetensors.safe_open(str(weights), "pt") as f:
+                f.keys()
+        except Exception as exc:  # noqa: BLE001 - truncated, hostile or not safetensors at all
+            return f"weights.safetensors is unreadable ({str(exc).splitlines()[0][:120]})"
+    if resume.exists():
+        import zipfile
+        try:
+            with zipfile.ZipFile(resume) as z:
+                if not any(n.endswith("data.pkl") for n in z.namelist()):
+                    return "last.pt is not a PyTorch checkpoint"
+        except (zipfile.BadZipFile, OSError) as exc:
+            return f"last.pt is unreadable ({exc}); the run cannot be resumed"
+    return None
 
 
 def list_runs(store="checkpoints") -> list[Run]:
@@ -478,6 +504,9 @@ def load_run_data(run_dir, split: str = "test", spec: str | None = None, max_sam
         raise RunError(f"{spec or data['spec']}: {dataset.num_classes} classes and {dataset.in_channels} channels, "
                        f"but the run's model takes {expected.get('in_channels')} channels and predicts "
                        f"{expected.get('num_classes')} classes")
+    if expected.get("classes") is not None and list(dataset.classes) != list(expected["classes"]):
+        raise RunError(f"{spec or data['spec']}: its classes are {', '.join(map(str, dataset.classes))}; the run "
+                       f"predicts {', '.join(map(str, expected['classes']))} (same count, other classes or order)")
     return dataset
 
 
@@ -491,6 +520,8 @@ def save_robustness(run_dir, frame: pd.DataFrame) -> Path:
     from .locks import merge_lock
     path = Path(run_dir) / "robustness.csv"
     with merge_lock(run_dir):   # two evaluate processes finishing at once must not lose each other's curve
+        for stale in Path(run_dir).glob(".robustness.csv.*.tmp"):   # left by a killed writer: none can be live now
+            stale.unlink(missing_ok=True)
         old = read_robustness(run_dir)
         if len(old):
             same = old[list(ROBUSTNESS_KEYS)].apply(tuple, axis=1).isin(

@@ -293,6 +293,7 @@ def _train_loop(config, device, world, progress, should_stop, store, run_id, run
         if world.is_main:
             runs.truncate_metrics(run_dir, start - 1)
     finished = start > tc.epochs or best["bad_epochs"] >= tc.patience and tc.early_stop != "none"
+    stopped_by = ("epochs" if start > tc.epochs else "early_stop") if finished else None   # a resumed finished run
 
     status = _StatusWriter(run_dir, world, tc.epochs)
     loop = _Loop(config, device, world, model, bare, optimizer, state, weights, images, labels, train_set, status,
@@ -428,6 +429,11 @@ def _load_resume(run_dir: Path, train_set: ImageDataset) -> dict:
     path = run_dir / "last.pt"
     if not path.is_file():
         raise runs.RunError(f"{path}: missing; the run has no completed epoch to resume from (start it again)")
+    dataset = runs.read_config(run_dir).get("dataset") or {}
+    if dataset.get("num_classes") not in (None, train_set.num_classes):
+        raise runs.RunError(f"{run_dir}: the run was trained on {dataset['num_classes']} classes and its data now gives "
+                            f"{train_set.num_classes} (was the data spec in config.json changed?); resume it on the "
+                            "data it was trained on")
     state = runs.load_checkpoint(path)
     missing = {"epoch", "model", "optimizer", "method_state", "prev_fragile", "best"} - set(state)
     if missing:

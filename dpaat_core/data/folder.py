@@ -6,24 +6,70 @@ stratified by class and seeded (70/10/20).
 """
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from torchvision.datasets.folder import find_classes, make_dataset
 
 from .dataset import SPLITS, DataError, DataNotFoundError, ImageDataset, SourceInfo
 from .images import IMAGE_EXTENSIONS, image_folder, load_image_files
 from .splits import stratified_group_split
 
 
+#: bounds of the walk under one folder: a spec such as ``folder:/`` fails fast instead of reading the whole disk
+MAX_DEPTH = 8            # folder levels below <dir>/<class>/
+MAX_ENTRIES = 1_000_000  # files and folders looked at
+MAX_SECONDS = 60.0
+
+
+def _images_under(class_dir: Path, budget: dict) -> list[str]:
+    """Image files under ``class_dir``, sorted. Links are followed, but never into a folder already walked or one
+    above (a loop such as ``mel/loop -> ..``), and a file reached twice counts once."""
+    seen_dirs, seen_files, found = set(), set(), []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        depth = len(Path(dirpath).relative_to(class_dir).parts)
+        budget["entries"] += len(dirnames) + len(filenames)
+        if budget["entries"] > MAX_ENTRIES or time.monotonic() > budget["deadline"]:
+            raise DataError(f"{budget['root']}: looked at {budget['entries']:,} files and folders in "
+                            f"{time.monotonic() - budget['start']:.0f} s without finishing: point the spec at a "
+                            "dataset folder (<dir>/<class>/<image>)")
+        keep = []
+        for d in dirnames:
+            target = os.path.realpath(os.path.join(dirpath, d))
+            up = real == target or real.startswith(target.rstrip(os.sep) + os.sep)
+            if not up and target not in seen_dirs and depth < MAX_DEPTH:
+                keep.append(d)
+        dirnames[:] = sorted(keep)
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(path):
+                target = os.path.realpath(path)
+                if target not in seen_files:
+                    seen_files.add(target)
+                    found.append(path)
+    return sorted(found)
+
+
 def _listing(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """The class names (sub-folders of ``root``, sorted) and ``(path, class index)`` of every image below them."""
     try:
-        classes, class_to_idx = find_classes(str(root))
-        return classes, make_dataset(str(root), class_to_idx, extensions=IMAGE_EXTENSIONS)
-    except FileNotFoundError as exc:  # no class folders, or class folders without images
-        raise DataError(f"{root}: not an ImageFolder layout (<dir>/<class>/<image>): {exc}") from exc
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    except OSError as exc:
+        raise DataError(f"{root}: cannot list the folder ({exc})") from exc
+    budget = {"root": root, "entries": 0, "start": time.monotonic(), "deadline": time.monotonic() + MAX_SECONDS}
+    samples = [(p, k) for k, c in enumerate(classes) for p in _images_under(root / c, budget)]
+    if not classes or not samples:
+        raise DataError(f"{root}: not an ImageFolder layout (<dir>/<class>/<image>): "
+                        + ("no class folders" if not classes else "no images in the class folders"))
+    return classes, samples
 
 
 def load_folder(directory: str, split: str, image_size: Optional[int], seed: int = 0,

@@ -51,9 +51,34 @@ def _square_resized(img: Image.Image, size: int, resample: int) -> Image.Image:
     return img if s == size else img.resize((size, size), resample=resample)
 
 
+#: PIL modes of more than 8 bits per pixel: ``convert`` would clip them (a 16-bit PNG turns all white)
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit (or 32-bit integer / float) grey image scaled to 8 bits: 65535 -> 255. A 32-bit image whose values
+    all fit in 8 bits is taken as 8-bit data already."""
+    arr = np.asarray(img, dtype=np.float64)
+    top = 65535.0 if img.mode.startswith("I;16") or (arr.size and np.nanmax(arr) > 255) else 255.0
+    return Image.fromarray(np.clip(np.rint(np.nan_to_num(arr) * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+
+
+def _flatten_alpha(img: Image.Image) -> Image.Image:
+    """An image with transparency composited on white (dermoscopy backgrounds are light; black would read as a
+    dark lesion border)."""
+    rgba = img.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
 def preprocess_image(img: Image.Image, size: int, channels: int = 3) -> np.ndarray:
-    """A PIL image as uint8 ``[C, size, size]``: EXIF-rotated, centre-cropped, LANCZOS-resized."""
+    """A PIL image as uint8 ``[C, size, size]``: EXIF-rotated, 16-bit scaled to 8 bits, transparency composited
+    on white, centre-cropped, LANCZOS-resized."""
     img = ImageOps.exif_transpose(img)
+    if img.mode in _WIDE_MODES:
+        img = _to_8bit(img)
+    elif img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = _flatten_alpha(img)
     img = img.convert("RGB" if channels == 3 else "L")
     arr = np.asarray(_square_resized(img, size, Image.LANCZOS), dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
@@ -134,7 +159,8 @@ UPLOAD_FORMATS = ("JPEG", "PNG")
 def decode_upload(data: bytes, size: int, channels: int = 3, max_bytes: int = 10 * 2**20) -> np.ndarray:
     """Uploaded bytes to uint8 ``[C, size, size]``, like a dataset image; read in memory, never saved.
 
-    Only JPEG and PNG are accepted; files over ``max_bytes`` or ``MAX_PIXELS`` (a decompression
+    Only JPEG (a camera's MPO JPEG too: its first frame) and PNG are accepted; transparency is composited on
+    white and 16-bit images are scaled to 8 bits, as in datasets. Files over ``max_bytes`` or ``MAX_PIXELS`` (a decompression
     bomb) are refused before decoding. Every refusal is a :class:`DataError` that says why.
     """
     if len(data) > max_bytes:
@@ -144,7 +170,9 @@ def decode_upload(data: bytes, size: int, channels: int = 3, max_bytes: int = 10
         img = Image.open(io.BytesIO(data))
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for junk
         raise DataError(f"not a readable image ({type(exc).__name__})") from None
-    if img.format not in UPLOAD_FORMATS:
+    if img.format == "MPO":   # a camera's multi-picture JPEG: its first frame is the photograph
+        img.seek(0)
+    elif img.format not in UPLOAD_FORMATS:
         raise DataError(f"only JPEG or PNG images are accepted, this is {img.format or 'an unknown format'}")
     w, h = img.size
     if w * h > MAX_PIXELS:

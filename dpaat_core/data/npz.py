@@ -42,12 +42,33 @@ def _read_array(npz, path: Path, key: str) -> np.ndarray:
             f"{path}: no '{key}' array. A MedMNIST-format npz has train_images, train_labels, val_images, "
             f"val_labels, test_images, test_labels; this file has: {', '.join(npz.files) or 'nothing'}"
         )
+    shape, dtype = _header(npz, path, key)
+    if dtype.hasobject:
+        raise DataError(f"{path}: '{key}' holds Python objects, which cannot be read without unpickling; refused")
+    size = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    if size > MAX_ARRAY_BYTES:
+        raise DataError(f"{path}: '{key}' declares {'x'.join(map(str, shape))} {dtype} = {size / 2**30:.1f} GiB, over "
+                        f"the {MAX_ARRAY_BYTES / 2**30:.0f} GiB limit for one array")
     try:
         return npz[key]
-    except ValueError as exc:  # object arrays: refusing to unpickle
-        raise DataError(f"{path}: '{key}' cannot be read without unpickling ({exc}); refused") from exc
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise DataError(f"{path}: '{key}' is corrupt ({exc.__class__.__name__}: {exc})") from exc
+    except (ValueError, zipfile.BadZipFile, OSError, EOFError, MemoryError) as exc:
+        raise DataError(f"{path}: '{key}' is corrupt or truncated ({exc.__class__.__name__}: {exc})") from None
+
+
+#: the largest array an npz may declare (a MedMNIST 224 px training split of 100,000 images is 15 GB)
+MAX_ARRAY_BYTES = 16 * 2**30
+
+
+def _header(npz, path: Path, key: str):
+    """``(shape, dtype)`` from the array's .npy header, read before any of its data."""
+    try:
+        with npz.zip.open(f"{key}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+    except (ValueError, KeyError, zipfile.BadZipFile, OSError, EOFError, SyntaxError) as exc:
+        raise DataError(f"{path}: '{key}' has no readable .npy header ({exc.__class__.__name__}: {exc})") from None
+    return shape, dtype
 
 
 def _images_to_uint8(arr: np.ndarray, path: Path, key: str) -> torch.Tensor:
@@ -88,6 +109,20 @@ def _labels(arr: np.ndarray, path: Path, key: str, n: Optional[int] = None) -> n
     if len(arr) and arr.min() < 0:
         raise DataError(f"{path}: '{key}' has negative labels ({sorted(set(arr[arr < 0].tolist()))[:5]}); classes are 0, 1, ...")
     return arr.astype(np.int64)
+
+
+def _check_label_range(path: Path, classes: list[str], present: np.ndarray, declared: bool) -> None:
+    """Labels past the class list are errors; so is (unless a ``classes`` array declares the classes) a label
+    range mostly empty: one typo such as 99 in a 3-class file must not make a 100-class model."""
+    if len(present) and present.max() >= len(classes):
+        raise DataError(f"{path}: labels {sorted(present[present >= len(classes)].tolist())[:5]} are past the "
+                        f"{len(classes)} classes ({', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''})")
+    missing = set(range(len(classes))) - set(present.tolist())
+    if not declared and len(missing) > len(present):
+        raise DataError(f"{path}: labels run from 0 to {len(classes) - 1}, which makes {len(classes)} classes, but only "
+                        f"{len(present)} occur ({', '.join(map(str, present[:8].tolist()))}"
+                        f"{', ...' if len(present) > 8 else ''}): is a label mistyped? Declare the classes with a "
+                        "'classes' array to keep empty ones")
 
 
 def _class_names(npz, path: Path, n_seen: int) -> list[str]:
@@ -137,6 +172,7 @@ def load_npz(path: Path | str, split: str, image_size: Optional[int], spec: Opti
                       for s in SPLITS if s != split and f"{s}_labels" in npz.files]
             n_seen = max((int(a.max()) + 1 for a in (labels, *others) if len(a)), default=1)
             classes = _class_names(npz, path, n_seen)
+            _check_label_range(path, classes, np.unique(np.concatenate([labels, *others])), "classes" in npz.files)
     masks = _load_sidecar_masks(path, split, len(images), images.shape[2:])
     return ImageDataset(
         resize_images(images, image_size),
