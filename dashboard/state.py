@@ -75,9 +75,21 @@ def _dynamics(run_dir: str, epoch: int, mtime: int) -> pd.DataFrame:
     return dynamics_frame(runs.load_dynamics(run_dir, epoch), config["dataset"]["classes"]).assign(epoch=epoch)
 
 
-def dynamics(run: runs.Run, epoch: int) -> pd.DataFrame:
-    """One epoch's per-sample dynamics as a frame (cached until the file changes)."""
-    return _dynamics(str(run.path), epoch, _mtime(run.path / "dynamics" / f"epoch_{epoch:03d}.npz"))
+def dynamics(run: runs.Run, epoch: int) -> pd.DataFrame | None:
+    """One epoch's per-sample dynamics as a frame (cached until the file changes); None, with a warning that
+    names the file, when it cannot be read."""
+    file = run.path / "dynamics" / f"epoch_{epoch:03d}.npz"
+    try:
+        return _dynamics(str(run.path), epoch, _mtime(file))
+    except Exception as exc:  # noqa: BLE001 - one bad file must not take the page down
+        st.warning(f"{run.run_id}: dynamics/{file.name} cannot be read and is left out ({_first_line(exc)})")
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    """An error in one line, without the server's folders."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text.replace(str(store().resolve()), "<store>").replace(str(store()), "<store>")
 
 
 @st.cache_resource(show_spinner="Loading images…", max_entries=8)
@@ -111,11 +123,17 @@ def data_sources(run: runs.Run) -> list[tuple[str | None, str | None, str]]:
 def run_data(run: runs.Run, split: str):
     """The first readable data source for the run (cached), announced on screen; None if none is."""
     problems = []
+    failed = st.session_state.setdefault("failed_sources", {})   # a source that failed is not tried on every re-run
     for spec, root, what in data_sources(run):
+        key = (str(run.path), split, spec, root, _mtime(run.path / "config.json"))
+        if key in failed:
+            problems.append(failed[key])
+            continue
         try:
-            data = _run_data(str(run.path), split, spec, root, _mtime(run.path / "config.json"))
+            data = _run_data(*key)
         except Exception as exc:  # noqa: BLE001 - a missing or moved dataset must not break the page
-            problems.append(f"{what}: {exc}")
+            failed[key] = f"{what}: {_first_line(exc)}"
+            problems.append(failed[key])
             continue
         (st.caption if not problems else st.info)(f"Images from {what}, {split} split."
                                                   + (" Not found: " + "; ".join(problems) if problems else ""))
@@ -137,8 +155,13 @@ def _model(run_dir: str, mtime: int):
 
 
 def model(run: runs.Run):
-    """The run's best model on CPU, eval mode (cached until its weights change)."""
-    return _model(str(run.path), _mtime(run.path / "weights.safetensors"))
+    """The run's best model on CPU, eval mode (cached until its weights change); None, with a warning that names
+    the run, when its weights cannot be loaded."""
+    try:
+        return _model(str(run.path), _mtime(run.path / "weights.safetensors"))
+    except Exception as exc:  # noqa: BLE001 - truncated, hostile or mismatched weights: say so, keep the page
+        st.warning(f"{run.run_id}: its weights cannot be loaded ({_first_line(exc)}); it is left out here")
+        return None
 
 
 def robustness(run: runs.Run) -> pd.DataFrame:

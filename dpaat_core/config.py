@@ -120,6 +120,8 @@ class AttackConfig:
     def validate(self):
         _choice("attack", "norm", self.norm, NORMS)
         _number("attack", "eps", self.eps, 0, 1000, lo_open=True)
+        if self.norm == "linf" and self.eps >= 1:   # a change of 1 per pixel in [0, 1] can erase any image
+            _fail("attack", "eps", self.eps, "a number > 0 and < 1 for linf (pixels are in [0, 1])")
         _number("attack", "alpha_ratio", self.alpha_ratio, 0, 10, lo_open=True)
         _number("attack", "steps", self.steps, 1, 1000, integer=True)
 
@@ -232,6 +234,10 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         for f in fields(self):
             getattr(self, f.name).validate()
+        top = math.sqrt(3) * self.data.image_size   # l2 diagonal of [0, 1]^(3 x size x size): no image is further
+        if self.attack.norm == "l2" and self.attack.eps > top:
+            _fail("attack", "eps", self.attack.eps, f"at most sqrt(3)*{self.data.image_size} = {top:.4g} for l2 at "
+                  f"{self.data.image_size} px (the distance between the most different images)")
         return self
 
     def to_dict(self) -> dict:

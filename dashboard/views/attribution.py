@@ -19,6 +19,8 @@ if not usable:
     st.info("Pick a run with trained weights in the sidebar.")
     st.stop()
 run = usable[0]
+if model(run) is None:   # unreadable weights: the warning says which run, the rest of the app works
+    st.stop()
 classes = run.config["dataset"]["classes"]
 size, channels = run.config["dataset"]["image_size"], run.config["dataset"]["in_channels"]
 
@@ -44,8 +46,9 @@ else:
         if outcome != "all":
             rows = rows[(rows.pred == rows.label) == (outcome == "correct")]
         epochs = runs.dynamics_epochs(run.path) if split == "train" else []
-        if epochs and len(data) == run.config["dataset"]["train_size"]:
-            last = dynamics(run, epochs[-1]).set_index("index")["split"]
+        last_dynamics = dynamics(run, epochs[-1]) if epochs else None
+        if last_dynamics is not None and len(data) == run.config["dataset"]["train_size"]:
+            last = last_dynamics.set_index("index")["split"]
             wanted_split = c3.radio(f"In training (epoch {epochs[-1]})", ["all", "fragile", "stable"], horizontal=True)
             if wanted_split != "all":
                 rows = rows[rows["index"].map(last) == wanted_split]
@@ -72,6 +75,8 @@ compare = st.selectbox("Compare with another run (same classes)", ["none", *cand
 def explain(r) -> None:
     """Clean, perturbed and perturbation images, probabilities and maps with agreement, for run ``r``."""
     net = model(r)
+    if net is None:
+        return
     with torch.no_grad():
         prob_clean = net(x).softmax(1)[0]
     target = torch.tensor([label if label is not None else int(prob_clean.argmax())])

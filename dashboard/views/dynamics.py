@@ -21,8 +21,11 @@ attack = run.config.get("attack", {})
 st.caption(f"{run.run_id} · {run.method} · {run.model} · {attack.get('norm')} eps0 {attack.get('eps')} · "
            f"{len(epochs)} epoch(s) · {run.state}")
 
-epoch = st.select_slider("Epoch", options=epochs, value=epochs[-1]) if len(epochs) > 1 else epochs[0]
-by_epoch = {e: dynamics(run, e) for e in epochs}
+by_epoch = {e: d for e in epochs if (d := dynamics(run, e)) is not None}   # an unreadable epoch is warned about
+if not by_epoch:
+    st.stop()
+readable = list(by_epoch)
+epoch = st.select_slider("Epoch", options=readable, value=readable[-1]) if len(readable) > 1 else readable[0]
 frame = by_epoch[epoch]
 row = run.metrics[run.metrics["epoch"] == epoch]
 threshold = float(row["threshold_mean"].iloc[0]) if len(row) and "threshold_mean" in row else None
@@ -32,7 +35,7 @@ left.plotly_chart(charts.delta_loss_histogram(frame, threshold, epoch), key="his
 right.plotly_chart(charts.fragile_fraction_chart(run.metrics, run.config["dataset"]["classes"]), key="fragile")
 left.plotly_chart(charts.eps_distribution_chart(by_epoch, attack.get("eps"),
                                                 norm=attack.get("norm", "l2")), key="eps")
-if epoch - 1 in epochs:
+if epoch - 1 in by_epoch:
     right.plotly_chart(charts.transition_heatmap(by_epoch[epoch - 1], frame, epoch), key="heat")
 else:
     right.plotly_chart(charts.transitions_chart(run.metrics), key="transitions")

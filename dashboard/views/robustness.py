@@ -26,7 +26,10 @@ for run in missing:
             bar = st.progress(0.0, text="attacking…")
             subset = data if len(data) <= 256 else data.subset(np.random.default_rng(0).choice(len(data), 256, replace=False))
             grid = default_grid(run.config, "l2")
-            curve = robustness_curve(model(run), subset, grid, "pgd", "l2",
+            net = model(run)
+            if net is None:
+                st.stop()
+            curve = robustness_curve(net, subset, grid, "pgd", "l2",
                                      callback=lambda done, total: bar.progress(min(done / max(total, 1), 1.0),
                                                                                text=f"attacked {done} images"))
             runs.save_robustness(run.path, curve.assign(split="test", data=data.source.spec))
@@ -44,10 +47,11 @@ norm = c2.selectbox("Norm", ["l2", "linf"], index=0)
 n = c3.number_input("Images", min_value=4, max_value=64, value=16, step=4)
 eps0 = reference_eps(run.config, norm)
 eps = st.slider("eps", min_value=0.0, max_value=float(4 * eps0), value=float(eps0), step=float(eps0) / 20, format="%.4f")
-data = run_data(run, "test")
+net = model(run)
+data = run_data(run, "test") if net is not None else None
 if data is not None:
     batch = data.subset(range(min(int(n), len(data))))
-    ev = evaluate(model(run), batch, attack, norm, eps, DEFAULT_STEPS[attack])
+    ev = evaluate(net, batch, attack, norm, eps, DEFAULT_STEPS[attack])
     shape = tuple(batch.images.shape[1:])
     m1, m2, m3 = st.columns(3)
     m1.metric("clean accuracy", f"{ev.accuracy:.2f}")
@@ -57,7 +61,7 @@ if data is not None:
     flipped = ev.samples[ev.samples.correct_clean & ~ev.samples.robust]
     st.caption(f"{len(flipped)} of {len(batch)} images changed prediction under the attack")
     x, y = batch.images[:4].float() / 255, batch.labels[:4]
-    x_adv = perturb(model(run), x, y, attack, norm, eps)
+    x_adv = perturb(net, x, y, attack, norm, eps)
     for title, images in (("clean", x), ("perturbed", x_adv), ("perturbation, amplified", perturbation_image(x, x_adv))):
         st.caption(title)
         cols = st.columns(len(x))
