@@ -3,6 +3,7 @@ bar driven by the trainer's progress callback, and the run store as a table."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -16,7 +17,7 @@ from .config import METHODS, ConfigError, RunConfig, method_config
 from .models import MODEL_NAMES
 
 #: flags that describe a run; ``--resume`` takes them from the run's config.json instead.
-_RUN_FLAGS = ("data", "model", "method", "epochs", "batch_size", "image_size", "norm", "eps", "alpha_ratio", "steps",
+_RUN_FLAGS = ("config", "data", "model", "method", "epochs", "batch_size", "image_size", "norm", "eps", "alpha_ratio", "steps",
               "gamma", "threshold", "sync", "beta_clean", "lam", "memoryless", "lr", "weight_decay", "schedule",
               "imbalance", "early_stop", "patience", "augment", "seed", "max_samples", "root", "pretrained", "name")
 
@@ -25,6 +26,9 @@ def add_train_parser(sub) -> None:
     t = sub.add_parser("train", help="train a model with ERM, PGD-AT, TRADES or DPAAT (or resume a run)",
                        description="Train a run into the run store. The last line printed is the run folder.")
     run = t.add_argument_group("what to train")
+    run.add_argument("--config", metavar="FILE",
+                     help="a config in the run store's config.json format; a partial one fills the rest with defaults "
+                          "(a method section with its method's preset), and flags given beside it override it")
     run.add_argument("--data", help="data spec: npz:<file>, medmnist:<flag>[@size], ham10000:<dir>, folder:<dir> or synthetic[:n=..]")
     run.add_argument("--model", help=f"architecture: {', '.join(MODEL_NAMES)} (resnet8 is the small CPU model)")
     run.add_argument("--method", help=f"training method: {', '.join(METHODS)}")
@@ -70,7 +74,8 @@ def add_train_parser(sub) -> None:
                      help="wall-time budget: end the run at the first epoch boundary past M minutes, as a finished "
                           "run (status says why); --resume continues it with a new budget (may be given with --resume)")
     where = t.add_argument_group("where")
-    where.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if available (default)")
+    where.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                       help="auto: CUDA if available (default, also for --resume; else the config file's)")
     where.add_argument("--store", default="checkpoints", help="run store folder (default checkpoints)")
     where.add_argument("--name", help="run id (default: time, method, model and data)")
     where.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last completed epoch; "
@@ -85,12 +90,32 @@ def add_runs_parser(sub) -> None:
     r.set_defaults(run=_runs)
 
 
+def read_config_file(path: str) -> RunConfig:
+    """A :class:`RunConfig` from a JSON file in ``config.json`` format (partial: defaults fill the rest)."""
+    import json
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise ConfigError(f"--config {path}: not JSON ({exc})") from None
+    try:
+        return RunConfig.from_dict(data)
+    except (TypeError, ConfigError) as exc:
+        raise ConfigError(f"--config {path}: {exc}") from None
+
+
+_METHOD_FLAGS = ("gamma", "threshold", "sync", "beta_clean", "lam", "memoryless")
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """A validated :class:`RunConfig` from ``train`` flags (defaults where a flag is absent)."""
-    missing = [f"--{n}" for n in ("data", "model", "method", "epochs") if getattr(args, n) is None]
-    if missing:
-        raise ConfigError(f"train needs {', '.join(missing)} (or --resume RUN_DIR)")
-    cfg = RunConfig()
+    """A validated :class:`RunConfig` from ``train`` flags: ``--config FILE`` (or the defaults) with every flag
+    given beside it on top."""
+    if args.config is None:
+        missing = [f"--{n}" for n in ("data", "model", "method", "epochs") if getattr(args, n) is None]
+        if missing:
+            raise ConfigError(f"train needs {', '.join(missing)} (or --config FILE, or --resume RUN_DIR)")
+    cfg = read_config_file(args.config) if args.config is not None else RunConfig()
     given = lambda name: getattr(args, name) is not None  # noqa: E731
     for section, names in (("data", ("image_size", "max_samples", "root")), ("model", ("pretrained",)),
                            ("attack", ("norm", "eps", "alpha_ratio", "steps")),
@@ -100,9 +125,16 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         for name in names:
             if given(name):
                 setattr(getattr(cfg, section), name, getattr(args, name))
-    cfg.data.spec, cfg.model.name = args.data, args.model
-    cfg.method = method_config(args.method, gamma=args.gamma, threshold=args.threshold, sync=args.sync,
-                               beta_clean=args.beta_clean, lam=args.lam, memoryless=args.memoryless)
+    if given("data"):
+        cfg.data.spec = args.data
+    if given("model"):
+        cfg.model.name = args.model
+    flags = {n: getattr(args, n) for n in _METHOD_FLAGS if given(n)}
+    if given("method"):                      # a method named on the command line starts from its own preset
+        cfg.method = method_config(args.method, **flags)
+    elif flags:                              # flags on top of the config file's method
+        values = dataclasses.asdict(cfg.method) | flags
+        cfg.method = method_config(values.pop("name"), **values)
     return cfg.validate()
 
 
@@ -150,7 +182,7 @@ def _train(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
         if args.resume:
-            run_dir = train.resume(args.resume, progress=progress, device=args.device, should_stop=stop.is_set,
+            run_dir = train.resume(args.resume, progress=progress, device=args.device or "auto", should_stop=stop.is_set,
                                    compile=args.compile, max_minutes=args.max_minutes)
         else:
             run_dir = train.train(config, store=args.store, run_id=args.name, progress=progress, should_stop=stop.is_set)

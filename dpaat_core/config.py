@@ -245,7 +245,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
-        """Rebuild from ``config.json`` (extra top-level keys such as ``dataset`` are ignored)."""
+        """Rebuild from ``config.json`` (extra top-level keys such as ``dataset`` are ignored). A partial config
+        fills the rest with defaults; a method section, with the preset of its ``name`` (METHODS)."""
         if not isinstance(data, dict):
             raise ConfigError(f"a run config is a JSON object, got {type(data).__name__}")
         sections = {}
@@ -257,5 +258,9 @@ class RunConfig:
             unknown = sorted(set(values) - known)
             if unknown:
                 raise ConfigError(f"{name}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-            sections[name] = klass(**values)
+            if name == "method":   # a partial method section is filled from its family member's preset
+                values = dict(values)
+                sections[name] = method_config(values.pop("name", MethodConfig.name), **values)
+            else:
+                sections[name] = klass(**values)
         return cls(**sections).validate()

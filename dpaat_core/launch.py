@@ -1,5 +1,6 @@
-"""Training as a separate process, for the dashboard's Train page: start ``python -m dpaat_core
-train`` detached from the caller (it survives a page reload), and stop it with SIGTERM."""
+"""Training as a separate process, for the dashboard's Train page: write the run's config to a file, start
+``python -m dpaat_core train --config FILE`` detached from the caller (it survives a page reload), and stop
+it with SIGTERM."""
 from __future__ import annotations
 
 import os
@@ -15,31 +16,16 @@ from .config import RunConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_argv(config: RunConfig, store: str | Path, run_id: str) -> list[str]:
-    """The ``python -m dpaat_core train`` command line that trains ``config`` into ``store/run_id``."""
-    c = config.validate()
-    m = c.method
-    argv = [sys.executable, "-m", "dpaat_core", "train", "--data", c.data.spec, "--model", c.model.name,
-            "--method", m.name, "--epochs", str(c.train.epochs), "--batch-size", str(c.train.batch_size),
-            "--image-size", str(c.data.image_size), "--norm", c.attack.norm, "--eps", repr(c.attack.eps),
-            "--alpha-ratio", repr(c.attack.alpha_ratio), "--steps", str(c.attack.steps),
-            "--threshold", m.threshold, "--sync", m.sync, "--beta-clean", repr(m.beta_clean), "--lam", repr(m.lam),
-            "--lr", repr(c.train.lr), "--weight-decay", repr(c.train.weight_decay), "--schedule", c.train.schedule,
-            "--imbalance", c.train.imbalance, "--early-stop", c.train.early_stop, "--patience", str(c.train.patience),
-            "--seed", str(c.train.seed), "--device", c.train.device, "--store", str(store), "--name", run_id, "--quiet"]
-    if m.adaptive:
-        argv += ["--gamma", repr(m.gamma)]
-    if m.memoryless:
-        argv.append("--memoryless")
-    if not c.train.augment:
-        argv.append("--no-augment")
-    if c.model.pretrained:
-        argv.append("--pretrained")
-    if c.data.max_samples is not None:
-        argv += ["--max-samples", str(c.data.max_samples)]
-    if c.data.root is not None:
-        argv += ["--root", c.data.root]
-    return argv
+def config_path(store: str | Path, run_id: str) -> Path:
+    """Where a launched run's config travels to its process (beside its log, in a folder the listing skips)."""
+    return Path(store) / ".logs" / f"{run_id}.config.json"
+
+
+def train_argv(config_file: str | Path, store: str | Path, run_id: str) -> list[str]:
+    """The ``python -m dpaat_core train`` command line that trains the config in ``config_file`` into
+    ``store/run_id``: the config travels whole, as a file, never as flags rebuilt from it."""
+    return [sys.executable, "-m", "dpaat_core", "train", "--config", str(config_file), "--store", str(store),
+            "--name", run_id, "--quiet"]
 
 
 def log_path(store: str | Path, run_id: str) -> Path:
@@ -55,10 +41,11 @@ def launch(config: RunConfig, store: str | Path, run_id: str) -> int:
     runs.check_run_id(run_id)
     if (Path(store) / run_id).exists():
         raise runs.RunError(f"run '{run_id}' already exists in {store}; choose another name")
-    log = log_path(store, run_id)
+    log, config_file = log_path(store, run_id), config_path(store, run_id)
     log.parent.mkdir(parents=True, exist_ok=True)
+    runs.atomic_write_json(config_file, config.validate().to_dict())
     with open(log, "wb") as out:
-        proc = subprocess.Popen(train_argv(config, store, run_id), cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
+        proc = subprocess.Popen(train_argv(config_file, store, run_id), cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     return proc.pid
 

@@ -18,12 +18,60 @@ def _config(epochs=1, **method) -> RunConfig:
     return cfg.validate()
 
 
-@pytest.mark.parametrize("method", [dict(), dict(gamma=0.2, memoryless=True, threshold="quantile:0.7", lam=2.0)])
-def test_the_command_line_re_makes_the_config(method, tmp_path):
-    cfg = _config(**method)
-    argv = launch.train_argv(cfg, tmp_path, "x")
-    args = build_parser().parse_args(argv[3:])
+def _everything_off_default(pretrained=False) -> RunConfig:
+    """A config in which every field differs from its default (``pretrained`` too, where asked: training with it
+    needs torchvision's cached ImageNet weights)."""
+    cfg = RunConfig()
+    cfg.data.spec, cfg.data.image_size, cfg.data.max_samples, cfg.data.root = "synthetic:n=24,classes=3", 16, 20, "/r"
+    cfg.model.name, cfg.model.pretrained = "resnet18", pretrained
+    cfg.attack.norm, cfg.attack.eps, cfg.attack.alpha_ratio, cfg.attack.steps, cfg.attack.eval_mode = \
+        "linf", 0.05, 0.4, 2, False
+    cfg.method = method_config("dpaat", gamma=0.2, beta_clean=0.5, lam=2.0, adv_weight=0.9, sync="js",
+                               memoryless=True, threshold="quantile:0.7", ema_momentum=0.8, eps_min_ratio=0.3,
+                               eps_max_ratio=1.5, attack="kl")
+    t = cfg.train
+    t.epochs, t.batch_size, t.lr, t.weight_decay, t.schedule, t.imbalance = 1, 8, 1e-3, 1e-4, "cosine", "balanced_sampler"
+    t.early_stop, t.patience, t.augment, t.seed, t.device, t.compile, t.max_minutes = \
+        "robust_accuracy", 2, False, 3, "cpu", False, 30.0
+    return cfg.validate()
+
+
+def _off_default(cfg: RunConfig) -> list[str]:
+    """The fields of ``cfg`` that still hold their default (the method's against the dpaat preset)."""
+    default = RunConfig().to_dict()
+    return [f"{sec}.{k}" for sec, values in cfg.to_dict().items() for k, v in values.items()
+            if v == default[sec][k] and (sec, k) != ("method", "name") and (sec, k) != ("method", "adaptive")]
+
+
+def test_the_command_line_carries_every_field(tmp_path):
+    cfg = _everything_off_default(pretrained=True)
+    assert _off_default(cfg) == []                    # the test would see a field the launch dropped
+    file = launch.config_path(tmp_path, "x")
+    file.parent.mkdir(parents=True)
+    runs.atomic_write_json(file, cfg.to_dict())
+    args = build_parser().parse_args(launch.train_argv(file, tmp_path, "x")[3:])
     assert config_from_args(args) == cfg and args.store == str(tmp_path) and args.name == "x"
+
+
+@pytest.mark.slow
+def test_a_launched_run_trains_with_every_field_of_its_config(tmp_path):
+    cfg = _everything_off_default()
+    launch.launch(cfg, tmp_path, "every")
+    assert _wait(tmp_path / "every", {"done", "failed"})["state"] == "done", launch.log_path(tmp_path, "every").read_text()
+    saved = runs.read_config(tmp_path / "every")
+    for section, values in cfg.to_dict().items():
+        assert {k: saved[section][k] for k in values} == values, section
+
+
+def test_a_partial_config_file_fills_the_rest_and_flags_override_it(tmp_path):
+    file = tmp_path / "partial.json"
+    file.write_text('{"data": {"spec": "synthetic:n=24"}, "method": {"name": "pgd_at"}, "train": {"epochs": 2}}')
+    cfg = config_from_args(build_parser().parse_args(["train", "--config", str(file), "--epochs", "3", "--lr", "1e-3"]))
+    assert cfg.data.spec == "synthetic:n=24" and cfg.train.epochs == 3 and cfg.train.lr == 1e-3
+    assert cfg.method == method_config("pgd_at") and cfg.attack == RunConfig().attack
+    cfg = config_from_args(build_parser().parse_args(["train", "--config", str(file), "--method", "dpaat",
+                                                      "--gamma", "0.3"]))
+    assert cfg.method == method_config("dpaat", gamma=0.3)
 
 
 def _wait(run_dir, states, timeout=120):
@@ -51,3 +99,16 @@ def test_launch_trains_in_its_own_process_and_stop_ends_it(tmp_path):
     assert launch.stop(tmp_path / "long")
     status = _wait(tmp_path / "long", {"stopped"})
     assert "--resume" in status["message"] and not launch.stop(tmp_path / "long")   # nothing left to stop
+
+
+@pytest.mark.parametrize("text, says", [(None, "cannot read it"), ("{oops", "not JSON"),
+                                        ('{"train": {"epochz": 2}}', "unknown setting(s) epochz"),
+                                        ('{"attack": {"eps": -1}}', "attack.eps must be")])
+def test_a_bad_config_file_is_one_line(tmp_path, capsys, text, says):
+    from dpaat_core.__main__ import main
+    file = tmp_path / "c.json"
+    if text is not None:
+        file.write_text(text)
+    assert main(["train", "--config", str(file), "--store", str(tmp_path / "store")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1 and not (tmp_path / "store").exists()
