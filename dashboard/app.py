@@ -9,6 +9,7 @@ import sys
 import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dashboard.state import viewer_mode  # noqa: E402
 from dpaat_core import __version__  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -23,16 +24,21 @@ def home() -> None:
         "metrics; **Training dynamics** shows each sample's loss change and the fragile/stable "
         "split epoch by epoch; **Robustness** compares accuracy against epsilon across runs and "
         "attacks a batch live; the **Attribution explorer** shows what a model looks at on a "
-        "lesion image, clean and perturbed; **Train** launches and watches a training run."
+        "lesion image, clean and perturbed" + ("." if viewer_mode() else
+                                                  "; **Train** launches and watches a training run.")
     )
+    if viewer_mode():
+        st.caption("Viewer: the runs can be looked at, not changed. Uploaded images stay in memory.")
 
 
 st.set_page_config(page_title="DPAAT Lab", layout="wide")
-st.navigation([
+pages = [
     st.Page(home, title="Home", icon=":material/home:"),
     st.Page(str(HERE / "views" / "runs.py"), title="Runs", icon=":material/table:"),
     st.Page(str(HERE / "views" / "dynamics.py"), title="Training dynamics", icon=":material/timeline:"),
     st.Page(str(HERE / "views" / "robustness.py"), title="Robustness", icon=":material/shield:"),
     st.Page(str(HERE / "views" / "attribution.py"), title="Attribution explorer", icon=":material/visibility:"),
-    st.Page(str(HERE / "views" / "train.py"), title="Train", icon=":material/play_arrow:"),
-]).run()
+]
+if not viewer_mode():   # in viewer mode (DPAAT_VIEWER=1) nothing that starts a process or writes is offered
+    pages.append(st.Page(str(HERE / "views" / "train.py"), title="Train", icon=":material/play_arrow:"))
+st.navigation(pages).run()

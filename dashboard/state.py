@@ -15,6 +15,19 @@ if str(ROOT) not in sys.path:
 from dpaat_core import runs  # noqa: E402
 
 
+def viewer_mode() -> bool:
+    """``DPAAT_VIEWER=1``: the dashboard as a clinic serves it to people who only look. No Train page and no control
+    that reads a server path, starts a process or writes a file (uploads stay in memory)."""
+    return os.environ.get("DPAAT_VIEWER", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def refuse_in_viewer_mode(what: str) -> None:
+    """Stop the page here in viewer mode: a page or control that is not offered is not reachable by its address."""
+    if viewer_mode():
+        st.error(f"{what} is not available in this viewer (DPAAT_VIEWER=1).")
+        st.stop()
+
+
 def store() -> Path:
     """The run store: ``$DPAAT_STORE``, else ``checkpoints/`` beside the dashboard."""
     return Path(os.environ.get("DPAAT_STORE") or ROOT / "checkpoints")
@@ -143,7 +156,11 @@ def run_data(run: runs.Run, split: str):
 
 
 def data_spec_input() -> None:
-    """A sidebar box for a data spec that overrides the run's own (same specs as the CLI)."""
+    """A sidebar box for a data spec that overrides the run's own (same specs as the CLI); none in viewer mode,
+    where a visitor may not name a path on the server."""
+    if viewer_mode():
+        st.session_state.pop("data_spec", None)
+        return
     st.sidebar.text_input("Data spec (optional)", key="data_spec",
                           help="npz:<file>, medmnist:<flag>[@size], ham10000:<dir>, folder:<dir> or synthetic; "
                                "empty: the run's own data, then $DPAAT_DATA_ROOT, then the synthetic set")

@@ -255,3 +255,33 @@ def test_the_shipped_demo_runs_show_on_every_page(page, shared_data, monkeypatch
         assert isinstance(table, pd.DataFrame) and set(DEMO_METHODS) <= set(table.variant)
     else:
         assert at.get("plotly_chart") or at.get("image")
+
+
+def test_viewer_mode_offers_nothing_that_reads_a_path_starts_a_process_or_writes(store, monkeypatch):
+    monkeypatch.setenv("DPAAT_STORE", str(store))
+    monkeypatch.setenv("DPAAT_VIEWER", "1")
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    assert not at.exception
+    for page in ("runs", "dynamics", "robustness", "attribution"):
+        at.switch_page(f"views/{page}.py").run()
+        assert not at.exception, page
+        assert not at.text_input and not at.button and not at.get("form"), page          # no path box, no action
+        assert not at.get("download_button") or page == "runs", page
+    at.switch_page("views/attribution.py").run()
+    at.radio[0].set_value("Upload a JPEG or PNG").run()
+    assert not at.exception and at.get("file_uploader")                                    # uploads stay, in memory
+    with pytest.raises(ValueError, match="Could not find a navigation page"):          # not in the navigation
+        at.switch_page("views/train.py")
+    direct = AppTest.from_file(str(APP.parent / "views" / "train.py"), default_timeout=120).run()   # the script itself
+    assert "not available in this viewer" in " ".join(e.value for e in direct.error)
+    assert not direct.get("form") and not direct.button and not direct.text_input
+
+
+def test_outside_viewer_mode_the_controls_are_there(store, monkeypatch):
+    monkeypatch.setenv("DPAAT_STORE", str(store))
+    monkeypatch.delenv("DPAAT_VIEWER", raising=False)
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    at.switch_page("views/dynamics.py").run()
+    assert at.text_input                                        # the data spec box
+    at.switch_page("views/train.py").run()
+    assert not at.exception and at.get("form")

@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts
-from dashboard.state import data_spec_input, model, robustness, run_data, run_picker
+from dashboard.state import data_spec_input, model, robustness, run_data, run_picker, viewer_mode
 from dpaat_core import runs
 from dpaat_core.attribution import perturbation_image
 from dpaat_core.evaluate import DEFAULT_STEPS, default_grid, eps_rms, evaluate, perturb, reference_eps, robustness_curve
@@ -19,7 +19,7 @@ if not selected:
 
 curves = pd.concat([robustness(r) for r in selected], ignore_index=True)
 missing = [r for r in selected if not len(curves) or r.run_id not in set(curves.get("run", []))]
-for run in missing:
+for run in [] if viewer_mode() else missing:   # computing a curve writes the store: not in viewer mode
     if st.button(f"Compute the PGD-20 l2 curve of {run.run_id} (256 test images)", key=f"compute-{run.run_id}"):
         data = run_data(run, "test")
         if data is not None:

@@ -4,11 +4,12 @@ import time
 import streamlit as st
 
 from dashboard import charts
-from dashboard.state import ROOT, list_runs, store
+from dashboard.state import ROOT, list_runs, refuse_in_viewer_mode, store
 from dpaat_core import launch, runs
 from dpaat_core.config import METHODS, ConfigError, RunConfig, method_config
 from dpaat_core.models import MODEL_NAMES
 
+refuse_in_viewer_mode("Training")
 st.title("Train")
 SAMPLE = ROOT.parent / "shared" / "data" / "ham10000_sample.npz"
 default_data = f"npz:{SAMPLE}" if SAMPLE.is_file() else "synthetic"
