@@ -196,7 +196,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from .runs import list_runs, runs_table
+    from .runs import RunError, list_runs, runs_table
+    if Path(args.store).exists() and not Path(args.store).is_dir():
+        raise RunError(f"{args.store}: the run store must be a folder, and this is a file")
     found = list_runs(args.store)
     if not found:
         print(f"no runs in {args.store}")

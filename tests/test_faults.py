@@ -334,6 +334,8 @@ def test_a_store_that_is_a_file_is_one_line(tmp_path):
     code, _, err = _cli_main("train", "--data", "synthetic:n=24,classes=3", "--model", "resnet8", "--method", "erm",
                              "--epochs", "1", "--device", "cpu", "--store", str(tmp_path / "file"), "--quiet")
     assert code == 2 and "must be a folder" in err and _one_line(err)
+    code, _, err = _cli_main("runs", "--store", str(tmp_path / "file"))
+    assert code == 2 and "must be a folder" in err and _one_line(err)
 
 
 def test_npz_headers_are_read_before_their_data(tmp_path):
