@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from . import runs
@@ -70,3 +72,44 @@ def stop(run_dir: str | Path) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def _job_files(run_dir: Path) -> tuple[Path, Path]:
+    logs = run_dir.parent / ".logs"
+    return logs / f"{run_dir.name}.evaluate.json", logs / f"{run_dir.name}.evaluate.log"
+
+
+def start_evaluate(run_dir: str | Path, max_samples: int = 256) -> int:
+    """Compute the run's PGD-20 l2 curve on a seeded draw of ``max_samples`` test images in a ``python -m dpaat_core
+    evaluate`` process of its own (the page that asks only reads); returns its pid. One at a time per run."""
+    run_dir = Path(run_dir)
+    if evaluating(run_dir) is not None:
+        raise runs.RunError(f"{run_dir.name}: a curve is already being computed")
+    job, log = _job_files(run_dir)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "dpaat_core", "evaluate", str(run_dir), "--attack", "pgd", "--norm", "l2",
+            "--max-samples", str(int(max_samples))]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    runs.atomic_write_json(job, {"pid": proc.pid, **runs.process_identity(proc.pid), "started": time.time(),
+                                 "argv": argv[1:]})
+    return proc.pid
+
+
+def evaluating(run_dir: str | Path) -> dict | None:
+    """The run's curve computation if one is alive (pid, start time, ``progress`` in [0, 1] or None, and the
+    ``line`` of output it last printed), else None."""
+    job, log = _job_files(Path(run_dir))
+    try:
+        info = runs._read_json(job)
+    except (runs.RunError, OSError):
+        return None
+    pid = info.get("pid")
+    identity = runs.process_identity(pid) if type(pid) is int else {}
+    if not identity or identity != {k: info.get(k) for k in ("pid_start", "boot_id")} or runs.process_ended(pid):
+        return None
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    line = (re.split(r"[\r\n]+", text.strip()) or [""])[-1]
+    match = re.search(r"(\d+)%\|", line)
+    return info | {"progress": int(match.group(1)) / 100 if match else None, "line": line}

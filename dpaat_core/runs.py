@@ -299,6 +299,21 @@ def process_identity(pid: int) -> dict:
     return {"pid_start": int(stat.rsplit(")", 1)[1].split()[19]), "boot_id": boot}
 
 
+def process_ended(pid: int) -> bool:
+    """Whether ``pid`` has ended: gone, or a zombie waiting to be reaped (then reaped here if it is our child)."""
+    try:
+        state = Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return True
+    if state != "Z":
+        return False
+    try:
+        os.waitpid(int(pid), os.WNOHANG)
+    except ChildProcessError:   # another process's child: its parent reaps it
+        pass
+    return True
+
+
 _OWN_IDENTITY: dict = {}
 
 

@@ -108,11 +108,25 @@ def test_robustness_page_computes_saves_and_draws_curves(store, monkeypatch):
     at.multiselect[0].set_value(["small-dpaat"]).run()
     assert at.title[0].value == "Robustness"
     assert [m.label for m in at.metric] == ["clean accuracy", "robust accuracy", "per-pixel RMS"]
+    import os
+    import time
+
+    from dpaat_core import launch
     button = next(b for b in at.button if "Compute the PGD-20 l2 curve of small-dpaat" in b.label)
     button.click().run()
     assert not at.exception, at.exception
+    job = launch.evaluating(store / "small-dpaat")          # a process of its own computes and writes the curve
+    assert job is not None and job["pid"] != os.getpid() and "evaluate" in job["argv"]
+    at.run()
+    assert not [b for b in at.button if "Compute" in b.label]                # no second start while it runs
+    deadline = time.time() + 300
+    while launch.evaluating(store / "small-dpaat") is not None:
+        assert time.time() < deadline
+        time.sleep(0.5)
+    at.run()
     saved = runs.read_robustness(store / "small-dpaat")
     assert len(saved) == 8 and (saved.attack == "pgd").all()
+    assert "wrote" in (store / ".logs" / "small-dpaat.evaluate.log").read_text()
     assert len(at.get("plotly_chart")) == 1 and not [b for b in at.button if "Compute" in b.label]
     at.slider[0].set_value(0.0).run()                        # eps 0: nothing changes
     assert at.metric[1].value == at.metric[0].value

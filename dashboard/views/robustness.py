@@ -1,13 +1,12 @@
 """Robustness: accuracy against epsilon for the selected runs, and a live attack on a small batch."""
-import numpy as np
 import pandas as pd
 import streamlit as st
 
 from dashboard import charts
 from dashboard.state import data_spec_input, model, robustness, run_data, run_picker, viewer_mode
-from dpaat_core import runs
+from dpaat_core import launch, runs
 from dpaat_core.attribution import perturbation_image
-from dpaat_core.evaluate import DEFAULT_STEPS, default_grid, eps_rms, evaluate, perturb, reference_eps, robustness_curve
+from dpaat_core.evaluate import DEFAULT_STEPS, eps_rms, evaluate, perturb, reference_eps
 from dpaat_core.attacks import ATTACKS
 
 st.title("Robustness")
@@ -19,21 +18,30 @@ if not selected:
 
 curves = pd.concat([robustness(r) for r in selected], ignore_index=True)
 missing = [r for r in selected if not len(curves) or r.run_id not in set(curves.get("run", []))]
-for run in [] if viewer_mode() else missing:   # computing a curve writes the store: not in viewer mode
-    if st.button(f"Compute the PGD-20 l2 curve of {run.run_id} (256 test images)", key=f"compute-{run.run_id}"):
-        data = run_data(run, "test")
-        if data is not None:
-            bar = st.progress(0.0, text="attacking…")
-            subset = data if len(data) <= 256 else data.subset(np.random.default_rng(0).choice(len(data), 256, replace=False))
-            grid = default_grid(run.config, "l2")
-            net = model(run)
-            if net is None:
-                st.stop()
-            curve = robustness_curve(net, subset, grid, "pgd", "l2",
-                                     callback=lambda done, total: bar.progress(min(done / max(total, 1), 1.0),
-                                                                               text=f"attacked {done} images"))
-            runs.save_robustness(run.path, curve.assign(split="test", data=data.source.spec))
-            st.rerun()
+
+
+@st.fragment(run_every=2.0)
+def computing(waiting: dict) -> None:
+    """Progress of the curve processes started from this page; the page reloads its curves when one ends."""
+    jobs = {rid: job for rid, path in waiting.items() if (job := launch.evaluating(path)) is not None}
+    for rid, job in jobs.items():
+        st.progress(job["progress"] or 0.0, text=f"{rid}: computing the PGD-20 l2 curve · {job['line'][:90]}")
+    if len(jobs) < len(waiting):   # one has finished: draw its curve
+        st.rerun()
+
+
+if not viewer_mode():   # computing a curve starts a process that writes the store: not in viewer mode
+    waiting = {r.run_id: r.path for r in missing if launch.evaluating(r.path) is not None}
+    for run in missing:
+        if run.run_id not in waiting and st.button(f"Compute the PGD-20 l2 curve of {run.run_id} (256 test images)",
+                                                   key=f"compute-{run.run_id}"):
+            try:
+                launch.start_evaluate(run.path, max_samples=256)
+                waiting[run.run_id] = run.path
+            except runs.RunError as exc:
+                st.error(str(exc))
+    if waiting:
+        computing(waiting)
 if len(curves):
     x = "eps_rms" if st.toggle("Per-pixel RMS on the x axis", value=False) else "eps"
     st.plotly_chart(charts.robustness_chart(curves, x=x), key="curves")
