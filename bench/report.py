@@ -44,16 +44,16 @@ def ordered(frame: pd.DataFrame, order) -> pd.DataFrame:
     return frame.sort_values("variant", key=lambda s: s.map(lambda v: rank.get(v, len(rank))))
 
 
-def main_table(results: pd.DataFrame, study: str) -> tuple[str, pd.DataFrame]:
+def main_table(results: pd.DataFrame, study: str, metrics=rep.METRICS, order=MAIN_METHODS) -> tuple[str, pd.DataFrame]:
     part = results[results["study"] == study]
-    summary = ordered(rep.summarize(part), MAIN_METHODS)
-    return md(rep.format_table(summary).drop(columns=["study"])), summary
+    summary = ordered(rep.summarize(part, metrics=[m for m, _ in metrics]), order)
+    return md(rep.format_table(summary, metrics=metrics).drop(columns=["study"])), summary
 
 
-def differences(results: pd.DataFrame, study: str, baselines=BASELINES) -> str:
+def differences(results: pd.DataFrame, study: str, baselines=BASELINES, metrics=rep.METRICS) -> str:
     rows = []
     for base in baselines:
-        for m, label in rep.METRICS:
+        for m, label in metrics:
             d = rep.paired_difference(results, "dpaat", base, m, study)
             if d["n"]:
                 rows.append({"DPAAT minus": base, "metric": label, "seeds": d["n"],
@@ -116,6 +116,8 @@ def demo_curves(store: Path) -> pd.DataFrame:
 MEMORY_TABLES = ("memory_by_epoch", "memory_transitions", "memory_per_class", "memory_spread")
 LONG_METHODS = ("pgd_at", "trades", "dpaat", "dpaat_fixed", "dpaat-gamma0.3")
 LONG_BASELINES = ("pgd_at", "dpaat_fixed", "trades")
+#: the second round adds robust *balanced* accuracy: the eps memory treats the classes very differently
+LONG_METRICS = (*rep.METRICS, ("pgd20_balanced", "PGD-20 balanced"))
 
 
 def long_results(results: pd.DataFrame) -> pd.DataFrame:
@@ -163,6 +165,22 @@ def per_class_robustness(long: pd.DataFrame, classes: list[str]) -> pd.DataFrame
     if {"dpaat", "pgd_at"} <= set(table.columns):
         table["dpaat - pgd_at"] = table["dpaat"] - table["pgd_at"]
     return table.round(1).reset_index(names="class")
+
+
+def length_table(results: pd.DataFrame, long: pd.DataFrame) -> str:
+    """DPAAT minus each baseline, paired by seed, at 5 epochs (main28) and at 40 (long28), on the same data."""
+    both = pd.concat([results[results["study"] == "main28"], long])
+    rows = []
+    for base in ("pgd_at", "dpaat_fixed"):
+        for m, label in (("pgd20", "PGD-20"), ("pgd20_balanced", "PGD-20 balanced"), ("apgd", "APGD"),
+                         ("balanced_accuracy", "balanced"), ("mAP", "mAP")):
+            row = {"DPAAT minus": base, "metric": label}
+            for study, length in (("main28", "5 epochs"), ("long28", "40 epochs")):
+                d = rep.paired_difference(both, "dpaat", base, m, study)
+                row[length] = "" if not d["n"] else (f"{d['mean']:+.1f} [{d['ci_low']:+.1f}, {d['ci_high']:+.1f}] "
+                                                     f"(n={d['n']})" if d["n"] > 1 else f"{d['mean']:+.1f} (n=1)")
+            rows.append(row)
+    return md(pd.DataFrame(rows))
 
 
 def memory_section(frames: dict[str, pd.DataFrame], long: pd.DataFrame) -> list[str]:
@@ -217,7 +235,7 @@ def main(argv=None) -> int:
     long = long_results(results)
     frames = {}
     if len(long):
-        table, summaries["long28"] = main_table(long, "long28")
+        table, summaries["long28"] = main_table(long, "long28", LONG_METRICS, LONG_METHODS)
         frames = memory_frames(args.runs, long) if args.runs.is_dir() else {}
         for name, frame in frames.items():       # kept beside study.csv: the tables need no run folders then
             if len(frame):
@@ -225,8 +243,10 @@ def main(argv=None) -> int:
         frames = {name: (pd.read_csv(args.results / f"{name}.csv") if (args.results / f"{name}.csv").is_file()
                          else pd.DataFrame()) for name in MEMORY_TABLES}
         out += ["## long28: 28 px, 40 epochs, early stopping with patience 10 (second round)\n", table, "",
-                "### long28: DPAAT minus baseline, paired by seed\n", differences(long, "long28", LONG_BASELINES), "",
-                "### long28: epochs each run reached\n", epochs_table(long), "", *memory_section(frames, long)]
+                "### long28: DPAAT minus baseline, paired by seed\n", differences(long, "long28", LONG_BASELINES, LONG_METRICS), "",
+                "### long28: epochs each run reached\n", epochs_table(long), "",
+                "### DPAAT minus baseline at 5 and at 40 epochs (28 px, paired by seed, 95% CI)\n",
+                length_table(results, long), "", *memory_section(frames, long)]
         gap = (results["pgd20"] - results["apgd"]) * 100
         out += [f"APGD's worst case lies {gap.min():.1f}–{gap.max():.1f} points below PGD-20 over all "
                 f"{len(results)} runs of study.csv.", ""]
@@ -241,7 +261,7 @@ def main(argv=None) -> int:
             write_png(charts.study_chart(summaries[study], rep.METRICS, title=f"{study}: test split, mean ± std over seeds"),
                       figures / f"{study}.png")
     if len(long):
-        write_png(charts.study_chart(ordered(summaries["long28"], LONG_METHODS), rep.METRICS,
+        write_png(charts.study_chart(summaries["long28"], LONG_METRICS,
                                      title="long28 (40 epochs): test split, mean ± std over seeds"), figures / "long28.png")
         if len(frames.get("memory_by_epoch", ())):
             write_png(charts.eps_spread_chart(frames["memory_by_epoch"], 0.075, 0.6,

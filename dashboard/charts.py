@@ -140,10 +140,18 @@ def eps_distribution_chart(dynamics_by_epoch: dict[int, pd.DataFrame], eps0: flo
         values.append(eps)
     if not values or not sum(map(len, values)):
         return empty_figure(title)
-    fig = go.Figure(go.Box(x=np.concatenate(epochs), y=np.concatenate(values), name="eps per sample",
-                           marker_color=STABLE, boxpoints=False))
+    x = np.concatenate(epochs)
+    y = np.round(np.concatenate(values).astype(np.float32).astype(np.float64), 6)   # 0.300000012 (float32) -> 0.3
+    if np.ptp(y) == 0:   # a fixed-eps run: one value for every sample and epoch, drawn as what it is
+        seen = np.unique(x)
+        fig = go.Figure(go.Scatter(x=seen, y=np.full(len(seen), y[0]), mode="lines+markers", name="eps (fixed)",
+                                   line={"color": STABLE}))
+        title += f": fixed at {y[0]:.4g} for every sample"
+    else:
+        fig = go.Figure(go.Box(x=x, y=y, name="eps per sample", marker_color=STABLE, boxpoints=False))
     fig.update_layout(title=title, template="plotly_white", xaxis_title="epoch",
                       yaxis_title=f"eps ({norm}, [0,1] pixels)", showlegend=False)
+    fig.update_yaxes(tickformat=".3~g")
     if _finite(eps0):
         fig.add_hline(y=float(eps0), line_dash="dash", line_color="black", annotation_text=f"eps0 = {float(eps0):.3g}",
                       annotation_position="top left")

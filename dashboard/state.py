@@ -59,11 +59,22 @@ def list_runs() -> list[runs.Run]:
     return _listing(str(path), store_signature(path))
 
 
+def default_runs(found: list[runs.Run]) -> list[str]:
+    """What a page opens on: the most recent DPAAT run (by its last status update, a checkout's file times being
+    all alike), else the most recent readable run."""
+    readable = [r for r in found if r.config is not None]
+    recent = lambda r: r.status.get("updated") if isinstance(r.status.get("updated"), (int, float)) else r.modified  # noqa: E731
+    for pool in ([r for r in readable if r.method == "dpaat"], readable):
+        if pool:
+            return [max(pool, key=recent).run_id]
+    return []
+
+
 def run_picker(label: str = "Runs", multi: bool = True) -> list[runs.Run]:
     """The sidebar's run selection, shared by the pages through ``st.session_state["runs"]``."""
     found = list_runs()
     usable = [r.run_id for r in found if r.config is not None]
-    chosen = [r for r in st.session_state.get("runs", []) if r in usable] or usable[:1]
+    chosen = [r for r in st.session_state.get("runs", []) if r in usable] or default_runs(found)
     with st.sidebar:
         if multi:
             chosen = st.multiselect(label, usable, default=chosen, key="run_picker_multi")

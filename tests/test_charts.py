@@ -262,3 +262,13 @@ def test_charts_on_a_real_run(real_run):
     assert sorted(t.name for t in fig.data) == ["a · PGD-1", "b · PGD-1"] and list(fig.data[0].x) == [0, 0.5, 1]
     for figure in (hist, fractions, transitions, eps, fig):
         figure.to_json()  # serialisable, NaNs included
+
+
+def test_a_fixed_eps_run_is_a_flat_line_with_plain_ticks():
+    import numpy as np
+    fixed = {e: pd.DataFrame({"eps": np.full(5, 0.3, dtype=np.float32)}) for e in (1, 2, 3)}
+    fig = charts.eps_distribution_chart(fixed, 0.3)
+    assert len(fig.data) == 1 and fig.data[0].type == "scatter" and list(fig.data[0].y) == [0.3, 0.3, 0.3]
+    assert "fixed at 0.3 for every sample" in fig.layout.title.text and fig.layout.yaxis.tickformat == ".3~g"
+    moving = {1: pd.DataFrame({"eps": np.float32([0.3, 0.3])}), 2: pd.DataFrame({"eps": np.float32([0.27, 0.33])})}
+    assert charts.eps_distribution_chart(moving, 0.3).data[0].type == "box"
