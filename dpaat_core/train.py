@@ -189,12 +189,19 @@ def train(config: RunConfig, store: str | Path = "checkpoints", run_id: Optional
 def resume(run_dir: str | Path, progress: Optional[ProgressFn] = None, device: Optional[str] = None,
            should_stop: Optional[Callable[[], bool]] = None, compile: Optional[bool] = None,
            max_minutes: Optional[float] = None) -> Path:
-    """Continue a killed, stopped or out-of-time run from its last completed epoch (its ``last.pt``).
+    """Continue a killed, stopped or out-of-time run from its last completed epoch (its ``last.pt``), with the
+    config :func:`resume_config` gives. A time budget counts from the start of this call: a run that ended on
+    its budget continues for another one."""
+    run_dir = Path(run_dir)
+    config = resume_config(run_dir, device, compile, max_minutes)
+    return _run(config, progress, should_stop, run_dir=run_dir)
 
-    ``device``, ``compile`` and ``max_minutes``, when given, replace the run's own ``train.device``,
-    ``train.compile`` and ``train.max_minutes`` (and are written to its ``config.json``). A time budget
-    counts from the start of this call: a run that ended on its budget continues for another one.
-    """
+
+def resume_config(run_dir: str | Path, device: Optional[str] = None, compile: Optional[bool] = None,
+                  max_minutes: Optional[float] = None) -> RunConfig:
+    """The config a resume trains with: the run's own, where ``device``, ``compile`` and ``max_minutes`` (when
+    given) replace ``train.device``, ``train.compile`` and ``train.max_minutes``; the last two are also written to
+    its ``config.json``. A run written before the compile switch existed keeps every batch (compile off)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise runs.RunError(f"{run_dir}: no such run folder")
@@ -203,14 +210,14 @@ def resume(run_dir: str | Path, progress: Optional[ProgressFn] = None, device: O
     if device is not None:
         config.train.device = device
     if "compile" not in (raw.get("train") or {}):
-        config.train.compile = False   # a run made before the switch existed trained every batch: keep its batches
+        config.train.compile = False
     given = {k: v for k, v in (("compile", compile), ("max_minutes", max_minutes)) if v is not None}
     if given:   # the run's config says what it now trains with
         for k, v in given.items():
             setattr(config.train, k, v)
         config.validate()
         runs.atomic_write_json(run_dir / "config.json", raw | {"train": (raw.get("train") or {}) | given})
-    return _run(config, progress, should_stop, run_dir=run_dir)
+    return config
 
 
 def _run(config: RunConfig, progress: Optional[ProgressFn], should_stop, *, store=None, run_id=None,

@@ -1,4 +1,5 @@
 """python -m dpaat_core data: inspect a data spec; bad input exits 2 with one line."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,11 +84,22 @@ def test_argparse_errors_exit_2_with_one_line(capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
-def test_every_train_flag_is_explained():
-    train = build_parser()._subparsers._group_actions[0].choices["train"]
-    for action in train._actions:
-        if action.option_strings and action.dest != "help":
-            assert action.help and len(action.help) > 15, action.option_strings
+def test_every_train_flag_is_explained_in_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    flags = re.findall(r"^  (--[a-z-]+(?:, --[a-z-]+)?)(.*)$", text, flags=re.M)
+    assert len(flags) >= 30
+    lines = text.splitlines()
+    for flag, rest in flags:
+        if flag.startswith("--help"):
+            continue
+        at = next(i for i, ln in enumerate(lines) if ln.startswith(f"  {flag}"))
+        following = lines[at + 1] if at + 1 < len(lines) else ""
+        continued = following.startswith("    ") and not following.lstrip().startswith("-")   # its help's next line
+        words = (rest + " " + following if continued else rest).split()
+        explained = [w for w in words if not w.isupper() and not w.startswith(("{", "-"))]
+        assert len(" ".join(explained)) > 15, flag
 
 
 def test_train_prints_the_run_folder_last_and_runs_lists_it(tmp_path, capsys):

@@ -10,13 +10,15 @@ from dpaat_core.train import train
 APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
 
 
-def test_dashboard_starts_and_says_what_is_coming():
+def test_dashboard_starts_and_its_navigation_reaches_every_page(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPAAT_STORE", str(tmp_path))          # an empty store: every page still opens
     at = AppTest.from_file(str(APP), default_timeout=60).run()
     assert not at.exception
     assert at.title[0].value == "DPAAT Lab"
-    text = " ".join(m.value for m in at.markdown)
-    for page in ("Training dynamics", "Robustness", "Attribution explorer", "Train"):
-        assert page in text
+    for script, title in (("runs", "Runs"), ("dynamics", "Training dynamics"), ("robustness", "Robustness"),
+                          ("attribution", "Attribution explorer"), ("train", "Train")):
+        at.switch_page(f"views/{script}.py").run()            # raises for a page the navigation does not register
+        assert not at.exception and at.title[0].value == title, script
 
 
 @pytest.fixture(scope="module")

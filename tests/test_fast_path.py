@@ -63,11 +63,13 @@ def test_compile_setting_validates_and_round_trips():
 
 
 @pytest.mark.parametrize("flag, value", [([], None), (["--compile"], True), (["--no-compile"], False)])
-def test_compile_flag_reaches_the_config(flag, value):
+def test_compile_flag_reaches_the_config(flag, value, capsys):
     args = build_parser().parse_args(["train", "--data", "synthetic:n=24", "--model", "resnet8", "--method", "erm",
                                       "--epochs", "1", *flag])
     assert config_from_args(args).train.compile is value
-    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
     assert "--no-compile" in help_text and "drops the last incomplete batch" in help_text
 
 
@@ -178,21 +180,25 @@ def test_gpu_speed_quick_prints_the_table(tmp_path):
     assert (tmp_path / "speed.csv").read_text().count("\n") == 6      # header + 5 variants
 
 
-def test_resuming_a_run_from_before_the_switch_keeps_every_batch(tmp_path, monkeypatch):
+def test_resuming_a_run_from_before_the_switch_keeps_every_batch(tmp_path, compile_backend):
+    """A config.json without ``train.compile`` (written before the switch) resumes eager, seeing every sample;
+    an explicit ``compile=True`` still compiles and drops the last incomplete batch."""
     import json
 
-    from dpaat_core import train as train_module
-
-    run = train(run_config(32, device="cpu"), store=tmp_path, run_id="old")
-    seen = []
-    monkeypatch.setattr(train_module, "_run", lambda config, *a, **k: seen.append(config.train.compile))
-    train_module.resume(run)                                   # written with the key (None): stays auto
+    from dpaat_core.train import resume, resume_config
+    cfg = run_config(40, compile=None, epochs=3, device="cpu")
+    cfg.train.max_minutes = 1e-6                                 # one epoch per call
+    run = train(cfg.validate(), store=tmp_path, run_id="old")
+    assert resume_config(run).train.compile is None              # written with the key: stays auto
     config = json.loads((run / "config.json").read_text())
-    del config["train"]["compile"]                             # as written before the switch existed
+    del config["train"]["compile"]                               # as written before the switch existed
     (run / "config.json").write_text(json.dumps(config))
-    train_module.resume(run)
-    train_module.resume(run, compile=True)                     # an explicit choice still wins
-    assert seen == [None, False, True]
+    assert resume_config(run).train.compile is False             # auto would compile on CUDA: off, every batch
+    resume(run)
+    resume(run, compile=True)
+    seen = [len(runs.load_dynamics(run, e)["index"]) for e in (1, 2, 3)]
+    assert seen == [40, 40, 32]                                  # eager, eager (kept every batch), compiled
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
 
 
 def test_evaluate_command_passes_amp_to_the_curves(trained, monkeypatch, capsys):  # noqa: F811
