@@ -1,8 +1,10 @@
 """What the pages share: the run store, cached reads keyed on file times, and the sidebar run picker."""
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -212,3 +214,71 @@ def _predictions(run_dir: str, mtime: int, spec: str, split: str, _data) -> pd.D
 def predictions(run: runs.Run, data, split: str) -> pd.DataFrame:
     """Each image's class and the run's clean prediction on ``data`` (cached per run, data and split)."""
     return _predictions(str(run.path), _mtime(run.path / "weights.safetensors"), data.source.spec, split, data)
+
+
+#: the explorer's attack steps: PGD-10, the setting ``python -m dpaat_core attribute`` writes into attribution.csv
+EXPLORER_STEPS = 10
+
+
+@st.cache_resource(max_entries=16)
+def model_lock(run_dir: str) -> threading.Lock:
+    """One lock per cached model: the model is shared by every session, and an attack (train/eval flags) or
+    Captum (hooks) changes it while it runs, so two sessions take turns."""
+    return threading.Lock()
+
+
+def image_key(x) -> str:
+    """A short fingerprint of an image tensor, for caching results on it."""
+    return hashlib.sha256(x.detach().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+@st.cache_data(show_spinner="Attacking and explaining…", max_entries=64)
+def _explanation(run_dir: str, mtime: int, key: str, _x, label, attack: str, norm: str, eps: float,
+                 methods: tuple) -> dict:
+    import torch
+
+    from dpaat_core.attribution import clean_and_adversarial
+    net = _model(run_dir, mtime)
+    with model_lock(run_dir):
+        with torch.no_grad():
+            clean = net(_x).argmax(1)
+        y = torch.tensor([label]) if label is not None else clean     # the attack fights the truth when known
+        out = clean_and_adversarial(net, _x, y, eps, attack=attack, norm=norm, steps=EXPLORER_STEPS, methods=methods)
+    return {"x_adv": out["x_adv"].numpy(), "prob_clean": out["prob_clean"][0].numpy(),
+            "prob_adv": out["prob_adv"][0].numpy(),
+            "maps": {m: (a[0, 0].numpy(), b[0, 0].numpy()) for m, (a, b) in out["maps"].items()}}
+
+
+def explanation(run: runs.Run, x, label, attack: str, norm: str, eps: float, methods) -> dict | None:
+    """The explorer's numbers for one image: the attacked image, both probability sets and each method's clean and
+    perturbed maps (numpy), computed once per (run, image, attack, norm, eps, methods) and cached; None, with a
+    warning, when the run's weights cannot be loaded."""
+    if model(run) is None:
+        return None
+    return _explanation(str(run.path), _mtime(run.path / "weights.safetensors"), image_key(x), x, label, attack,
+                        norm, float(eps), tuple(methods))
+
+
+@st.cache_data(show_spinner="Attacking the batch…", max_entries=64)
+def _live_attack(run_dir: str, mtime: int, key: str, _x, _y, attack: str, norm: str, eps: float) -> dict:
+    import torch
+
+    from dpaat_core.evaluate import DEFAULT_STEPS, perturb
+    net = _model(run_dir, mtime)
+    with model_lock(run_dir):
+        x_adv = perturb(net, _x, _y, attack, norm, eps, DEFAULT_STEPS[attack])    # one attack, seeded
+        with torch.no_grad():
+            clean, adv = net(_x).argmax(1), net(x_adv).argmax(1)
+    correct, robust = clean == _y, (clean == _y) & (adv == _y)
+    return {"accuracy": float(correct.float().mean()), "robust_accuracy": float(robust.float().mean()),
+            "flipped": int((correct & ~robust).sum()), "x": _x[:4].numpy(), "x_adv": x_adv[:4].numpy()}
+
+
+def live_attack(run: runs.Run, data, n: int, attack: str, norm: str, eps: float) -> dict | None:
+    """Attack the first ``n`` images of ``data`` once at ``eps`` (the protocol's steps) and return clean and robust
+    accuracy, how many flipped, and the first four clean and attacked images; cached on its inputs."""
+    if model(run) is None:
+        return None
+    x, y = data.batch(range(min(int(n), len(data))))
+    return _live_attack(str(run.path), _mtime(run.path / "weights.safetensors"),
+                        f"{data.source.spec}:{image_key(x)}", x, y, attack, norm, float(eps))

@@ -100,25 +100,33 @@ def attribute(model: nn.Module, x: torch.Tensor, target, method: str = "gradcam"
 
 
 def clean_and_adversarial(model, x, y, eps, method="gradcam", attack="pgd", norm="l2", steps=10, alpha_ratio=None,
-                          generator=None, target=None, **options) -> dict:
-    """Attack ``x`` and explain both versions for the same class.
+                          generator=None, target=None, methods=None, **options) -> dict:
+    """Attack ``x`` once and explain both versions for the same class.
 
     ``x``: float ``[B, C, H, W]`` in [0, 1]; ``y``: int64 ``[B]`` true labels (what the attack fights);
     ``eps``: the attack's radius (float or ``[B]``); the attack is :func:`dpaat_core.evaluate.perturb`
     (step ``alpha_ratio * eps``, default eps/4 for pgd, eps/steps for ifgsm).
     ``target``: the class both maps explain, default the clean prediction, so that a changed map means
-    changed evidence, not a different question. Returns ``x_adv``, ``map_clean``/``map_adv`` ``[B,1,H,W]``,
-    ``pred_clean``/``pred_adv`` int64 ``[B]`` and ``prob_clean``/``prob_adv`` softmax ``[B, K]``.
+    changed evidence, not a different question. Returns ``x_adv``, ``map_clean``/``map_adv`` ``[B,1,H,W]``
+    (of ``method``), ``pred_clean``/``pred_adv`` int64 ``[B]``, ``prob_clean``/``prob_adv`` softmax ``[B, K]``
+    and ``maps``: ``{name: (map_clean, map_adv)}`` for each of ``methods`` (default ``(method,)``), all on the
+    same attacked images.
     """
     _check_images(x)
+    methods = tuple(methods) if methods is not None else (method,)
     x_adv = perturb(model, x, y, attack, norm, eps, steps, alpha_ratio, generator=generator)
     with attack_mode(model), torch.no_grad():
         prob_clean, prob_adv = model(x).softmax(1), model(x_adv).softmax(1)
     target = prob_clean.argmax(1) if target is None else _as_target(target, x)
-    # One batched call for both versions: half the Captum overhead, and the same target for each pair.
-    maps = attribute(model, torch.cat([x, x_adv]), torch.cat([target, target]), method, **options)
-    return {"x_adv": x_adv, "map_clean": maps[: len(x)], "map_adv": maps[len(x):], "pred_clean": prob_clean.argmax(1),
-            "pred_adv": prob_adv.argmax(1), "prob_clean": prob_clean, "prob_adv": prob_adv}
+    maps = {}
+    for name in methods:
+        # One batched call for both versions: half the Captum overhead, and the same target for each pair.
+        both = attribute(model, torch.cat([x, x_adv]), torch.cat([target, target]), name, **options)
+        maps[name] = (both[: len(x)], both[len(x):])
+    first = maps[methods[0]] if methods else (None, None)
+    return {"x_adv": x_adv, "map_clean": first[0], "map_adv": first[1], "maps": maps,
+            "pred_clean": prob_clean.argmax(1), "pred_adv": prob_adv.argmax(1), "prob_clean": prob_clean,
+            "prob_adv": prob_adv}
 
 
 def _as_maps(a, name: str) -> tuple[np.ndarray, bool]:
@@ -227,8 +235,7 @@ def attribution_report(model, dataset, eps, method="gradcam", attack="pgd", norm
     frames = []
     for idx, other in zip(tqdm(order.split(batch_size), disable=not progress, desc=f"{method} clean vs {attack}"),
                           others):
-        x = dataset.images[idx].to(device).float().div_(255)
-        y = dataset.labels[idx].to(device)
+        x, y = dataset.batch(idx, device)
         out = clean_and_adversarial(model, x, y, eps, method, attack, norm, steps, generator=g, **options)
         clean, adv = out["map_clean"], out["map_adv"]
         cols = {"index": idx.numpy(), "label": y.cpu().numpy(), "pred_clean": out["pred_clean"].cpu().numpy(),

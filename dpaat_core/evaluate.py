@@ -145,8 +145,7 @@ class _Attacker:
         self.callback, self.done, self.total = None, 0, 0   # progress over the images attacked
 
     def images(self, index: torch.Tensor):
-        x = self.dataset.images[index].to(self.device).float().div_(255.0)
-        return x, self.dataset.labels[index].to(self.device)
+        return self.dataset.batch(index, self.device)
 
     def still_correct(self, index: np.ndarray, eps: np.ndarray, batch_size: int, bar=None) -> np.ndarray:
         """Whether each sample ``index[j]`` is still classified correctly when attacked at ``eps[j]``."""
@@ -210,7 +209,7 @@ def clean_logits(model: nn.Module, dataset: ImageDataset, batch_size: int = 128,
     (the forward passes under bf16 autocast when ``amp``)."""
     device = _model_device(model, device)
     with torch.no_grad(), attack_mode(model), _autocast(device, amp):
-        return torch.cat([model(dataset.images[i].to(device).float().div_(255.0)).float().cpu()
+        return torch.cat([model(dataset.batch(i, device)[0]).float().cpu()
                           for i in torch.arange(len(dataset)).split(batch_size)])
 
 

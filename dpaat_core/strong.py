@@ -77,8 +77,7 @@ def strong_robustness(model: nn.Module, dataset: ImageDataset, norm: str, eps: f
                           desc=f"APGD-{loss.upper()} {norm} eps {eps:g}", unit="batch"):
             chunk = index[start:start + batch_size]
             i = torch.from_numpy(chunk)
-            x = dataset.images[i].to(device).float().div_(255.0)
-            y = dataset.labels[i].to(device)
+            x, y = dataset.batch(i, device)
             x_adv = apgd(model, x, y, norm, eps, loss, steps, restarts, seed)
             with torch.no_grad(), attack_mode(model):
                 robust[chunk] = (model(x_adv).argmax(1) == y).cpu().numpy()

@@ -45,8 +45,7 @@ def validate(model: nn.Module, dataset: ImageDataset, attack: AttackConfig, devi
     mine = torch.arange(world.rank, len(dataset), world.size)
     out = {"index": [], "clean": [], "adv": [], "loss": []}
     for idx in mine.split(batch_size):
-        x = dataset.images[idx].to(device).float().div_(255.0)
-        y = dataset.labels[idx].to(device)
+        x, y = dataset.batch(idx, device)
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):

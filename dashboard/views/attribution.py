@@ -3,13 +3,14 @@ import streamlit as st
 import torch
 
 from dashboard import charts
-from dashboard.state import data_spec_input, dynamics, list_runs, model, predictions, run_data, run_picker
+from dashboard.state import (EXPLORER_STEPS, data_spec_input, dynamics, explanation, list_runs, model, predictions,
+                             run_data, run_picker)
 from dpaat_core import runs
 from dpaat_core.attacks import ATTACKS
-from dpaat_core.attribution import METHODS, attribute, overlay, perturbation_image, spearman, ssim, topk_iou
+from dpaat_core.attribution import METHODS, overlay, perturbation_image, spearman, ssim, topk_iou
 from dpaat_core.data import DataError
 from dpaat_core.data.images import decode_upload
-from dpaat_core.evaluate import perturb, reference_eps
+from dpaat_core.evaluate import reference_eps
 
 st.title("Attribution explorer")
 data_spec_input()
@@ -57,7 +58,8 @@ else:
         else:
             index = st.selectbox("Image", rows["index"].tolist(),
                                  format_func=lambda i: f"#{i} · {table['class'][i]} · predicted {classes[table['pred'][i]]}")
-            x, label = data.images[index].float()[None] / 255, int(data.labels[index])
+            x, y = data.batch([index])
+            label = int(y[0])
 if x is None:
     st.stop()
 
@@ -66,6 +68,8 @@ attack = c1.selectbox("Attack", list(ATTACKS))
 norm = c2.selectbox("Norm", ["l2", "linf"])
 eps0 = reference_eps(run.config, norm)
 eps = c3.slider("eps", 0.0, float(4 * eps0), float(eps0), float(eps0) / 20, format="%.4f")
+st.caption(f"{attack.upper()} with {EXPLORER_STEPS if attack != 'fgsm' else 1} step(s), as "
+           "`python -m dpaat_core attribute` uses for the run's attribution.csv.")
 methods = st.multiselect("Attribution maps", list(METHODS), default=["gradcam", "saliency"])
 candidates = {r.run_id: r for r in list_runs() if r.has_weights and r.config is not None and r.run_id != run.run_id
               and r.config["dataset"]["classes"] == classes}
@@ -74,25 +78,17 @@ compare = st.selectbox("Compare with another run (same classes)", ["none", *cand
 
 def explain(r) -> None:
     """Clean, perturbed and perturbation images, probabilities and maps with agreement, for run ``r``."""
-    net = model(r)
-    if net is None:
+    out = explanation(r, x, label, attack, norm, eps, methods)    # one attack, every map: cached on its inputs
+    if out is None:
         return
-    with torch.no_grad():
-        prob_clean = net(x).softmax(1)[0]
-    target = torch.tensor([label if label is not None else int(prob_clean.argmax())])
-    x_adv = perturb(net, x, target, attack, norm, eps)
-    with torch.no_grad():
-        prob_adv = net(x_adv).softmax(1)[0]
-    amplified = perturbation_image(x, x_adv)
+    x_adv = torch.from_numpy(out["x_adv"])
     images, probs = st.columns([3, 2])
     cols = images.columns(3)
-    for col, img, cap in zip(cols, (x, x_adv, amplified), ("clean", "perturbed", "perturbation (amplified)")):
+    for col, img, cap in zip(cols, (x, x_adv, perturbation_image(x, x_adv)),
+                             ("clean", "perturbed", "perturbation (amplified)")):
         col.image(img[0].permute(1, 2, 0).numpy(), caption=cap, width="stretch", clamp=True)
-    probs.plotly_chart(charts.probability_chart(classes, prob_clean.numpy(), prob_adv.numpy()), key=f"p-{r.run_id}")
-    explained = torch.tensor([int(prob_clean.argmax())])   # both maps explain the clean prediction
-    for method in methods:
-        maps = attribute(net, torch.cat([x, x_adv]), explained.repeat(2), method)
-        a, b = maps[0, 0], maps[1, 0]
+    probs.plotly_chart(charts.probability_chart(classes, out["prob_clean"], out["prob_adv"]), key=f"p-{r.run_id}")
+    for method, (a, b) in out["maps"].items():                      # both maps explain the clean prediction
         cols = st.columns([1, 1, 1])
         cols[0].image(overlay(x[0], a), caption=f"{method}: clean", width="stretch")
         cols[1].image(overlay(x_adv[0], b), caption=f"{method}: perturbed", width="stretch")

@@ -1,12 +1,13 @@
 """Robustness: accuracy against epsilon for the selected runs, and a live attack on a small batch."""
 import pandas as pd
 import streamlit as st
+import torch
 
 from dashboard import charts
-from dashboard.state import data_spec_input, model, robustness, run_data, run_picker, viewer_mode
+from dashboard.state import data_spec_input, live_attack, model, robustness, run_data, run_picker, viewer_mode
 from dpaat_core import launch, runs
 from dpaat_core.attribution import perturbation_image
-from dpaat_core.evaluate import DEFAULT_STEPS, eps_rms, evaluate, perturb, reference_eps
+from dpaat_core.evaluate import DEFAULT_STEPS, eps_rms, reference_eps
 from dpaat_core.attacks import ATTACKS
 
 st.title("Robustness")
@@ -55,21 +56,18 @@ norm = c2.selectbox("Norm", ["l2", "linf"], index=0)
 n = c3.number_input("Images", min_value=4, max_value=64, value=16, step=4)
 eps0 = reference_eps(run.config, norm)
 eps = st.slider("eps", min_value=0.0, max_value=float(4 * eps0), value=float(eps0), step=float(eps0) / 20, format="%.4f")
-net = model(run)
-data = run_data(run, "test") if net is not None else None
+data = run_data(run, "test") if model(run) is not None else None
 if data is not None:
-    batch = data.subset(range(min(int(n), len(data))))
-    ev = evaluate(net, batch, attack, norm, eps, DEFAULT_STEPS[attack])
-    shape = tuple(batch.images.shape[1:])
+    live = live_attack(run, data, int(n), attack, norm, eps)     # one seeded attack, cached on its inputs
+    shape = tuple(data.images.shape[1:])
     m1, m2, m3 = st.columns(3)
-    m1.metric("clean accuracy", f"{ev.accuracy:.2f}")
-    m2.metric("robust accuracy", f"{ev.robust_accuracy:.2f}", delta=f"{ev.robust_accuracy - ev.accuracy:+.2f}")
+    m1.metric("clean accuracy", f"{live['accuracy']:.2f}")
+    m2.metric("robust accuracy", f"{live['robust_accuracy']:.2f}", delta=f"{live['robust_accuracy'] - live['accuracy']:+.2f}")
     m3.metric("per-pixel RMS", f"{eps_rms(eps, norm, shape):.2e}",
               help=f"eps {eps:.4g} ({norm}) at {shape[1]}x{shape[2]} pixels")
-    flipped = ev.samples[ev.samples.correct_clean & ~ev.samples.robust]
-    st.caption(f"{len(flipped)} of {len(batch)} images changed prediction under the attack")
-    x, y = batch.images[:4].float() / 255, batch.labels[:4]
-    x_adv = perturb(net, x, y, attack, norm, eps)
+    st.caption(f"{live['flipped']} of {min(int(n), len(data))} images changed prediction under the attack "
+               f"({attack.upper()}-{DEFAULT_STEPS[attack]}, the evaluation protocol's steps)")
+    x, x_adv = torch.from_numpy(live["x"]), torch.from_numpy(live["x_adv"])
     for title, images in (("clean", x), ("perturbed", x_adv), ("perturbation, amplified", perturbation_image(x, x_adv))):
         st.caption(title)
         cols = st.columns(len(x))

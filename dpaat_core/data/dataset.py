@@ -97,6 +97,12 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         return self.images[index].float().div_(255.0), int(self.labels[index]), int(index)
 
+    def batch(self, index, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items ``index`` (indices, a range or a tensor) as float images ``[B, C, H, W]`` in [0, 1] and int64
+        labels ``[B]``, on ``device`` (moved as uint8, converted there)."""
+        index = torch.as_tensor(index if isinstance(index, torch.Tensor) else list(index), dtype=torch.int64)
+        return self.images[index].to(device).float().div_(255.0), self.labels[index].to(device)
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)
