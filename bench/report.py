@@ -127,7 +127,7 @@ def long_results(results: pd.DataFrame) -> pd.DataFrame:
 
 def epochs_table(long: pd.DataFrame) -> str:
     frame = long.sort_values(["variant", "seed"])[["run", "epochs_run", "best_epoch", "train_seconds"]].copy()
-    frame["train minutes"] = (frame.pop("train_seconds") / 60).round(1)
+    frame["train minutes"] = (frame.pop("train_seconds") / 60).map(lambda v: f"{v:.1f}")
     frame.columns = ["run", "epochs run (of 40)", "best epoch", "train minutes"]
     return md(frame)
 
@@ -164,7 +164,7 @@ def per_class_robustness(long: pd.DataFrame, classes: list[str]) -> pd.DataFrame
     table.index = [c.split(":", 1)[1] for c in table.index]
     if {"dpaat", "pgd_at"} <= set(table.columns):
         table["dpaat - pgd_at"] = table["dpaat"] - table["pgd_at"]
-    return table.round(1).reset_index(names="class")
+    return table.map(lambda v: f"{v:.1f}").reset_index(names="class")
 
 
 def length_table(results: pd.DataFrame, long: pd.DataFrame) -> str:
@@ -197,6 +197,10 @@ def memory_section(frames: dict[str, pd.DataFrame], long: pd.DataFrame) -> list[
     if len(pc):
         keep = ["n", "eps_mean", "at_min", "at_max", "fragile_fraction", "pgd20", "clean"]
         table = pc[pc["variant"] == "dpaat"].groupby("class", sort=False)[keep].mean().reset_index()
+        table["n"] = table["n"].round().astype(int)
+        for col in ("pgd20", "clean"):
+            table[col] = (100 * table[col]).map(lambda v: f"{v:.1f}")
+        table = table.rename(columns={"n": "training images", "pgd20": "test PGD-20 %", "clean": "test clean %"})
         out += ["### Per class at the best epoch (DPAAT, mean over seeds): training eps, fragile share, test accuracy\n",
                 md(table.round(3)), ""]
     classes = list(dict.fromkeys(pc["class"])) if len(pc) else []
