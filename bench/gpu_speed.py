@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dpaat_core.config import AttackConfig, method_config  # noqa: E402
-from dpaat_core.evaluate import perturb  # noqa: E402
+from dpaat_core.attacks import perturb  # noqa: E402
 from dpaat_core.models import build_model  # noqa: E402
 from dpaat_core.objectives import MethodState, training_step  # noqa: E402
 from dpaat_core.train import compile_enabled, compile_model, make_batch  # noqa: E402

@@ -263,7 +263,7 @@ def explanation(run: runs.Run, x, label, attack: str, norm: str, eps: float, met
 def _live_attack(run_dir: str, mtime: int, key: str, _x, _y, attack: str, norm: str, eps: float) -> dict:
     import torch
 
-    from dpaat_core.evaluate import DEFAULT_STEPS, perturb
+    from dpaat_core.attacks import DEFAULT_STEPS, perturb
     net = _model(run_dir, mtime)
     with model_lock(run_dir):
         x_adv = perturb(net, _x, _y, attack, norm, eps, DEFAULT_STEPS[attack])    # one attack, seeded

@@ -12,12 +12,16 @@ With the model in eval mode, BatchNorm layers are folded into the convolutions b
 
 ``ifgsm`` is ``pgd`` without the random start; ``fgsm`` is one step of size ``eps``. All three
 match torchattacks (``PGD``/``PGDL2``, ``BIM``, ``FGSM``) when started from the clean image.
+:func:`perturb` runs any of them with the evaluation protocol's defaults (PGD-20 with step eps/4, I-FGSM
+10 steps of eps/10, FGSM) and bounds (:func:`check_attack`).
 """
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
 
 import torch
 import torch.nn as nn
@@ -194,3 +198,66 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Budget, norm: 
 
 
 ATTACKS = {"pgd": pgd, "ifgsm": ifgsm, "fgsm": fgsm}
+
+
+# --- the evaluation protocol's attack: defaults, bounds and one entry point ------------------------------------
+
+#: step size as a fraction of eps, per attack (the paper's protocol: PGD step eps/4; I-FGSM eps/steps).
+DEFAULT_ALPHA = {"pgd": lambda steps: 0.25, "ifgsm": lambda steps: 1.0 / steps, "fgsm": lambda steps: 1.0}
+DEFAULT_STEPS = {"pgd": 20, "ifgsm": 10, "fgsm": 1}
+
+
+#: the most attack steps an evaluation takes (PGD-20 is the protocol; 1000 is already a very strong attack)
+MAX_STEPS = 1000
+
+
+def max_eps(norm: str, shape: Optional[Sequence[int]] = None) -> float:
+    """The largest eps that means something for images in [0, 1] of ``shape`` ``(C, H, W)``: linf 1 (a change of 1
+    per pixel can turn any image into any other), l2 the diagonal of the pixel cube, ``sqrt(C*H*W)``; without a
+    shape, l2 is bounded by 1000."""
+    if norm == "linf":
+        return 1.0
+    return math.sqrt(float(np.prod(shape))) if shape is not None else 1000.0
+
+
+def check_attack(attack: str, norm: str, eps_values: Sequence[float], steps: int,
+                 shape: Optional[Sequence[int]] = None) -> None:
+    if attack not in ATTACKS:
+        raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, got {attack!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+    top = max_eps(norm, shape)
+    bad = [e for e in eps_values if not (isinstance(e, (int, float)) and math.isfinite(e) and 0 <= e <= top)]
+    if bad or not len(eps_values):
+        where = f" at {'x'.join(map(str, shape))}" if shape is not None and norm == "l2" else ""
+        raise ValueError(f"{norm} eps values must be finite numbers from 0 to {top:.4g}{where}, got {list(eps_values)!r}")
+
+
+def _autocast(device, amp: bool):
+    """bf16 autocast on ``device`` when ``amp``, else a context that changes nothing."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bool(amp))
+
+
+def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str = "pgd", norm: str = "l2",
+            eps: Union[float, torch.Tensor] = 0.3, steps: Optional[int] = None, alpha_ratio: Optional[float] = None,
+            *, generator: Optional[torch.Generator] = None, seed: int = 0, noise: Optional[torch.Tensor] = None,
+            validate: bool = True, amp: bool = False) -> torch.Tensor:
+    """``x`` attacked with the evaluation protocol's settings: ``x_adv``.
+
+    ``steps`` default per attack (PGD 20, I-FGSM 10, FGSM 1); step ``alpha_ratio * eps`` (default
+    PGD 1/4, I-FGSM 1/steps; FGSM takes one step of eps). ``eps``: a float or ``[B]``. PGD's random
+    start comes from ``noise`` (see :func:`attacks.start_noise`), else ``generator``, else ``seed``.
+    ``amp``: the model's forward passes under bf16 autocast (the attack's arithmetic stays float32).
+    """
+    steps = DEFAULT_STEPS.get(attack) if steps is None else steps
+    if validate:
+        check_attack(attack, norm, [float(e) for e in torch.as_tensor(eps).flatten()], steps)
+    with _autocast(x.device, amp):
+        if attack == "fgsm":
+            return ATTACKS["fgsm"](model, x, y, eps, norm=norm, validate=validate)
+        ratio = DEFAULT_ALPHA[attack](steps) if alpha_ratio is None else float(alpha_ratio)
+        generator = torch.Generator().manual_seed(seed) if generator is None and noise is None else generator
+        return ATTACKS[attack](model, x, y, eps, ratio * eps, steps, norm=norm, generator=generator, noise=noise,
+                               validate=validate)

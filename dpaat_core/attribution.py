@@ -20,7 +20,7 @@ from skimage.metrics import structural_similarity
 from tqdm.auto import tqdm
 
 from .attacks import attack_mode
-from .evaluate import perturb
+from .attacks import perturb
 from .models import gradcam_layer
 
 METHODS = ("gradcam", "integrated_gradients", "saliency", "occlusion", "guided_gradcam")

@@ -13,7 +13,8 @@ import pandas as pd
 from .attacks import ATTACKS, NORMS
 from .config import ConfigError
 from .runs import RunError
-from .evaluate import MAX_STEPS, default_grid, max_eps, protocol, reference_eps, robustness_curve
+from .attacks import MAX_STEPS, max_eps
+from .evaluate import default_grid, protocol, reference_eps, robustness_curve
 
 
 

@@ -15,7 +15,8 @@ from dpaat_core import runs
 from dpaat_core.__main__ import main
 from dpaat_core.config import RunConfig, method_config
 from dpaat_core.data import load_dataset
-from dpaat_core.evaluate import average_precision, eps_rms, evaluate, perturb, protocol, robustness_curve
+from dpaat_core.attacks import perturb
+from dpaat_core.evaluate import average_precision, eps_rms, evaluate, protocol, robustness_curve
 from dpaat_core.models import build_model
 from dpaat_core.train import train
 from conftest import TEST_DEVICE, TRAIN_COMPILE, on_device

@@ -7,8 +7,8 @@ from dashboard import charts
 from dashboard.state import data_spec_input, live_attack, model, robustness, run_data, run_picker, viewer_mode
 from dpaat_core import launch, runs
 from dpaat_core.attribution import perturbation_image
-from dpaat_core.evaluate import DEFAULT_STEPS, eps_rms, reference_eps
-from dpaat_core.attacks import ATTACKS
+from dpaat_core.evaluate import eps_rms, reference_eps
+from dpaat_core.attacks import ATTACKS, DEFAULT_STEPS
 
 st.title("Robustness")
 data_spec_input()
