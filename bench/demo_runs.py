@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dpaat_core import runs  # noqa: E402
+from dpaat_core import loading, runs  # noqa: E402
 from dpaat_core.__main__ import main as cli  # noqa: E402
 from dpaat_core.evaluate import clean_logits, evaluate  # noqa: E402
 
@@ -40,8 +40,8 @@ def fp16_is_lossless(run_dir: Path) -> dict:
     """Does rounding the weights to float16 change any clean prediction or PGD-20 outcome on the test
     split? (PGD-20 runs only when every clean prediction is unchanged.)"""
     config = runs.read_config(run_dir)
-    test = runs.load_run_data(run_dir, "test")
-    full = runs.load_model(run_dir)
+    test = loading.load_run_data(run_dir, "test")
+    full = loading.load_model(run_dir)
     half = copy.deepcopy(full)
     half.load_state_dict({k: v.half().to(v.dtype) if v.is_floating_point() else v for k, v in full.state_dict().items()})
     a, b = (clean_logits(m, test).argmax(1) for m in (full, half))

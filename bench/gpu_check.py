@@ -266,9 +266,9 @@ def run_summary(run_dir: Path, wall: float) -> dict:
 
 
 def _loaded(run_dir: Path, device: str):
-    from dpaat_core import runs
+    from dpaat_core import loading, runs
     config = runs.read_config(run_dir)
-    return (runs.load_model(run_dir, device=device), runs.load_run_data(run_dir, "test"), config["attack"]["norm"],
+    return (loading.load_model(run_dir, device=device), loading.load_run_data(run_dir, "test"), config["attack"]["norm"],
             float(config["attack"]["eps"]))
 
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd  # noqa: E402
 
-from dpaat_core import runs  # noqa: E402
+from dpaat_core import loading, runs  # noqa: E402
 from dpaat_core.evaluate import robustness_curve  # noqa: E402
 
 
@@ -36,8 +36,8 @@ def main() -> None:
     run = args.run or next((r.path for r in runs.list_runs(args.store) if r.state == "done" and r.has_weights), None)
     if run is None:
         sys.exit(f"no finished run in {args.store}; pass --run")
-    model = runs.load_model(run, device=args.device)
-    ds = runs.load_run_data(run, "test", max_samples=args.max_samples)
+    model = loading.load_model(run, device=args.device)
+    ds = loading.load_run_data(run, "test", max_samples=args.max_samples)
     grid = [float(e) for e in args.grid.split(",")]
     kw = dict(attack="pgd", norm=args.norm, steps=args.steps, device=args.device)
     t = time.perf_counter()

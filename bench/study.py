@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dpaat_core import runs  # noqa: E402
+from dpaat_core import loading, runs  # noqa: E402
 from dpaat_core.config import AttackConfig, DataConfig, ModelConfig, RunConfig, TrainConfig, method_config  # noqa: E402
 from dpaat_core.evaluate import evaluate  # noqa: E402
 from dpaat_core.strong import strong_robustness  # noqa: E402
@@ -140,8 +140,8 @@ def evaluate_run(run_dir: Path, cross_norm: bool = False, apgd_steps: int = 50) 
     t0 = time.time()
     config = runs.read_config(run_dir)
     norm, eps = config["attack"]["norm"], float(config["attack"]["eps"])
-    model = runs.load_model(run_dir)
-    test = runs.load_run_data(run_dir, "test")
+    model = loading.load_model(run_dir)
+    test = loading.load_run_data(run_dir, "test")
     pgd = evaluate(model, test, "pgd", norm, eps, 20)
     ifgsm = evaluate(model, test, "ifgsm", norm, eps, 10)
     strong = strong_robustness(model, test, norm, eps, steps=apgd_steps, survivors=pgd.samples["robust"].to_numpy())

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dpaat_core import runs  # noqa: E402
+from dpaat_core import loading, runs  # noqa: E402
 
 
 def viewer_mode() -> bool:
@@ -120,7 +120,7 @@ def _first_line(exc: BaseException) -> str:
 
 @st.cache_resource(show_spinner="Loading images…", max_entries=8)
 def _run_data(run_dir: str, split: str, spec: str | None, root: str | None, mtime: int):
-    return runs.load_run_data(run_dir, split, spec, root=root)
+    return loading.load_run_data(run_dir, split, spec, root=root)
 
 
 def data_sources(run: runs.Run) -> list[tuple[str | None, str | None, str]]:
@@ -181,7 +181,7 @@ def data_spec_input() -> None:
 
 @st.cache_resource(show_spinner="Loading model…", max_entries=16)
 def _model(run_dir: str, mtime: int):
-    return runs.load_model(run_dir)
+    return loading.load_model(run_dir)
 
 
 def model(run: runs.Run):

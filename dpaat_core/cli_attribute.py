@@ -38,14 +38,14 @@ def add_attribute_parser(sub) -> None:
 def attribution_table(run_dir, methods, n=256, split="test", data=None, eps=None, norm="l2", steps=10, seed=0,
                       device="cpu", progress=True) -> pd.DataFrame:
     """One row per (attribution method, metric): mean, std, median, n of :func:`attribution.attribution_report`."""
-    from . import runs
+    from . import loading, runs
     from .attribution import attribution_report, summarize_report
     from .evaluate import reference_eps
 
     config = runs.read_config(run_dir)
     eps = reference_eps(config, norm) if eps is None else eps
-    model = runs.load_model(run_dir, device=device)
-    dataset = runs.load_run_data(run_dir, split, data)
+    model = loading.load_model(run_dir, device=device)
+    dataset = loading.load_run_data(run_dir, split, data)
     frames = []
     for method in methods:
         report = attribution_report(model, dataset, eps, method=method, norm=norm, steps=steps, n=min(n, len(dataset)),
@@ -58,7 +58,7 @@ def attribution_table(run_dir, methods, n=256, split="test", data=None, eps=None
 
 
 def _attribute(args: argparse.Namespace) -> int:
-    from . import runs
+    from . import loading, runs
     from .attribution import METHODS
     from .train import resolve_device
 

@@ -82,7 +82,7 @@ def _save_or_keep(save, table: pd.DataFrame, run_dir, what: str):
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from . import runs
+    from . import loading, runs
     from .train import resolve_device
 
     if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
@@ -93,8 +93,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ConfigError("--batch-size and --max-samples must be >= 1")
     device = resolve_device(args.device)
     config = runs.read_config(args.run_dir)
-    model = runs.load_model(args.run_dir, device=device)
-    dataset = runs.load_run_data(args.run_dir, args.split, args.data, args.max_samples, progress=True)
+    model = loading.load_model(args.run_dir, device=device)
+    dataset = loading.load_run_data(args.run_dir, args.split, args.data, args.max_samples, progress=True)
     shape = (dataset.in_channels, dataset.image_size, dataset.image_size)
     for norm in args.norm:
         if args.eps_grid is not None and max(args.eps_grid) > max_eps(norm, shape):

@@ -159,7 +159,7 @@ def test_two_sessions_explain_the_same_run_at_once(dashboard):
     import torch
     from playwright.sync_api import sync_playwright
 
-    from dpaat_core import runs
+    from dpaat_core import loading
     from dpaat_core.attribution import clean_and_adversarial, spearman
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -181,8 +181,8 @@ def test_two_sessions_explain_the_same_run_at_once(dashboard):
         eps = [float(thumb.get_attribute("aria-valuetext")) for thumb in thumbs]
         browser.close()
     run = dashboard.store / "browser-dpaat"
-    model = runs.load_model(run)
-    x, y = runs.load_run_data(run, "test").batch([0])
+    model = loading.load_model(run)
+    x, y = loading.load_run_data(run, "test").batch([0])
     for shown, e in zip(seen, eps):
         out = clean_and_adversarial(model, x, y, e, attack="pgd", norm="l2", steps=10, methods=("gradcam", "saliency"))
         alone = [f"{spearman(a[0, 0], b[0, 0]):.2f}" for a, b in out["maps"].values()]

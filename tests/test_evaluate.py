@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dpaat_core import runs
+from dpaat_core import loading, runs
 from dpaat_core.__main__ import main
 from dpaat_core.config import RunConfig, method_config
 from dpaat_core.data import load_dataset
@@ -33,7 +33,7 @@ def trained(tmp_path_factory):
     cfg.train.epochs, cfg.train.batch_size, cfg.train.device, cfg.train.lr = 3, 16, TEST_DEVICE.type, 3e-3
     cfg.train.compile = TRAIN_COMPILE
     run = train(cfg, store=tmp_path_factory.mktemp("store"), run_id="erm")
-    return run, runs.load_model(run, device=TEST_DEVICE), runs.load_run_data(run, "test")
+    return run, loading.load_model(run, device=TEST_DEVICE), loading.load_run_data(run, "test")
 
 
 @pytest.mark.device

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpaat_core import runs
+from dpaat_core import loading, runs
 from dpaat_core.config import ConfigError, RunConfig, method_config
 from dpaat_core.data import load_dataset
 from dpaat_core.distributed import World
@@ -103,7 +103,7 @@ def test_a_run_leaves_a_complete_folder(tmp_path):
     for i, eps, fragile in zip(dyn2["index"], dyn2["eps"], dyn2["fragile"]):
         assert mem[i] == pytest.approx(eps * (0.9 if fragile else 1.1), rel=1e-5)
 
-    model = runs.load_model(run)
+    model = loading.load_model(run)
     assert model.num_classes == train_set.num_classes and not model.training
 
 
