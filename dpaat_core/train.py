@@ -303,14 +303,42 @@ def _train_loop(config, device, world, progress, should_stop, store, run_id, run
     stopped_by = ("epochs" if start > tc.epochs else "early_stop") if finished else None   # a resumed finished run
 
     status = _StatusWriter(run_dir, world, tc.epochs)
-    loop = _Loop(config, device, world, model, bare, optimizer, state, weights, images, labels, train_set, status,
-                 progress, should_stop, run_dir, compiled=compiled)
     try:
         for epoch in range(start, tc.epochs + 1):
             if finished:
                 break
+            # data_seconds: host time spent preparing batches (order, indexing, converting, flipping). On CUDA that
+            # work is queued asynchronously, so it is the host's share: the time the device may wait for data.
             t0, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
-            stats, train_loss, data_seconds = loop.train_epoch(epoch)
+            gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + epoch * 1009 + world.rank)
+            batches = epoch_batches(train_set, epoch, tc, world, device, compiled)
+            data_seconds = time.perf_counter() - t0
+            model.train()
+            parts, loss_sum, seen = [], torch.zeros((), device=device), 0
+            for b, idx in enumerate(batches, 1):
+                if should_stop is not None and should_stop():
+                    raise Stopped(f"stopped in epoch {epoch}")
+                t_data = time.perf_counter()
+                x, y, idx = make_batch(images, labels, idx, tc.augment, gen, cuda)
+                data_seconds += time.perf_counter() - t_data
+                if cuda and compiled:   # a new step for CUDA graphs: the last step's outputs may be reused
+                    torch.compiler.cudagraph_mark_step_begin()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                    step = training_step(model, x, y, idx, method, attack, state, class_weights=weights,
+                                         generator=gen, attack_model=bare)
+                optimizer.zero_grad(set_to_none=True)
+                step.loss.backward()
+                optimizer.step()
+                loss_sum += step.loss.detach() * len(idx)
+                seen += len(idx)
+                parts.append(_step_stats(step, idx, y))
+                status.batch(epoch, b, len(batches), "train")
+                if progress:
+                    progress(Progress(run_dir, epoch, tc.epochs, b, len(batches), "train", loss_sum / seen))
+            status.batch(epoch, len(batches), len(batches), "val")
+            if progress:
+                progress(Progress(run_dir, epoch, tc.epochs, len(batches), len(batches), "val", loss_sum / seen))
+            stats, train_loss = _gather_epoch(parts, loss_sum, seen, state, device)
             if scheduler is not None:
                 scheduler.step()
             train_seconds = time.perf_counter() - t0
@@ -342,84 +370,39 @@ def _train_loop(config, device, world, progress, should_stop, store, run_id, run
     return run_dir
 
 
-@dataclass
-class _Loop:
-    """What one training epoch needs; :meth:`train_epoch` is the inner loop."""
+def epoch_batches(train_set: ImageDataset, epoch: int, tc, world: distributed.World, device: torch.device,
+                  compiled: bool) -> list[torch.Tensor]:
+    """This process's batches of sample indices for ``epoch``, on ``device``. With ``compiled`` the last
+    incomplete batch is dropped (every step has the same shape): ``floor(n / batch_size) * batch_size`` samples,
+    or all of them when there is only one, incomplete, batch."""
+    order = epoch_order(train_set, epoch, tc.seed, world, tc.imbalance == "balanced_sampler")
+    batches = list(order.to(device).split(tc.batch_size))
+    if compiled and len(batches) > 1 and len(batches[-1]) < tc.batch_size:
+        batches.pop()
+    return batches
 
-    config: RunConfig
-    device: torch.device
-    world: distributed.World
-    model: nn.Module          # what is trained (a DDP wrapper under torchrun, compiled when train.compile is on)
-    bare: nn.Module           # the same network unwrapped: the attack runs on it
-    optimizer: torch.optim.Optimizer
-    state: MethodState
-    class_weights: Optional[torch.Tensor]
-    images: torch.Tensor
-    labels: torch.Tensor
-    train_set: ImageDataset
-    status: "_StatusWriter"
-    progress: Optional[ProgressFn]
-    should_stop: Optional[Callable[[], bool]]
-    run_dir: Path
-    compiled: bool = False    # model is compiled: drop the last incomplete batch, so every step has the same shape
 
-    def train_epoch(self, epoch: int) -> tuple[dict, float, float]:
-        """Train one epoch; returns the per-sample statistics of every process (numpy, one row per
-        sample, by index), the mean training loss and ``data_seconds``.
+def _step_stats(step, idx: torch.Tensor, y: torch.Tensor) -> dict:
+    """One step's per-sample statistics, as device tensors (read back once per epoch)."""
+    n = len(idx)
+    return {"index": idx, "label": y, "delta_loss": step.delta_loss, "eps": step.eps, "fragile": step.fragile,
+            "correct_clean": step.correct_clean, "correct_adv": step.correct_adv,
+            "threshold": step.threshold.expand(n), "ce_clean": step.ce_clean.expand(n), "ce_adv": step.ce_adv.expand(n),
+            "sync": step.sync.expand(n)}
 
-        ``data_seconds``: wall-clock seconds this process spent preparing batches (drawing the order,
-        indexing, moving to the device, converting and flipping). On CUDA that work is queued
-        asynchronously, so it is the host's share: the time the device may wait for data.
-        With ``compiled`` an epoch sees ``floor(n / batch_size) * batch_size`` samples per process
-        (all of them when there is only one, incomplete, batch).
-        """
-        tc, cuda = self.config.train, self.device.type == "cuda"
-        t_data = time.perf_counter()
-        gen = torch.Generator(device=self.device).manual_seed(tc.seed * 1_000_003 + epoch * 1009 + self.world.rank)
-        order = epoch_order(self.train_set, epoch, tc.seed, self.world, tc.imbalance == "balanced_sampler")
-        batches = list(order.to(self.device).split(tc.batch_size))
-        if self.compiled and len(batches) > 1 and len(batches[-1]) < tc.batch_size:
-            batches.pop()
-        data_seconds = time.perf_counter() - t_data
-        mark_step = cuda and self.compiled
-        self.model.train()
-        parts, loss_sum, seen = [], torch.zeros((), device=self.device), 0
-        for b, idx in enumerate(batches, 1):
-            if self.should_stop is not None and self.should_stop():
-                raise Stopped(f"stopped in epoch {epoch}")
-            t_data = time.perf_counter()
-            x, y, idx = make_batch(self.images, self.labels, idx, tc.augment, gen, cuda)
-            data_seconds += time.perf_counter() - t_data
-            if mark_step:   # a new training step for CUDA graphs: the last step's outputs may be reused
-                torch.compiler.cudagraph_mark_step_begin()
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
-                step = training_step(self.model, x, y, idx, self.config.method, self.config.attack, self.state,
-                                     class_weights=self.class_weights, generator=gen, attack_model=self.bare)
-            self.optimizer.zero_grad(set_to_none=True)
-            step.loss.backward()
-            self.optimizer.step()
-            loss_sum += step.loss.detach() * len(idx)
-            seen += len(idx)
-            n = len(idx)
-            parts.append({"index": idx, "label": y, "delta_loss": step.delta_loss, "eps": step.eps,
-                          "fragile": step.fragile, "correct_clean": step.correct_clean, "correct_adv": step.correct_adv,
-                          "threshold": step.threshold.expand(n), "ce_clean": step.ce_clean.expand(n),
-                          "ce_adv": step.ce_adv.expand(n), "sync": step.sync.expand(n)})
-            self.status.batch(epoch, b, len(batches), "train")
-            if self.progress:
-                self.progress(Progress(self.run_dir, epoch, tc.epochs, b, len(batches), "train", loss_sum / seen))
-        self.status.batch(epoch, len(batches), len(batches), "val")
-        if self.progress:
-            self.progress(Progress(self.run_dir, epoch, tc.epochs, len(batches), len(batches), "val", loss_sum / seen))
-        if self.state.memory is not None:
-            distributed.check_same(self.state.memory.eps, "the eps memory")
-        total = distributed.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), device=self.device)]))
-        stats = {k: distributed.all_gather_cat(torch.cat([p[k] for p in parts])).cpu().numpy() for k in parts[0]}
-        last_threshold = float(stats["threshold"][-1])
-        _, first = np.unique(stats["index"], return_index=True)   # DDP padding repeats a few samples
-        stats = {k: v[first] for k, v in stats.items()}
-        stats["last_threshold"] = last_threshold
-        return stats, float(total[0] / total[1]), data_seconds
+
+def _gather_epoch(parts: list, loss_sum: torch.Tensor, seen: int, state: MethodState, device) -> tuple[dict, float]:
+    """Every process's per-sample statistics of the epoch (numpy, one row per sample, by index) and the mean
+    training loss; the eps memory is checked to be the same on every process."""
+    if state.memory is not None:
+        distributed.check_same(state.memory.eps, "the eps memory")
+    total = distributed.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), device=device)]))
+    stats = {k: distributed.all_gather_cat(torch.cat([p[k] for p in parts])).cpu().numpy() for k in parts[0]}
+    last_threshold = float(stats["threshold"][-1])
+    _, first = np.unique(stats["index"], return_index=True)   # DDP padding repeats a few samples
+    stats = {k: v[first] for k, v in stats.items()}
+    stats["last_threshold"] = last_threshold
+    return stats, float(total[0] / total[1])
 
 
 def _broadcast(value, world: distributed.World):
