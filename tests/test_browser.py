@@ -32,18 +32,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def dashboard(tmp_path_factory):
-    if CHROMIUM is None:
-        pytest.skip("Chromium is not installed (apt-get install chromium; .ci/run does this)")
-    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (requirements-dev.txt)")
-    store = tmp_path_factory.mktemp("store")
-    cfg = RunConfig()
-    cfg.data.spec, cfg.data.image_size = "synthetic:n=48,classes=3", 32
-    cfg.attack.steps, cfg.method = 1, method_config("dpaat")
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.device = 3, 16, "cpu"
-    run = train(cfg, store=store, run_id="browser-dpaat")
-    assert main(["evaluate", str(run), "--steps", "2", "--eps-grid", "0,0.3,0.6,1.2", "--device", "cpu"]) == 0
+def _serve(store: Path):
+    """``streamlit run dashboard/app.py`` on a free port over ``store``: the process and its address, once healthy."""
     port = _free_port()
     env = dict(os.environ, DPAAT_STORE=str(store))
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port", str(port),
@@ -54,11 +44,30 @@ def dashboard(tmp_path_factory):
     while True:
         try:
             if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
-                break
+                return proc, url
         except OSError:
             pass
         assert proc.poll() is None and time.time() < deadline, "streamlit did not start"
         time.sleep(0.3)
+
+
+def _need_browser():
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium; .ci/run does this)")
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (requirements-dev.txt)")
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory):
+    _need_browser()
+    store = tmp_path_factory.mktemp("store")
+    cfg = RunConfig()
+    cfg.data.spec, cfg.data.image_size = "synthetic:n=48,classes=3", 32
+    cfg.attack.steps, cfg.method = 1, method_config("dpaat")
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.device = 3, 16, "cpu"
+    run = train(cfg, store=store, run_id="browser-dpaat")
+    assert main(["evaluate", str(run), "--steps", "2", "--eps-grid", "0,0.3,0.6,1.2", "--device", "cpu"]) == 0
+    proc, url = _serve(store)
     yield SimpleNamespace(url=url, store=store)
     proc.terminate()
     proc.wait(timeout=20)
@@ -113,19 +122,16 @@ def _check_page(page, title: str) -> None:
             raise AssertionError(f"{title}: {page.locator(selector).count()} of {least} {selector}") from None
 
 
-def test_click_through_every_page_with_screenshots(dashboard, tmp_path):
-    """Every page in two rounds: the first visits (cold caches) and warm switches; each page shows what it
-    should. The latencies go to stdout and, where ``$DPAAT_LATENCY_FILE`` is set, to that JSON file."""
-    import json
-
+def _walk(url: str, shots: Path) -> dict:
+    """Every page in two rounds, the first visits (cold caches) and warm switches, each checked for what it should
+    show, then one step of each page's slider; the seconds each took."""
     from playwright.sync_api import sync_playwright
-    shots = Path(os.environ.get("DPAAT_SCREENSHOTS") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
     latencies = {"first visit": {}, "warm switch": {}, "slider": {}}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(dashboard.url)
+        page.goto(url)
         _settled(page, "DPAAT Lab")
         page.screenshot(path=str(shots / "0-home.png"), full_page=True)
         for round_ in ("first visit", "warm switch"):
@@ -137,15 +143,42 @@ def test_click_through_every_page_with_screenshots(dashboard, tmp_path):
                 if round_ == "first visit":
                     page.screenshot(path=str(shots / f"{n}-{title.lower().replace(' ', '-')}.png"), full_page=True)
                 _check_page(page, title)
-                if round_ == "warm switch" and title in SLIDERS:   # move the page's first slider one step and time the re-run
+                if round_ == "warm switch" and title in SLIDERS:   # one step of the page's first slider
                     latencies["slider"][f"{title} ({SLIDERS[title]})"] = _move_slider(page, title)
                     _check_page(page, title)
         browser.close()
-    report = {k: {page: round(v, 2) for page, v in d.items()} for k, d in latencies.items()}
-    print("latency (s): " + json.dumps(report))
+    return {k: {page: round(v, 2) for page, v in d.items()} for k, d in latencies.items()}
+
+
+def _report(name: str, latencies: dict) -> None:
+    """Print the latencies; with ``$DPAAT_LATENCY_FILE`` set, add them to that JSON file under ``name``."""
+    import json
+    print(f"latency (s), {name}: " + json.dumps(latencies))
     if os.environ.get("DPAAT_LATENCY_FILE"):
-        Path(os.environ["DPAAT_LATENCY_FILE"]).write_text(json.dumps(report, indent=1))
+        file = Path(os.environ["DPAAT_LATENCY_FILE"])
+        known = json.loads(file.read_text()) if file.is_file() else {}
+        file.write_text(json.dumps(known | {name: latencies}, indent=1))
+
+
+def test_click_through_every_page_with_screenshots(dashboard, tmp_path):
+    shots = Path(os.environ.get("DPAAT_SCREENSHOTS") or tmp_path)
+    _report("a small synthetic run", _walk(dashboard.url, shots))
     assert all((shots / f).stat().st_size > 10_000 for f in os.listdir(shots) if f.endswith(".png"))
+
+
+def test_the_shipped_demo_runs_in_the_browser(tmp_path, shared_data):
+    """The same walk over a copy of checkpoints/ (six demo runs on the real HAM10000 sample): the figures the README
+    reports for page latency."""
+    import shutil
+    _need_browser()
+    store = tmp_path / "checkpoints"
+    shutil.copytree(ROOT / "checkpoints", store)
+    proc, url = _serve(store)
+    try:
+        _report("the demo runs", _walk(url, tmp_path / "shots"))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
 
 
 def _rank_agreements(page) -> list[str]:
@@ -156,7 +189,6 @@ def _rank_agreements(page) -> list[str]:
 def test_two_sessions_explain_the_same_run_at_once(dashboard):
     """Two people on the Attribution explorer of one run at the same moment each get the maps they would get
     alone: the cached model is shared, and the attack and Captum's hooks change it while they run."""
-    import torch
     from playwright.sync_api import sync_playwright
 
     from dpaat_core import loading
