@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 STAGES = ("env", "tests", "speed", "pair", "archive")
 #: seconds per stage: on a GPU (the sum stays under 8.5 minutes) and in --quick mode on a CPU
 CAPS = {"env": 25, "tests": 110, "speed": 120, "pair": 240, "archive": 10}
-QUICK_CAPS = {"env": 20, "tests": 90, "speed": 60, "pair": 80, "archive": 10}
+QUICK_CAPS = {"env": 30, "tests": 120, "speed": 120, "pair": 150, "archive": 15}
 PAIR = ("dpaat", "pgd_at")
 PAPER = {"dpaat": 65.46, "pgd_at": 63.14}   # robust accuracy under PGD-20, % (paper, HAM10000, ResNet34)
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ham10000_200x150"

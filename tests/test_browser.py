@@ -215,7 +215,8 @@ def test_two_sessions_explain_the_same_run_at_once(dashboard):
     run = dashboard.store / "browser-dpaat"
     model = loading.load_model(run)
     x, y = loading.load_run_data(run, "test").batch([0])
-    for shown, e in zip(seen, eps):
-        out = clean_and_adversarial(model, x, y, e, attack="pgd", norm="l2", steps=10, methods=("gradcam", "saliency"))
-        alone = [f"{spearman(a[0, 0], b[0, 0]):.2f}" for a, b in out["maps"].values()]
-        assert shown == alone, (seen, eps, alone)
+    assert seen[0] == seen[1] and eps[0] == eps[1], (seen, eps)        # both sessions: the same maps
+    out = clean_and_adversarial(model, x, y, eps[0], attack="pgd", norm="l2", steps=10, methods=("gradcam", "saliency"))
+    alone = [spearman(a[0, 0], b[0, 0]) for a, b in out["maps"].values()]
+    # the slider shows eps to 4 decimals and the page 2: one unit of the last digit apart at most
+    assert all(abs(float(s) - a) <= 0.0051 + 1e-9 for s, a in zip(seen[0], alone)), (seen, eps, alone)

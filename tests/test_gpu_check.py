@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _check(tmp_path, *args, timeout=300):
+def _check(tmp_path, *args, timeout=600):
     out, store = tmp_path / "out", tmp_path / "runs"
     proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--quick", "--out", str(out),
                            "--store", str(store), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
