@@ -31,7 +31,19 @@ def home() -> None:
         st.caption("Viewer: the runs can be looked at, not changed. Uploaded images stay in memory.")
 
 
+@st.cache_resource(show_spinner=False)
+def _warm_imports() -> None:
+    """Import the model and attack code (torchvision takes about a second) in the background once per server, while
+    a visitor reads the first page, so the first page that loads a model does not wait for it."""
+    import importlib
+    import threading
+    threading.Thread(target=lambda: [importlib.import_module(m) for m in ("dpaat_core.models", "dpaat_core.attacks",
+                                                                          "dpaat_core.loading")],
+                     daemon=True, name="dpaat-warm-imports").start()
+
+
 st.set_page_config(page_title="DPAAT Lab", layout="wide")
+_warm_imports()
 pages = [
     st.Page(home, title="Home", icon=":material/home:"),
     st.Page(str(HERE / "views" / "runs.py"), title="Runs", icon=":material/table:"),
