@@ -34,9 +34,11 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -109,23 +111,21 @@ def stage_tests(args) -> dict:
     select = ["tests/test_attacks.py"] if args.quick else []
     cmd = [sys.executable, "-m", "pytest", "-v", "-m", "device", "-rfE", "-p", "no:cacheprovider", *select]
     env = os.environ | {"DPAAT_TEST_DEVICE": args.device, "PYTHONUNBUFFERED": "1"}
-    t0, timed_out = time.time(), False
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=max(1.0, args.stage_deadline - time.time() - 2))
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        timed_out = True
+    t0 = time.time()
+    with tempfile.TemporaryFile("w+") as out:   # a file, not a pipe: a chatty suite cannot block on a full pipe
+        code = run_capped(cmd, max(1.0, args.stage_deadline - time.time() - 2), env=env, stdout=out,
+                          stderr=subprocess.STDOUT)
+        out.seek(0)
+        output = out.read()
+    timed_out = code is None
     print(output)
-    result = pytest_counts(output) | {"command": " ".join(cmd[2:]), "returncode": proc.returncode,
+    result = pytest_counts(output) | {"command": " ".join(cmd[2:]), "returncode": code,
                                       "pytest_seconds": time.time() - t0, "timed_out": timed_out}
     if timed_out:
         raise RuntimeError(f"pytest stopped at the stage's cap after {result['passed']} passed, "
                            f"{result['failed']} failed: {', '.join(result['failures']) or 'no failure so far'}")
-    if proc.returncode not in (0, 1):   # 1: some tests failed (listed); anything else: pytest itself failed
-        raise RuntimeError(f"pytest exited with {proc.returncode}: {_tail(output, 5)}")
+    if code not in (0, 1):   # 1: some tests failed (listed); anything else: pytest itself failed
+        raise RuntimeError(f"pytest exited with {code}: {_tail(output, 5)}")
     return result
 
 
@@ -356,6 +356,18 @@ def run_stage(args) -> int:
 
 # --- the driver ---------------------------------------------------------------------------------
 
+def run_capped(argv: list, timeout: float, **popen) -> Optional[int]:
+    """Run ``argv`` (from the repository root) in a process group of its own; its exit code, or None when it ran
+    past ``timeout`` seconds and was killed with everything it started."""
+    proc = subprocess.Popen(argv, cwd=ROOT, start_new_session=True, **popen)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
+
+
 def _tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
@@ -382,14 +394,7 @@ def drive(args) -> int:
         with open(out / "stages.log", "a") as log:
             log.write(f"\n===== {stage} (cap {cap:.0f} s) =====\n")
             log.flush()
-            proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env=os.environ | {"PYTHONUNBUFFERED": "1"})
-            try:
-                code = proc.wait(timeout=cap)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)   # the stage and whatever it started
-                proc.wait()
-                code = None
+            code = run_capped(argv, cap, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
         entry = read_results(out).get(stage, {})
         if code is None:
             log_tail = _tail((out / "stages.log").read_text())
@@ -432,13 +437,9 @@ def _env_lines(e: dict) -> list[str]:
 def _tests_lines(e: dict) -> list[str]:
     if "summary" not in e:
         return []
-    lines = [f"`{e['command']}` with `DPAAT_TEST_DEVICE={read_device(e)}`: **{e['summary']}**", ""]
+    lines = [f"`{e['command']}` with `DPAAT_TEST_DEVICE={e.get('device', 'the device')}`: **{e['summary']}**", ""]
     lines += [f"- failed: `{f}`" for f in e.get("failures", [])]
     return lines + ([""] if e.get("failures") else [])
-
-
-def read_device(e: dict) -> str:
-    return e.get("device", "the device")
 
 
 def _speed_lines(e: dict) -> list[str]:

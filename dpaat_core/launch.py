@@ -4,9 +4,9 @@ it with SIGTERM."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
-import re
 import subprocess
 import sys
 import time
@@ -65,7 +65,7 @@ def stop(run_dir: str | Path) -> bool:
         return False
     pid = status["pid"]
     recorded = {k: status.get(k) for k in ("pid_start", "boot_id")}
-    if None not in recorded.values() and runs.process_identity(pid) != recorded:
+    if None not in recorded.values() and not runs.same_process(pid, recorded):
         return False   # the number belongs to another process by now
     try:
         os.kill(pid, signal.SIGTERM)
@@ -105,9 +105,7 @@ def evaluating(run_dir: str | Path) -> dict | None:
         info = runs._read_json(job)
     except (runs.RunError, OSError):
         return None
-    pid = info.get("pid")
-    identity = runs.process_identity(pid) if type(pid) is int else {}
-    if not identity or identity != {k: info.get(k) for k in ("pid_start", "boot_id")} or runs.process_ended(pid):
+    if not runs.same_process(info.get("pid"), info):
         return None
     text = log.read_text(errors="replace") if log.is_file() else ""
     line = (re.split(r"[\r\n]+", text.strip()) or [""])[-1]

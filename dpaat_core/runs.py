@@ -2,6 +2,7 @@
 every file written atomically and read back without ever executing code from it."""
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -314,14 +315,22 @@ def process_ended(pid: int) -> bool:
     return True
 
 
-_OWN_IDENTITY: dict = {}
+def same_process(pid, recorded: dict) -> bool:
+    """Whether ``pid`` is still the process whose :func:`process_identity` was ``recorded`` (and has not ended)."""
+    if type(pid) is not int or pid <= 0:
+        return False
+    now = process_identity(pid)
+    return bool(now) and now == {k: recorded.get(k) for k in now} and not process_ended(pid)
+
+
+@functools.lru_cache(maxsize=4)
+def _identity_of(pid: int) -> tuple:
+    return tuple(process_identity(pid).items())
 
 
 def _own_identity() -> dict:
-    if _OWN_IDENTITY.get("pid") != os.getpid():   # recomputed in a forked child
-        _OWN_IDENTITY.clear()
-        _OWN_IDENTITY.update(process_identity(os.getpid()), pid=os.getpid())
-    return {k: v for k, v in _OWN_IDENTITY.items() if k != "pid"}
+    """This process's identity, read once (a forked child has another pid, so it reads its own)."""
+    return dict(_identity_of(os.getpid()))
 
 
 def writer_gone(status: dict, run_dir) -> str | None:
@@ -338,18 +347,17 @@ def writer_gone(status: dict, run_dir) -> str | None:
             return None if alive else f"no process holds the run (its process {pid} has ended)"
         if type(pid) is not int or pid <= 0:
             return "its status names no process"
-        now = process_identity(pid)
-        if not now and not Path(f"/proc/{pid}").exists():
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return f"process {pid} is gone"
-            except OSError:   # PermissionError: it exists, as another user's process
-                pass
         recorded = {k: status.get(k) for k in ("pid_start", "boot_id")}
-        if now and all(v is not None for v in recorded.values()) and recorded != now:
-            return f"process {pid} is gone (the number now belongs to another process)"
-        if now and None in recorded.values() and not _fresh(updated):
+        if None not in recorded.values():   # the status says which process wrote it
+            return None if same_process(pid, recorded) else f"process {pid} is gone (or its number now belongs to " \
+                                                               "another process)"
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return f"process {pid} is gone"
+        except OSError:   # PermissionError: it exists, as another user's process
+            pass
+        if not _fresh(updated):
             return f"process {pid} cannot be shown to be the run's, and it has not updated it for over " \
                    f"{STALE_SECONDS // 60} minutes"
         return None
