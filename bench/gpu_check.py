@@ -150,7 +150,8 @@ def stage_speed(args) -> dict:
     argv = ["--device", args.device] + (["--quick"] if args.quick else ["--steps", "5", "--rounds", "2", "--warmup", "2"])
     opts = gpu_speed.parse_args(argv)
     torchattacks = gpu_speed.load_torchattacks()
-    peak = gpu_speed.peak_flops(opts.device, opts.quick)
+    measured = read_results(args.out).get("env", {}).get("peak_tflop_per_s")   # the env stage timed it already
+    peak = measured * 1e12 if measured else gpu_speed.peak_flops(opts.device, opts.quick)
     rows = []
     for setting in opts.settings:
         rows += gpu_speed.bench_setting(setting, opts, opts.device, peak, torchattacks)
