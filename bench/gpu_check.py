@@ -182,15 +182,12 @@ def targets(rows: list[dict]) -> list[str]:
 
 def pair_config(method: str, args, max_minutes: float):
     from dpaat_core.config import RunConfig, method_config
-    cfg = RunConfig()
-    cfg.data.spec = f"ham10000:{args.data}"
-    cfg.data.image_size = 32 if args.quick else 224
-    cfg.model.name = "resnet8" if args.quick else "resnet34"
-    cfg.method = method_config(method)
-    cfg.attack.steps = 2 if args.quick else 7
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = (2 if args.quick else 50), 32, 3e-4
-    cfg.train.patience, cfg.train.device, cfg.train.max_minutes = 10, args.device, max_minutes
-    return cfg.validate()
+    return RunConfig().replace(
+        data={"spec": f"ham10000:{args.data}", "image_size": 32 if args.quick else 224},
+        model={"name": "resnet8" if args.quick else "resnet34"}, method=method_config(method),
+        attack={"steps": 2 if args.quick else 7},
+        train={"epochs": 2 if args.quick else 50, "batch_size": 32, "lr": 3e-4, "patience": 10,
+               "device": args.device, "max_minutes": max_minutes})
 
 
 def stage_pair(args) -> dict:

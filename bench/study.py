@@ -63,7 +63,9 @@ STUDIES = {
     # second round: long enough for the eps memory to act (a sample's eps moves once per epoch)
     "long28": dict(data=HAM28, size=28, variants={m: (m, {}) for m in ("dpaat", "pgd_at", "dpaat_fixed")},
                    seeds=(0, 1, 2), epochs=40, patience=10, cross_norm=True),
-    "long28x": dict(data=HAM28, size=28, variants={"trades": ("trades", {}), "dpaat-gamma0.3": ("dpaat", {"gamma": 0.3})},
+    # ERM and TRADES at the same length: the references of the natural-corruption finding
+    "long28x": dict(data=HAM28, size=28, variants={"erm": ("erm", {}), "trades": ("trades", {}),
+                                                   "dpaat-gamma0.3": ("dpaat", {"gamma": 0.3})},
                     seeds=(0, 1, 2), epochs=40, patience=10, cross_norm=True),
 }
 COMMON = dict(model="resnet8", steps=7, batch_size=32, patience=3)

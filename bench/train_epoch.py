@@ -26,13 +26,10 @@ METHODS = ("erm", "pgd_at", "dpaat")
 
 
 def epoch_seconds(method: str, args, store: Path, round_: int) -> tuple[float, float]:
-    cfg = RunConfig()
-    cfg.data.spec, cfg.data.image_size, cfg.data.max_samples = args.data, args.image_size, args.max_samples
-    cfg.model.name = args.model
-    cfg.attack.steps = args.steps
-    cfg.method = method_config(method)
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.device = 2, args.batch_size, args.device
-    cfg.train.early_stop = "none"
+    cfg = RunConfig().replace(
+        data={"spec": args.data, "image_size": args.image_size, "max_samples": args.max_samples},
+        model={"name": args.model}, attack={"steps": args.steps}, method=method_config(method),
+        train={"epochs": 2, "batch_size": args.batch_size, "device": args.device, "early_stop": "none"})
     run = train(cfg, store=store, run_id=f"{method}-{round_}")
     metrics = runs.read_metrics(run)
     return float(metrics["train_seconds"].iloc[-1]), float(metrics["images_per_second"].iloc[-1])

@@ -117,25 +117,24 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             raise ConfigError(f"train needs {', '.join(missing)} (or --config FILE, or --resume RUN_DIR)")
     cfg = read_config_file(args.config) if args.config is not None else RunConfig()
     given = lambda name: getattr(args, name) is not None  # noqa: E731
+    changes = {}
     for section, names in (("data", ("image_size", "max_samples", "root")), ("model", ("pretrained",)),
                            ("attack", ("norm", "eps", "alpha_ratio", "steps")),
                            ("train", ("epochs", "batch_size", "lr", "weight_decay", "schedule", "imbalance",
                                       "early_stop", "patience", "augment", "seed", "device", "compile",
                                       "max_minutes"))):
-        for name in names:
-            if given(name):
-                setattr(getattr(cfg, section), name, getattr(args, name))
+        changes[section] = {name: getattr(args, name) for name in names if given(name)}
     if given("data"):
-        cfg.data.spec = args.data
+        changes["data"]["spec"] = args.data
     if given("model"):
-        cfg.model.name = args.model
+        changes["model"]["name"] = args.model
     flags = {n: getattr(args, n) for n in _METHOD_FLAGS if given(n)}
     if given("method"):                      # a method named on the command line starts from its own preset
-        cfg.method = method_config(args.method, **flags)
+        changes["method"] = method_config(args.method, **flags)
     elif flags:                              # flags on top of the config file's method
         values = dataclasses.asdict(cfg.method) | flags
-        cfg.method = method_config(values.pop("name"), **values)
-    return cfg.validate()
+        changes["method"] = method_config(values.pop("name"), **values)
+    return cfg.replace(**changes)
 
 
 class _Bar:

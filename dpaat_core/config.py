@@ -1,8 +1,10 @@
 """Run configuration: small dataclasses with validation at the edge and a JSON round trip.
 
 A :class:`RunConfig` is everything a training run needs; it is written to ``config.json`` with
-every resolved default so a run can be re-made from its folder. Validation names the bad field
-and the allowed range, before any work starts.
+every resolved default so a run can be re-made from its folder. Every section is validated when it
+is built and cannot be changed afterwards (the dataclasses are frozen): a changed config is a new one,
+made with :meth:`RunConfig.replace`, and is validated again. Validation names the bad field and the
+allowed range, before any work starts.
 """
 from __future__ import annotations
 
@@ -24,6 +26,17 @@ DEVICES = ("auto", "cpu", "cuda")
 
 class ConfigError(ValueError):
     """A configuration value is out of range; the message names the field."""
+
+
+class _Section:
+    """A frozen config section: validated when built (``__post_init__``); ``validate`` returns it."""
+
+    def __post_init__(self):
+        self.check()
+
+    def validate(self):
+        self.check()
+        return self
 
 
 @dataclass(frozen=True)
@@ -83,14 +96,14 @@ def parse_threshold(rule: str) -> tuple[str, Optional[float]]:
     return kind, None
 
 
-@dataclass
-class DataConfig:
+@dataclass(frozen=True)
+class DataConfig(_Section):
     spec: str = "synthetic"
     image_size: int = 64
     max_samples: Optional[int] = None   # cap on each split, for quick runs
     root: Optional[str] = None          # folder of medmnist: files
 
-    def validate(self):
+    def check(self):
         if not isinstance(self.spec, str) or not self.spec.strip():
             _fail("data", "spec", self.spec, "a data spec such as 'npz:<path>' or 'synthetic'")
         _number("data", "image_size", self.image_size, 8, 1024, integer=True)
@@ -98,17 +111,17 @@ class DataConfig:
             _number("data", "max_samples", self.max_samples, 1, integer=True)
 
 
-@dataclass
-class ModelConfig:
+@dataclass(frozen=True)
+class ModelConfig(_Section):
     name: str = "resnet8"
     pretrained: bool = False
 
-    def validate(self):
+    def check(self):
         _choice("model", "name", self.name, MODEL_NAMES)
 
 
-@dataclass
-class AttackConfig:
+@dataclass(frozen=True)
+class AttackConfig(_Section):
     """The training attack: PGD with a random start, ``alpha = alpha_ratio * eps`` per sample."""
 
     norm: str = "l2"
@@ -117,7 +130,7 @@ class AttackConfig:
     steps: int = 7
     eval_mode: bool = True   # attack with BatchNorm statistics frozen
 
-    def validate(self):
+    def check(self):
         _choice("attack", "norm", self.norm, NORMS)
         _number("attack", "eps", self.eps, 0, 1000, lo_open=True)
         if self.norm == "linf" and self.eps >= 1:   # a change of 1 per pixel in [0, 1] can erase any image
@@ -126,8 +139,8 @@ class AttackConfig:
         _number("attack", "steps", self.steps, 1, 1000, integer=True)
 
 
-@dataclass
-class MethodConfig:
+@dataclass(frozen=True)
+class MethodConfig(_Section):
     """A row of the family table (``name``) with every setting resolved; see :func:`method_config`."""
 
     name: str = "dpaat"
@@ -144,7 +157,7 @@ class MethodConfig:
     eps_min_ratio: float = 0.25
     eps_max_ratio: float = 2.0
 
-    def validate(self):
+    def check(self):
         _choice("method", "name", self.name, tuple(METHODS))
         _number("method", "gamma", self.gamma, 0, 1, lo_open=False)
         if self.gamma >= 1:
@@ -177,13 +190,11 @@ def method_config(name: str, **overrides) -> MethodConfig:
                           "(use dpaat or dpaat_nosync for adaptive eps)")
     values = dataclasses.asdict(preset)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    config = MethodConfig(name=name, **values)
-    config.validate()
-    return config
+    return MethodConfig(name=name, **values)
 
 
-@dataclass
-class TrainConfig:
+@dataclass(frozen=True)
+class TrainConfig(_Section):
     epochs: int = 10
     batch_size: int = 32
     lr: float = 3e-4
@@ -202,7 +213,7 @@ class TrainConfig:
     # finished run ("done", stopped_by "max_minutes"); a resume gets the budget afresh and continues it.
     max_minutes: Optional[float] = None
 
-    def validate(self):
+    def check(self):
         _number("train", "epochs", self.epochs, 1, 100000, integer=True)
         _number("train", "batch_size", self.batch_size, 1, 65536, integer=True)
         _number("train", "lr", self.lr, 0, 10, lo_open=True)
@@ -223,7 +234,7 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "attack": AttackConfig, "
              "train": TrainConfig}
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -231,9 +242,32 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self):
+        for name, klass in _SECTIONS.items():
+            if not isinstance(getattr(self, name), klass):
+                raise ConfigError(f"{name}: expected a {klass.__name__}, got {type(getattr(self, name)).__name__}")
+        self.validate()
+
+    def replace(self, **changes) -> "RunConfig":
+        """A copy with sections changed, validated: each keyword names a section and gives a new section
+        object or a dict of the fields to change, e.g. ``cfg.replace(train={"epochs": 3}, method=method_config(
+        "erm"))``. A dict for ``method`` changes those fields only (use :func:`method_config` for a preset)."""
+        unknown = sorted(set(changes) - set(_SECTIONS))
+        if unknown:
+            raise ConfigError(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(_SECTIONS)}")
+        new = {}
+        for name, value in changes.items():
+            if isinstance(value, dict):
+                known = {f.name for f in fields(_SECTIONS[name])}
+                bad = sorted(set(value) - known)
+                if bad:
+                    raise ConfigError(f"{name}: unknown setting(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+                value = dataclasses.replace(getattr(self, name), **value)
+            new[name] = value
+        return dataclasses.replace(self, **new)
+
     def validate(self) -> "RunConfig":
-        for f in fields(self):
-            getattr(self, f.name).validate()
+        """Check the settings that span sections (each section checked itself when built); returns self."""
         top = math.sqrt(3) * self.data.image_size   # l2 diagonal of [0, 1]^(3 x size x size): no image is further
         if self.attack.norm == "l2" and self.attack.eps > top:
             _fail("attack", "eps", self.attack.eps, f"at most sqrt(3)*{self.data.image_size} = {top:.4g} for l2 at "

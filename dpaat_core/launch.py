@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import runs
+from . import liveness, runs
 from .config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def stop(run_dir: str | Path) -> bool:
         return False
     pid = status["pid"]
     recorded = {k: status.get(k) for k in ("pid_start", "boot_id")}
-    if None not in recorded.values() and not runs.same_process(pid, recorded):
+    if None not in recorded.values() and not liveness.same_process(pid, recorded):
         return False   # the number belongs to another process by now
     try:
         os.kill(pid, signal.SIGTERM)
@@ -92,7 +92,7 @@ def start_evaluate(run_dir: str | Path, max_samples: int = 256) -> int:
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    runs.atomic_write_json(job, {"pid": proc.pid, **runs.process_identity(proc.pid), "started": time.time(),
+    runs.atomic_write_json(job, {"pid": proc.pid, **liveness.process_identity(proc.pid), "started": time.time(),
                                  "argv": argv[1:]})
     return proc.pid
 
@@ -105,7 +105,7 @@ def evaluating(run_dir: str | Path) -> dict | None:
         info = runs._read_json(job)
     except (runs.RunError, OSError):
         return None
-    if not runs.same_process(info.get("pid"), info):
+    if not liveness.same_process(info.get("pid"), info):
         return None
     text = log.read_text(errors="replace") if log.is_file() else ""
     line = (re.split(r"[\r\n]+", text.strip()) or [""])[-1]

@@ -2,7 +2,6 @@
 every file written atomically and read back without ever executing code from it."""
 from __future__ import annotations
 
-import functools
 import io
 import json
 import math
@@ -19,12 +18,13 @@ import pandas as pd
 import safetensors.torch
 import torch
 
+from .liveness import own_identity, writer_gone
+
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 STATES = ("running", "done", "failed", "stopped")
 CONFIG_SECTIONS = ("model", "data", "method", "dataset")
 DYNAMICS_KEYS = {"index": np.int64, "label": np.int64, "delta_loss": np.float32, "eps": np.float32,
                  "fragile": np.bool_, "correct_clean": np.bool_, "correct_adv": np.bool_}
-STALE_SECONDS = 5 * 60  # a "running" run that has not refreshed status.json for this long (heartbeat: 30 s) is presumed dead
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: mkstemp makes 0600 files, but a shared run store should get the usual permissions
 
@@ -201,7 +201,7 @@ def write_status(run_dir, state: str, message: str | None = None, **progress) ->
     if state not in STATES:
         raise ValueError(f"state must be one of {', '.join(STATES)}, got {state!r}")
     atomic_write_json(Path(run_dir) / "status.json", {"state": state, "message": message, **progress, "pid": os.getpid(),
-                                                      **_own_identity(), "host": socket.gethostname(),
+                                                      **own_identity(), "host": socket.gethostname(),
                                                       "updated": time.time()})
 
 
@@ -287,85 +287,6 @@ def load_checkpoint(path) -> dict:
     if not isinstance(state, dict):
         raise RunError(f"{path}: refused to load: not a plain tensor checkpoint (a {type(state).__name__}, not a dict)")
     return state
-
-
-def process_identity(pid: int) -> dict:
-    """What tells process ``pid`` apart from a later process given the same number: its start time (clock ticks
-    after boot, from ``/proc/<pid>/stat``) and the boot's id. Empty where ``/proc`` is missing or pid is gone."""
-    try:
-        stat = Path(f"/proc/{int(pid)}/stat").read_text()
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except (OSError, ValueError):
-        return {}
-    return {"pid_start": int(stat.rsplit(")", 1)[1].split()[19]), "boot_id": boot}
-
-
-def process_ended(pid: int) -> bool:
-    """Whether ``pid`` has ended: gone, or a zombie waiting to be reaped (then reaped here if it is our child)."""
-    try:
-        state = Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, ValueError, IndexError):
-        return True
-    if state != "Z":
-        return False
-    try:
-        os.waitpid(int(pid), os.WNOHANG)
-    except ChildProcessError:   # another process's child: its parent reaps it
-        pass
-    return True
-
-
-def same_process(pid, recorded: dict) -> bool:
-    """Whether ``pid`` is still the process whose :func:`process_identity` was ``recorded`` (and has not ended)."""
-    if type(pid) is not int or pid <= 0:
-        return False
-    now = process_identity(pid)
-    return bool(now) and now == {k: recorded.get(k) for k in now} and not process_ended(pid)
-
-
-@functools.lru_cache(maxsize=4)
-def _identity_of(pid: int) -> tuple:
-    return tuple(process_identity(pid).items())
-
-
-def _own_identity() -> dict:
-    """This process's identity, read once (a forked child has another pid, so it reads its own)."""
-    return dict(_identity_of(os.getpid()))
-
-
-def writer_gone(status: dict, run_dir) -> str | None:
-    """Why a status that says ``running`` has no live writer, or None if its writer is alive.
-
-    On this machine a run proves it is alive by holding its writer lock (``locks.WriterLock``); a run written
-    before that lock existed, by a pid that still exists and started when the status says it did. A run on
-    another machine proves it by its heartbeat: ``updated`` refreshed within ``STALE_SECONDS``."""
-    from .locks import writer_alive
-    pid, host, updated = status.get("pid"), status.get("host"), status.get("updated")
-    if host == socket.gethostname() and os.name == "posix":
-        alive = writer_alive(run_dir)
-        if alive is not None:
-            return None if alive else f"no process holds the run (its process {pid} has ended)"
-        if type(pid) is not int or pid <= 0:
-            return "its status names no process"
-        recorded = {k: status.get(k) for k in ("pid_start", "boot_id")}
-        if None not in recorded.values():   # the status says which process wrote it
-            return None if same_process(pid, recorded) else f"process {pid} is gone (or its number now belongs to " \
-                                                               "another process)"
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return f"process {pid} is gone"
-        except OSError:   # PermissionError: it exists, as another user's process
-            pass
-        if not _fresh(updated):
-            return f"process {pid} cannot be shown to be the run's, and it has not updated it for over " \
-                   f"{STALE_SECONDS // 60} minutes"
-        return None
-    return None if _fresh(updated) else f"no update from {host} for over {STALE_SECONDS // 60} minutes"
-
-
-def _fresh(updated) -> bool:
-    return isinstance(updated, (int, float)) and time.time() - updated <= STALE_SECONDS
 
 
 @dataclass

@@ -207,15 +207,11 @@ def resume_config(run_dir: str | Path, device: Optional[str] = None, compile: Op
         raise runs.RunError(f"{run_dir}: no such run folder")
     raw = runs.read_config(run_dir)
     config = RunConfig.from_dict(raw)
-    if device is not None:
-        config.train.device = device
-    if "compile" not in (raw.get("train") or {}):
-        config.train.compile = False
     given = {k: v for k, v in (("compile", compile), ("max_minutes", max_minutes)) if v is not None}
+    train_changes = ({"device": device} if device is not None else {}) | (
+        {"compile": False} if "compile" not in (raw.get("train") or {}) else {}) | given
+    config = config.replace(train=train_changes)
     if given:   # the run's config says what it now trains with
-        for k, v in given.items():
-            setattr(config.train, k, v)
-        config.validate()
         runs.atomic_write_json(run_dir / "config.json", raw | {"train": (raw.get("train") or {}) | given})
     return config
 

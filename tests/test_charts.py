@@ -220,11 +220,8 @@ def real_run(tmp_path_factory):
     from dpaat_core.config import RunConfig, method_config
     from dpaat_core.train import train
 
-    cfg = RunConfig()
-    cfg.data.spec, cfg.data.image_size = "synthetic:n=48,classes=3", 16
-    cfg.attack.steps = 1
-    cfg.method = method_config("dpaat")
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.device = 3, 16, "cpu"
+    cfg = RunConfig().replace(data={"spec": "synthetic:n=48,classes=3", "image_size": 16}, attack={"steps": 1},
+                              method=method_config("dpaat"), train={"epochs": 3, "batch_size": 16, "device": "cpu"})
     run = train(cfg, store=tmp_path_factory.mktemp("store"), run_id="r")
     main(["evaluate", str(run), "--steps", "1", "--eps-grid", "0,0.5,1", "--device", "cpu"])
     return run

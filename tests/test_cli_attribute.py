@@ -12,10 +12,8 @@ from dpaat_core.train import train
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    cfg = RunConfig()
-    cfg.data.spec, cfg.data.image_size = "synthetic:n=64,classes=3", 16
-    cfg.attack.steps, cfg.method = 2, method_config("erm")
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.device = 1, 16, "cpu"
+    cfg = RunConfig().replace(data={"spec": "synthetic:n=64,classes=3", "image_size": 16}, attack={"steps": 2},
+                              method=method_config("erm"), train={"epochs": 1, "batch_size": 16, "device": "cpu"})
     return train(cfg, store=tmp_path_factory.mktemp("store"), run_id="erm")
 
 

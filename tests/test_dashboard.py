@@ -25,13 +25,10 @@ def test_dashboard_starts_and_its_navigation_reaches_every_page(tmp_path, monkey
 def store(tmp_path_factory):
     """A store with one finished DPAAT run, one corrupt folder and one incomplete one."""
     path = tmp_path_factory.mktemp("store")
-    cfg = RunConfig()
-    cfg.data.spec, cfg.data.image_size = "synthetic:n=32,classes=3", 16
-    cfg.attack.steps, cfg.method = 1, method_config("dpaat")
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.device = 2, 16, "cpu"
+    cfg = RunConfig().replace(data={"spec": "synthetic:n=32,classes=3", "image_size": 16}, attack={"steps": 1},
+                              method=method_config("dpaat"), train={"epochs": 2, "batch_size": 16, "device": "cpu"})
     train(cfg, store=path, run_id="small-dpaat")
-    cfg.method = method_config("pgd_at")
-    train(cfg, store=path, run_id="small-pgd")
+    train(cfg.replace(method=method_config("pgd_at")), store=path, run_id="small-pgd")
     (path / "broken").mkdir()
     (path / "broken" / "config.json").write_text("{oops")
     (path / "empty").mkdir()
@@ -301,3 +298,45 @@ def test_outside_viewer_mode_the_controls_are_there(store, monkeypatch):
     assert at.text_input                                        # the data spec box
     at.switch_page("views/train.py").run()
     assert not at.exception and at.get("form")
+
+
+def test_sessions_sharing_a_cached_model_get_the_maps_each_would_get_alone(store):
+    """Streamlit runs each session in its own thread over one cached model; the attack and Captum's hooks change
+    the model while they run. Eight explanations at once (four images, two eps: eight cache keys, so nothing is
+    shared through the cache) each equal the library's answer computed alone."""
+    import threading
+
+    import torch
+
+    from dashboard import state
+    from dpaat_core import loading, runs
+    from dpaat_core.attribution import clean_and_adversarial
+
+    run = runs.load_run(store / "small-dpaat")
+    data = loading.load_run_data(run.path, "test")
+    net = loading.load_model(run.path)
+    methods = ("gradcam", "saliency", "integrated_gradients")
+    jobs = [(i, eps) for i in range(4) for eps in (0.2, 0.5)]
+    results, errors = {}, []
+
+    def explain(job):
+        x, y = data.batch([job[0]])
+        try:
+            results[job] = state.explanation(run, x, int(y[0]), "pgd", "l2", job[1], methods)
+        except Exception as exc:  # noqa: BLE001 - a thread's error is the test's finding
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=explain, args=(job,)) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for (i, eps) in jobs:
+        x, y = data.batch([i])
+        alone = clean_and_adversarial(net, x, y, eps, attack="pgd", norm="l2", steps=state.EXPLORER_STEPS,
+                                      methods=methods)
+        for m, (clean, adv) in alone["maps"].items():
+            got = results[(i, eps)]["maps"][m]
+            assert torch.allclose(torch.from_numpy(got[0]), clean[0, 0], atol=1e-5), (i, eps, m)
+            assert torch.allclose(torch.from_numpy(got[1]), adv[0, 0], atol=1e-5), (i, eps, m)

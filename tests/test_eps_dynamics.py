@@ -40,11 +40,10 @@ def test_transition_rates_are_conditional_probabilities():
 
 
 def test_a_dpaat_run_memory_moves_each_sample_by_its_split(tmp_path):
-    cfg = RunConfig()
-    cfg.data.spec, cfg.data.image_size, cfg.attack.steps = "synthetic:n=48,classes=3", 16, 2
-    cfg.method = method_config("dpaat", gamma=0.5)
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.device, cfg.train.early_stop = 3, 16, "cpu", "none"
-    run = train(cfg.validate(), store=tmp_path, run_id="d")
+    cfg = RunConfig().replace(data={"spec": "synthetic:n=48,classes=3", "image_size": 16}, attack={"steps": 2},
+                              method=method_config("dpaat", gamma=0.5),
+                              train={"epochs": 3, "batch_size": 16, "device": "cpu", "early_stop": "none"})
+    run = train(cfg, store=tmp_path, run_id="d")
     m = run_memory(run)
     eps0, lo, hi = eps_bounds(runs.read_config(run))
     assert (eps0, lo, hi) == (pytest.approx(0.3), pytest.approx(0.075), pytest.approx(0.6))

@@ -27,11 +27,9 @@ GRID = [0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A resnet8 trained briefly on the synthetic set (a run in a temporary store), on TEST_DEVICE, and its test split."""
-    cfg = RunConfig()
-    cfg.data.spec, cfg.data.image_size = "synthetic:n=96,classes=3", 16
-    cfg.attack.steps, cfg.method = 2, method_config("erm")
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.device, cfg.train.lr = 3, 16, TEST_DEVICE.type, 3e-3
-    cfg.train.compile = TRAIN_COMPILE
+    cfg = RunConfig().replace(data={"spec": "synthetic:n=96,classes=3", "image_size": 16}, attack={"steps": 2},
+                              method=method_config("erm"), train={"epochs": 3, "batch_size": 16, "lr": 3e-3,
+                                                                  "device": TEST_DEVICE.type, "compile": TRAIN_COMPILE})
     run = train(cfg, store=tmp_path_factory.mktemp("store"), run_id="erm")
     return run, loading.load_model(run, device=TEST_DEVICE), loading.load_run_data(run, "test")
 

@@ -37,12 +37,10 @@ COMPILED_DELTA_LOSS_TOL = dict(rtol=1e-4, atol=1e-6) if EXACT else dict(rtol=2e-
 
 
 def run_config(n: int, compile=None, epochs=1, device=TEST_DEVICE.type) -> RunConfig:
-    cfg = RunConfig()
-    cfg.data.spec, cfg.data.image_size = f"synthetic:n={n},classes=3", 16
-    cfg.attack.steps, cfg.method = 2, method_config("dpaat")
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.device, cfg.train.early_stop = epochs, 16, device, "none"
-    cfg.train.compile = compile
-    return cfg.validate()
+    return RunConfig().replace(data={"spec": f"synthetic:n={n},classes=3", "image_size": 16}, attack={"steps": 2},
+                               method=method_config("dpaat"), train={"epochs": epochs, "batch_size": 16,
+                                                                     "device": device, "early_stop": "none",
+                                                                     "compile": compile})
 
 
 # --- the switch -------------------------------------------------------------------------------
@@ -187,8 +185,8 @@ def test_resuming_a_run_from_before_the_switch_keeps_every_batch(tmp_path, compi
 
     from dpaat_core.train import resume, resume_config
     cfg = run_config(40, compile=None, epochs=3, device="cpu")
-    cfg.train.max_minutes = 1e-6                                 # one epoch per call
-    run = train(cfg.validate(), store=tmp_path, run_id="old")
+    cfg = cfg.replace(train={"max_minutes": 1e-6})               # one epoch per call
+    run = train(cfg, store=tmp_path, run_id="old")
     assert resume_config(run).train.compile is None              # written with the key: stays auto
     config = json.loads((run / "config.json").read_text())
     del config["train"]["compile"]                               # as written before the switch existed

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dpaat_core import launch, locks, runs
+from dpaat_core import launch, liveness, locks, runs
 from dpaat_core.config import RunConfig, method_config
 from dpaat_core.train import _StatusWriter, train
 from dpaat_core.distributed import World
@@ -26,11 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tiny_run(store: Path, name="r") -> Path:
-    cfg = RunConfig()
-    cfg.data.spec, cfg.data.image_size, cfg.attack.steps = "synthetic:n=24,classes=3", 16, 1
-    cfg.method = method_config("erm")
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.device = 1, 16, "cpu"
-    return train(cfg.validate(), store=store, run_id=name)
+    cfg = RunConfig().replace(data={"spec": "synthetic:n=24,classes=3", "image_size": 16}, attack={"steps": 1},
+                              method=method_config("erm"), train={"epochs": 1, "batch_size": 16, "device": "cpu"})
+    return train(cfg, store=store, run_id=name)
 
 
 def _claim_running(run: Path, **fields) -> None:
@@ -64,12 +62,12 @@ def test_a_stale_status_with_a_reused_pid_is_listed_interrupted_and_stop_kills_n
 def test_a_run_from_before_the_lock_is_judged_by_its_pid_start_time(tmp_path, stranger):
     run = _tiny_run(tmp_path)
     (run / locks.WRITER_LOCK).unlink()                    # as a run written by an older version
-    real = runs.process_identity(stranger.pid)
+    real = liveness.process_identity(stranger.pid)
     assert real, "this test needs /proc"
     _claim_running(run, pid=stranger.pid, pid_start=real["pid_start"] + 1, boot_id=real["boot_id"])
     assert runs.load_run(run).state == "interrupted" and "belongs to another process" in runs.load_run(run).problem
     assert launch.stop(run) is False
-    _claim_running(run, pid=stranger.pid, updated=time.time() - 2 * runs.STALE_SECONDS)   # no identity, no heartbeat
+    _claim_running(run, pid=stranger.pid, updated=time.time() - 2 * liveness.STALE_SECONDS)   # no identity, no heartbeat
     assert runs.load_run(run).state == "interrupted"
     assert launch.stop(run) is False
     time.sleep(0.2)
@@ -388,11 +386,9 @@ def test_bad_files_are_warnings_on_the_pages_that_read_them(tmp_path, monkeypatc
     from streamlit.testing.v1 import AppTest
 
     from dpaat_core.models import build_model
-    cfg = RunConfig()
-    cfg.data.spec, cfg.data.image_size, cfg.attack.steps = "synthetic:n=32,classes=3", 16, 1
-    cfg.method = method_config("dpaat")
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.device = 2, 16, "cpu"
-    run = train(cfg.validate(), store=tmp_path, run_id="hurt")
+    cfg = RunConfig().replace(data={"spec": "synthetic:n=32,classes=3", "image_size": 16}, attack={"steps": 1},
+                              method=method_config("dpaat"), train={"epochs": 2, "batch_size": 16, "device": "cpu"})
+    run = train(cfg, store=tmp_path, run_id="hurt")
     (run / "dynamics" / "epoch_001.npz").write_bytes(b"PK\x03\x04 not really")
     monkeypatch.setenv("DPAAT_STORE", str(tmp_path))
     app = ROOT / "dashboard" / "app.py"

@@ -6,34 +6,29 @@ import pytest
 from dpaat_core import launch, runs
 from dpaat_core.__main__ import build_parser
 from dpaat_core.cli_train import config_from_args
-from dpaat_core.config import RunConfig, method_config
+from dpaat_core.config import AttackConfig, DataConfig, ModelConfig, RunConfig, TrainConfig, method_config
 
 
 def _config(epochs=1, **method) -> RunConfig:
-    cfg = RunConfig()
-    cfg.data.spec, cfg.data.image_size, cfg.data.max_samples = "synthetic:n=24,classes=3", 16, 20
-    cfg.attack.steps, cfg.attack.norm, cfg.attack.eps = 1, "linf", 0.05
-    cfg.method = method_config("dpaat", **method)
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.device, cfg.train.augment = epochs, 8, "cpu", False
-    return cfg.validate()
+    return RunConfig().replace(
+        data={"spec": "synthetic:n=24,classes=3", "image_size": 16, "max_samples": 20},
+        attack={"steps": 1, "norm": "linf", "eps": 0.05}, method=method_config("dpaat", **method),
+        train={"epochs": epochs, "batch_size": 8, "device": "cpu", "augment": False})
 
 
 def _everything_off_default(pretrained=False) -> RunConfig:
     """A config in which every field differs from its default (``pretrained`` too, where asked: training with it
     needs torchvision's cached ImageNet weights)."""
-    cfg = RunConfig()
-    cfg.data.spec, cfg.data.image_size, cfg.data.max_samples, cfg.data.root = "synthetic:n=24,classes=3", 16, 20, "/r"
-    cfg.model.name, cfg.model.pretrained = "resnet18", pretrained
-    cfg.attack.norm, cfg.attack.eps, cfg.attack.alpha_ratio, cfg.attack.steps, cfg.attack.eval_mode = \
-        "linf", 0.05, 0.4, 2, False
-    cfg.method = method_config("dpaat", gamma=0.2, beta_clean=0.5, lam=2.0, adv_weight=0.9, sync="js",
-                               memoryless=True, threshold="quantile:0.7", ema_momentum=0.8, eps_min_ratio=0.3,
-                               eps_max_ratio=1.5, attack="kl")
-    t = cfg.train
-    t.epochs, t.batch_size, t.lr, t.weight_decay, t.schedule, t.imbalance = 1, 8, 1e-3, 1e-4, "cosine", "balanced_sampler"
-    t.early_stop, t.patience, t.augment, t.seed, t.device, t.compile, t.max_minutes = \
-        "robust_accuracy", 2, False, 3, "cpu", False, 30.0
-    return cfg.validate()
+    return RunConfig(
+        data=DataConfig(spec="synthetic:n=24,classes=3", image_size=16, max_samples=20, root="/r"),
+        model=ModelConfig(name="resnet18", pretrained=pretrained),
+        attack=AttackConfig(norm="linf", eps=0.05, alpha_ratio=0.4, steps=2, eval_mode=False),
+        method=method_config("dpaat", gamma=0.2, beta_clean=0.5, lam=2.0, adv_weight=0.9, sync="js",
+                             memoryless=True, threshold="quantile:0.7", ema_momentum=0.8, eps_min_ratio=0.3,
+                             eps_max_ratio=1.5, attack="kl"),
+        train=TrainConfig(epochs=1, batch_size=8, lr=1e-3, weight_decay=1e-4, schedule="cosine",
+                          imbalance="balanced_sampler", early_stop="robust_accuracy", patience=2, augment=False,
+                          seed=3, device="cpu", compile=False, max_minutes=30.0))
 
 
 def _off_default(cfg: RunConfig) -> list[str]:

@@ -28,14 +28,9 @@ SPEC = "synthetic:n=48,classes=3"
 
 
 def small_config(method="dpaat", epochs=2, **train_overrides) -> RunConfig:
-    cfg = RunConfig()
-    cfg.data.spec, cfg.data.image_size = SPEC, 16
-    cfg.attack.steps = 2
-    cfg.method = method_config(method)
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.device = epochs, 16, "cpu"
-    for k, v in train_overrides.items():
-        setattr(cfg.train, k, v)
-    return cfg.validate()
+    return RunConfig().replace(data={"spec": SPEC, "image_size": 16}, attack={"steps": 2},
+                               method=method_config(method),
+                               train={"epochs": epochs, "batch_size": 16, "device": "cpu", **train_overrides})
 
 
 def device_config(method="dpaat", epochs=2, **train_overrides) -> RunConfig:

@@ -6,7 +6,8 @@ import streamlit as st
 from dashboard import charts
 from dashboard.state import ROOT, list_runs, refuse_in_viewer_mode, store
 from dpaat_core import launch, runs
-from dpaat_core.config import METHODS, ConfigError, RunConfig, method_config
+from dpaat_core.config import (METHODS, AttackConfig, ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig,
+                               method_config)
 from dpaat_core.models import MODEL_NAMES
 
 refuse_in_viewer_mode("Training")
@@ -41,13 +42,11 @@ with st.form("configure"):
 
 if submitted:
     try:
-        cfg = RunConfig()
-        cfg.data.spec, cfg.data.image_size = data, int(image_size)
-        cfg.data.max_samples = int(max_samples) or None
-        cfg.model.name = model_name
-        cfg.attack.norm, cfg.attack.eps, cfg.attack.steps = norm, float(eps), int(steps)
-        cfg.method = method_config(method, gamma=float(gamma) if METHODS[method].adaptive else None, threshold=threshold)
-        cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.seed = int(epochs), int(batch_size), float(lr), int(seed)
+        cfg = RunConfig(
+            data=DataConfig(spec=data, image_size=int(image_size), max_samples=int(max_samples) or None),
+            model=ModelConfig(name=model_name), attack=AttackConfig(norm=norm, eps=float(eps), steps=int(steps)),
+            method=method_config(method, gamma=float(gamma) if METHODS[method].adaptive else None, threshold=threshold),
+            train=TrainConfig(epochs=int(epochs), batch_size=int(batch_size), lr=float(lr), seed=int(seed)))
         pid = launch.launch(cfg, store(), name)
         st.session_state.setdefault("launched", []).append(name)
         st.success(f"Launched {name} (process {pid}).")
