@@ -113,18 +113,33 @@ def clean_and_adversarial(model, x, y, eps, method="gradcam", attack="pgd", norm
     same attacked images.
     """
     _check_images(x)
-    methods = tuple(methods) if methods is not None else (method,)
     x_adv = perturb(model, x, y, attack, norm, eps, steps, alpha_ratio, generator=generator)
+    return explain_pair(model, x, x_adv, method, target, methods, **options)
+
+
+def clean_and_corrupted(model, x, corruption: str, severity: int, seed: int = 0, index=None, method="gradcam",
+                        target=None, methods=None, **options) -> dict:
+    """:func:`clean_and_adversarial` with a natural corruption (:func:`dpaat_core.corruptions.corrupt`, seeded by
+    ``seed`` and each image's ``index``) in place of the attack: the same keys, ``x_adv`` the corrupted images."""
+    from .corruptions import corrupt
+    _check_images(x)
+    return explain_pair(model, x, corrupt(x, corruption, severity, seed, index), method, target, methods, **options)
+
+
+def explain_pair(model, x, x_pert, method="gradcam", target=None, methods=None, **options) -> dict:
+    """Explain ``x`` and its perturbed version ``x_pert`` for the same class (default the clean prediction, so that
+    a changed map means changed evidence, not a different question); the dict of :func:`clean_and_adversarial`."""
+    methods = tuple(methods) if methods is not None else (method,)
     with attack_mode(model), torch.no_grad():
-        prob_clean, prob_adv = model(x).softmax(1), model(x_adv).softmax(1)
+        prob_clean, prob_adv = model(x).softmax(1), model(x_pert).softmax(1)
     target = prob_clean.argmax(1) if target is None else _as_target(target, x)
     maps = {}
     for name in methods:
         # One batched call for both versions: half the Captum overhead, and the same target for each pair.
-        both = attribute(model, torch.cat([x, x_adv]), torch.cat([target, target]), name, **options)
+        both = attribute(model, torch.cat([x, x_pert]), torch.cat([target, target]), name, **options)
         maps[name] = (both[: len(x)], both[len(x):])
     first = maps[methods[0]] if methods else (None, None)
-    return {"x_adv": x_adv, "map_clean": first[0], "map_adv": first[1], "maps": maps,
+    return {"x_adv": x_pert, "map_clean": first[0], "map_adv": first[1], "maps": maps,
             "pred_clean": prob_clean.argmax(1), "pred_adv": prob_adv.argmax(1), "prob_clean": prob_clean,
             "prob_adv": prob_adv}
 

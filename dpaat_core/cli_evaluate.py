@@ -1,5 +1,6 @@
 """``python -m dpaat_core evaluate RUN_DIR``: robustness curves of a run, printed and merged into
-the run's ``robustness.csv``."""
+the run's ``robustness.csv``; with ``--corruptions``, accuracy under natural corruptions instead, merged into
+``corruptions.csv``."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,17 @@ def _csv(kind, allowed=None):
     return parse
 
 
+def _checked(parse):
+    """An argparse type from a parser that raises ValueError with a message naming the allowed values."""
+    def run(text: str):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    run.__name__ = parse.__name__
+    return run
+
+
 def add_evaluate_parser(sub) -> None:
     e = sub.add_parser("evaluate", help="robustness curves of a run across eps; writes robustness.csv into the run",
                        description="Attack a run's best model over an eps grid and print accuracy against eps. "
@@ -55,7 +67,17 @@ def add_evaluate_parser(sub) -> None:
     e.add_argument("--protocol", action="store_true",
                    help="also run the paper's protocol at the training eps (PGD-20 and I-FGSM, l2 and linf) and "
                         "write it to RUN_DIR/protocol.csv")
-    e.add_argument("--seed", type=int, default=0, help="seed of the random starts (default 0)")
+    from .corruptions import NAMES, parse_names, parse_severities
+    e.add_argument("--corruptions", type=_checked(parse_names), metavar="all|NAME,...",
+                   help="evaluate natural corruptions instead of attacks (MedMNIST-C's dermoscopy set, written to "
+                        "RUN_DIR/corruptions.csv; robustness.csv is left as it is): 'all' or names from "
+                        + ", ".join(NAMES))
+    e.add_argument("--severities", type=_checked(parse_severities), default=[1, 2, 3, 4, 5], metavar="1,2,...",
+                   help="corruption severities from 1 to 5, comma-separated (default all five)")
+    e.add_argument("--reference", metavar="RUN_DIR", help="with --corruptions: the run the corruption error (mCE) is "
+                                                          "relative to, e.g. an ERM run (its corruptions.csv must hold "
+                                                          "the same cells)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the random starts and of the corruptions (default 0)")
     e.add_argument("--amp", action="store_true",
                    help="run the model under bf16 autocast in the attacks and for the logits (fast on GPUs; "
                         "accuracies match float32 to within a sample or two, see README)")
@@ -91,6 +113,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--eps-grid values must be >= 0 and finite, got {args.eps_grid}")
     if args.batch_size < 1 or (args.max_samples is not None and args.max_samples < 1):
         raise ConfigError("--batch-size and --max-samples must be >= 1")
+    if args.reference and not args.corruptions:
+        raise ConfigError("--reference applies to --corruptions only")
     device = resolve_device(args.device)
     config = runs.read_config(args.run_dir)
     model = loading.load_model(args.run_dir, device=device)
@@ -100,6 +124,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         if args.eps_grid is not None and max(args.eps_grid) > max_eps(norm, shape):
             raise ConfigError(f"--eps-grid: {norm} eps above {max_eps(norm, shape):.4g} means nothing for "
                               f"{'x'.join(map(str, shape))} images in [0, 1] (got {max(args.eps_grid):g})")
+    if args.corruptions:
+        return _corruptions(args, model, dataset, config, device)
     frames = []
     for norm in args.norm:
         grid = args.eps_grid or default_grid(config, norm)
@@ -127,4 +153,38 @@ def _evaluate(args: argparse.Namespace) -> int:
         print("\nthe paper's protocol at the training eps")
         print(table[["preset", "eps", "accuracy", "robust_accuracy", "balanced_accuracy", "robust_balanced_accuracy",
                      "mean_average_precision"]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return 0
+
+
+def _corruptions(args: argparse.Namespace, model, dataset, config: dict, device) -> int:
+    from . import runs
+    from .corruption_eval import corruption_error, corruption_grid
+
+    data = args.data or config["data"]["spec"]
+    reference = None
+    if args.reference:      # read before the work: a bad reference fails in a second, not after the grid
+        reference = runs.read_corruptions(args.reference)
+        reference = reference[(reference.split == args.split) & (reference.data == data)]
+        if not len(reference):
+            raise RunError(f"--reference {args.reference}: its corruptions.csv has no rows for {args.split} of {data} "
+                           "(run evaluate --corruptions on it first)")
+    grid = corruption_grid(model, dataset, args.corruptions, args.severities, batch_size=args.batch_size,
+                           device=device, seed=args.seed, progress=True, amp=args.amp)
+    grid = grid.assign(split=args.split, data=data)
+    path = _save_or_keep(lambda: runs.save_corruptions(args.run_dir, grid), grid, args.run_dir, "corruptions")
+    clean = grid[grid.corruption == "clean"].accuracy.iloc[0]
+    print(f"accuracy on {len(dataset)} {args.split} images of {data} under corruption (clean {clean:.4g})")
+    table = grid[grid.corruption != "clean"].pivot_table(index="corruption", columns="severity", values="accuracy",
+                                                         sort=False)
+    table["mean"] = table.mean(axis=1)
+    print(table.to_string(float_format=lambda v: f"{v:.4g}"))
+    grids = {"this run": grid} if reference is None else {"reference": reference, "this run": grid}
+    summary = corruption_error(grids, "reference" if reference is not None else None).set_index("run")
+    line = f"\nmean corrupted accuracy {summary.loc['this run', 'mean_corrupted']:.4g}"
+    if reference is not None:
+        line += (f"; mCE {summary.loc['this run', 'mce']:.1f} and relative mCE "
+                 f"{summary.loc['this run', 'relative_mce']:.1f} against {args.reference} (100 = as the reference, "
+                 f"over {summary.loc['this run', 'cells']} cells)")
+    print(line)
+    print(f"wrote {path}", file=sys.stderr)
     return 0

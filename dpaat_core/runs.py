@@ -12,6 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -406,24 +407,38 @@ def runs_table(runs: list[Run]) -> pd.DataFrame:
 
 
 ROBUSTNESS_KEYS = ("attack", "norm", "steps", "monotone", "split", "data")
+CORRUPTION_KEYS = ("corruption", "severity", "split", "data")
+CORRUPTIONS_FILE = "corruptions.csv"
+
+
+def _merge_table(run_dir, name: str, frame: pd.DataFrame, keys: Sequence[str], order: Sequence[str],
+                 read) -> Path:
+    """Merge ``frame`` into the run's table ``name``: old rows with the same ``keys`` are replaced, others kept.
+    Atomic, and under the run's merge lock (``locks.merge_lock``), so concurrent merges each keep the other's rows."""
+    from .locks import merge_lock
+    path = Path(run_dir) / name
+    keys = list(keys)
+    with merge_lock(run_dir):   # two evaluate processes finishing at once must not lose each other's rows
+        for stale in Path(run_dir).glob(f".{name}.*.tmp"):   # left by a killed writer: none can be live now
+            stale.unlink(missing_ok=True)
+        old = read(run_dir)
+        if len(old):
+            same = old[keys].apply(tuple, axis=1).isin(set(frame[keys].apply(tuple, axis=1)))
+            frame = pd.concat([old[~same], frame], ignore_index=True)
+        atomic_write_text(path, frame.sort_values([*keys, *order]).to_csv(index=False))
+    return path
 
 
 def save_robustness(run_dir, frame: pd.DataFrame) -> Path:
-    """Merge robustness-curve rows into ``robustness.csv``: rows of the same curve (same
-    attack, norm, steps, monotone, split and data) are replaced, others kept. Atomic, and under the run's
-    merge lock (``locks.merge_lock``), so concurrent merges each keep the other's rows."""
-    from .locks import merge_lock
-    path = Path(run_dir) / "robustness.csv"
-    with merge_lock(run_dir):   # two evaluate processes finishing at once must not lose each other's curve
-        for stale in Path(run_dir).glob(".robustness.csv.*.tmp"):   # left by a killed writer: none can be live now
-            stale.unlink(missing_ok=True)
-        old = read_robustness(run_dir)
-        if len(old):
-            same = old[list(ROBUSTNESS_KEYS)].apply(tuple, axis=1).isin(
-                set(frame[list(ROBUSTNESS_KEYS)].apply(tuple, axis=1)))
-            frame = pd.concat([old[~same], frame], ignore_index=True)
-        atomic_write_text(path, frame.sort_values([*ROBUSTNESS_KEYS, "eps"]).to_csv(index=False))
-    return path
+    """Merge robustness-curve rows into ``robustness.csv``: rows of the same curve (same attack, norm, steps,
+    monotone, split and data) are replaced, others kept (see :func:`_merge_table`)."""
+    return _merge_table(run_dir, "robustness.csv", frame, ROBUSTNESS_KEYS, ["eps"], read_robustness)
+
+
+def save_corruptions(run_dir, frame: pd.DataFrame) -> Path:
+    """Merge corruption rows into ``corruptions.csv`` (never ``robustness.csv``): the rows of a corruption on the
+    severity, split and data are replaced, others kept."""
+    return _merge_table(run_dir, CORRUPTIONS_FILE, frame, CORRUPTION_KEYS, [], read_corruptions)
 
 
 def read_table(path, columns, missing_ok: bool = True) -> pd.DataFrame:
@@ -445,6 +460,12 @@ def read_table(path, columns, missing_ok: bool = True) -> pd.DataFrame:
 def read_robustness(run_dir) -> pd.DataFrame:
     """The run's ``robustness.csv`` (empty frame if none); an unreadable file is a :class:`RunError`."""
     return read_table(Path(run_dir) / "robustness.csv", [*ROBUSTNESS_KEYS, "eps", "accuracy"])
+
+
+def read_corruptions(run_dir) -> pd.DataFrame:
+    """The run's ``corruptions.csv`` (empty frame if none): corruption, severity (0: clean), split, data, n,
+    accuracy, balanced_accuracy; an unreadable file is a :class:`RunError`."""
+    return read_table(Path(run_dir) / CORRUPTIONS_FILE, [*CORRUPTION_KEYS, "accuracy", "balanced_accuracy", "n"])
 
 ATTRIBUTION_FILE = "attribution.csv"
 

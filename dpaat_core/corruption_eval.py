@@ -1,0 +1,84 @@
+"""Accuracy under natural corruptions (:mod:`dpaat_core.corruptions`), and the corruption error of Hendrycks &
+Dietterich ("Benchmarking Neural Network Robustness to Common Corruptions and Perturbations", ICLR 2019).
+
+``corruption_grid`` corrupts each test image once per (corruption, severity), seeded by its index, and counts
+correct predictions: a tidy frame, one row per cell, with a ``clean`` row (severity 0) for reference.
+``corruption_error`` compares runs with a reference run: for corruption c, CE_c = sum_s E(s, c) / sum_s E_ref(s, c)
+with E = 1 - accuracy; mCE is the mean over corruptions (100 = as the reference; lower is better). The relative
+mCE uses the drop from the clean error instead of the error (how much worse the corruption makes a model).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .attacks import _autocast, attack_mode
+from .corruptions import NAMES, SEVERITIES, check, corrupt
+from .data import ImageDataset
+from .evaluate import _model_device
+from .validation import balanced_accuracy, per_class_accuracy
+
+CLEAN = "clean"
+
+
+def corruption_grid(model: nn.Module, dataset: ImageDataset, names: Sequence[str] = NAMES,
+                    severities: Sequence[int] = SEVERITIES, batch_size: int = 128, device=None, seed: int = 0,
+                    progress: bool = False, amp: bool = False) -> pd.DataFrame:
+    """Accuracy of ``model`` on ``dataset`` under each corruption at each severity, and clean.
+
+    Columns: corruption, severity (0 for the clean row), n, accuracy, balanced_accuracy, ``accuracy:<class>``.
+    """
+    cells = [(n, s) for n in names for s in severities]
+    for n, s in cells:
+        check(n, s)
+    device = _model_device(model, device)
+    y = dataset.labels.numpy()
+    pred = {cell: np.empty(len(dataset), dtype=np.int64) for cell in [(CLEAN, 0), *cells]}
+    with torch.no_grad(), attack_mode(model), _autocast(device, amp), \
+            tqdm(total=len(dataset) * (len(cells) + 1), desc="corruptions", unit="img", disable=not progress) as bar:
+        for index in torch.arange(len(dataset)).split(batch_size):
+            x, _ = dataset.batch(index, device)
+            pred[(CLEAN, 0)][index.numpy()] = model(x).argmax(1).cpu().numpy()
+            bar.update(len(index))
+            for n, s in cells:
+                pred[(n, s)][index.numpy()] = model(corrupt(x, n, s, seed, index)).argmax(1).cpu().numpy()
+                bar.update(len(index))
+    rows = []
+    for (n, s), p in pred.items():
+        row = {"corruption": n, "severity": s, "n": len(y), "accuracy": float((p == y).mean()),
+               "balanced_accuracy": balanced_accuracy(y, p, dataset.num_classes)}
+        row |= {f"accuracy:{c}": a for c, a in zip(dataset.classes, per_class_accuracy(y, p, dataset.num_classes))}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def corruption_error(grids: dict[str, pd.DataFrame], reference: Optional[str] = None,
+                     metric: str = "accuracy") -> pd.DataFrame:
+    """One row per run: clean accuracy, mean accuracy over the corrupted cells, and mCE and relative mCE (in %)
+    against ``reference`` (a key of ``grids``; default the first). Only the corruptions and severities every run
+    has are compared; mCE is NaN where the reference makes no error on a corruption."""
+    if not grids:
+        return pd.DataFrame(columns=["run", "clean", "mean_corrupted", "mce", "relative_mce", "cells"])
+    reference = reference if reference is not None else next(iter(grids))
+    if reference not in grids:
+        raise ValueError(f"reference run {reference!r} is not among {', '.join(grids)}")
+    tables = {r: g[g.corruption != CLEAN].pivot_table(index="corruption", columns="severity", values=metric)
+              for r, g in grids.items()}
+    common_c = sorted(set.intersection(*(set(t.index) for t in tables.values())))
+    common_s = sorted(set.intersection(*(set(t.columns) for t in tables.values())))
+    clean = {r: float(g.loc[g.corruption == CLEAN, metric].mean()) for r, g in grids.items()}
+    ref_err = 1 - tables[reference].loc[common_c, common_s]
+    rows = []
+    for r, t in tables.items():
+        err = 1 - t.loc[common_c, common_s]
+        ce = err.sum(axis=1) / ref_err.sum(axis=1).replace(0, np.nan)
+        rel = (err - (1 - clean[r])).sum(axis=1) / (ref_err - (1 - clean[reference])).sum(axis=1).replace(0, np.nan)
+        rows.append({"run": r, "clean": clean[r], "mean_corrupted": float(t.loc[common_c, common_s].values.mean()),
+                     "mce": float(100 * ce.mean()), "relative_mce": float(100 * rel.mean()),
+                     "cells": len(common_c) * len(common_s)})
+    return pd.DataFrame(rows)
