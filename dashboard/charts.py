@@ -421,3 +421,56 @@ def class_eps_chart(frame: pd.DataFrame, y: str = "pgd20", y_title: str = "PGD-2
                       yaxis_title=f"{y_title} (%)", legend_title_text="class (training images)")
     fig.update_yaxes(range=[0, 100])
     return fig
+
+
+def _corrupted(frame: pd.DataFrame | None, metric: str) -> pd.DataFrame:
+    """The corrupted cells (not the clean row) of ``corruptions.csv`` rows with a numeric ``metric``."""
+    if frame is None or not len(frame) or {"corruption", "severity", metric} - set(frame.columns):
+        return pd.DataFrame()
+    frame = frame.assign(**{metric: pd.to_numeric(frame[metric], errors="coerce")})
+    return frame[(frame["corruption"] != "clean") & frame[metric].notna()]
+
+
+def corruption_heatmap(frame: pd.DataFrame, title: str = "Accuracy under natural corruptions",
+                       metric: str = "accuracy") -> go.Figure:
+    """One run's corruption grid: corruption (rows, in the order given) by severity (columns), coloured by
+    ``metric``, with the value written in each cell; the clean accuracy in the title."""
+    cells = _corrupted(frame, metric)
+    if not len(cells):
+        return empty_figure(title)
+    table = cells.pivot_table(index="corruption", columns="severity", values=metric, sort=False)
+    clean = frame.loc[frame["corruption"] == "clean", metric]
+    if len(clean):
+        title += f" (clean {float(pd.to_numeric(clean, errors='coerce').iloc[0]):.2f})"
+    fig = go.Figure(go.Heatmap(z=table.values, x=[f"severity {int(s)}" for s in table.columns],
+                               y=[c.replace("_", " ") for c in table.index], zmin=0, zmax=1, colorscale="Viridis",
+                               text=np.round(table.values, 2), texttemplate="%{text:.2f}",
+                               colorbar={"title": metric.replace("_", " ")},
+                               hovertemplate="%{y}, %{x}<br>" + metric.replace("_", " ") + " %{z:.3f}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=title, template="plotly_white", height=max(320, 28 * len(table) + 120))
+    return fig
+
+
+def corruption_comparison_chart(frame: pd.DataFrame, metric: str = "accuracy") -> go.Figure:
+    """Several runs (``run`` column) side by side: mean ``metric`` over the severities of each corruption as
+    grouped bars, and each run's clean value as a dashed line of its colour."""
+    title = "Mean accuracy over severities, per corruption"
+    cells = _corrupted(frame, metric)
+    if not len(cells) or "run" not in cells:
+        return empty_figure(title)
+    means = cells.groupby(["run", "corruption"], sort=False)[metric].mean().reset_index()
+    order = list(dict.fromkeys(cells["corruption"]))
+    fig = go.Figure()
+    for k, (run, part) in enumerate(means.groupby("run", sort=False)):
+        colour = PALETTE[k % len(PALETTE)]
+        part = part.set_index("corruption").reindex(order)
+        fig.add_trace(go.Bar(x=[c.replace("_", " ") for c in order], y=part[metric], name=run, marker_color=colour,
+                             hovertemplate=f"{run}<br>%{{x}}: %{{y:.3f}}<extra></extra>"))
+        clean = pd.to_numeric(frame.loc[(frame["run"] == run) & (frame["corruption"] == "clean"), metric],
+                              errors="coerce")
+        if len(clean) and _finite(clean.iloc[0]):
+            fig.add_hline(y=float(clean.iloc[0]), line={"color": colour, "dash": "dash", "width": 1})
+    fig.update_yaxes(range=[0, 1.02], title_text=f"{metric.replace('_', ' ')} (dashed: clean)")
+    fig.update_layout(title=title, template="plotly_white", barmode="group", legend_title_text="run")
+    return fig

@@ -194,13 +194,36 @@ def model(run: runs.Run):
         return None
 
 
-def robustness(run: runs.Run) -> pd.DataFrame:
-    """The run's saved robustness curves with a ``run`` column (empty if none, a warning if unreadable)."""
+@st.fragment(run_every=2.0)
+def evaluation_progress(waiting: dict) -> None:
+    """Progress of the ``evaluate`` processes started from a page (``{run_id: run_dir}``); the page re-runs, and
+    reads what was written, when one ends."""
+    from dpaat_core import launch
+    jobs = {rid: job for rid, path in waiting.items() if (job := launch.evaluating(path)) is not None}
+    for rid, job in jobs.items():
+        what = "the corruption grid" if "--corruptions" in job.get("argv", []) else "the PGD-20 l2 curve"
+        st.progress(job["progress"] or 0.0, text=f"{rid}: computing {what} · {job['line'][:90]}")
+    if len(jobs) < len(waiting):
+        st.rerun()
+
+
+def _table(run: runs.Run, read) -> pd.DataFrame:
     try:
-        return runs.read_robustness(run.path).assign(run=run.run_id)
+        return read(run.path).assign(run=run.run_id)
     except runs.RunError as exc:
         st.warning(str(exc))
         return pd.DataFrame()
+
+
+def robustness(run: runs.Run) -> pd.DataFrame:
+    """The run's saved robustness curves with a ``run`` column (empty if none, a warning if unreadable)."""
+    return _table(run, runs.read_robustness)
+
+
+def corruptions(run: runs.Run) -> pd.DataFrame:
+    """The run's saved corruption grid (``corruptions.csv``) with a ``run`` column (empty if none, a warning if
+    unreadable)."""
+    return _table(run, runs.read_corruptions)
 
 
 @st.cache_data(show_spinner="Classifying the images…", max_entries=16)
@@ -232,18 +255,23 @@ def image_key(x) -> str:
     return hashlib.sha256(x.detach().cpu().numpy().tobytes()).hexdigest()[:16]
 
 
-@st.cache_data(show_spinner="Attacking and explaining…", max_entries=64)
-def _explanation(run_dir: str, mtime: int, key: str, _x, label, attack: str, norm: str, eps: float,
-                 methods: tuple) -> dict:
+@st.cache_data(show_spinner="Perturbing and explaining…", max_entries=64)
+def _explanation(run_dir: str, mtime: int, key: str, _x, label, perturbation: tuple, methods: tuple) -> dict:
     import torch
 
-    from dpaat_core.attribution import clean_and_adversarial
+    from dpaat_core.attribution import clean_and_adversarial, clean_and_corrupted
     net = _model(run_dir, mtime)
     with model_lock(run_dir):
-        with torch.no_grad():
-            clean = net(_x).argmax(1)
-        y = torch.tensor([label]) if label is not None else clean     # the attack fights the truth when known
-        out = clean_and_adversarial(net, _x, y, eps, attack=attack, norm=norm, steps=EXPLORER_STEPS, methods=methods)
+        if perturbation[0] == "corruption":
+            _, name, severity, index = perturbation
+            out = clean_and_corrupted(net, _x, name, severity, index=[index], methods=methods)
+        else:
+            _, attack, norm, eps = perturbation
+            with torch.no_grad():
+                clean = net(_x).argmax(1)
+            y = torch.tensor([label]) if label is not None else clean     # the attack fights the truth when known
+            out = clean_and_adversarial(net, _x, y, eps, attack=attack, norm=norm, steps=EXPLORER_STEPS,
+                                        methods=methods)
     return {"x_adv": out["x_adv"].numpy(), "prob_clean": out["prob_clean"][0].numpy(),
             "prob_adv": out["prob_adv"][0].numpy(),
             "maps": {m: (a[0, 0].numpy(), b[0, 0].numpy()) for m, (a, b) in out["maps"].items()}}
@@ -255,30 +283,53 @@ def explanation(run: runs.Run, x, label, attack: str, norm: str, eps: float, met
     warning, when the run's weights cannot be loaded."""
     if model(run) is None:
         return None
-    return _explanation(str(run.path), _mtime(run.path / "weights.safetensors"), image_key(x), x, label, attack,
-                        norm, float(eps), tuple(methods))
+    return _explanation(str(run.path), _mtime(run.path / "weights.safetensors"), image_key(x), x, label,
+                        ("attack", attack, norm, float(eps)), tuple(methods))
 
 
-@st.cache_data(show_spinner="Attacking the batch…", max_entries=64)
-def _live_attack(run_dir: str, mtime: int, key: str, _x, _y, attack: str, norm: str, eps: float) -> dict:
+def corrupted_explanation(run: runs.Run, x, index: int, corruption: str, severity: int, methods) -> dict | None:
+    """:func:`explanation` with a natural corruption in place of the attack (seeded by the image's ``index``)."""
+    if model(run) is None:
+        return None
+    return _explanation(str(run.path), _mtime(run.path / "weights.safetensors"), image_key(x), x, None,
+                        ("corruption", corruption, int(severity), int(index)), tuple(methods))
+
+
+@st.cache_data(show_spinner="Perturbing the batch…", max_entries=64)
+def _live(run_dir: str, mtime: int, key: str, _x, _y, perturbation: tuple) -> dict:
     import torch
 
-    from dpaat_core.attacks import DEFAULT_STEPS, perturb
+    from dpaat_core.attacks import DEFAULT_STEPS, attack_mode, perturb
+    from dpaat_core.corruptions import corrupt
     net = _model(run_dir, mtime)
     with model_lock(run_dir):
-        x_adv = perturb(net, _x, _y, attack, norm, eps, DEFAULT_STEPS[attack])    # one attack, seeded
-        with torch.no_grad():
+        if perturbation[0] == "corruption":
+            x_adv = corrupt(_x, perturbation[1], perturbation[2], index=range(len(_x)))
+        else:
+            _, attack, norm, eps = perturbation
+            x_adv = perturb(net, _x, _y, attack, norm, eps, DEFAULT_STEPS[attack])    # one attack, seeded
+        with torch.no_grad(), attack_mode(net):
             clean, adv = net(_x).argmax(1), net(x_adv).argmax(1)
     correct, robust = clean == _y, (clean == _y) & (adv == _y)
     return {"accuracy": float(correct.float().mean()), "robust_accuracy": float(robust.float().mean()),
-            "flipped": int((correct & ~robust).sum()), "x": _x[:4].numpy(), "x_adv": x_adv[:4].numpy()}
+            "flipped": int((correct & ~robust).sum()), "x": _x[:4].numpy(), "x_adv": x_adv[:4].numpy(),
+            "y": _y[:4].numpy(), "pred": clean[:4].numpy(), "pred_adv": adv[:4].numpy()}
+
+
+def _live_batch(run: runs.Run, data, n: int, perturbation: tuple) -> dict | None:
+    if model(run) is None:
+        return None
+    x, y = data.batch(range(min(int(n), len(data))))
+    return _live(str(run.path), _mtime(run.path / "weights.safetensors"), f"{data.source.spec}:{image_key(x)}", x, y,
+                 perturbation)
 
 
 def live_attack(run: runs.Run, data, n: int, attack: str, norm: str, eps: float) -> dict | None:
     """Attack the first ``n`` images of ``data`` once at ``eps`` (the protocol's steps) and return clean and robust
-    accuracy, how many flipped, and the first four clean and attacked images; cached on its inputs."""
-    if model(run) is None:
-        return None
-    x, y = data.batch(range(min(int(n), len(data))))
-    return _live_attack(str(run.path), _mtime(run.path / "weights.safetensors"),
-                        f"{data.source.spec}:{image_key(x)}", x, y, attack, norm, float(eps))
+    accuracy, how many flipped, and the first four clean and attacked images with labels and predictions; cached."""
+    return _live_batch(run, data, n, ("attack", attack, norm, float(eps)))
+
+
+def live_corruption(run: runs.Run, data, n: int, corruption: str, severity: int) -> dict | None:
+    """:func:`live_attack` with a natural corruption (each image seeded by its index) in place of the attack."""
+    return _live_batch(run, data, n, ("corruption", corruption, int(severity)))

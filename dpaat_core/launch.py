@@ -79,16 +79,18 @@ def _job_files(run_dir: Path) -> tuple[Path, Path]:
     return logs / f"{run_dir.name}.evaluate.json", logs / f"{run_dir.name}.evaluate.log"
 
 
-def start_evaluate(run_dir: str | Path, max_samples: int = 256) -> int:
-    """Compute the run's PGD-20 l2 curve on a seeded draw of ``max_samples`` test images in a ``python -m dpaat_core
-    evaluate`` process of its own (the page that asks only reads); returns its pid. One at a time per run."""
+def start_evaluate(run_dir: str | Path, max_samples: int | None = 256, corruptions: bool = False) -> int:
+    """Compute the run's PGD-20 l2 curve (or, with ``corruptions``, its grid of every natural corruption at every
+    severity) on a seeded draw of ``max_samples`` test images (None: all) in a ``python -m dpaat_core evaluate`` process of its
+    own (the page that asks only reads); returns its pid. One at a time per run."""
     run_dir = Path(run_dir)
     if evaluating(run_dir) is not None:
         raise runs.RunError(f"{run_dir.name}: a curve is already being computed")
     job, log = _job_files(run_dir)
     log.parent.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "dpaat_core", "evaluate", str(run_dir), "--attack", "pgd", "--norm", "l2",
-            "--max-samples", str(int(max_samples))]
+    what = ["--corruptions", "all"] if corruptions else ["--attack", "pgd", "--norm", "l2"]
+    argv = [sys.executable, "-m", "dpaat_core", "evaluate", str(run_dir), *what,
+            *(["--max-samples", str(int(max_samples))] if max_samples is not None else [])]
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -98,8 +100,8 @@ def start_evaluate(run_dir: str | Path, max_samples: int = 256) -> int:
 
 
 def evaluating(run_dir: str | Path) -> dict | None:
-    """The run's curve computation if one is alive (pid, start time, ``progress`` in [0, 1] or None, and the
-    ``line`` of output it last printed), else None."""
+    """The run's evaluation process if one is alive (pid, start time, ``argv``, ``progress`` in [0, 1] or None,
+    and the ``line`` of output it last printed), else None."""
     job, log = _job_files(Path(run_dir))
     try:
         info = runs._read_json(job)

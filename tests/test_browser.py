@@ -205,8 +205,8 @@ def test_two_sessions_explain_the_same_run_at_once(dashboard):
                 if step < 3 + n:
                     thumb.focus()
                     thumb.press("ArrowLeft")
-        for page in pages:
-            page.wait_for_timeout(300)
+        for page, thumb in zip(pages, thumbs):   # the maps on show are those of the slider's final eps
+            page.get_by_text(f"at eps {thumb.get_attribute('aria-valuetext')} (l2)").first.wait_for(timeout=60_000)
             _settled(page, "Attribution explorer")
         seen = [_rank_agreements(page) for page in pages]
         eps = [float(thumb.get_attribute("aria-valuetext")) for thumb in thumbs]

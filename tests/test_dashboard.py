@@ -106,7 +106,10 @@ def test_robustness_page_computes_saves_and_draws_curves(store, monkeypatch):
     at = _page(store, monkeypatch, "robustness")
     at.multiselect[0].set_value(["small-dpaat"]).run()
     assert at.title[0].value == "Robustness"
-    assert [m.label for m in at.metric] == ["clean accuracy", "robust accuracy", "per-pixel RMS"]
+    attacks, corrupted = at.tabs
+    assert [t.label for t in at.tabs] == ["Adversarial attacks", "Natural corruptions"]
+    assert [m.label for m in attacks.metric] == ["clean accuracy", "robust accuracy", "per-pixel RMS"]
+    assert [m.label for m in corrupted.metric] == ["clean accuracy", "accuracy under the corruption"]
     import os
     import time
 
@@ -117,7 +120,7 @@ def test_robustness_page_computes_saves_and_draws_curves(store, monkeypatch):
     job = launch.evaluating(store / "small-dpaat")          # a process of its own computes and writes the curve
     assert job is not None and job["pid"] != os.getpid() and "evaluate" in job["argv"]
     at.run()
-    assert not [b for b in at.button if "Compute" in b.label]                # no second start while it runs
+    assert not [b for b in at.button if "Compute the PGD" in b.label]        # no second start while it runs
     deadline = time.time() + 300
     while launch.evaluating(store / "small-dpaat") is not None:
         assert time.time() < deadline
@@ -126,10 +129,10 @@ def test_robustness_page_computes_saves_and_draws_curves(store, monkeypatch):
     saved = runs.read_robustness(store / "small-dpaat")
     assert len(saved) == 8 and (saved.attack == "pgd").all()
     assert "wrote" in (store / ".logs" / "small-dpaat.evaluate.log").read_text()
-    assert len(at.get("plotly_chart")) == 1 and not [b for b in at.button if "Compute" in b.label]
+    assert len(at.tabs[0].get("plotly_chart")) == 1 and not [b for b in at.button if "Compute the PGD" in b.label]
     at.slider[0].set_value(0.0).run()                        # eps 0: nothing changes
-    assert at.metric[1].value == at.metric[0].value
-    assert len(at.get("image")) == 12                         # 4 clean, 4 perturbed, 4 perturbations
+    assert at.tabs[0].metric[1].value == at.tabs[0].metric[0].value
+    assert len(at.tabs[0].get("image")) == 12                 # 4 clean, 4 perturbed, 4 perturbations
 
 
 def test_attribution_explorer_explains_a_test_image_and_compares_runs(store, monkeypatch):
@@ -340,3 +343,53 @@ def test_sessions_sharing_a_cached_model_get_the_maps_each_would_get_alone(store
             got = results[(i, eps)]["maps"][m]
             assert torch.allclose(torch.from_numpy(got[0]), clean[0, 0], atol=1e-5), (i, eps, m)
             assert torch.allclose(torch.from_numpy(got[1]), adv[0, 0], atol=1e-5), (i, eps, m)
+
+
+def test_robustness_page_computes_and_compares_corruption_grids(store, tmp_path, monkeypatch):
+    """The corruption tab: a missing grid computed by a process of its own, then the heat map, the comparison and
+    the corruption error of two runs; the live view shows one corruption with each image's prediction."""
+    import shutil
+    import time
+
+    from dpaat_core import launch, runs
+    from dpaat_core.__main__ import main
+    own = tmp_path / "store"
+    shutil.copytree(store, own, ignore=shutil.ignore_patterns("broken", "empty"))
+    assert main(["evaluate", str(own / "small-pgd"), "--corruptions", "all", "--severities", "1,5"]) == 0
+    at = _page(own, monkeypatch, "robustness")
+    at.multiselect[0].set_value(["small-dpaat", "small-pgd"]).run()
+    button = next(b for b in at.button if "Compute the corruption grid of small-dpaat" in b.label)
+    assert not [b for b in at.button if "corruption grid of small-pgd" in b.label]     # it has one
+    button.click().run()
+    job = launch.evaluating(own / "small-dpaat")
+    assert job is not None and "--corruptions" in job["argv"]
+    deadline = time.time() + 300
+    while launch.evaluating(own / "small-dpaat") is not None:
+        assert time.time() < deadline
+        time.sleep(0.5)
+    at.run()
+    assert not at.exception and len(runs.read_corruptions(own / "small-dpaat")) == 1 + 15 * 5
+    tab = at.tabs[1]
+    assert len(tab.get("plotly_chart")) == 2                 # the heat map of one run, the comparison of both
+    table = tab.dataframe[0].value                           # corruption error over the cells both runs have
+    assert list(table.index) == ["small-dpaat", "small-pgd"] and table.loc["small-dpaat", "mce"] == 100
+    assert table.loc["small-pgd", "cells"] == 15 * 2
+    live = next(s for s in tab.selectbox if s.label == "Corruption")
+    live.set_value("black_corner").run()
+    tab = at.tabs[1]
+    assert any("field-of-view radius" in c.value for c in tab.caption)
+    assert len(tab.get("image")) == 8                         # 4 clean and 4 corrupted, each with its prediction
+
+
+def test_attribution_explorer_explains_under_a_natural_corruption(store, monkeypatch):
+    at = _page(store, monkeypatch, "attribution")
+    at.selectbox(key="run_picker_one").set_value("small-dpaat").run()
+    next(s for s in at.selectbox if s.label == "Perturbation").set_value("natural corruption").run()
+    assert not at.exception
+    next(s for s in at.selectbox if s.label == "Corruption").set_value("brightness_down").run()
+    at.select_slider[0].set_value(5).run()
+    assert not at.exception
+    assert any("brightness down, brightness factor 0.5" in c.value for c in at.caption)
+    rho = [float(m.value) for m in at.metric if m.label.startswith("rank agreement")]
+    assert len(rho) == 2 and all(-1 <= r <= 1 for r in rho)
+    assert len(at.get("image")) == 3 + 2 * 2

@@ -3,10 +3,11 @@ import streamlit as st
 import torch
 
 from dashboard import charts
-from dashboard.state import (EXPLORER_STEPS, data_spec_input, dynamics, explanation, list_runs, model, predictions,
-                             run_data, run_picker)
+from dashboard.state import (EXPLORER_STEPS, corrupted_explanation, data_spec_input, dynamics, explanation, list_runs,
+                             model, predictions, run_data, run_picker)
 from dpaat_core import runs
 from dpaat_core.attacks import ATTACKS
+from dpaat_core.corruptions import NAMES, SEVERITIES, describe
 from dpaat_core.attribution import METHODS, overlay, perturbation_image, spearman, ssim, topk_iou
 from dpaat_core.data import DataError
 from dpaat_core.data.images import decode_upload
@@ -27,7 +28,7 @@ size, channels = run.config["dataset"]["image_size"], run.config["dataset"]["in_
 
 SOURCES = ["Test split", "Training split (fragile or stable in training)", "Upload a JPEG or PNG"]
 source = st.radio("Image", SOURCES, horizontal=True)
-x, label = None, None
+x, label, image_index = None, None, 0   # an upload is corrupted with index 0's draw
 if source == SOURCES[2]:
     upload = st.file_uploader("Lesion image (read in memory only: never saved or sent anywhere)", type=["jpg", "jpeg", "png"])
     if upload is not None:
@@ -59,17 +60,25 @@ else:
             index = st.selectbox("Image", rows["index"].tolist(),
                                  format_func=lambda i: f"#{i} · {table['class'][i]} · predicted {classes[table['pred'][i]]}")
             x, y = data.batch([index])
-            label = int(y[0])
+            label, image_index = int(y[0]), int(index)
 if x is None:
     st.stop()
 
 c1, c2, c3 = st.columns(3)
-attack = c1.selectbox("Attack", list(ATTACKS))
-norm = c2.selectbox("Norm", ["l2", "linf"])
-eps0 = reference_eps(run.config, norm)
-eps = c3.slider("eps", 0.0, float(4 * eps0), float(eps0), float(eps0) / 20, format="%.4f")
-st.caption(f"{attack.upper()} with {EXPLORER_STEPS if attack != 'fgsm' else 1} step(s), as "
-           "`python -m dpaat_core attribute` uses for the run's attribution.csv.")
+kind = c1.selectbox("Perturbation", [*ATTACKS, "natural corruption"],
+                    format_func=lambda k: k if k == "natural corruption" else f"attack: {k.upper()}")
+if kind == "natural corruption":
+    corruption = c2.selectbox("Corruption", NAMES, index=NAMES.index("defocus_blur"),
+                              format_func=lambda n: n.replace("_", " "))
+    severity = c3.select_slider("Severity", SEVERITIES, value=3)
+    st.caption(f"{describe(corruption, int(severity), size)} (MedMNIST-C's dermoscopy set; the image's own seeded draw)")
+else:
+    attack = kind
+    norm = c2.selectbox("Norm", ["l2", "linf"])
+    eps0 = reference_eps(run.config, norm)
+    eps = c3.slider("eps", 0.0, float(4 * eps0), float(eps0), float(eps0) / 20, format="%.4f")
+    st.caption(f"{attack.upper()} at eps {eps:.4f} ({norm}) with {EXPLORER_STEPS if attack != 'fgsm' else 1} step(s), "
+               "as `python -m dpaat_core attribute` uses for the run's attribution.csv.")
 methods = st.multiselect("Attribution maps", list(METHODS), default=["gradcam", "saliency"])
 candidates = {r.run_id: r for r in list_runs() if r.has_weights and r.config is not None and r.run_id != run.run_id
               and r.config["dataset"]["classes"] == classes}
@@ -78,20 +87,23 @@ compare = st.selectbox("Compare with another run (same classes)", ["none", *cand
 
 def explain(r) -> None:
     """Clean, perturbed and perturbation images, probabilities and maps with agreement, for run ``r``."""
-    out = explanation(r, x, label, attack, norm, eps, methods)    # one attack, every map: cached on its inputs
+    out = (corrupted_explanation(r, x, image_index, corruption, severity, methods) if kind == "natural corruption"
+           else explanation(r, x, label, attack, norm, eps, methods))   # one perturbation, every map: cached
     if out is None:
         return
     x_adv = torch.from_numpy(out["x_adv"])
     images, probs = st.columns([3, 2])
     cols = images.columns(3)
     for col, img, cap in zip(cols, (x, x_adv, perturbation_image(x, x_adv)),
-                             ("clean", "perturbed", "perturbation (amplified)")):
+                             ("clean", "corrupted" if kind == "natural corruption" else "perturbed",
+                              "change (amplified)")):
         col.image(img[0].permute(1, 2, 0).numpy(), caption=cap, width="stretch", clamp=True)
     probs.plotly_chart(charts.probability_chart(classes, out["prob_clean"], out["prob_adv"]), key=f"p-{r.run_id}")
     for method, (a, b) in out["maps"].items():                      # both maps explain the clean prediction
         cols = st.columns([1, 1, 1])
         cols[0].image(overlay(x[0], a), caption=f"{method}: clean", width="stretch")
-        cols[1].image(overlay(x_adv[0], b), caption=f"{method}: perturbed", width="stretch")
+        cols[1].image(overlay(x_adv[0], b), caption=f"{method}: {'corrupted' if kind == 'natural corruption' else 'perturbed'}",
+                      width="stretch")
         cols[2].metric("rank agreement (Spearman)", f"{spearman(a, b):.2f}")
         cols[2].caption(f"top-10% overlap {topk_iou(a, b):.2f} · SSIM {ssim(a, b):.2f}"
                         if min(a.shape) >= 11 else f"top-10% overlap {topk_iou(a, b):.2f}")

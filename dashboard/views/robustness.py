@@ -1,10 +1,12 @@
-"""Robustness: accuracy against epsilon for the selected runs, and a live attack on a small batch."""
+"""Robustness: accuracy against epsilon for the selected runs and a live attack on a small batch; accuracy under
+natural corruptions beside it (``dashboard.corruption_panel``)."""
 import pandas as pd
 import streamlit as st
 import torch
 
-from dashboard import charts
-from dashboard.state import data_spec_input, live_attack, model, robustness, run_data, run_picker, viewer_mode
+from dashboard import charts, corruption_panel
+from dashboard.state import (data_spec_input, evaluation_progress, live_attack, model, robustness, run_data,
+                             run_picker, viewer_mode)
 from dpaat_core import launch, runs
 from dpaat_core.attribution import perturbation_image
 from dpaat_core.evaluate import eps_rms, reference_eps
@@ -21,55 +23,49 @@ curves = pd.concat([robustness(r) for r in selected], ignore_index=True)
 missing = [r for r in selected if not len(curves) or r.run_id not in set(curves.get("run", []))]
 
 
-@st.fragment(run_every=2.0)
-def computing(waiting: dict) -> None:
-    """Progress of the curve processes started from this page; the page reloads its curves when one ends."""
-    jobs = {rid: job for rid, path in waiting.items() if (job := launch.evaluating(path)) is not None}
-    for rid, job in jobs.items():
-        st.progress(job["progress"] or 0.0, text=f"{rid}: computing the PGD-20 l2 curve · {job['line'][:90]}")
-    if len(jobs) < len(waiting):   # one has finished: draw its curve
-        st.rerun()
+attacks_tab, corruptions_tab = st.tabs(["Adversarial attacks", "Natural corruptions"])
+with attacks_tab:
+    if not viewer_mode():   # computing a curve starts a process that writes the store: not in viewer mode
+        waiting = {r.run_id: r.path for r in missing if launch.evaluating(r.path) is not None}
+        for run in missing:
+            if run.run_id not in waiting and st.button(f"Compute the PGD-20 l2 curve of {run.run_id} (256 test images)",
+                                                       key=f"compute-{run.run_id}"):
+                try:
+                    launch.start_evaluate(run.path, max_samples=256)
+                    waiting[run.run_id] = run.path
+                except runs.RunError as exc:
+                    st.error(str(exc))
+        if waiting:
+            evaluation_progress(waiting)
+    if len(curves):
+        x = "eps_rms" if st.toggle("Per-pixel RMS on the x axis", value=False) else "eps"
+        st.plotly_chart(charts.robustness_chart(curves, x=x), key="curves")
 
-
-if not viewer_mode():   # computing a curve starts a process that writes the store: not in viewer mode
-    waiting = {r.run_id: r.path for r in missing if launch.evaluating(r.path) is not None}
-    for run in missing:
-        if run.run_id not in waiting and st.button(f"Compute the PGD-20 l2 curve of {run.run_id} (256 test images)",
-                                                   key=f"compute-{run.run_id}"):
-            try:
-                launch.start_evaluate(run.path, max_samples=256)
-                waiting[run.run_id] = run.path
-            except runs.RunError as exc:
-                st.error(str(exc))
-    if waiting:
-        computing(waiting)
-if len(curves):
-    x = "eps_rms" if st.toggle("Per-pixel RMS on the x axis", value=False) else "eps"
-    st.plotly_chart(charts.robustness_chart(curves, x=x), key="curves")
-
-st.subheader("Attack a batch live")
-by_id = {r.run_id: r for r in selected}
-run = by_id[st.selectbox("Run", list(by_id))]
-c1, c2, c3 = st.columns(3)
-attack = c1.selectbox("Attack", list(ATTACKS), index=0)
-norm = c2.selectbox("Norm", ["l2", "linf"], index=0)
-n = c3.number_input("Images", min_value=4, max_value=64, value=16, step=4)
-eps0 = reference_eps(run.config, norm)
-eps = st.slider("eps", min_value=0.0, max_value=float(4 * eps0), value=float(eps0), step=float(eps0) / 20, format="%.4f")
-data = run_data(run, "test") if model(run) is not None else None
-if data is not None:
-    live = live_attack(run, data, int(n), attack, norm, eps)     # one seeded attack, cached on its inputs
-    shape = tuple(data.images.shape[1:])
-    m1, m2, m3 = st.columns(3)
-    m1.metric("clean accuracy", f"{live['accuracy']:.2f}")
-    m2.metric("robust accuracy", f"{live['robust_accuracy']:.2f}", delta=f"{live['robust_accuracy'] - live['accuracy']:+.2f}")
-    m3.metric("per-pixel RMS", f"{eps_rms(eps, norm, shape):.2e}",
-              help=f"eps {eps:.4g} ({norm}) at {shape[1]}x{shape[2]} pixels")
-    st.caption(f"{live['flipped']} of {min(int(n), len(data))} images changed prediction under the attack "
-               f"({attack.upper()}-{DEFAULT_STEPS[attack]}, the evaluation protocol's steps)")
-    x, x_adv = torch.from_numpy(live["x"]), torch.from_numpy(live["x_adv"])
-    for title, images in (("clean", x), ("perturbed", x_adv), ("perturbation, amplified", perturbation_image(x, x_adv))):
-        st.caption(title)
-        cols = st.columns(len(x))
-        for col, img in zip(cols, images):
-            col.image(img.permute(1, 2, 0).numpy(), width="stretch", clamp=True)
+    st.subheader("Attack a batch live")
+    by_id = {r.run_id: r for r in selected}
+    run = by_id[st.selectbox("Run", list(by_id))]
+    c1, c2, c3 = st.columns(3)
+    attack = c1.selectbox("Attack", list(ATTACKS), index=0)
+    norm = c2.selectbox("Norm", ["l2", "linf"], index=0)
+    n = c3.number_input("Images", min_value=4, max_value=64, value=16, step=4)
+    eps0 = reference_eps(run.config, norm)
+    eps = st.slider("eps", min_value=0.0, max_value=float(4 * eps0), value=float(eps0), step=float(eps0) / 20, format="%.4f")
+    data = run_data(run, "test") if model(run) is not None else None
+    if data is not None:
+        live = live_attack(run, data, int(n), attack, norm, eps)     # one seeded attack, cached on its inputs
+        shape = tuple(data.images.shape[1:])
+        m1, m2, m3 = st.columns(3)
+        m1.metric("clean accuracy", f"{live['accuracy']:.2f}")
+        m2.metric("robust accuracy", f"{live['robust_accuracy']:.2f}", delta=f"{live['robust_accuracy'] - live['accuracy']:+.2f}")
+        m3.metric("per-pixel RMS", f"{eps_rms(eps, norm, shape):.2e}",
+                  help=f"eps {eps:.4g} ({norm}) at {shape[1]}x{shape[2]} pixels")
+        st.caption(f"{live['flipped']} of {min(int(n), len(data))} images changed prediction under the attack "
+                   f"({attack.upper()}-{DEFAULT_STEPS[attack]}, the evaluation protocol's steps)")
+        x, x_adv = torch.from_numpy(live["x"]), torch.from_numpy(live["x_adv"])
+        for title, images in (("clean", x), ("perturbed", x_adv), ("perturbation, amplified", perturbation_image(x, x_adv))):
+            st.caption(title)
+            cols = st.columns(len(x))
+            for col, img in zip(cols, images):
+                col.image(img.permute(1, 2, 0).numpy(), width="stretch", clamp=True)
+with corruptions_tab:
+    corruption_panel.show(selected)

@@ -1,0 +1,92 @@
+"""The Robustness page's natural-corruption view: the saved grids of the selected runs (a heat map, a comparison
+and the corruption error), a button that computes a missing grid in a process of its own, and a live view of one
+corruption on a few test images."""
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+import torch
+
+from dashboard import charts
+from dashboard.state import corruptions, evaluation_progress, live_corruption, model, run_data, viewer_mode
+from dpaat_core import launch, runs
+from dpaat_core.corruption_eval import corruption_error
+from dpaat_core.corruptions import NAMES, SEVERITIES, describe
+
+
+def _compute_buttons(missing: list[runs.Run]) -> None:
+    waiting = {r.run_id: r.path for r in missing if launch.evaluating(r.path) is not None}
+    for run in missing:
+        if run.run_id not in waiting and st.button(f"Compute the corruption grid of {run.run_id} (15 corruptions x 5 "
+                                                   "severities on its test split: minutes on a CPU)",
+                                                   key=f"corrupt-{run.run_id}"):
+            try:
+                launch.start_evaluate(run.path, max_samples=None, corruptions=True)
+                waiting[run.run_id] = run.path
+            except runs.RunError as exc:
+                st.error(str(exc))
+    if waiting:
+        evaluation_progress(waiting)
+
+
+def _saved_grids(selected: list[runs.Run]) -> pd.DataFrame:
+    frame = pd.concat([corruptions(r) for r in selected], ignore_index=True)
+    missing = [r for r in selected if not len(frame) or r.run_id not in set(frame.get("run", []))]
+    if missing and not viewer_mode():       # computing writes the store: not in viewer mode
+        _compute_buttons(missing)
+    if not len(frame):
+        st.info("No run picked has a corruption grid yet (`python -m dpaat_core evaluate RUN --corruptions all`).")
+        return frame
+    data = frame.groupby("run")["data"].agg(lambda d: d.mode().iloc[0])   # each run's most common data: one grid each
+    return frame[frame["data"] == frame["run"].map(data)]
+
+
+def show(selected: list[runs.Run]) -> None:
+    st.caption("MedMNIST-C's dermoscopy corruptions (Di Salvo et al., 2024) at severities 1 to 5: what a clinic's "
+               "camera, lighting and dermatoscope do to an image, beside what an attacker does.")
+    frame = _saved_grids(selected)
+    if len(frame):
+        names = list(dict.fromkeys(frame["run"]))
+        shown = st.selectbox("Heat map of", names, key="heat-run") if len(names) > 1 else names[0]
+        st.plotly_chart(charts.corruption_heatmap(frame[frame["run"] == shown], f"{shown}: accuracy under "
+                                                  "natural corruptions"), key="corruption-heat")
+        if len(names) > 1:
+            st.plotly_chart(charts.corruption_comparison_chart(frame), key="corruption-compare")
+            reference = st.selectbox("Corruption error relative to", names, key="mce-ref",
+                                     help="mCE (Hendrycks & Dietterich): the run's errors summed over severities, "
+                                          "divided by the reference's, averaged over corruptions; 100 = as the "
+                                          "reference, lower is better. Relative mCE does the same with the drop from "
+                                          "the clean error.")
+            table = corruption_error({r: frame[frame["run"] == r] for r in names}, reference)
+            st.dataframe(table.set_index("run").round(3), width="stretch")
+    _live(selected)
+
+
+def _live(selected: list[runs.Run]) -> None:
+    st.markdown("**One corruption, live**")
+    by_id = {r.run_id: r for r in selected}
+    c1, c2, c3, c4 = st.columns([2, 2, 2, 1])
+    run = by_id[c1.selectbox("Run", list(by_id), key="live-c-run")]
+    name = c2.selectbox("Corruption", NAMES, index=NAMES.index("defocus_blur"), key="live-c-name",
+                        format_func=lambda n: n.replace("_", " "))
+    severity = c3.select_slider("Severity", SEVERITIES, value=3, key="live-c-sev")
+    n = c4.number_input("Images", min_value=4, max_value=64, value=16, step=4, key="live-c-n")
+    data = run_data(run, "test") if model(run) is not None else None
+    if data is None:
+        return
+    live = live_corruption(run, data, int(n), name, int(severity))
+    if live is None:
+        return
+    classes = run.config["dataset"]["classes"]
+    m1, m2 = st.columns(2)
+    m1.metric("clean accuracy", f"{live['accuracy']:.2f}")
+    m2.metric("accuracy under the corruption", f"{live['robust_accuracy']:.2f}",
+              delta=f"{live['robust_accuracy'] - live['accuracy']:+.2f}")
+    st.caption(f"{describe(name, int(severity), data.image_size)} · {live['flipped']} of {min(int(n), len(data))} "
+               "correctly classified images changed prediction")
+    x, x_c = torch.from_numpy(live["x"]), torch.from_numpy(live["x_adv"])
+    for title, images, pred in (("clean", x, live["pred"]), ("corrupted", x_c, live["pred_adv"])):
+        cols = st.columns(len(images))
+        for col, img, y, p in zip(cols, images, live["y"], pred):
+            col.image(img.permute(1, 2, 0).numpy(), width="stretch", clamp=True,
+                      caption=f"{title}: {classes[p]}{' ✓' if p == y else ' ✗ (' + classes[y] + ')'}")
