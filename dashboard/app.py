@@ -22,9 +22,11 @@ def home() -> None:
         "Robust medical image classification with Dynamic Perturbation-Adaptive Adversarial "
         "Training. **Runs** lists the trained models in the run store with their headline "
         "metrics; **Training dynamics** shows each sample's loss change and the fragile/stable "
-        "split epoch by epoch; **Robustness** compares accuracy against epsilon across runs and "
-        "attacks a batch live; the **Attribution explorer** shows what a model looks at on a "
-        "lesion image, clean and perturbed" + ("." if viewer_mode() else
+        "split epoch by epoch; **Robustness** compares accuracy against epsilon across runs, "
+        "attacks a batch live and shows accuracy under natural corruptions (blur, noise, lighting, "
+        "the dermatoscope's black corner); the **Attribution explorer** shows what a model looks at "
+        "on a lesion image, clean and perturbed; the **Gallery** shows a whole test split's maps at "
+        "once, the images that need a look first" + ("." if viewer_mode() else
                                                   "; **Train** launches and watches a training run.")
     )
     if viewer_mode():
@@ -50,6 +52,7 @@ pages = [
     st.Page(str(HERE / "views" / "dynamics.py"), title="Training dynamics", icon=":material/timeline:"),
     st.Page(str(HERE / "views" / "robustness.py"), title="Robustness", icon=":material/shield:"),
     st.Page(str(HERE / "views" / "attribution.py"), title="Attribution explorer", icon=":material/visibility:"),
+    st.Page(str(HERE / "views" / "gallery.py"), title="Gallery", icon=":material/grid_view:"),
 ]
 if not viewer_mode():   # in viewer mode (DPAAT_VIEWER=1) nothing that starts a process or writes is offered
     pages.append(st.Page(str(HERE / "views" / "train.py"), title="Train", icon=":material/play_arrow:"))

@@ -474,3 +474,21 @@ def corruption_comparison_chart(frame: pd.DataFrame, metric: str = "accuracy") -
     fig.update_yaxes(range=[0, 1.02], title_text=f"{metric.replace('_', ' ')} (dashed: clean)")
     fig.update_layout(title=title, template="plotly_white", barmode="group", legend_title_text="run")
     return fig
+
+
+def off_lesion_chart(summary: pd.DataFrame) -> go.Figure:
+    """Per class: the share of images whose map is mostly off the lesion, beside the share at chance (each map
+    scored on another image's mask); ``summary`` is :func:`dpaat_core.gallery.off_lesion_summary`."""
+    title = "Maps mostly off the lesion, per class"
+    if summary is None or not len(summary):
+        return empty_figure(title, "no lesion masks for these images")
+    labels = [f"{c} ({n})" for c, n in zip(summary["class"], summary["images"])]
+    fig = go.Figure([go.Bar(x=labels, y=summary["off_lesion_share"], name="this run", marker_color=FRAGILE,
+                            hovertemplate="%{x}: %{y:.0%} of the maps mostly off the lesion<extra></extra>"),
+                     go.Bar(x=labels, y=summary["chance_share"], name="chance (another image's mask)",
+                            marker_color="#999999",
+                            hovertemplate="%{x}: %{y:.0%} at chance<extra></extra>")])
+    fig.update_yaxes(range=[0, 1], tickformat=".0%", title_text="share of images")
+    fig.update_layout(title=title, template="plotly_white", barmode="group", height=330,
+                      legend={"orientation": "h", "y": -0.25})
+    return fig

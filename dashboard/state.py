@@ -333,3 +333,59 @@ def live_attack(run: runs.Run, data, n: int, attack: str, norm: str, eps: float)
 def live_corruption(run: runs.Run, data, n: int, corruption: str, severity: int) -> dict | None:
     """:func:`live_attack` with a natural corruption (each image seeded by its index) in place of the attack."""
     return _live_batch(run, data, n, ("corruption", corruption, int(severity)))
+
+
+#: the gallery's attack: the explorer's (PGD-10, l2, the run's training eps), each image from its own start, seed 0
+GALLERY_NORM = "l2"
+
+
+@st.cache_data(show_spinner="Explaining every image of the split (once per run, data and method)…", max_entries=16)
+def _image_numbers(run_dir: str, mtime: int, spec: str, split: str, method: str, eps: float, _data) -> pd.DataFrame:
+    from dpaat_core.gallery import image_numbers
+    net = _model(run_dir, mtime)
+    with model_lock(run_dir):
+        return image_numbers(net, _data, eps, method, norm=GALLERY_NORM, steps=EXPLORER_STEPS, batch_size=64)
+
+
+def gallery_numbers(run: runs.Run, data, split: str, method: str) -> tuple[pd.DataFrame | None, str]:
+    """Every image's attribution numbers for the gallery, and where they came from: the run's saved
+    ``attribution_images.csv`` when it covers the split with the gallery's setting, else computed here (in memory,
+    cached; the store is only read)."""
+    from dpaat_core.evaluate import reference_eps
+    if model(run) is None:
+        return None, ""
+    eps = float(reference_eps(run.config, GALLERY_NORM))
+    try:
+        saved = runs.read_attribution_images(run.path)
+    except runs.RunError as exc:
+        st.warning(str(exc))
+        saved = pd.DataFrame()
+    if len(saved):
+        mine = saved[(saved["method"] == method) & (saved["split"] == split) & (saved["data"] == data.source.spec)
+                     & (saved["norm"] == GALLERY_NORM) & (saved["steps"] == EXPLORER_STEPS)
+                     & ((saved["eps"] - eps).abs() < 1e-9)]
+        if "seed" in mine:
+            mine = mine[mine["seed"] == 0]
+        if len(mine) == len(data) and set(mine["index"]) == set(range(len(data))):
+            return mine.sort_values("index").reset_index(drop=True), "saved with the run (attribution_images.csv)"
+    table = _image_numbers(str(run.path), _mtime(run.path / "weights.safetensors"), data.source.spec, split, method,
+                           eps, data)
+    return table, "computed for this view (`python -m dpaat_core attribute RUN --n all` saves them with the run)"
+
+
+@st.cache_data(show_spinner="Drawing the maps of this page…", max_entries=64)
+def _page_maps(run_dir: str, mtime: int, spec: str, split: str, index: tuple, method: str, eps: float,
+               _data) -> dict:
+    from dpaat_core.gallery import page_maps
+    net = _model(run_dir, mtime)
+    with model_lock(run_dir):
+        return page_maps(net, _data, index, eps, method, GALLERY_NORM, EXPLORER_STEPS)
+
+
+def gallery_maps(run: runs.Run, data, split: str, index, method: str) -> dict | None:
+    """The clean and attacked images and maps of the images ``index`` (one page), cached per page."""
+    from dpaat_core.evaluate import reference_eps
+    if model(run) is None or not len(index):
+        return None
+    return _page_maps(str(run.path), _mtime(run.path / "weights.safetensors"), data.source.spec, split,
+                      tuple(int(i) for i in index), method, float(reference_eps(run.config, GALLERY_NORM)), data)

@@ -122,6 +122,13 @@ def start_noise(x: torch.Tensor, norm: str, generator=None) -> torch.Tensor:
     return direction / _per_sample_flat_norm(direction) * radius
 
 
+def index_noise(shape, index, norm: str, seed: int = 0) -> torch.Tensor:
+    """Each sample's random start in its unit ball (``shape`` of one sample, [C, H, W]), from a generator seeded
+    by (seed, the sample's index in its dataset): a sample starts from the same point in any batch and order."""
+    one = torch.zeros((1, *shape))
+    return torch.cat([start_noise(one, norm, torch.Generator().manual_seed(seed * 1_000_003 + int(i))) for i in index])
+
+
 def pgd(
     model: nn.Module,
     x: torch.Tensor,

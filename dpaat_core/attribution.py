@@ -19,8 +19,7 @@ from scipy.stats import rankdata
 from skimage.metrics import structural_similarity
 from tqdm.auto import tqdm
 
-from .attacks import attack_mode
-from .attacks import perturb
+from .attacks import attack_mode, index_noise, perturb
 from .models import gradcam_layer
 
 METHODS = ("gradcam", "integrated_gradients", "saliency", "occlusion", "guided_gradcam")
@@ -100,7 +99,7 @@ def attribute(model: nn.Module, x: torch.Tensor, target, method: str = "gradcam"
 
 
 def clean_and_adversarial(model, x, y, eps, method="gradcam", attack="pgd", norm="l2", steps=10, alpha_ratio=None,
-                          generator=None, target=None, methods=None, **options) -> dict:
+                          generator=None, target=None, methods=None, noise=None, **options) -> dict:
     """Attack ``x`` once and explain both versions for the same class.
 
     ``x``: float ``[B, C, H, W]`` in [0, 1]; ``y``: int64 ``[B]`` true labels (what the attack fights);
@@ -110,10 +109,11 @@ def clean_and_adversarial(model, x, y, eps, method="gradcam", attack="pgd", norm
     changed evidence, not a different question. Returns ``x_adv``, ``map_clean``/``map_adv`` ``[B,1,H,W]``
     (of ``method``), ``pred_clean``/``pred_adv`` int64 ``[B]``, ``prob_clean``/``prob_adv`` softmax ``[B, K]``
     and ``maps``: ``{name: (map_clean, map_adv)}`` for each of ``methods`` (default ``(method,)``), all on the
-    same attacked images.
+    same attacked images. ``noise``: each image's random start (:func:`~dpaat_core.attacks.index_noise`) instead
+    of a draw from ``generator``.
     """
     _check_images(x)
-    x_adv = perturb(model, x, y, attack, norm, eps, steps, alpha_ratio, generator=generator)
+    x_adv = perturb(model, x, y, attack, norm, eps, steps, alpha_ratio, generator=generator, noise=noise)
     return explain_pair(model, x, x_adv, method, target, methods, **options)
 
 
@@ -228,33 +228,43 @@ def pointing_game(a, m):
 
 
 def attribution_report(model, dataset, eps, method="gradcam", attack="pgd", norm="l2", steps=10, n=64, batch_size=16,
-                       seed=0, device="cpu", progress=False, **options) -> pd.DataFrame:
-    """Clean-vs-adversarial attribution metrics, one row per image of a seeded random draw of ``n`` items.
+                       seed=0, device="cpu", progress=False, index=None, **options) -> pd.DataFrame:
+    """Clean-vs-adversarial attribution metrics, one row per image: a seeded random draw of ``n`` items, or the
+    items ``index`` (in that order) when given.
 
     ``dataset``: an :class:`~dpaat_core.data.ImageDataset` (a test split); ``model`` must already be on ``device``.
-    Columns: index (into ``dataset``), label, pred_clean, pred_adv, correct_clean, correct_adv, spearman,
-    topk_iou, ssim (clean map vs adversarial map), and with masks: mask_fraction (a uniform map's energy),
-    energy_clean, energy_adv, pointing_clean, pointing_adv, and energy_other_mask: the clean map's energy in
-    another image's mask. Lesions sit near the image centre, so a map that ignores the image already beats
-    mask_fraction; energy_clean above energy_other_mask is what shows the map follows *this* lesion.
+    Columns: index (into ``dataset``), label, pred_clean, pred_adv, confidence_clean, confidence_adv (the softmax
+    of the predicted class), correct_clean, correct_adv, spearman, topk_iou, ssim (clean map vs adversarial map),
+    and with masks: mask_fraction (a uniform map's energy), energy_clean, energy_adv, pointing_clean,
+    pointing_adv, and energy_other_mask: the clean map's energy in another image's mask. Lesions sit near the
+    image centre, so a map that ignores the image already beats mask_fraction; energy_clean above
+    energy_other_mask is what shows the map follows *this* lesion. Each image's attack starts from its own
+    seeded point (:func:`~dpaat_core.attacks.index_noise`), so its row is the same in any draw or batch.
     ``df.attrs`` records the settings.
     """
     device = torch.device(device)
     param = next(model.parameters(), None)
     if param is not None and param.device.type != device.type:
         raise ValueError(f"the model is on {param.device}, not {device}; move it there first")
-    g = torch.Generator().manual_seed(seed)  # one source for the draw and the attacks' random starts
-    order = torch.randperm(len(dataset), generator=g)[:n]
+    if index is None:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    else:
+        order = torch.as_tensor(list(index), dtype=torch.int64)
     # Chance that allows for lesions sitting near the centre: each map scored on another image's mask.
     others = order.roll(-1).split(batch_size)
+    shape = dataset.images.shape[1:]
     frames = []
     for idx, other in zip(tqdm(order.split(batch_size), disable=not progress, desc=f"{method} clean vs {attack}"),
                           others):
         x, y = dataset.batch(idx, device)
-        out = clean_and_adversarial(model, x, y, eps, method, attack, norm, steps, generator=g, **options)
+        noise = index_noise(shape, idx, norm, seed) if attack == "pgd" else None
+        out = clean_and_adversarial(model, x, y, eps, method, attack, norm, steps, noise=noise, **options)
         clean, adv = out["map_clean"], out["map_adv"]
         cols = {"index": idx.numpy(), "label": y.cpu().numpy(), "pred_clean": out["pred_clean"].cpu().numpy(),
-                "pred_adv": out["pred_adv"].cpu().numpy(), "correct_clean": (out["pred_clean"] == y).cpu().numpy(),
+                "pred_adv": out["pred_adv"].cpu().numpy(),
+                "confidence_clean": out["prob_clean"].max(1).values.cpu().numpy().astype(np.float64),
+                "confidence_adv": out["prob_adv"].max(1).values.cpu().numpy().astype(np.float64),
+                "correct_clean": (out["pred_clean"] == y).cpu().numpy(),
                 "correct_adv": (out["pred_adv"] == y).cpu().numpy(), "spearman": spearman(clean, adv),
                 "topk_iou": topk_iou(clean, adv), "ssim": ssim(clean, adv)}
         if dataset.masks is not None:
@@ -265,13 +275,14 @@ def attribution_report(model, dataset, eps, method="gradcam", attack="pgd", norm
                         pointing_clean=pointing_game(clean, m), pointing_adv=pointing_game(adv, m))
         frames.append(pd.DataFrame(cols))
     df = pd.concat(frames, ignore_index=True)
-    df.attrs = {"method": method, "eps": eps, "attack": attack, "norm": norm, "steps": steps}
+    df.attrs = {"method": method, "eps": eps, "attack": attack, "norm": norm, "steps": steps, "seed": seed}
     return df
 
 
 def summarize_report(df: pd.DataFrame) -> pd.DataFrame:
     """Mean, std, median and n (non-NaN rows) of each metric column of an :func:`attribution_report` frame."""
-    values = df.drop(columns=[c for c in ("index", "label", "pred_clean", "pred_adv") if c in df]).astype(np.float64)
+    values = df.drop(columns=[c for c in ("index", "label", "pred_clean", "pred_adv", "confidence_clean",
+                                          "confidence_adv") if c in df]).astype(np.float64)
     out = pd.DataFrame({"mean": values.mean(), "std": values.std(), "median": values.median(), "n": values.count()})
     out.attrs = dict(df.attrs)
     return out

@@ -1,5 +1,6 @@
 """``python -m dpaat_core attribute RUN_DIR``: does the model look at the same place on clean and
-attacked images, and at the lesion? Writes the summary to the run's ``attribution.csv``."""
+attacked images, and at the lesion? Merges the means into the run's ``attribution.csv`` and each image's numbers
+into ``attribution_images.csv`` (what the dashboard's gallery sorts by)."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,15 @@ from .config import ConfigError
 DEFAULT_METHODS = ("gradcam", "saliency", "integrated_gradients")
 
 
+def _count(text: str):
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of images or 'all', got {text!r}") from None
+
+
 def add_attribute_parser(sub) -> None:
     from .attribution import METHODS
 
@@ -19,12 +29,14 @@ def add_attribute_parser(sub) -> None:
                        description="Explain the run's predictions on clean and attacked test images (same target "
                                    "class) and measure how far the maps agree (Spearman, top-10%% IoU, SSIM) and, "
                                    "where the data has lesion masks, how much of each map falls on the lesion. The "
-                                   "summary is written to RUN_DIR/attribution.csv.")
+                                   "means are merged into RUN_DIR/attribution.csv (per method) and each image's "
+                                   "numbers into RUN_DIR/attribution_images.csv.")
     a.add_argument("run_dir", metavar="RUN_DIR", help="a run folder of the store, e.g. checkpoints/<run_id>")
     a.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"attribution methods, comma-separated, from {', '.join(METHODS)} "
                         f"(default {','.join(DEFAULT_METHODS)})")
-    a.add_argument("--n", type=int, default=256, help="images explained (a seeded draw of the split; default 256)")
+    a.add_argument("--n", type=_count, default=256, help="images explained: a seeded draw of N, or 'all' the split in "
+                                                          "index order (default 256)")
     a.add_argument("--split", default="test", choices=("train", "val", "test"), help="split (default test)")
     a.add_argument("--data", help="data spec (default: the run's own)")
     a.add_argument("--eps", type=float, help="attack eps (default: the run's training eps in --norm)")
@@ -36,8 +48,10 @@ def add_attribute_parser(sub) -> None:
 
 
 def attribution_table(run_dir, methods, n=256, split="test", data=None, eps=None, norm="l2", steps=10, seed=0,
-                      device="cpu", progress=True) -> pd.DataFrame:
-    """One row per (attribution method, metric): mean, std, median, n of :func:`attribution.attribution_report`."""
+                      device="cpu", progress=True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The means (one row per attribution method and metric: mean, std, median, n) and the per-image rows of
+    :func:`attribution.attribution_report` (a ``method`` column added), with the settings as columns. ``n``:
+    a seeded draw of that many images, or None for every image in index order."""
     from . import loading, runs
     from .attribution import attribution_report, summarize_report
     from .evaluate import reference_eps
@@ -46,15 +60,18 @@ def attribution_table(run_dir, methods, n=256, split="test", data=None, eps=None
     eps = reference_eps(config, norm) if eps is None else eps
     model = loading.load_model(run_dir, device=device)
     dataset = loading.load_run_data(run_dir, split, data)
-    frames = []
+    settings = dict(eps=eps, norm=norm, steps=steps, split=split, data=data or config["data"]["spec"])
+    means, images = [], []
     for method in methods:
-        report = attribution_report(model, dataset, eps, method=method, norm=norm, steps=steps, n=min(n, len(dataset)),
-                                    seed=seed, device=device, progress=progress)
+        report = attribution_report(model, dataset, eps, method=method, norm=norm, steps=steps,
+                                    n=len(dataset) if n is None else min(n, len(dataset)), seed=seed, device=device,
+                                    progress=progress, index=range(len(dataset)) if n is None else None)
         summary = summarize_report(report).rename_axis("metric").reset_index()
-        frames.append(summary.assign(method=method, eps=eps, norm=norm, steps=steps, split=split,
-                                     data=data or config["data"]["spec"]))
-    return pd.concat(frames, ignore_index=True)[["method", "metric", "mean", "std", "median", "n", "eps", "norm",
-                                                 "steps", "split", "data"]]
+        means.append(summary.assign(method=method, **settings))
+        images.append(report.assign(method=method, seed=seed, **settings))
+    summary = pd.concat(means, ignore_index=True)[["method", "metric", "mean", "std", "median", "n", "eps", "norm",
+                                                   "steps", "split", "data"]]
+    return summary, pd.concat(images, ignore_index=True)
 
 
 def _attribute(args: argparse.Namespace) -> int:
@@ -66,17 +83,16 @@ def _attribute(args: argparse.Namespace) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ConfigError(f"--methods: choose from {', '.join(METHODS)}; got {args.methods!r}")
-    if args.n < 1 or not 1 <= args.steps <= 1000:
+    if (args.n is not None and args.n < 1) or not 1 <= args.steps <= 1000:
         raise ConfigError(f"--n must be >= 1 and --steps from 1 to 1000, got {args.n} and {args.steps}")
     if args.eps is not None and not 0 < args.eps <= 1000:
         raise ConfigError(f"--eps must be a number > 0, got {args.eps}")
-    table = attribution_table(args.run_dir, methods, args.n, args.split, args.data, args.eps, args.norm, args.steps,
-                              args.seed, resolve_device(args.device))
-    path = f"{args.run_dir}/{runs.ATTRIBUTION_FILE}"
-    runs.atomic_write_text(path, table.to_csv(index=False))
+    table, images = attribution_table(args.run_dir, methods, args.n, args.split, args.data, args.eps, args.norm,
+                                      args.steps, args.seed, resolve_device(args.device))
+    path, images_path = runs.save_attribution(args.run_dir, table, images)
     wide = table.pivot_table(index="metric", columns="method", values="mean", sort=False)
     print(f"attribution on {int(table['n'].max())} {args.split} images, clean vs PGD-{args.steps} {args.norm} "
           f"eps {table['eps'].iloc[0]:g} (means)")
     print(wide.to_string(float_format=lambda v: f"{v:.3f}"))
-    print(f"wrote {path}", file=sys.stderr)
+    print(f"wrote {path} and {images_path}", file=sys.stderr)
     return 0

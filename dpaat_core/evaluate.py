@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .attacks import DEFAULT_ALPHA, DEFAULT_STEPS, _autocast, attack_mode, check_attack, perturb, start_noise
+from .attacks import DEFAULT_ALPHA, DEFAULT_STEPS, _autocast, attack_mode, check_attack, index_noise, perturb
 from .data import ImageDataset
 from .validation import balanced_accuracy, per_class_accuracy
 
@@ -98,12 +98,6 @@ def _margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return true - other
 
 
-def _noise(dataset: ImageDataset, index: torch.Tensor, norm: str, seed: int) -> torch.Tensor:
-    """Each sample's random start in its unit ball, from a generator seeded by (seed, index)."""
-    one = torch.zeros((1, *dataset.images.shape[1:]))
-    return torch.cat([start_noise(one, norm, torch.Generator().manual_seed(seed * 1_000_003 + int(i))) for i in index])
-
-
 class _Attacker:
     """One attack configuration applied to batches of (sample index, eps) pairs."""
 
@@ -137,7 +131,7 @@ class _Attacker:
     def logits(self, index: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Logits of the attacked images ``index`` at per-sample ``eps`` (the clean ones where eps is 0)."""
         x, y = self.images(index)
-        noise = _noise(self.dataset, index, self.norm, self.seed) if self.attack == "pgd" else None
+        noise = index_noise(self.dataset.images.shape[1:], index, self.norm, self.seed) if self.attack == "pgd" else None
         x_adv = perturb(self.model, x, y, self.attack, self.norm, eps.to(self.device, torch.float32), self.steps,
                         self.alpha_ratio, noise=noise, validate=False, amp=self.amp)
         with torch.no_grad(), attack_mode(self.model), _autocast(self.device, self.amp):

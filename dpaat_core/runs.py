@@ -468,9 +468,27 @@ def read_corruptions(run_dir) -> pd.DataFrame:
     return read_table(Path(run_dir) / CORRUPTIONS_FILE, [*CORRUPTION_KEYS, "accuracy", "balanced_accuracy", "n"])
 
 ATTRIBUTION_FILE = "attribution.csv"
+ATTRIBUTION_IMAGES_FILE = "attribution_images.csv"
+ATTRIBUTION_KEYS = ("method", "split", "data")
 
 
 def read_attribution(run_dir) -> pd.DataFrame:
     """The run's ``attribution.csv`` (written by ``python -m dpaat_core attribute``; empty frame if
     none): one row per (attribution method, metric) with mean, std, median and n."""
     return read_table(Path(run_dir) / ATTRIBUTION_FILE, ["method", "metric", "mean", "std", "median", "n"])
+
+
+def read_attribution_images(run_dir) -> pd.DataFrame:
+    """The run's ``attribution_images.csv`` (empty frame if none): one row per (attribution method, image) with
+    the columns of :func:`dpaat_core.attribution.attribution_report` and the settings (eps, norm, steps, seed,
+    split, data)."""
+    return read_table(Path(run_dir) / ATTRIBUTION_IMAGES_FILE, ["method", "index", "label", "pred_clean",
+                                                                "spearman", "eps", "norm", "steps", "split", "data"])
+
+
+def save_attribution(run_dir, summary: pd.DataFrame, images: pd.DataFrame) -> tuple[Path, Path]:
+    """Merge the means (``attribution.csv``) and the per-image rows (``attribution_images.csv``) of ``attribute``
+    into the run: the rows of a method on the same split and data are replaced, other methods' kept."""
+    return (_merge_table(run_dir, ATTRIBUTION_FILE, summary, ATTRIBUTION_KEYS, ["metric"], read_attribution),
+            _merge_table(run_dir, ATTRIBUTION_IMAGES_FILE, images, ATTRIBUTION_KEYS, ["index"],
+                         read_attribution_images))

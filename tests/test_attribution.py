@@ -286,8 +286,16 @@ def test_attribution_report_on_real_ham10000(shared_data):
     data = load_dataset(f"npz:{shared_data / 'ham10000_sample.npz'}", "test", 32)
     model = _device_model(classes=data.num_classes)
     df = attribution_report(model, data, 0.5, "gradcam", steps=3, n=8, batch_size=4, seed=1, device=TEST_DEVICE)
-    assert list(df.columns) == ["index", "label", "pred_clean", "pred_adv", "correct_clean", "correct_adv", "spearman",
-                                "topk_iou", "ssim"] + MASK_COLUMNS
+    assert list(df.columns) == ["index", "label", "pred_clean", "pred_adv", "confidence_clean", "confidence_adv",
+                                "correct_clean", "correct_adv", "spearman", "topk_iou", "ssim"] + MASK_COLUMNS
+    assert df["confidence_clean"].between(1 / data.num_classes, 1).all()
+    # each image's row is its own: the same in another batch and order (its attack starts from its own point)
+    again = attribution_report(model, data, 0.5, "gradcam", steps=3, batch_size=3, seed=1, device=TEST_DEVICE,
+                               index=df["index"].tolist()[::-1]).set_index("index")
+    mine = df.set_index("index").loc[again.index]
+    for col in ("pred_adv", "spearman", "topk_iou", "energy_clean", "energy_adv", "confidence_adv"):
+        np.testing.assert_allclose(mine[col].astype(float), again[col].astype(float), rtol=1e-4, atol=1e-5,
+                                   err_msg=col)
     assert len(df) == 8 and df["index"].is_unique and df["index"].between(0, len(data) - 1).all()
     np.testing.assert_array_equal(df["label"], data.labels[df["index"]].numpy())
     np.testing.assert_allclose(df["mask_fraction"], data.masks[df["index"]].float().mean((1, 2)).numpy())
@@ -304,7 +312,7 @@ def test_attribution_report_on_real_ham10000(shared_data):
     maps = attribute(model, x, on_device(torch.tensor(df["pred_clean"].to_numpy())), "gradcam")
     np.testing.assert_allclose(df["energy_other_mask"], energy_in_mask(maps, data.masks[np.roll(df["index"], -1)]),
                                rtol=1e-4, atol=1e-6)
-    assert df.attrs == {"method": "gradcam", "eps": 0.5, "attack": "pgd", "norm": "l2", "steps": 3}
+    assert df.attrs == {"method": "gradcam", "eps": 0.5, "attack": "pgd", "norm": "l2", "steps": 3, "seed": 1}
 
     summary = summarize_report(df)
     assert list(summary.columns) == ["mean", "std", "median", "n"]

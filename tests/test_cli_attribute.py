@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from dpaat_core import runs
+from dpaat_core import loading, runs
 from dpaat_core.__main__ import main
 from dpaat_core.config import RunConfig, method_config
 from dpaat_core.train import train
@@ -36,3 +36,21 @@ def test_bad_input_exits_2_with_one_line_and_keeps_the_old_file(run, capsys, ext
     err = capsys.readouterr().err
     assert says in err and err.count("\n") == 1
     assert (run / "attribution.csv").read_text() == "kept\n"
+
+
+def test_attribute_all_writes_every_images_numbers_and_merges_per_method(tmp_path, run, capsys):
+    import shutil
+    own = tmp_path / "run"
+    shutil.copytree(run, own)
+    (own / "attribution.csv").unlink(missing_ok=True)
+    assert main(["attribute", str(own), "--methods", "gradcam,saliency", "--n", "5", "--steps", "2"]) == 0
+    assert main(["attribute", str(own), "--methods", "gradcam", "--n", "all", "--steps", "2"]) == 0
+    n_test = len(loading.load_run_data(own, "test"))
+    images = runs.read_attribution_images(own)
+    cam, sal = images[images.method == "gradcam"], images[images.method == "saliency"]
+    assert list(cam["index"]) == list(range(n_test)) and len(sal) == 5       # gradcam replaced, saliency kept
+    assert cam["confidence_clean"].between(0, 1).all() and cam["spearman"].between(-1, 1).all()
+    means = runs.read_attribution(own).set_index(["method", "metric"])
+    assert means.loc[("gradcam", "spearman"), "n"] == n_test and means.loc[("saliency", "spearman"), "n"] == 5
+    assert means.loc[("gradcam", "spearman"), "mean"] == pytest.approx(cam["spearman"].mean())
+    assert "attribution_images.csv" in capsys.readouterr().err

@@ -16,7 +16,7 @@ def test_dashboard_starts_and_its_navigation_reaches_every_page(tmp_path, monkey
     assert not at.exception
     assert at.title[0].value == "DPAAT Lab"
     for script, title in (("runs", "Runs"), ("dynamics", "Training dynamics"), ("robustness", "Robustness"),
-                          ("attribution", "Attribution explorer"), ("train", "Train")):
+                          ("attribution", "Attribution explorer"), ("gallery", "Gallery"), ("train", "Train")):
         at.switch_page(f"views/{script}.py").run()            # raises for a page the navigation does not register
         assert not at.exception and at.title[0].value == title, script
 
@@ -278,10 +278,11 @@ def test_viewer_mode_offers_nothing_that_reads_a_path_starts_a_process_or_writes
     monkeypatch.setenv("DPAAT_VIEWER", "1")
     at = AppTest.from_file(str(APP), default_timeout=120).run()
     assert not at.exception
-    for page in ("runs", "dynamics", "robustness", "attribution"):
+    for page in ("runs", "dynamics", "robustness", "attribution", "gallery"):
         at.switch_page(f"views/{page}.py").run()
         assert not at.exception, page
-        assert not at.text_input and not at.button and not at.get("form"), page          # no path box, no action
+        assert not at.text_input and not at.get("form"), page                             # no path box, no form
+        assert {b.label for b in at.button} <= {"Open in the explorer"}, page              # only moves between pages
         assert not at.get("download_button") or page == "runs", page
     at.switch_page("views/attribution.py").run()
     at.radio[0].set_value("Upload a JPEG or PNG").run()
@@ -393,3 +394,40 @@ def test_attribution_explorer_explains_under_a_natural_corruption(store, monkeyp
     rho = [float(m.value) for m in at.metric if m.label.startswith("rank agreement")]
     assert len(rho) == 2 and all(-1 <= r <= 1 for r in rho)
     assert len(at.get("image")) == 3 + 2 * 2
+
+
+def test_gallery_shows_every_test_image_worst_first_and_opens_one_in_the_explorer(store, monkeypatch):
+    from dpaat_core import gallery, loading
+    at = _page(store, monkeypatch, "gallery")
+    at.selectbox(key="run_picker_one").set_value("small-dpaat").run()
+    assert at.title[0].value == "Gallery" and not at.exception
+    test = loading.load_run_data(store / "small-dpaat", "test")
+    assert len(at.get("image")) == len(test)                                 # one tile per image (one page)
+    off = next(m for m in at.metric if m.label == "maps mostly off the lesion")
+    model = loading.load_model(store / "small-dpaat")
+    numbers = gallery.image_numbers(model, test, 0.3, "gradcam", steps=10, batch_size=64)
+    assert off.value == f"{int((numbers.energy_clean < 0.5).sum())} of {int(numbers.energy_clean.notna().sum())}"
+    first = gallery.order(numbers, "looks away from the lesion")["index"].tolist()
+    tiles = [int(b.key.split("-")[1]) for b in at.button]                   # column by column: 4 columns, row-major
+    assert tiles == [first[k] for c in range(4) for k in range(c, len(first), 4)]   # lowest lesion share first
+    at.radio[1].set_value("wrong").run()                                     # the prediction filter
+    wrong = set(numbers.index[numbers.pred_clean != numbers.label])
+    assert {int(b.key.split("-")[1]) for b in at.button} == wrong
+    at.radio[1].set_value("all").run()
+    pick = first[1]
+    next(b for b in at.button if b.key == f"open-{pick}").click().run()      # a click opens it in the explorer
+    assert not at.exception and at.title[0].value == "Attribution explorer"
+    assert next(s for s in at.selectbox if s.label == "Image").value == pick
+
+
+def test_gallery_compares_two_runs_on_the_same_images(store, monkeypatch):
+    at = _page(store, monkeypatch, "gallery")
+    at.selectbox(key="run_picker_one").set_value("small-dpaat").run()
+    order = [b.key for b in at.button]
+    next(s for s in at.selectbox if s.label.startswith("Compare with")).set_value("small-pgd").run()
+    assert not at.exception and [b.key for b in at.button] == order         # same images, same order
+    text = " ".join(m.value for m in at.markdown)
+    assert "looks at the lesion where **small-pgd** does not on" in text
+    show = next(r for r in at.radio if r.label == "Show")
+    show.set_value("only small-pgd on the lesion").run()
+    assert not at.exception

@@ -15,6 +15,13 @@ from dpaat_core.evaluate import reference_eps
 
 st.title("Attribution explorer")
 data_spec_input()
+pick = st.session_state.pop("explorer_pick", None)   # an image clicked in the gallery: open on it
+if pick is not None:
+    st.session_state["runs"] = [pick["run"]]
+    st.session_state.pop("run_picker_one", None)
+    st.session_state["explorer_picked"] = pick | {"n": st.session_state.get("explorer_picked", {}).get("n", 0) + 1}
+picked_image = st.session_state.get("explorer_picked", {"n": 0})
+fresh = f"-{picked_image['n']}"    # widgets made anew, with the picked image's settings, after each gallery click
 picked = run_picker("Model (run)", multi=False)
 usable = [r for r in picked if r.has_weights]
 if not usable:
@@ -27,7 +34,8 @@ classes = run.config["dataset"]["classes"]
 size, channels = run.config["dataset"]["image_size"], run.config["dataset"]["in_channels"]
 
 SOURCES = ["Test split", "Training split (fragile or stable in training)", "Upload a JPEG or PNG"]
-source = st.radio("Image", SOURCES, horizontal=True)
+source = st.radio("Image", SOURCES, horizontal=True, key=f"source{fresh}",
+                  index=1 if picked_image.get("split") == "train" else 0)
 x, label, image_index = None, None, 0   # an upload is corrupted with index 0's draw
 if source == SOURCES[2]:
     upload = st.file_uploader("Lesion image (read in memory only: never saved or sent anywhere)", type=["jpg", "jpeg", "png"])
@@ -42,8 +50,8 @@ else:
     if data is not None:
         table = predictions(run, data, split)
         c1, c2, c3 = st.columns(3)
-        wanted = c1.multiselect("Classes", classes, default=classes)
-        outcome = c2.radio("Prediction", ["all", "correct", "wrong"], horizontal=True)
+        wanted = c1.multiselect("Classes", classes, default=classes, key=f"classes{fresh}")
+        outcome = c2.radio("Prediction", ["all", "correct", "wrong"], horizontal=True, key=f"outcome{fresh}")
         rows = table[table["class"].isin(wanted)]
         if outcome != "all":
             rows = rows[(rows.pred == rows.label) == (outcome == "correct")]
@@ -51,13 +59,17 @@ else:
         last_dynamics = dynamics(run, epochs[-1]) if epochs else None
         if last_dynamics is not None and len(data) == run.config["dataset"]["train_size"]:
             last = last_dynamics.set_index("index")["split"]
-            wanted_split = c3.radio(f"In training (epoch {epochs[-1]})", ["all", "fragile", "stable"], horizontal=True)
+            wanted_split = c3.radio(f"In training (epoch {epochs[-1]})", ["all", "fragile", "stable"], horizontal=True,
+                                    key=f"in-training{fresh}")
             if wanted_split != "all":
                 rows = rows[rows["index"].map(last) == wanted_split]
         if rows.empty:
             st.info("No image matches these filters.")
         else:
-            index = st.selectbox("Image", rows["index"].tolist(),
+            options = rows["index"].tolist()
+            wanted_image = picked_image.get("index") if picked_image.get("split") == split else None
+            index = st.selectbox("Image", options, key=f"image{fresh}",
+                                 index=options.index(wanted_image) if wanted_image in options else 0,
                                  format_func=lambda i: f"#{i} · {table['class'][i]} · predicted {classes[table['pred'][i]]}")
             x, y = data.batch([index])
             label, image_index = int(y[0]), int(index)

@@ -1,0 +1,167 @@
+"""Natural-corruption robustness of the demo runs and of the 28 px study runs: does adversarial training change it?
+
+    python bench/corruption_study.py run [--threads 1]   # the 15 x 5 grid of every run that has none yet
+    python bench/corruption_study.py collect            # -> bench/results/corruptions*.csv, .md and .png
+
+``run`` evaluates each run's best weights on its own test split under MedMNIST-C's dermoscopy corruptions at
+severities 1-5 (``dpaat_core.corruption_eval``, seed 0) and merges the grid into the run's ``corruptions.csv``; a run
+that has its full grid is skipped, so the command can be re-run after a kill. The runs are the six demo runs in
+``checkpoints/`` (64 px, one seed) and the 28 px study runs of 40 epochs: ``long28-{dpaat,pgd_at}`` and
+``long28x-{erm,trades}``, seeds 0-2 (``bench/study.py run long28`` / ``run long28x --variants erm trades``).
+``collect`` writes the per-cell rows, the per-run summary (mean corrupted accuracy, mCE and relative mCE against
+ERM of the same seed) and each method minus ERM per corruption, paired by seed with a 95% t interval.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dpaat_core import loading, runs  # noqa: E402
+from dpaat_core import reproduction as rep  # noqa: E402
+from dpaat_core.corruption_eval import CLEAN, corruption_error, corruption_grid  # noqa: E402
+from dpaat_core.corruptions import CORRUPTIONS, NAMES, SEVERITIES  # noqa: E402
+
+STUDY = {"dpaat": "long28-dpaat", "pgd_at": "long28-pgd_at", "erm": "long28x-erm", "trades": "long28x-trades"}
+METHOD_ORDER = ("erm", "pgd_at", "trades", "dpaat")
+SEEDS = (0, 1, 2)
+
+
+def run_dirs(store: Path, checkpoints: Path) -> list[tuple[str, str, int, Path]]:
+    """(group, method, seed, run folder) of every run of the finding that has finished training."""
+    out = [("demo64", p.name.split("-")[1], 0, p) for p in sorted(checkpoints.glob("demo-*")) if p.is_dir()]
+    out += [("long28", m, s, store / f"{prefix}-s{s}") for m, prefix in STUDY.items() for s in SEEDS
+            if (store / f"{prefix}-s{s}").is_dir() and runs.load_run(store / f"{prefix}-s{s}").state == "done"]
+    return out
+
+
+def has_grid(run_dir: Path, data: str) -> bool:
+    grid = runs.read_corruptions(run_dir)
+    grid = grid[(grid.split == "test") & (grid.data == data)]
+    return len(grid) >= 1 + len(NAMES) * len(SEVERITIES)
+
+
+def evaluate(run_dir: Path) -> None:
+    data = runs.read_config(run_dir)["data"]["spec"]
+    if has_grid(run_dir, data):
+        return
+    t0 = time.time()
+    dataset = loading.load_run_data(run_dir, "test")
+    grid = corruption_grid(loading.load_model(run_dir), dataset, NAMES, SEVERITIES, batch_size=256, seed=0,
+                           progress=False)
+    runs.save_corruptions(run_dir, grid.assign(split="test", data=data))
+    clean = grid.loc[grid.corruption == CLEAN, "accuracy"].iloc[0]
+    mean = grid.loc[grid.corruption != CLEAN, "accuracy"].mean()
+    print(f"[corruptions] {run_dir.name}: {len(dataset)} images in {time.time() - t0:.0f} s, clean {clean:.3f}, "
+          f"mean corrupted {mean:.3f}", flush=True)
+
+
+def cells(store: Path, checkpoints: Path) -> pd.DataFrame:
+    frames = []
+    for group, method, seed, path in run_dirs(store, checkpoints):
+        grid = runs.read_corruptions(path)
+        grid = grid[(grid.split == "test") & (grid.data == runs.read_config(path)["data"]["spec"])]
+        if len(grid):
+            frames.append(grid.assign(group=group, method=method, seed=seed, run=path.name))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def per_run(cells_: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: clean, mean corrupted, per-family and per-corruption mean accuracy over the severities, and
+    mCE / relative mCE against the ERM run of the same group and seed (demo runs: the demo ERM run)."""
+    rows = []
+    for (group, seed), part in cells_.groupby(["group", "seed"]):
+        grids = {m: g for m, g in part.groupby("method")}
+        errors = corruption_error(grids, "erm").set_index("run") if "erm" in grids else None
+        for method, g in grids.items():
+            corrupted = g[g.corruption != CLEAN]
+            row = {"group": group, "method": method, "seed": seed, "run": g["run"].iloc[0],
+                   "clean": float(g.loc[g.corruption == CLEAN, "accuracy"].iloc[0]),
+                   "mean_corrupted": float(corrupted.accuracy.mean()),
+                   "mce": errors.loc[method, "mce"] if errors is not None else float("nan"),
+                   "relative_mce": errors.loc[method, "relative_mce"] if errors is not None else float("nan")}
+            by = corrupted.groupby("corruption").accuracy.mean()
+            row |= {f"family:{f}": float(by[[n for n in by.index if CORRUPTIONS[n].family == f]].mean())
+                    for f in dict.fromkeys(c.family for c in CORRUPTIONS.values())}
+            row |= {f"c:{n}": float(by.get(n, float("nan"))) for n in NAMES}
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    order = {m: i for i, m in enumerate(("erm", "pgd_at", "trades", "dpaat", "dpaat_nosync", "dpaat_fixed"))}
+    return frame.sort_values(["group", "method", "seed"], key=lambda c: c.map(order) if c.name == "method" else c)
+
+
+def differences(runs_: pd.DataFrame, group: str = "long28") -> pd.DataFrame:
+    """Each method minus ERM, paired by seed, in accuracy points: mean, std, n and the 95% t interval, per metric."""
+    frame = runs_[runs_.group == group].rename(columns={"group": "study", "method": "variant"})
+    metrics = ["clean", "mean_corrupted", *[c for c in frame if c.startswith(("family:", "c:"))]]
+    rows = []
+    for method in [m for m in METHOD_ORDER if m != "erm" and m in set(frame.variant)]:
+        for metric in metrics:
+            d = rep.paired_difference(frame, method, "erm", metric, group)
+            rows.append({"method": method, "metric": metric} | d)
+    return pd.DataFrame(rows)
+
+
+def difference_chart(diffs: pd.DataFrame):
+    """Method minus ERM per corruption (accuracy points, mean over seeds), a cell starred where the paired 95%
+    interval excludes 0."""
+    import numpy as np
+    import plotly.graph_objects as go
+    part = diffs[diffs.metric.str.startswith("c:")]
+    table = part.pivot(index="method", columns="metric", values="mean")
+    low = part.pivot(index="method", columns="metric", values="ci_low").loc[table.index, table.columns]
+    high = part.pivot(index="method", columns="metric", values="ci_high").loc[table.index, table.columns]
+    order = [f"c:{n}" for n in NAMES if f"c:{n}" in table.columns]
+    methods = [m for m in METHOD_ORDER if m in table.index]
+    table, low, high = (t.loc[methods, order] for t in (table, low, high))
+    text = [[f"{v:+.1f}{'*' if (lo > 0 or hi < 0) else ''}" for v, lo, hi in zip(r, lr, hr)]
+            for r, lr, hr in zip(table.values, low.values, high.values)]
+    limit = float(np.nanmax(np.abs(table.values))) or 1.0
+    fig = go.Figure(go.Heatmap(z=table.values, x=[c[2:].replace("_", " ") for c in order], y=methods,
+                               zmin=-limit, zmax=limit, colorscale="RdBu", text=text, texttemplate="%{text}",
+                               colorbar={"title": "points"}))
+    fig.update_layout(title="Accuracy under each corruption minus ERM's (28 px, 40 epochs, mean of 3 seeds; "
+                            "* paired 95% CI excludes 0)", template="plotly_white", height=330)
+    return fig
+
+
+def collect(store: Path, checkpoints: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    all_cells = cells(store, checkpoints)
+    all_cells.to_csv(out / "corruptions.csv", index=False)
+    by_run = per_run(all_cells)
+    by_run.to_csv(out / "corruptions_runs.csv", index=False)
+    diffs = differences(by_run)
+    diffs.to_csv(out / "corruptions_vs_erm.csv", index=False)
+    if len(diffs):
+        from report import write_png   # bench/report.py: plotly -> PNG through kaleido and Debian's Chromium
+        write_png(difference_chart(diffs), out / "corruptions_vs_erm.png", width=1300, height=330)
+    print(f"{len(by_run)} runs -> {out}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=("run", "collect"))
+    p.add_argument("--store", type=Path, default=ROOT / "study_runs")
+    p.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.command == "run":
+        for _, _, _, path in run_dirs(args.store, args.checkpoints):
+            evaluate(path)
+    collect(args.store, args.checkpoints, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

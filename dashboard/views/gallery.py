@@ -1,0 +1,117 @@
+"""Gallery (for clinicians): a test set's attribution maps at once, worst cases first; click one to explain it."""
+import numpy as np
+import streamlit as st
+
+from dashboard import charts
+from dashboard.state import (EXPLORER_STEPS, data_spec_input, dynamics, gallery_maps, gallery_numbers, list_runs,
+                             model, run_data, run_picker)
+from dpaat_core import gallery, runs
+from dpaat_core.attribution import overlay
+
+st.title("Gallery")
+data_spec_input()
+picked = [r for r in run_picker("Model (run)", multi=False) if r.has_weights]
+if not picked or model(picked[0]) is None:
+    st.info("Pick a run with trained weights in the sidebar.")
+    st.stop()
+run = picked[0]
+classes = run.config["dataset"]["classes"]
+st.caption("Every image of a split with its map on the clean image and on the attacked one (PGD-"
+           f"{EXPLORER_STEPS}, l2, the run's training eps: the explorer's setting), sorted so that the images that "
+           "need a look come first. Uploaded images are explained one at a time in the Attribution explorer; the "
+           "gallery is for a run's own splits.")
+
+c1, c2, c3 = st.columns(3)
+split = "test" if c1.radio("Images", ["Test split", "Training split"], horizontal=True) == "Test split" else "train"
+method = c2.selectbox("Map", ["gradcam", "saliency"], help="Grad-CAM: fast and coarse; saliency: pixel gradients")
+others = {r.run_id: r for r in list_runs() if r.has_weights and r.config is not None and r.run_id != run.run_id
+          and r.config["dataset"]["classes"] == classes}
+compare_id = c3.selectbox("Compare with (same images, same order)", ["none", *others])
+data = run_data(run, split)
+if data is None:
+    st.stop()
+numbers, source = gallery_numbers(run, data, split, method)
+if numbers is None:
+    st.stop()
+st.caption(f"Numbers {source}.")
+other = others.get(compare_id)
+numbers_b = gallery_numbers(other, data, split, method)[0] if other is not None else None
+
+# --- the summary ---------------------------------------------------------------------------------------------
+summary = gallery.off_lesion_summary(numbers, classes)
+if len(summary):
+    total = summary.set_index("class").loc["all"]
+    m1, m2, m3 = st.columns(3)
+    m1.metric("maps mostly off the lesion", f"{int(total.off_lesion)} of {int(total.images)}",
+              help=f"less than {gallery.OFF_LESION:.0%} of the map's positive mass on the lesion mask")
+    m2.metric("at chance", f"{total.chance_share:.0%}", help="the same maps scored on another image's mask: what a "
+                                                            "map that ignores the lesion gets, lesions sitting "
+                                                            "near the centre")
+    m3.metric("wrong predictions", f"{int((numbers.pred_clean != numbers.label).sum())}")
+    st.plotly_chart(charts.off_lesion_chart(summary[summary["class"] != "all"]), key="off-lesion")
+else:
+    st.info("These images have no lesion masks: the lesion-share sort and summary are not available.")
+only = "all"
+if numbers_b is not None and "energy_clean" in numbers and "energy_clean" in numbers_b:
+    diff = gallery.compare(numbers, numbers_b)
+    st.markdown(f"**{run.run_id}** looks at the lesion where **{compare_id}** does not on **{len(diff['only_a'])}** "
+                f"images, the other way round on **{len(diff['only_b'])}**; both on {diff['both']}, neither on "
+                f"{diff['neither']} (of {diff['images']}).")
+    only = st.radio("Show", ["all", f"only {run.run_id} on the lesion", f"only {compare_id} on the lesion"],
+                    horizontal=True)
+
+# --- sorting, filters, paging ---------------------------------------------------------------------------------
+sorts = [s for s in gallery.SORTS if s != "looks away from the lesion" or "energy_clean" in numbers]
+f1, f2, f3, f4 = st.columns([2, 2, 2, 2])
+sort = f1.selectbox("Sort", sorts, format_func=lambda s: f"{s}: {gallery.SORTS[s]}")
+wanted = f2.multiselect("Classes", classes, default=classes)
+outcome = f3.radio("Prediction", ["all", "correct", "wrong"], horizontal=True)
+in_training, training_split = None, "all"
+epochs = runs.dynamics_epochs(run.path) if split == "train" else []
+last = dynamics(run, epochs[-1]) if epochs else None
+if last is not None and len(data) == run.config["dataset"]["train_size"]:
+    in_training = last.set_index("index")["split"]
+    training_split = f4.radio(f"In training (epoch {epochs[-1]})", ["all", "fragile", "stable"], horizontal=True)
+rows = gallery.select(gallery.order(numbers, sort), [classes.index(c) for c in wanted], outcome, in_training,
+                      training_split)
+if only != "all":
+    rows = rows[rows["index"].isin(diff["only_a"] if only.startswith(f"only {run.run_id}") else diff["only_b"])]
+if rows.empty:
+    st.info("No image matches these filters.")
+    st.stop()
+p1, p2 = st.columns([1, 3])
+per_page = 24
+pages = (len(rows) + per_page - 1) // per_page
+page = p1.number_input(f"Page (of {pages})", 1, pages, 1)
+p2.caption(f"{len(rows)} images · {per_page} per page · left: clean, right: attacked"
+           + (f" · top: {run.run_id}, bottom: {compare_id}" if other is not None else ""))
+shown = rows.iloc[(page - 1) * per_page: page * per_page]
+
+# --- the grid --------------------------------------------------------------------------------------------------
+def pair(maps: dict, k: int) -> np.ndarray:
+    gap = np.full((maps["x"].shape[-2], 2, 3), 255, np.uint8)
+    return np.concatenate([overlay(maps["x"][k], maps["map_clean"][k]), gap,
+                           overlay(maps["x_adv"][k], maps["map_adv"][k])], axis=1)
+
+
+maps = gallery_maps(run, data, split, shown["index"].tolist(), method)
+maps_b = gallery_maps(other, data, split, shown["index"].tolist(), method) if other is not None else None
+by_index_b = numbers_b.set_index("index") if numbers_b is not None else None
+cols = st.columns(4)
+for k, row in enumerate(shown.itertuples(index=False)):
+    tile = pair(maps, k)
+    if maps_b is not None:
+        tile = np.concatenate([tile, np.full((2, tile.shape[1], 3), 255, np.uint8), pair(maps_b, k)], axis=0)
+    truth, pred = classes[row.label], classes[row.pred_clean]
+    lesion = f" · lesion {row.energy_clean:.0%}" if hasattr(row, "energy_clean") and row.energy_clean == row.energy_clean else ""
+    caption = (f"#{row.index} · {truth} → {pred} ({row.confidence_clean:.0%}){' ✓' if truth == pred else ' ✗'}"
+               f"{lesion} · ρ {row.spearman:.2f}")
+    if by_index_b is not None and row.index in by_index_b.index:
+        b = by_index_b.loc[row.index]
+        caption += f" | {classes[int(b.pred_clean)]} ({b.confidence_clean:.0%})" + (
+            f" · lesion {b.energy_clean:.0%}" if "energy_clean" in b and b.energy_clean == b.energy_clean else "")
+    with cols[k % 4]:
+        st.image(tile, caption=caption, width="stretch")
+        if st.button("Open in the explorer", key=f"open-{row.index}"):
+            st.session_state["explorer_pick"] = {"run": run.run_id, "split": split, "index": int(row.index)}
+            st.switch_page("views/attribution.py")

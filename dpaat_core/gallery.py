@@ -1,0 +1,104 @@
+"""A test set's attribution maps at once, worst first: the numbers the dashboard's gallery sorts, filters and
+summarises by, and the maps of the images on one page.
+
+The per-image numbers are :func:`dpaat_core.attribution.attribution_report` rows over every image of a split
+(saved by ``python -m dpaat_core attribute RUN --n all`` as ``attribution_images.csv``, or computed here). Each
+image's attack starts from its own seeded point, so :func:`page_maps` redraws exactly the maps a row's numbers
+came from, for any page of images in any order.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .attacks import index_noise
+from .attribution import attribution_report, clean_and_adversarial
+
+#: the share of a map's positive mass on the lesion below which the map "looks away from the lesion"
+OFF_LESION = 0.5
+#: sort name -> what it puts first
+SORTS = {
+    "looks away from the lesion": "lowest share of the map on the lesion first",
+    "attention moves under attack": "lowest clean-vs-attacked rank agreement first",
+    "confidently wrong": "wrong predictions, most confident first",
+    "index": "the split's order",
+}
+
+
+def image_numbers(model, dataset, eps: float, method: str = "gradcam", norm: str = "l2", steps: int = 10,
+                  batch_size: int = 64, seed: int = 0, device="cpu", progress: bool = False) -> pd.DataFrame:
+    """Every image's row of :func:`attribution_report`, in index order."""
+    return attribution_report(model, dataset, eps, method, norm=norm, steps=steps, batch_size=batch_size, seed=seed,
+                              device=device, progress=progress, index=range(len(dataset)))
+
+
+def order(table: pd.DataFrame, sort: str) -> pd.DataFrame:
+    """``table`` in the order of ``sort`` (a key of :data:`SORTS`); NaN values (no mask, a constant map) last, ties
+    by index. "confidently wrong" keeps the wrong predictions only."""
+    if sort not in SORTS:
+        raise ValueError(f"unknown sort {sort!r}; choose from {', '.join(SORTS)}")
+    if sort == "index":
+        return table.sort_values("index")
+    if sort == "confidently wrong":
+        wrong = table[table["pred_clean"] != table["label"]]
+        return wrong.sort_values(["confidence_clean", "index"], ascending=[False, True])
+    column = "energy_clean" if sort == "looks away from the lesion" else "spearman"
+    if column not in table:
+        raise ValueError(f"sorting by '{sort}' needs {column}, which these numbers lack (no lesion masks?)")
+    return table.sort_values([column, "index"], na_position="last")
+
+
+def select(table: pd.DataFrame, classes: Optional[Sequence[int]] = None, outcome: str = "all",
+           in_training: Optional[pd.Series] = None, split: str = "all") -> pd.DataFrame:
+    """The rows of the true ``classes`` (indices; None: all), with ``outcome`` "correct", "wrong" or "all", and,
+    given ``in_training`` (the last epoch's fragile/stable split by image index), of that ``split``."""
+    rows = table if classes is None else table[table["label"].isin(list(classes))]
+    if outcome != "all":
+        rows = rows[(rows["pred_clean"] == rows["label"]) == (outcome == "correct")]
+    if in_training is not None and split != "all":
+        rows = rows[rows["index"].map(in_training) == split]
+    return rows
+
+
+def off_lesion_summary(table: pd.DataFrame, classes: Sequence[str], threshold: float = OFF_LESION) -> pd.DataFrame:
+    """Per true class and in all: images, how many have their map mostly off the lesion (less than ``threshold``
+    of its mass on it) and that share, against chance: the share when each map is scored on another image's mask
+    (``energy_other_mask``), which allows for lesions sitting near the centre."""
+    if "energy_clean" not in table:
+        return pd.DataFrame()
+    rows = []
+    for name, part in [*((c, table[table["label"] == k]) for k, c in enumerate(classes)), ("all", table)]:
+        part = part[part["energy_clean"].notna()]
+        if not len(part):
+            continue
+        off = part["energy_clean"] < threshold
+        chance = part["energy_other_mask"] < threshold
+        rows.append({"class": name, "images": len(part), "off_lesion": int(off.sum()),
+                     "off_lesion_share": float(off.mean()), "chance_share": float(chance.mean())})
+    return pd.DataFrame(rows)
+
+
+def compare(a: pd.DataFrame, b: pd.DataFrame, threshold: float = OFF_LESION) -> dict:
+    """Which images run ``a`` looks at on the lesion (``energy_clean`` >= ``threshold``) and run ``b`` does not,
+    and the other way round, over the images both have numbers for: index lists and the counts of both/neither."""
+    both = a.set_index("index")[["energy_clean"]].join(b.set_index("index")[["energy_clean"]], lsuffix="_a",
+                                                         rsuffix="_b", how="inner").dropna()
+    on_a, on_b = both["energy_clean_a"] >= threshold, both["energy_clean_b"] >= threshold
+    return {"only_a": both.index[on_a & ~on_b].tolist(), "only_b": both.index[~on_a & on_b].tolist(),
+            "both": int((on_a & on_b).sum()), "neither": int((~on_a & ~on_b).sum()), "images": len(both)}
+
+
+def page_maps(model, dataset, index: Sequence[int], eps: float, method: str = "gradcam", norm: str = "l2",
+              steps: int = 10, seed: int = 0, device="cpu") -> dict:
+    """The clean and attacked images and both maps (numpy, ``[n, ...]``) of the images ``index``: the same maps
+    their rows of :func:`image_numbers` were measured on (each image's own attack start)."""
+    idx = torch.as_tensor(list(index), dtype=torch.int64)
+    x, y = dataset.batch(idx, device)
+    noise = index_noise(dataset.images.shape[1:], idx, norm, seed)
+    out = clean_and_adversarial(model, x, y, eps, method, "pgd", norm, steps, noise=noise)
+    return {"x": x.cpu().numpy(), "x_adv": out["x_adv"].cpu().numpy(),
+            "map_clean": out["map_clean"][:, 0].detach().cpu().numpy().astype(np.float32),
+            "map_adv": out["map_adv"][:, 0].detach().cpu().numpy().astype(np.float32)}
