@@ -84,8 +84,8 @@ def off_lesion_summary(table: pd.DataFrame, classes: Sequence[str], threshold: f
 def compare(a: pd.DataFrame, b: pd.DataFrame, threshold: float = OFF_LESION) -> dict:
     """Which images run ``a`` looks at on the lesion (``energy_clean`` >= ``threshold``) and run ``b`` does not,
     and the other way round, over the images both have numbers for: index lists and the counts of both/neither."""
-    both = a.set_index("index")[["energy_clean"]].join(b.set_index("index")[["energy_clean"]], lsuffix="_a",
-                                                         rsuffix="_b", how="inner").dropna()
+    both = pd.merge(a[["index", "energy_clean"]], b[["index", "energy_clean"]], on="index", how="inner",
+                    suffixes=("_a", "_b")).set_index("index").dropna()
     on_a, on_b = both["energy_clean_a"] >= threshold, both["energy_clean_b"] >= threshold
     return {"only_a": both.index[on_a & ~on_b].tolist(), "only_b": both.index[~on_a & on_b].tolist(),
             "both": int((on_a & on_b).sum()), "neither": int((~on_a & ~on_b).sum()), "images": len(both)}

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import re
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +22,7 @@ from dpaat_core.train import train
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PAGES = [("Runs", "Runs"), ("Training dynamics", "Training dynamics"), ("Robustness", "Robustness"),
-         ("Attribution explorer", "Attribution explorer"), ("Train", "Train")]
+         ("Attribution explorer", "Attribution explorer"), ("Gallery", "Gallery"), ("Train", "Train")]
 
 pytestmark = pytest.mark.slow
 
@@ -107,6 +108,8 @@ EXPECT = {"Runs": [('[data-testid="stDataFrame"]', 1), ('[data-testid="stPlotlyC
           "Robustness": [('[data-testid="stPlotlyChart"]', 1), ('[data-testid="stMetric"]', 3),
                          ('[data-testid="stImage"]', 12)],
           "Attribution explorer": [('[data-testid="stImage"]', 7), ('[data-testid="stMetric"]', 2)],
+          "Gallery": [('[data-testid="stImage"]', 8), ('[data-testid="stMetric"]', 3),
+                      ('button:has-text("Open in the explorer")', 8)],
           "Train": [('button:has-text("Launch")', 1)]}
 
 
@@ -177,6 +180,27 @@ def test_the_shipped_demo_runs_in_the_browser(tmp_path, shared_data):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_a_gallery_tile_opens_its_image_in_the_explorer(dashboard):
+    """The gallery's worst image first; its button opens that very image in the Attribution explorer."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(dashboard.url)
+        _settled(page, "DPAAT Lab")
+        page.get_by_role("link", name="Gallery", exact=True).first.click()
+        _settled(page, "Gallery")
+        _check_page(page, "Gallery")
+        first = page.locator('[data-testid="stImage"]').first.inner_text()   # "#12 · mel → nv (83%) ✗ · ..."
+        index = int(first.split(" ")[0].lstrip("#"))
+        page.get_by_role("button", name="Open in the explorer").first.click()
+        _settled(page, "Attribution explorer")
+        _check_page(page, "Attribution explorer")
+        chosen = len(re.findall(rf"#{index} · [^<\"]+ · predicted", page.content()))   # the Image box shows it
+        browser.close()
+    assert chosen >= 1, first
 
 
 def _rank_agreements(page) -> list[str]:
