@@ -54,7 +54,7 @@ def fp16_is_lossless(run_dir: Path) -> dict:
     return check
 
 
-def make_demo(src: Path, dest: Path, attribution_n: int, curve_n: int) -> dict:
+def make_demo(src: Path, dest: Path, attribution_n, curve_n: int) -> dict:
     if runs.load_run(src).state != "done":
         raise SystemExit(f"{src}: not a finished run; train it first (bench/study.py run main64 --seeds 0)")
     tmp = dest.with_name(dest.name + ".tmp")
@@ -73,7 +73,8 @@ def make_demo(src: Path, dest: Path, attribution_n: int, curve_n: int) -> dict:
         runs.save_weights(tmp / "weights.safetensors", runs.load_weights(tmp / "weights.safetensors"), half=True)
     runs.atomic_write_json(tmp / "fp16_check.json", check)
     for argv in (["evaluate", str(tmp), "--attack", "pgd,ifgsm", "--norm", "l2,linf", "--max-samples", str(curve_n)],
-                 ["attribute", str(tmp), "--methods", "gradcam,saliency", "--n", str(attribution_n)]):
+                 ["attribute", str(tmp), "--methods", "gradcam,saliency", "--n", str(attribution_n)],
+                 ["evaluate", str(tmp), "--corruptions", "all"]):
         if cli(argv) != 0:
             raise SystemExit(f"{' '.join(argv)} failed")
     shutil.rmtree(dest, ignore_errors=True)
@@ -86,7 +87,8 @@ def main(argv=None) -> int:
     p.add_argument("--store", type=Path, default=ROOT / "study_runs")
     p.add_argument("--dest", type=Path, default=ROOT / "checkpoints")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--attribution-n", type=int, default=256, help="test images explained (default 256)")
+    p.add_argument("--attribution-n", default="all", help="test images explained: a number or 'all' (default all: "
+                                                         "every image's numbers for the dashboard's Gallery)")
     p.add_argument("--curve-n", type=int, default=128, help="test images of the robustness curves (default 128)")
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
