@@ -29,6 +29,9 @@ from dpaat_core import reproduction as rep  # noqa: E402
 from dpaat_core.corruption_eval import CLEAN, corruption_error, corruption_grid  # noqa: E402
 from dpaat_core.corruptions import CORRUPTIONS, NAMES, SEVERITIES  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from report import md  # noqa: E402  - bench/report.py's Markdown tables
+
 STUDY = {"dpaat": "long28-dpaat", "pgd_at": "long28-pgd_at", "erm": "long28x-erm", "trades": "long28x-trades"}
 METHOD_ORDER = ("erm", "pgd_at", "trades", "dpaat")
 SEEDS = (0, 1, 2)
@@ -73,21 +76,21 @@ def cells(store: Path, checkpoints: Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def per_run(cells_: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: clean, mean corrupted, per-family and per-corruption mean accuracy over the severities, and
-    mCE / relative mCE against the ERM run of the same group and seed (demo runs: the demo ERM run)."""
+def per_run(cells_: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
+    """One row per run: clean, mean corrupted, per-family and per-corruption mean ``metric`` over the severities,
+    and mCE / relative mCE against the ERM run of the same group and seed (demo runs: the demo ERM run)."""
     rows = []
     for (group, seed), part in cells_.groupby(["group", "seed"]):
         grids = {m: g for m, g in part.groupby("method")}
-        errors = corruption_error(grids, "erm").set_index("run") if "erm" in grids else None
+        errors = corruption_error(grids, "erm", metric).set_index("run") if "erm" in grids else None
         for method, g in grids.items():
             corrupted = g[g.corruption != CLEAN]
             row = {"group": group, "method": method, "seed": seed, "run": g["run"].iloc[0],
-                   "clean": float(g.loc[g.corruption == CLEAN, "accuracy"].iloc[0]),
-                   "mean_corrupted": float(corrupted.accuracy.mean()),
+                   "clean": float(g.loc[g.corruption == CLEAN, metric].iloc[0]),
+                   "mean_corrupted": float(corrupted[metric].mean()),
                    "mce": errors.loc[method, "mce"] if errors is not None else float("nan"),
                    "relative_mce": errors.loc[method, "relative_mce"] if errors is not None else float("nan")}
-            by = corrupted.groupby("corruption").accuracy.mean()
+            by = corrupted.groupby("corruption")[metric].mean()
             row |= {f"family:{f}": float(by[[n for n in by.index if CORRUPTIONS[n].family == f]].mean())
                     for f in dict.fromkeys(c.family for c in CORRUPTIONS.values())}
             row |= {f"c:{n}": float(by.get(n, float("nan"))) for n in NAMES}
@@ -109,7 +112,7 @@ def differences(runs_: pd.DataFrame, group: str = "long28") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def difference_chart(diffs: pd.DataFrame):
+def difference_chart(diffs: pd.DataFrame, metric: str = "accuracy"):
     """Method minus ERM per corruption (accuracy points, mean over seeds), a cell starred where the paired 95%
     interval excludes 0."""
     import numpy as np
@@ -127,22 +130,60 @@ def difference_chart(diffs: pd.DataFrame):
     fig = go.Figure(go.Heatmap(z=table.values, x=[c[2:].replace("_", " ") for c in order], y=methods,
                                zmin=-limit, zmax=limit, colorscale="RdBu", text=text, texttemplate="%{text}",
                                colorbar={"title": "points"}))
-    fig.update_layout(title="Accuracy under each corruption minus ERM's (28 px, 40 epochs, mean of 3 seeds; "
-                            "* paired 95% CI excludes 0)", template="plotly_white", height=330)
+    fig.update_layout(title=f"{metric.replace('_', ' ').capitalize()} under each corruption minus ERM's (28 px, "
+                            "40 epochs, mean of 3 seeds; * paired 95% CI excludes 0)", template="plotly_white",
+                      height=330)
     return fig
+
+
+def _pm(values: pd.Series, scale: float = 100) -> str:
+    v = values.dropna() * scale
+    return f"{v.mean():.1f}" if len(v) < 2 else f"{v.mean():.1f} ± {v.std(ddof=1):.1f}"
+
+
+def tables_md(by_run: pd.DataFrame, diffs: pd.DataFrame, metric: str = "accuracy") -> str:
+    """The finding's tables in Markdown: each method's summary (accuracy in %, mCE in % of ERM's) per group, and
+    each method minus ERM per family and per corruption, paired by seed, with the 95% interval."""
+    out = []
+    for group, part in by_run.groupby("group", sort=False):
+        rows = []
+        for method, g in part.groupby("method", sort=False):
+            rows.append({"method": method, "seeds": len(g), "clean": _pm(g["clean"]),
+                         "mean corrupted": _pm(g["mean_corrupted"]), "mCE vs ERM": _pm(g["mce"], 1),
+                         "relative mCE vs ERM": _pm(g["relative_mce"], 1),
+                         **{f[7:]: _pm(g[f]) for f in g.columns if f.startswith("family:")}})
+        out += [f"### {group}: {metric.replace('_', ' ')} (%)\n", md(pd.DataFrame(rows)), ""]
+    if len(diffs):
+        fmt = lambda r: (f"{r['mean']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]"  # noqa: E731
+                         + (" *" if r["ci_low"] > 0 or r["ci_high"] < 0 else ""))
+        diffs = diffs.assign(cell=diffs.apply(fmt, axis=1))
+        table = diffs.pivot(index="metric", columns="method", values="cell")
+        order = ["clean", "mean_corrupted", *[m for m in table.index if m.startswith("family:")],
+                 *[f"c:{n}" for n in NAMES if f"c:{n}" in table.index]]
+        table = table.loc[order, [m for m in METHOD_ORDER if m in table.columns]]
+        table.index = [m.split(":", 1)[-1].replace("_", " ") for m in table.index]
+        out += [f"### long28: method minus ERM, {metric.replace('_', ' ')} points, paired by seed [95% t interval] "
+                "(* excludes 0)\n",
+                md(table.rename_axis("accuracy").reset_index()), ""]
+    return "\n".join(out)
 
 
 def collect(store: Path, checkpoints: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     all_cells = cells(store, checkpoints)
     all_cells.to_csv(out / "corruptions.csv", index=False)
-    by_run = per_run(all_cells)
-    by_run.to_csv(out / "corruptions_runs.csv", index=False)
-    diffs = differences(by_run)
-    diffs.to_csv(out / "corruptions_vs_erm.csv", index=False)
-    if len(diffs):
-        from report import write_png   # bench/report.py: plotly -> PNG through kaleido and Debian's Chromium
-        write_png(difference_chart(diffs), out / "corruptions_vs_erm.png", width=1300, height=330)
+    tables = []
+    for metric, suffix in (("accuracy", ""), ("balanced_accuracy", "_balanced")):
+        by_run = per_run(all_cells, metric)
+        by_run.to_csv(out / f"corruptions_runs{suffix}.csv", index=False)
+        diffs = differences(by_run)
+        diffs.to_csv(out / f"corruptions_vs_erm{suffix}.csv", index=False)
+        tables.append(tables_md(by_run, diffs, metric))
+        if len(diffs):
+            from report import write_png  # bench/report.py: plotly -> PNG (kaleido, Debian's Chromium)
+            write_png(difference_chart(diffs, metric), out / f"corruptions_vs_erm{suffix}.png", width=1300,
+                      height=330)
+    (out / "corruptions.md").write_text("\n".join(tables))
     print(f"{len(by_run)} runs -> {out}")
 
 
