@@ -1,7 +1,7 @@
 """Natural-corruption robustness of the demo runs and of the 28 px study runs: does adversarial training change it?
 
     python bench/corruption_study.py run [--threads 1]   # the 15 x 5 grid of every run that has none yet
-    python bench/corruption_study.py collect            # -> bench/results/corruptions*.csv, .md and .png
+    python bench/corruption_study.py collect            # -> bench/results/corruptions*.{csv,md}, figures/*.png
 
 ``run`` evaluates each run's best weights on its own test split under MedMNIST-C's dermoscopy corruptions at
 severities 1-5 (``dpaat_core.corruption_eval``, seed 0) and merges the grid into the run's ``corruptions.csv``; a run
@@ -59,7 +59,7 @@ def evaluate(run_dir: Path) -> None:
     dataset = loading.load_run_data(run_dir, "test")
     grid = corruption_grid(loading.load_model(run_dir), dataset, NAMES, SEVERITIES, batch_size=256, seed=0,
                            progress=False)
-    runs.save_corruptions(run_dir, grid.assign(split="test", data=data))
+    runs.save_corruptions(run_dir, grid.assign(split="test", data=data, seed=0))
     clean = grid.loc[grid.corruption == CLEAN, "accuracy"].iloc[0]
     mean = grid.loc[grid.corruption != CLEAN, "accuracy"].mean()
     print(f"[corruptions] {run_dir.name}: {len(dataset)} images in {time.time() - t0:.0f} s, clean {clean:.3f}, "
@@ -181,8 +181,9 @@ def collect(store: Path, checkpoints: Path, out: Path) -> None:
         tables.append(tables_md(by_run, diffs, metric))
         if len(diffs):
             from report import write_png  # bench/report.py: plotly -> PNG (kaleido, Debian's Chromium)
-            write_png(difference_chart(diffs, metric), out / f"corruptions_vs_erm{suffix}.png", width=1300,
-                      height=330)
+            (out / "figures").mkdir(exist_ok=True)
+            write_png(difference_chart(diffs, metric), out / "figures" / f"corruptions_vs_erm{suffix}.png",
+                      width=1300, height=330)
     (out / "corruptions.md").write_text("\n".join(tables))
     print(f"{len(by_run)} runs -> {out}")
 

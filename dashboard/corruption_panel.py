@@ -31,6 +31,8 @@ def _compute_buttons(missing: list[runs.Run]) -> None:
 
 def _saved_grids(selected: list[runs.Run]) -> pd.DataFrame:
     frame = pd.concat([corruptions(r) for r in selected], ignore_index=True)
+    if len(frame):
+        frame = frame[frame["split"] == "test"]
     missing = [r for r in selected if not len(frame) or r.run_id not in set(frame.get("run", []))]
     if missing and not viewer_mode():       # computing writes the store: not in viewer mode
         _compute_buttons(missing)

@@ -229,7 +229,8 @@ def corruptions(run: runs.Run) -> pd.DataFrame:
 @st.cache_data(show_spinner="Classifying the images…", max_entries=16)
 def _predictions(run_dir: str, mtime: int, spec: str, split: str, _data) -> pd.DataFrame:
     from dpaat_core.evaluate import clean_logits
-    pred = clean_logits(_model(run_dir, mtime), _data, batch_size=256).argmax(1)
+    with model_lock(run_dir):     # clean_logits switches the shared model to eval mode and back
+        pred = clean_logits(_model(run_dir, mtime), _data, batch_size=256).argmax(1)
     return pd.DataFrame({"index": range(len(_data)), "label": _data.labels.numpy(), "pred": pred.numpy(),
                          "class": [_data.classes[int(c)] for c in _data.labels]})
 
@@ -243,7 +244,7 @@ def predictions(run: runs.Run, data, split: str) -> pd.DataFrame:
 EXPLORER_STEPS = 10
 
 
-@st.cache_resource(max_entries=16)
+@st.cache_resource
 def model_lock(run_dir: str) -> threading.Lock:
     """One lock per cached model: the model is shared by every session, and an attack (train/eval flags) or
     Captum (hooks) changes it while it runs, so two sessions take turns."""
@@ -266,25 +267,30 @@ def _explanation(run_dir: str, mtime: int, key: str, _x, label, perturbation: tu
             _, name, severity, index = perturbation
             out = clean_and_corrupted(net, _x, name, severity, index=[index], methods=methods)
         else:
-            _, attack, norm, eps = perturbation
+            from dpaat_core.attacks import index_noise
+            _, attack, norm, eps, index = perturbation
             with torch.no_grad():
                 clean = net(_x).argmax(1)
             y = torch.tensor([label]) if label is not None else clean     # the attack fights the truth when known
+            # an image of a split starts from its own point, as in attribute's numbers and the gallery
+            noise = index_noise(_x.shape[1:], [index], norm) if index is not None and attack == "pgd" else None
             out = clean_and_adversarial(net, _x, y, eps, attack=attack, norm=norm, steps=EXPLORER_STEPS,
-                                        methods=methods)
+                                        methods=methods, noise=noise)
     return {"x_adv": out["x_adv"].numpy(), "prob_clean": out["prob_clean"][0].numpy(),
             "prob_adv": out["prob_adv"][0].numpy(),
             "maps": {m: (a[0, 0].numpy(), b[0, 0].numpy()) for m, (a, b) in out["maps"].items()}}
 
 
-def explanation(run: runs.Run, x, label, attack: str, norm: str, eps: float, methods) -> dict | None:
+def explanation(run: runs.Run, x, label, attack: str, norm: str, eps: float, methods,
+                index: int | None = None) -> dict | None:
     """The explorer's numbers for one image: the attacked image, both probability sets and each method's clean and
     perturbed maps (numpy), computed once per (run, image, attack, norm, eps, methods) and cached; None, with a
-    warning, when the run's weights cannot be loaded."""
+    warning, when the run's weights cannot be loaded. ``index``: the image's index in its split, whose seeded start
+    the attack then uses (the gallery's and ``attribute``'s maps); None (an upload): seed 0."""
     if model(run) is None:
         return None
     return _explanation(str(run.path), _mtime(run.path / "weights.safetensors"), image_key(x), x, label,
-                        ("attack", attack, norm, float(eps)), tuple(methods))
+                        ("attack", attack, norm, float(eps), None if index is None else int(index)), tuple(methods))
 
 
 def corrupted_explanation(run: runs.Run, x, index: int, corruption: str, severity: int, methods) -> dict | None:
@@ -343,8 +349,8 @@ GALLERY_NORM = "l2"
 def _image_numbers(run_dir: str, mtime: int, spec: str, split: str, method: str, eps: float, _data) -> pd.DataFrame:
     from dpaat_core.gallery import image_numbers
     net = _model(run_dir, mtime)
-    with model_lock(run_dir):
-        return image_numbers(net, _data, eps, method, norm=GALLERY_NORM, steps=EXPLORER_STEPS, batch_size=64)
+    return image_numbers(net, _data, eps, method, norm=GALLERY_NORM, steps=EXPLORER_STEPS, batch_size=64,
+                         around=lambda: model_lock(run_dir))
 
 
 def gallery_numbers(run: runs.Run, data, split: str, method: str) -> tuple[pd.DataFrame | None, str]:

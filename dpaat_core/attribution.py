@@ -228,7 +228,7 @@ def pointing_game(a, m):
 
 
 def attribution_report(model, dataset, eps, method="gradcam", attack="pgd", norm="l2", steps=10, n=64, batch_size=16,
-                       seed=0, device="cpu", progress=False, index=None, **options) -> pd.DataFrame:
+                       seed=0, device="cpu", progress=False, index=None, other_index=None, **options) -> pd.DataFrame:
     """Clean-vs-adversarial attribution metrics, one row per image: a seeded random draw of ``n`` items, or the
     items ``index`` (in that order) when given.
 
@@ -250,8 +250,9 @@ def attribution_report(model, dataset, eps, method="gradcam", attack="pgd", norm
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
     else:
         order = torch.as_tensor(list(index), dtype=torch.int64)
-    # Chance that allows for lesions sitting near the centre: each map scored on another image's mask.
-    others = order.roll(-1).split(batch_size)
+    # Chance that allows for lesions sitting near the centre: each map scored on another image's mask (the next in
+    # the order, or ``other_index``'s: a caller working through a long order piece by piece keeps the same pairs).
+    others = (order.roll(-1) if other_index is None else torch.as_tensor(list(other_index))).split(batch_size)
     shape = dataset.images.shape[1:]
     frames = []
     for idx, other in zip(tqdm(order.split(batch_size), disable=not progress, desc=f"{method} clean vs {attack}"),

@@ -115,6 +115,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ConfigError("--batch-size and --max-samples must be >= 1")
     if args.reference and not args.corruptions:
         raise ConfigError("--reference applies to --corruptions only")
+    if args.corruptions:
+        clash = [f for f, on in (("--protocol", args.protocol), ("--raw", args.raw), ("--eps-grid", args.eps_grid),
+                                 ("--steps", args.steps), ("--max-samples", args.max_samples)) if on]
+        if clash:   # a grid is always on the whole split, so that its cells stay comparable
+            raise ConfigError(f"{', '.join(clash)} do(es) not apply to --corruptions (an attack's settings; the "
+                              "corruption grid always covers the whole split)")
     device = resolve_device(args.device)
     config = runs.read_config(args.run_dir)
     model = loading.load_model(args.run_dir, device=device)
@@ -170,7 +176,7 @@ def _corruptions(args: argparse.Namespace, model, dataset, config: dict, device)
                            "(run evaluate --corruptions on it first)")
     grid = corruption_grid(model, dataset, args.corruptions, args.severities, batch_size=args.batch_size,
                            device=device, seed=args.seed, progress=True, amp=args.amp)
-    grid = grid.assign(split=args.split, data=data)
+    grid = grid.assign(split=args.split, data=data, seed=args.seed)
     path = _save_or_keep(lambda: runs.save_corruptions(args.run_dir, grid), grid, args.run_dir, "corruptions")
     clean = grid[grid.corruption == "clean"].accuracy.iloc[0]
     print(f"accuracy on {len(dataset)} {args.split} images of {data} under corruption (clean {clean:.4g})")

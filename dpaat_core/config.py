@@ -258,6 +258,9 @@ class RunConfig:
         new = {}
         for name, value in changes.items():
             if isinstance(value, dict):
+                if name == "method" and "name" in value:
+                    raise ConfigError("method.name: a method is a preset of several settings; change it with "
+                                      f"method=method_config({value['name']!r}, ...)")
                 known = {f.name for f in fields(_SECTIONS[name])}
                 bad = sorted(set(value) - known)
                 if bad:

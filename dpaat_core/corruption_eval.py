@@ -46,7 +46,9 @@ def corruption_grid(model: nn.Module, dataset: ImageDataset, names: Sequence[str
             pred[(CLEAN, 0)][index.numpy()] = model(x).argmax(1).cpu().numpy()
             bar.update(len(index))
             for n, s in cells:
-                pred[(n, s)][index.numpy()] = model(corrupt(x, n, s, seed, index)).argmax(1).cpu().numpy()
+                with torch.autocast(device.type, enabled=False):   # the corruption in float32, whatever amp says
+                    xc = corrupt(x, n, s, seed, index)
+                pred[(n, s)][index.numpy()] = model(xc).argmax(1).cpu().numpy()
                 bar.update(len(index))
     rows = []
     for (n, s), p in pred.items():
@@ -61,9 +63,12 @@ def corruption_error(grids: dict[str, pd.DataFrame], reference: Optional[str] = 
                      metric: str = "accuracy") -> pd.DataFrame:
     """One row per run: clean accuracy, mean accuracy over the corrupted cells, and mCE and relative mCE (in %)
     against ``reference`` (a key of ``grids``; default the first). Only the corruptions and severities every run
-    has are compared; mCE is NaN where the reference makes no error on a corruption."""
+    has are compared. mCE is NaN if the reference makes no error at all on a corruption (no ratio to take). The
+    relative mCE averages over the corruptions that lower the reference's accuracy (``relative_corruptions`` of
+    them): where the reference loses nothing, "relative to its loss" has no meaning."""
     if not grids:
-        return pd.DataFrame(columns=["run", "clean", "mean_corrupted", "mce", "relative_mce", "cells"])
+        return pd.DataFrame(columns=["run", "clean", "mean_corrupted", "mce", "relative_mce", "cells",
+                                     "relative_corruptions"])
     reference = reference if reference is not None else next(iter(grids))
     if reference not in grids:
         raise ValueError(f"reference run {reference!r} is not among {', '.join(grids)}")
@@ -73,12 +78,16 @@ def corruption_error(grids: dict[str, pd.DataFrame], reference: Optional[str] = 
     common_s = sorted(set.intersection(*(set(t.columns) for t in tables.values())))
     clean = {r: float(g.loc[g.corruption == CLEAN, metric].mean()) for r, g in grids.items()}
     ref_err = 1 - tables[reference].loc[common_c, common_s]
+    ref_total = ref_err.sum(axis=1)
+    ref_drop = (ref_err - (1 - clean[reference])).sum(axis=1)
+    dropping = ref_drop > 0      # relative CE is defined where the corruption costs the reference something
     rows = []
     for r, t in tables.items():
         err = 1 - t.loc[common_c, common_s]
-        ce = err.sum(axis=1) / ref_err.sum(axis=1).replace(0, np.nan)
-        rel = (err - (1 - clean[r])).sum(axis=1) / (ref_err - (1 - clean[reference])).sum(axis=1).replace(0, np.nan)
+        ce = err.sum(axis=1) / ref_total.where(ref_total > 0)
+        rel = (err - (1 - clean[r])).sum(axis=1)[dropping] / ref_drop[dropping]
         rows.append({"run": r, "clean": clean[r], "mean_corrupted": float(t.loc[common_c, common_s].values.mean()),
-                     "mce": float(100 * ce.mean()), "relative_mce": float(100 * rel.mean()),
-                     "cells": len(common_c) * len(common_s)})
+                     "mce": float(100 * ce.mean(skipna=False)), "relative_mce": float(100 * rel.mean()) if
+                     dropping.any() else float("nan"), "cells": len(common_c) * len(common_s),
+                     "relative_corruptions": int(dropping.sum())})
     return pd.DataFrame(rows)

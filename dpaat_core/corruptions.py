@@ -70,25 +70,27 @@ def _jpeg(x, quality, scale, gens):
 
 
 def _gaussian_noise(x, c, scale, gens):
-    noise = _per_image(x, gens, lambda g: torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype))
+    noise = _per_image(x, gens, lambda g: torch.randn(x.shape[1:], generator=g)).to(x.device, x.dtype)
     return (x + c * noise).clamp_(0, 1)
 
 
 def _speckle_noise(x, c, scale, gens):
-    noise = _per_image(x, gens, lambda g: torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype))
+    noise = _per_image(x, gens, lambda g: torch.randn(x.shape[1:], generator=g)).to(x.device, x.dtype)
     return (x + x * c * noise).clamp_(0, 1)
 
 
 def _impulse_noise(x, amount, scale, gens):
     """Salt and pepper as scikit-image's ``random_noise(mode="s&p")``: each value flips with probability
     ``amount``, to 1 or 0 with equal odds."""
-    u = _per_image(x, gens, lambda g: torch.rand((2, *x.shape[1:]), generator=g, device=x.device, dtype=x.dtype))
+    u = _per_image(x, gens, lambda g: torch.rand((2, *x.shape[1:]), generator=g)).to(x.device, x.dtype)
     flipped, salt = u[:, 0] <= amount, u[:, 1] <= 0.5
     return torch.where(flipped, salt.to(x.dtype), x)
 
 
 def _shot_noise(x, photons, scale, gens):
-    counts = torch.stack([torch.poisson(xi * photons, generator=g) for xi, g in zip(x, gens)]) if gens else x
+    rates = x.float().cpu() * photons
+    counts = torch.stack([torch.poisson(r, generator=g) for r, g in zip(rates, gens)]).to(x.device, x.dtype) \
+        if gens else x
     return (counts / photons).clamp_(0, 1)
 
 
@@ -120,7 +122,7 @@ def _motion_blur(x, radius_sigma, scale, gens):
     as MedMNIST-C does; kornia's kernel is uniform along the line (ImageMagick weights it by a Gaussian of
     ``sigma``, here dropped: at the lengths these images get, 3 to 7 px, the two differ little)."""
     import kornia
-    angle = _per_image(x, gens, lambda g: torch.rand((), generator=g, device=x.device)).float() * 90 - 45
+    angle = _per_image(x, gens, lambda g: torch.rand((), generator=g)).float() * 90 - 45
     k = _motion_length(radius_sigma[0], scale)
     return kornia.filters.motion_blur(x, k, angle.to(x.device), torch.zeros_like(angle), border_type="reflect",
                                       mode="bilinear").clamp_(0, 1)
@@ -172,7 +174,7 @@ def _characters(x, words_letters_size, scale, gens):
     k = ref / REFERENCE_SIZE
     alphas, colours = [], []
     for g in gens:
-        rng = np.random.default_rng(int(torch.randint(0, 2**62, (), generator=g, device=g.device)))
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (), generator=g)))
         mask = Image.new("L", (ref, ref))
         colour = Image.new("RGB", (ref, ref))
         draw_mask, draw_colour = ImageDraw.Draw(mask), ImageDraw.Draw(colour)
@@ -277,7 +279,8 @@ def corrupt(x: torch.Tensor, name: str, severity: int, seed: int = 0,
     index = range(x.shape[0]) if index is None else [int(i) for i in index]
     if len(index) != x.shape[0]:
         raise ValueError(f"index has {len(index)} entries for {x.shape[0]} images")
-    gens = [torch.Generator(device=x.device).manual_seed(seed_of(seed, i, name, severity)) for i in index]
+    # CPU generators on every device: CUDA's would draw other numbers from the same seed
+    gens = [torch.Generator().manual_seed(seed_of(seed, i, name, severity)) for i in index]
     scale = min(x.shape[-2:]) / REFERENCE_SIZE
     with torch.no_grad():
         return c.apply(x.detach().float().clamp(0, 1), c.params[severity - 1], scale, gens).to(x.dtype)

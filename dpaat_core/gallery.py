@@ -29,10 +29,20 @@ SORTS = {
 
 
 def image_numbers(model, dataset, eps: float, method: str = "gradcam", norm: str = "l2", steps: int = 10,
-                  batch_size: int = 64, seed: int = 0, device="cpu", progress: bool = False) -> pd.DataFrame:
-    """Every image's row of :func:`attribution_report`, in index order."""
-    return attribution_report(model, dataset, eps, method, norm=norm, steps=steps, batch_size=batch_size, seed=seed,
-                              device=device, progress=progress, index=range(len(dataset)))
+                  batch_size: int = 64, seed: int = 0, device="cpu", progress: bool = False,
+                  around=None) -> pd.DataFrame:
+    """Every image's row of :func:`attribution_report`, in index order (as ``attribute --n all`` saves them).
+    ``around``: a context manager factory entered for each batch (the dashboard's lock on its shared model, so
+    other sessions take turns between batches rather than wait for the whole split)."""
+    import contextlib
+    n = len(dataset)
+    frames = []
+    for chunk in torch.arange(n).split(batch_size):
+        with (around() if around is not None else contextlib.nullcontext()):
+            frames.append(attribution_report(model, dataset, eps, method, norm=norm, steps=steps,
+                                             batch_size=batch_size, seed=seed, device=device, index=chunk.tolist(),
+                                             other_index=((chunk + 1) % n).tolist()))
+    return pd.concat(frames, ignore_index=True)
 
 
 def order(table: pd.DataFrame, sort: str) -> pd.DataFrame:

@@ -43,6 +43,12 @@ def test_replace_makes_a_validated_copy_and_leaves_the_original():
         cfg.replace(data={"image_size": 8}, attack={"eps": 20.0})
 
 
+def test_a_method_is_changed_through_its_preset_not_by_name_alone():
+    with pytest.raises(ConfigError, match=r"method\.name: .*method_config\('erm'"):
+        RunConfig().replace(method={"name": "erm"})
+    assert RunConfig().replace(method=method_config("erm")).method.adaptive is False
+
+
 def test_a_section_of_the_wrong_kind_is_refused():
     with pytest.raises(ConfigError, match="train: expected a TrainConfig, got dict"):
         RunConfig(train={"epochs": 3})

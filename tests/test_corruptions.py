@@ -140,8 +140,9 @@ def test_blurs_scale_their_pixel_sizes_with_the_image_and_say_so():
 def test_grey_images_are_corrupted_too():
     x = _images(n=2, size=32)[:, :1]
     for name in C.NAMES:
-        out = C.corrupt(x, name, 3)
+        out = C.corrupt(x, name, 3 if name != "characters" else 5)
         assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1, name
+        assert (out - x).abs().max() > 0, name
 
 
 @pytest.mark.parametrize("name, severity, message", [
@@ -207,6 +208,13 @@ def test_corruption_error_is_100_for_the_reference_and_scales_with_errors():
     assert table.loc["half", "mean_corrupted"] == pytest.approx(1 - 0.2)
     with pytest.raises(ValueError, match="reference run 'x'"):
         corruption_error({"ref": ref}, "x")
+    # a reference that makes no error on a corruption leaves no ratio: mCE is NaN, not a mean over the rest
+    perfect = grid(0.9, {("a", 1): 0.0, ("a", 2): 0.0, ("b", 1): 0.5, ("b", 2): 0.5})
+    table = corruption_error({"ref": perfect, "half": half}).set_index("run")
+    assert np.isnan(table.loc["half", "mce"])
+    # relative mCE averages over the corruptions that cost the reference something (here b only)
+    assert table.loc["half", "relative_corruptions"] == 1
+    assert table.loc["half", "relative_mce"] == pytest.approx(100 * (0.5 - 0.1) / (1.0 - 0.2))
 
 
 def _tiny_run(store):
@@ -245,7 +253,8 @@ def test_evaluate_corruptions_merges_into_its_own_file_and_leaves_the_curves(tmp
 @pytest.mark.parametrize("flags, message", [
     (["--corruptions", "fog"], "unknown corruption 'fog'; known: pixelate"),
     (["--corruptions", "pixelate", "--severities", "0,6"], "severity must be an integer from 1 to 5"),
-    (["--reference", "x"], "--reference applies to --corruptions only")])
+    (["--reference", "x"], "--reference applies to --corruptions only"),
+    (["--corruptions", "pixelate", "--max-samples", "8", "--protocol"], "--protocol, --max-samples do(es) not apply")])
 def test_a_bad_corruption_flag_is_one_line_and_writes_nothing(tmp_path, flags, message):
     run = _tiny_run(tmp_path)
     proc = _cli("evaluate", str(run), *flags)

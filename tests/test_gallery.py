@@ -27,6 +27,9 @@ def test_every_image_has_its_row_and_a_page_redraws_its_maps(setting):
     rows = table.set_index("index").loc[page]
     np.testing.assert_allclose(spearman(maps["map_clean"], maps["map_adv"]), rows["spearman"], atol=1e-5)
     np.testing.assert_allclose(energy_in_mask(maps["map_clean"], data.masks[page]), rows["energy_clean"], atol=1e-5)
+    np.testing.assert_allclose(energy_in_mask(maps["map_adv"], data.masks[page]), rows["energy_adv"], atol=1e-5)
+    whole = gallery.image_numbers(model, data, 0.3, "gradcam", steps=2, batch_size=7)   # other batches, same rows
+    np.testing.assert_allclose(whole["energy_other_mask"], table["energy_other_mask"], atol=1e-6)
     assert maps["x"].shape == (4, 3, 16, 16) and maps["map_clean"].shape == (4, 16, 16)
 
 

@@ -100,7 +100,7 @@ compare = st.selectbox("Compare with another run (same classes)", ["none", *cand
 def explain(r) -> None:
     """Clean, perturbed and perturbation images, probabilities and maps with agreement, for run ``r``."""
     out = (corrupted_explanation(r, x, image_index, corruption, severity, methods) if kind == "natural corruption"
-           else explanation(r, x, label, attack, norm, eps, methods))   # one perturbation, every map: cached
+           else explanation(r, x, label, attack, norm, eps, methods, image_index if source != SOURCES[2] else None))
     if out is None:
         return
     x_adv = torch.from_numpy(out["x_adv"])
