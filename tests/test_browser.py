@@ -176,7 +176,7 @@ def test_the_shipped_demo_runs_in_the_browser(tmp_path, shared_data):
     shutil.copytree(ROOT / "checkpoints", store)
     proc, url = _serve(store)
     try:
-        _report("the demo runs", _walk(url, tmp_path / "shots"))
+        _report("the demo runs", _walk(url, Path(os.environ.get("DPAAT_SCREENSHOTS") or tmp_path / "shots")))
     finally:
         proc.terminate()
         proc.wait(timeout=20)

@@ -106,10 +106,12 @@ def test_robustness_page_computes_saves_and_draws_curves(store, monkeypatch):
     at = _page(store, monkeypatch, "robustness")
     at.multiselect[0].set_value(["small-dpaat"]).run()
     assert at.title[0].value == "Robustness"
-    attacks, corrupted = at.tabs
-    assert [t.label for t in at.tabs] == ["Adversarial attacks", "Natural corruptions"]
-    assert [m.label for m in attacks.metric] == ["clean accuracy", "robust accuracy", "per-pixel RMS"]
-    assert [m.label for m in corrupted.metric] == ["clean accuracy", "accuracy under the corruption"]
+    view = at.radio(key="robustness-view")
+    assert view.options == ["Adversarial attacks", "Natural corruptions"]
+    assert [m.label for m in at.metric] == ["clean accuracy", "robust accuracy", "per-pixel RMS"]
+    view.set_value("Natural corruptions").run()               # only the view on show runs
+    assert [m.label for m in at.metric] == ["clean accuracy", "accuracy under the corruption"]
+    at.radio(key="robustness-view").set_value("Adversarial attacks").run()
     import os
     import time
 
@@ -129,10 +131,10 @@ def test_robustness_page_computes_saves_and_draws_curves(store, monkeypatch):
     saved = runs.read_robustness(store / "small-dpaat")
     assert len(saved) == 8 and (saved.attack == "pgd").all()
     assert "wrote" in (store / ".logs" / "small-dpaat.evaluate.log").read_text()
-    assert len(at.tabs[0].get("plotly_chart")) == 1 and not [b for b in at.button if "Compute the PGD" in b.label]
+    assert len(at.get("plotly_chart")) == 1 and not [b for b in at.button if "Compute the PGD" in b.label]
     at.slider[0].set_value(0.0).run()                        # eps 0: nothing changes
-    assert at.tabs[0].metric[1].value == at.tabs[0].metric[0].value
-    assert len(at.tabs[0].get("image")) == 12                 # 4 clean, 4 perturbed, 4 perturbations
+    assert at.metric[1].value == at.metric[0].value
+    assert len(at.get("image")) == 12                         # 4 clean, 4 perturbed, 4 perturbations
 
 
 def test_attribution_explorer_explains_a_test_image_and_compares_runs(store, monkeypatch):
@@ -284,6 +286,9 @@ def test_viewer_mode_offers_nothing_that_reads_a_path_starts_a_process_or_writes
         assert not at.text_input and not at.get("form"), page                             # no path box, no form
         assert {b.label for b in at.button} <= {"Open in the explorer"}, page              # only moves between pages
         assert not at.get("download_button") or page == "runs", page
+    at.switch_page("views/robustness.py").run()
+    at.radio(key="robustness-view").set_value("Natural corruptions").run()            # the other view too
+    assert not at.exception and at.metric and not at.button
     at.switch_page("views/attribution.py").run()
     at.radio[0].set_value("Upload a JPEG or PNG").run()
     assert not at.exception and at.get("file_uploader")                                    # uploads stay, in memory
@@ -359,6 +364,7 @@ def test_robustness_page_computes_and_compares_corruption_grids(store, tmp_path,
     assert main(["evaluate", str(own / "small-pgd"), "--corruptions", "all", "--severities", "1,5"]) == 0
     at = _page(own, monkeypatch, "robustness")
     at.multiselect[0].set_value(["small-dpaat", "small-pgd"]).run()
+    at.radio(key="robustness-view").set_value("Natural corruptions").run()
     button = next(b for b in at.button if "Compute the corruption grid of small-dpaat" in b.label)
     assert not [b for b in at.button if "corruption grid of small-pgd" in b.label]     # it has one
     button.click().run()
@@ -370,7 +376,7 @@ def test_robustness_page_computes_and_compares_corruption_grids(store, tmp_path,
         time.sleep(0.5)
     at.run()
     assert not at.exception and len(runs.read_corruptions(own / "small-dpaat")) == 1 + 15 * 5
-    tab = at.tabs[1]
+    tab = at
     assert len(tab.get("plotly_chart")) == 2                 # the heat map of one run, the comparison of both
     table = tab.dataframe[0].value                           # corruption error over the cells both runs have
     assert list(table.index) == ["small-dpaat", "small-pgd"] and table.loc["small-dpaat", "mce"] == 100
@@ -380,7 +386,7 @@ def test_robustness_page_computes_and_compares_corruption_grids(store, tmp_path,
     assert table.loc["small-pgd", "mce"] == pytest.approx(expected.set_index("run").loc["small-pgd", "mce"], abs=1e-3)
     live = next(s for s in tab.selectbox if s.label == "Corruption")
     live.set_value("black_corner").run()
-    tab = at.tabs[1]
+    tab = at
     assert any("field-of-view radius" in c.value for c in tab.caption)
     assert len(tab.get("image")) == 8                         # 4 clean and 4 corrupted, each with its prediction
 

@@ -23,8 +23,10 @@ curves = pd.concat([robustness(r) for r in selected], ignore_index=True)
 missing = [r for r in selected if not len(curves) or r.run_id not in set(curves.get("run", []))]
 
 
-attacks_tab, corruptions_tab = st.tabs(["Adversarial attacks", "Natural corruptions"])
-with attacks_tab:
+# only the view on show runs (the other's live attack or corruption waits until it is picked)
+VIEWS = ("Adversarial attacks", "Natural corruptions")
+view = st.radio("View", VIEWS, horizontal=True, key="robustness-view", label_visibility="collapsed")
+if view == VIEWS[0]:
     if not viewer_mode():   # computing a curve starts a process that writes the store: not in viewer mode
         waiting = {r.run_id: r.path for r in missing if launch.evaluating(r.path) is not None}
         for run in missing:
@@ -67,5 +69,5 @@ with attacks_tab:
             cols = st.columns(len(x))
             for col, img in zip(cols, images):
                 col.image(img.permute(1, 2, 0).numpy(), width="stretch", clamp=True)
-with corruptions_tab:
+else:
     corruption_panel.show(selected)
