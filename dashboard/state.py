@@ -207,11 +207,16 @@ def evaluation_progress(waiting: dict) -> None:
         st.rerun()
 
 
+def unreadable(what: str, exc: BaseException) -> None:
+    """Warn that ``what`` cannot be read: with the reason, or in viewer mode without it (it names server paths)."""
+    st.warning(f"{what} cannot be read" + ("." if viewer_mode() else f": {exc}"))
+
+
 def _table(run: runs.Run, read) -> pd.DataFrame:
     try:
         return read(run.path).assign(run=run.run_id)
     except runs.RunError as exc:
-        st.warning(str(exc))
+        unreadable(f"{run.run_id}: a saved table", exc)
         return pd.DataFrame()
 
 
@@ -364,7 +369,7 @@ def gallery_numbers(run: runs.Run, data, split: str, method: str) -> tuple[pd.Da
     try:
         saved = runs.read_attribution_images(run.path)
     except runs.RunError as exc:
-        st.warning(str(exc))
+        unreadable(f"{run.run_id}: attribution_images.csv", exc)
         saved = pd.DataFrame()
     if len(saved):
         mine = saved[(saved["method"] == method) & (saved["split"] == split) & (saved["data"] == data.source.spec)

@@ -447,3 +447,22 @@ def test_gallery_compares_two_runs_on_the_same_images(store, monkeypatch):
     show = next(r for r in at.radio if r.label == "Show")
     show.set_value("only small-pgd on the lesion").run()
     assert not at.exception
+
+
+def test_viewer_mode_says_a_table_is_unreadable_without_naming_server_paths(store, tmp_path, monkeypatch):
+    import shutil
+    own = tmp_path / "store"
+    shutil.copytree(store, own, ignore=shutil.ignore_patterns("broken", "empty"))
+    (own / "small-dpaat" / "robustness.csv").write_text("not,a\nrobustness,table\n")
+    (own / "small-dpaat" / "attribution.csv").write_text("oops\n")
+    for viewer in ("1", ""):
+        monkeypatch.setenv("DPAAT_VIEWER", viewer)
+        at = _page(own, monkeypatch, "robustness")
+        at.multiselect[0].set_value(["small-dpaat"]).run()
+        said = " ".join(w.value for w in at.warning)
+        assert "small-dpaat: a saved table cannot be read" in said
+        assert (str(own) in said) == (viewer == ""), said          # the path only outside viewer mode
+        at.switch_page("views/attribution.py").run()
+        at.selectbox(key="run_picker_one").set_value("small-dpaat").run()
+        said = " ".join(w.value for w in at.warning)
+        assert "attribution numbers cannot be read" in said and (str(own) in said) == (viewer == ""), said

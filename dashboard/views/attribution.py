@@ -4,7 +4,7 @@ import torch
 
 from dashboard import charts
 from dashboard.state import (EXPLORER_STEPS, corrupted_explanation, data_spec_input, dynamics, explanation, list_runs,
-                             model, predictions, run_data, run_picker)
+                             model, predictions, run_data, run_picker, unreadable)
 from dpaat_core import runs
 from dpaat_core.attacks import ATTACKS
 from dpaat_core.corruptions import NAMES, SEVERITIES, describe
@@ -132,7 +132,7 @@ if compare != "none":
 try:
     summary = runs.read_attribution(run.path)
 except runs.RunError as exc:
-    st.warning(f"The run's attribution numbers cannot be read: {exc}")
+    unreadable("The run's attribution numbers", exc)
 else:
     if len(summary):
         with st.expander(f"{run.run_id} across the test split (`attribution.csv`)", expanded=False):

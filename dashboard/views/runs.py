@@ -2,7 +2,7 @@
 import streamlit as st
 
 from dashboard import charts
-from dashboard.state import list_runs, run_picker, store
+from dashboard.state import list_runs, run_picker, store, unreadable
 from dpaat_core import reproduction, runs
 
 st.title("Runs")
@@ -28,7 +28,7 @@ if study_file.is_file():
     try:
         results = reproduction.read_results(study_file)
     except runs.RunError as exc:
-        st.warning(f"The study table cannot be read: {exc}")
+        unreadable("The study table", exc)
     else:
         study = st.selectbox("Study", list(dict.fromkeys(results["study"])))
         summary = reproduction.summarize(results[results["study"] == study])
