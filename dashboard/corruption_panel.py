@@ -40,7 +40,10 @@ def _saved_grids(selected: list[runs.Run]) -> pd.DataFrame:
         st.info("No run picked has a corruption grid yet (`python -m dpaat_core evaluate RUN --corruptions all`).")
         return frame
     data = frame.groupby("run")["data"].agg(lambda d: d.mode().iloc[0])   # each run's most common data: one grid each
-    return frame[frame["data"] == frame["run"].map(data)]
+    frame = frame[frame["data"] == frame["run"].map(data)]
+    rank = {name: k for k, name in enumerate(("clean", *NAMES))}                # MedMNIST-C's order, family by family
+    return frame.sort_values(["corruption", "severity"], key=lambda c: c.map(rank) if c.name == "corruption" else c,
+                             kind="stable")
 
 
 def show(selected: list[runs.Run]) -> None:

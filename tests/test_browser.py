@@ -204,6 +204,44 @@ def test_a_gallery_tile_opens_its_image_in_the_explorer(dashboard):
     assert chosen >= 1, first
 
 
+def test_the_corruption_view_of_the_demo_runs(tmp_path, shared_data):
+    """The Robustness page's natural-corruption view over the shipped demo runs: the heat map of the saved grid,
+    the live view with its metrics and images, no error."""
+    import shutil
+    _need_browser()
+    store = tmp_path / "checkpoints"
+    shutil.copytree(ROOT / "checkpoints", store)
+    proc, url = _serve(store)
+    try:
+        from playwright.sync_api import sync_playwright
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1600})
+            page.goto(url)
+            _settled(page, "DPAAT Lab")
+            page.get_by_role("link", name="Robustness", exact=True).first.click()
+            _settled(page, "Robustness")
+            start = time.perf_counter()
+            page.get_by_text("Natural corruptions", exact=True).first.click()
+            page.get_by_text("correctly classified images changed prediction", exact=False).first.wait_for(timeout=60_000)
+            _settled(page, "Robustness")
+            page.wait_for_function("() => document.querySelectorAll('[data-testid=\"stImage\"]').length == 8",
+                                   timeout=30_000)   # the attack view's images are gone once the run has ended
+            seconds = time.perf_counter() - start
+            assert page.locator('[data-testid="stException"]').count() == 0
+            assert page.locator('[data-testid="stAlertContentError"]').count() == 0
+            heat = page.locator('[data-testid="stPlotlyChart"]').first
+            assert "accuracy under natural corruptions" in heat.inner_text()
+            assert page.locator('[data-testid="stMetric"]').count() == 2
+            assert page.locator('[data-testid="stImage"]').count() == 8
+            page.screenshot(path=str(Path(os.environ.get("DPAAT_SCREENSHOTS") or tmp_path) / "3b-corruptions.png"))
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    print(f"latency (s), the corruption view of a demo run: {seconds:.2f}")
+
+
 def _rank_agreements(page) -> list[str]:
     return [m.inner_text().split("\n")[-1] for m in page.locator('[data-testid="stMetric"]').all()
             if "rank agreement" in m.inner_text()]
