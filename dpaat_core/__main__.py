@@ -13,6 +13,7 @@ import sys
 import warnings
 
 from .cli_attribute import add_attribute_parser
+from .cli_import import add_import_parser
 from .cli_evaluate import add_evaluate_parser
 from .cli_train import add_runs_parser, add_train_parser
 from .config import ConfigError
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_evaluate_parser(sub)
     add_attribute_parser(sub)
+    add_import_parser(sub)
     add_runs_parser(sub)
     return parser
 

@@ -17,8 +17,12 @@ def load_model(run_dir, device="cpu", weights: str = "best") -> torch.nn.Module:
     config = read_config(run_dir)
     name, num_classes = config["model"].get("name"), config["dataset"].get("num_classes")
     try:
-        model = build_model(name, num_classes, config["dataset"].get("in_channels", 3), pretrained=False)
-    except (ValueError, KeyError, TypeError) as exc:
+        if config.get("origin") == "imported":     # any torchvision/timm architecture, its own normalisation
+            from .importing import build_from_config
+            model = build_from_config(config)
+        else:
+            model = build_model(name, num_classes, config["dataset"].get("in_channels", 3), pretrained=False)
+    except (ValueError, KeyError, TypeError, RunError) as exc:
         raise RunError(f"{run_dir / 'config.json'}: cannot build the model ({exc})") from None
     if weights not in ("best", "last"):
         raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")

@@ -37,15 +37,23 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-class Classifier(nn.Module):
-    """``normalize`` then ``backbone``; ``arch``, ``num_classes`` and ``in_channels`` describe it."""
+def default_normalization(in_channels: int) -> tuple[tuple, tuple]:
+    """ImageNet's mean and std for RGB; their grey-level means for one channel."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if in_channels == 3 else ((0.449,) * in_channels, (0.226,) * in_channels)
 
-    def __init__(self, arch: str, backbone: nn.Module, num_classes: int, in_channels: int):
+
+class Classifier(nn.Module):
+    """``normalize`` then ``backbone``; ``arch``, ``num_classes`` and ``in_channels`` describe it. ``mean``/``std``
+    default to :func:`default_normalization`; ``gradcam`` is the dotted path (under the classifier) of the layer
+    Grad-CAM uses when the architecture is not one of :data:`ARCHS` (None: it has none)."""
+
+    def __init__(self, arch: str, backbone: nn.Module, num_classes: int, in_channels: int, mean=None, std=None,
+                 gradcam: Optional[str] = None):
         super().__init__()
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_channels == 3 else ((0.449,) * in_channels, (0.226,) * in_channels)
-        self.normalize = Normalize(mean, std)
+        default_mean, default_std = default_normalization(in_channels)
+        self.normalize = Normalize(default_mean if mean is None else mean, default_std if std is None else std)
         self.backbone = backbone
-        self.arch, self.num_classes, self.in_channels = arch, num_classes, in_channels
+        self.arch, self.num_classes, self.in_channels, self.gradcam = arch, num_classes, in_channels, gradcam
 
     def forward(self, x):
         return self.backbone(self.normalize(x))
@@ -175,13 +183,23 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, pretrained: b
     return Classifier(name, backbone, num_classes, in_channels)
 
 
+class NoGradCamLayer(TypeError):
+    """The architecture has no 4-D feature map before its pooling (a vision transformer): Grad-CAM does not apply."""
+
+
 def gradcam_layer(model: nn.Module) -> nn.Module:
-    """The layer Grad-CAM should use: the last convolutional stage of the backbone."""
+    """The layer Grad-CAM should use: the last convolutional stage of the backbone (for an imported architecture,
+    the layer :func:`dpaat_core.importing.find_gradcam_layer` found or the user named)."""
     model = getattr(model, "module", model)  # DDP / DataParallel
     model = getattr(model, "_orig_mod", model)  # torch.compile
     if not isinstance(model, Classifier):
         raise TypeError(f"gradcam_layer needs a model from build_model, got {type(model).__name__}")
-    return model.backbone.get_submodule(ARCHS[model.arch].gradcam)
+    if model.arch in ARCHS and model.gradcam is None:
+        return model.backbone.get_submodule(ARCHS[model.arch].gradcam)
+    if model.gradcam is None:
+        raise NoGradCamLayer(f"{model.arch} has no 4-D feature map before its pooling (a vision transformer's tokens): "
+                             "Grad-CAM does not apply; saliency, integrated gradients and occlusion do")
+    return model.get_submodule(model.gradcam)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,4 +1,6 @@
 """Training dynamics: ΔL per epoch with its threshold, the fragile/stable split and how samples move."""
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
@@ -14,6 +16,11 @@ if not picked:
     st.stop()
 run = picked[0]
 epochs = runs.dynamics_epochs(run.path)
+if (run.config or {}).get("origin") == "imported":
+    source = (run.config.get("source") or {}).get("file", "a weights file")
+    st.info(f"{run.run_id} was imported from {Path(source).name}: it has no training history here. Its robustness, "
+            "corruptions and attribution maps are on the other pages.")
+    st.stop()
 if not epochs:
     st.info(f"{run.run_id} has no completed epoch yet.")
     st.stop()
