@@ -37,6 +37,8 @@ def add_train_parser(sub) -> None:
     run.add_argument("--image-size", type=int, help="square input size in pixels (default 64)")
     run.add_argument("--max-samples", type=int, help="keep at most N images of each split (a seeded draw, for quick runs)")
     run.add_argument("--root", help="folder of medmnist: files (default $DPAAT_DATA_ROOT, else ./data)")
+    run.add_argument("--init-from", metavar="RUN", help="start from this run's weights (imported or trained here): "
+                                                        "same architecture and classes; --model defaults to its")
     run.add_argument("--pretrained", action="store_const", const=True,
                      help="start from ImageNet weights in torchvision's local cache (fails if they are not there)")
     atk = t.add_argument_group("training attack (PGD with a random start)")
@@ -112,7 +114,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     """A validated :class:`RunConfig` from ``train`` flags: ``--config FILE`` (or the defaults) with every flag
     given beside it on top."""
     if args.config is None:
-        missing = [f"--{n}" for n in ("data", "model", "method", "epochs") if getattr(args, n) is None]
+        missing = [f"--{n}" for n in ("data", "model", "method", "epochs") if getattr(args, n) is None
+                   and not (n == "model" and args.init_from is not None)]
         if missing:
             raise ConfigError(f"train needs {', '.join(missing)} (or --config FILE, or --resume RUN_DIR)")
     cfg = read_config_file(args.config) if args.config is not None else RunConfig()
@@ -128,6 +131,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         changes["data"]["spec"] = args.data
     if given("model"):
         changes["model"]["name"] = args.model
+    if given("init_from"):
+        from .runs import read_config
+        changes["model"]["init_from"] = args.init_from
+        if not given("model"):
+            changes["model"]["name"] = read_config(args.init_from)["model"]["name"]
     flags = {n: getattr(args, n) for n in _METHOD_FLAGS if given(n)}
     if given("method"):                      # a method named on the command line starts from its own preset
         changes["method"] = method_config(args.method, **flags)

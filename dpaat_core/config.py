@@ -115,9 +115,22 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     name: str = "resnet8"
     pretrained: bool = False
+    # a run folder whose weights the run starts from (same architecture and classes): any run of the store,
+    # imported or trained here. Its architecture may then be any torchvision/timm classifier, built with the
+    # source's normalisation and Grad-CAM layer (recorded here by the trainer).
+    init_from: Optional[str] = None
+    normalization: Optional[dict] = None
+    gradcam_layer: Optional[str] = None
 
     def check(self):
-        _choice("model", "name", self.name, MODEL_NAMES)
+        if self.init_from is None and self.normalization is None:
+            _choice("model", "name", self.name, MODEL_NAMES)
+        elif not isinstance(self.name, str) or not self.name.strip():
+            _fail("model", "name", self.name, "an architecture's name")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            _fail("model", "init_from", self.init_from, "a run folder")
+        if self.init_from is not None and self.pretrained:
+            raise ConfigError("model: pretrained and init_from both set; a run starts from one set of weights")
 
 
 @dataclass(frozen=True)

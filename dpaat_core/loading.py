@@ -17,7 +17,8 @@ def load_model(run_dir, device="cpu", weights: str = "best") -> torch.nn.Module:
     config = read_config(run_dir)
     name, num_classes = config["model"].get("name"), config["dataset"].get("num_classes")
     try:
-        if config.get("origin") == "imported":     # any torchvision/timm architecture, its own normalisation
+        if config.get("origin") == "imported" or config["model"].get("normalization"):   # any torchvision/timm
+            # architecture with its own normalisation: imported, or trained from an imported run
             from .importing import build_from_config
             model = build_from_config(config)
         else:

@@ -15,7 +15,7 @@ import os
 import platform
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
 from . import __version__, distributed, locks, runs
-from .config import RunConfig
+from .config import ConfigError, ModelConfig, RunConfig
 from .data import ImageDataset, load_dataset
 from .models import build_model
 from .objectives import MethodState, training_step
@@ -175,6 +175,40 @@ class Stopped(Exception):
     """The run was stopped on request (``should_stop`` said so); its completed epochs are kept."""
 
 
+def init_source(config: RunConfig, train_set: ImageDataset) -> tuple[RunConfig, dict]:
+    """For ``model.init_from``: the source run's weights, checked against this run's data and architecture, and
+    the config with the source's architecture, normalisation and Grad-CAM layer filled in. A mismatch is a
+    :class:`ConfigError` naming both sides."""
+    import hashlib
+
+    from . import loading
+    source = Path(config.model.init_from)
+    if not (source / "weights.safetensors").is_file():
+        raise ConfigError(f"model.init_from: {source} is not a run with weights (no weights.safetensors)")
+    raw = runs.read_config(source)
+    theirs = raw.get("dataset") or {}
+    if list(theirs.get("classes") or []) != list(train_set.classes) or theirs.get("in_channels") != \
+            train_set.in_channels:
+        raise ConfigError(f"model.init_from: {source.name} predicts {', '.join(map(str, theirs.get('classes') or []))} "
+                          f"from {theirs.get('in_channels')} channel(s); this data has "
+                          f"{', '.join(map(str, train_set.classes))} from {train_set.in_channels}")
+    arch = raw["model"]["name"]
+    if config.model.name not in (arch, ModelConfig.name):     # the default name stands for "the source's"
+        raise ConfigError(f"model.init_from: {source.name} is a {arch}, the config asks for {config.model.name}")
+    model = loading.load_model(source)
+    from .models import ARCHS
+    imported_like = raw.get("origin") == "imported" or raw["model"].get("normalization") or arch not in ARCHS
+    changes = {"name": arch, "pretrained": False}
+    if imported_like:
+        changes |= {"normalization": {k: [float(f"{v:.7g}") for v in getattr(model.normalize, k).flatten().tolist()]
+                                      for k in ("mean", "std")},
+                    "gradcam_layer": model.gradcam}
+    weights = source / "weights.safetensors"
+    record = {"run": str(source), "run_id": raw.get("run_id", source.name), "origin": raw.get("origin", "trained"),
+              "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    return config.replace(model=changes), {"state": model.state_dict(), "record": record}
+
+
 def train(config: RunConfig, store: str | Path = "checkpoints", run_id: Optional[str] = None,
           progress: Optional[ProgressFn] = None, should_stop: Optional[Callable[[], bool]] = None) -> Path:
     """Train a new run described by ``config`` into ``store/run_id``; returns the run folder.
@@ -255,6 +289,9 @@ def _train_loop(config, device, world, progress, should_stop, store, run_id, run
                 seed=tc.seed, progress=world.is_main)
     train_set, val_set = load_dataset(config.data.spec, "train", **load), load_dataset(config.data.spec, "val", **load)
 
+    init = None
+    if config.model.init_from is not None and run_dir is None:   # checked before the run folder is made
+        config, init = init_source(config, train_set)
     resume_state = None
     if run_dir is not None:
         resume_state = _load_resume(run_dir, train_set)
@@ -262,13 +299,24 @@ def _train_loop(config, device, world, progress, should_stop, store, run_id, run
             runs.remove_temp_files(run_dir)
     elif world.is_main:
         cfg = config.to_dict() | {"format": 1, "dataset": _dataset_info(train_set, val_set),
-                                  "versions": _versions(device, world)}
+                                  "versions": _versions(device, world)} | ({"init": init["record"]} if init else {})
         run_dir = runs.create_run(store, cfg, run_id or runs.default_run_id(cfg))
         held.append(locks.WriterLock(run_dir))
     run_dir = Path(_broadcast(str(run_dir) if run_dir is not None else None, world))
 
     torch.manual_seed(tc.seed)
-    bare = build_model(config.model.name, train_set.num_classes, train_set.in_channels, config.model.pretrained).to(device)
+    if config.model.normalization is not None:   # started from another run's architecture and normalisation
+        from .importing import build_from_config
+        bare = build_from_config({"model": asdict(config.model), "dataset": {
+            "num_classes": train_set.num_classes, "in_channels": train_set.in_channels}})
+        if init is not None:
+            bare.load_state_dict(init["state"])
+        bare = bare.to(device)
+    else:
+        bare = build_model(config.model.name, train_set.num_classes, train_set.in_channels,
+                           config.model.pretrained).to(device)
+        if init is not None:
+            bare.load_state_dict(init["state"])
     cuda = device.type == "cuda"
     if cuda:
         bare = bare.to(memory_format=torch.channels_last)

@@ -466,3 +466,28 @@ def test_viewer_mode_says_a_table_is_unreadable_without_naming_server_paths(stor
         at.selectbox(key="run_picker_one").set_value("small-dpaat").run()
         said = " ".join(w.value for w in at.warning)
         assert "attribution numbers cannot be read" in said and (str(own) in said) == (viewer == ""), said
+
+
+def test_train_page_starts_a_run_from_another_runs_weights(store, tmp_path, monkeypatch):
+    import json
+    import shutil
+    import time
+
+    from dpaat_core import runs
+    own = tmp_path / "store"
+    shutil.copytree(store, own, ignore=shutil.ignore_patterns("broken", "empty"))
+    at = _page(own, monkeypatch, "train")
+    at.text_input[0].set_value("synthetic:n=32,classes=3")
+    at.number_input[0].set_value(1)        # epochs
+    at.number_input[2].set_value(16)       # image size
+    at.number_input[6].set_value(1)        # steps
+    next(s for s in at.selectbox if s.label.startswith("Start from")).set_value("small-pgd")
+    at.text_input[1].set_value("hardened")
+    at.button[0].click().run()
+    assert not at.exception and "Launched hardened" in at.success[0].value
+    deadline = time.time() + 120
+    while not ((own / "hardened" / "status.json").exists() and runs.read_status(own / "hardened")["state"] == "done"):
+        assert time.time() < deadline, (own / ".logs" / "hardened.log").read_text()
+        time.sleep(0.2)
+    config = json.loads((own / "hardened" / "config.json").read_text())
+    assert config["model"]["init_from"] == str(own / "small-pgd") and config["init"]["run_id"] == "small-pgd"

@@ -167,3 +167,45 @@ def test_an_imported_run_is_evaluated_explained_and_shown_like_any_other(outside
     assert any("was imported from ddp.pt: it has no training history" in i.value for i in at.info)
     at.switch_page("views/runs.py").run()
     assert at.dataframe[0].value.set_index("run_id").loc["audit", "method"] == "imported"
+
+
+def _train_from(source, tmp_path, *extra, name="hardened"):
+    return main(["train", "--init-from", str(source), "--data", DATA, "--image-size", "32", "--method", "dpaat",
+                 "--epochs", "1", "--steps", "1", "--batch-size", "16", "--device", "cpu", "--store",
+                 str(tmp_path / "store"), "--name", name, *extra])
+
+
+def test_train_init_from_starts_from_an_imported_runs_weights(outside, tmp_path):
+    _, _, folder = outside
+    assert _import(tmp_path, folder / "ddp.pt", "--data", DATA, "--image-size", "32", name="theirs") == 0
+    source = tmp_path / "store" / "theirs"
+    assert _train_from(source, tmp_path, "--lr", "1e-12") == 0          # a step too small to move: the start shows
+    run = tmp_path / "store" / "hardened"
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["init_from"] == str(source) and config["model"]["name"] == "resnet18"
+    assert config["init"]["origin"] == "imported" and config["init"]["run_id"] == "theirs"
+    assert config["model"]["normalization"] == json.loads((source / "config.json").read_text())["model"]["normalization"]
+    mine, theirs = dict(loading.load_model(run).named_parameters()), dict(loading.load_model(source).named_parameters())
+    assert mine.keys() == theirs.keys()          # every weight where it started (BatchNorm statistics move in training)
+    for k in mine:
+        torch.testing.assert_close(mine[k], theirs[k], rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("extra, says", [(["--model", "resnet34"], "theirs is a resnet18, the config asks for resnet34"),
+                                         (["--pretrained"], "pretrained and init_from both set")])
+def test_a_mismatched_start_is_one_line_and_makes_no_run(outside, tmp_path, capsys, extra, says):
+    _, _, folder = outside
+    assert _import(tmp_path, folder / "ddp.pt", "--data", DATA, name="theirs") == 0
+    assert _train_from(tmp_path / "store" / "theirs", tmp_path, *extra) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "store" / "hardened").exists()
+
+
+def test_a_start_with_other_classes_is_refused(outside, tmp_path, capsys):
+    _, _, folder = outside
+    assert _import(tmp_path, folder / "ddp.pt", "--classes", "x,y,z", name="theirs") == 0
+    assert _train_from(tmp_path / "store" / "theirs", tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "theirs predicts x, y, z from 3 channel(s); this data has" in err
+    assert not (tmp_path / "store" / "hardened").exists()

@@ -23,6 +23,10 @@ with st.form("configure"):
                                                          "folder:<dir> or synthetic[:n=..]")
     model_name = c2.selectbox("Model", MODEL_NAMES, index=MODEL_NAMES.index("resnet8"))
     method = c3.selectbox("Method", list(METHODS), index=list(METHODS).index("dpaat"))
+    starts = {r.run_id: r for r in list_runs() if r.has_weights and r.config is not None}
+    start = st.selectbox("Start from a run's weights (imported or trained here)", ["none (fresh weights)", *starts],
+                         help="Same architecture and classes: the Model box is then the source run's. This is how "
+                              "a model of your own is hardened with DPAAT: import it, then start from it.")
     c1, c2, c3, c4 = st.columns(4)
     epochs = c1.number_input("Epochs", 1, 500, 3)
     batch_size = c2.number_input("Batch size", 1, 4096, 32)
@@ -44,7 +48,9 @@ if submitted:
     try:
         cfg = RunConfig(
             data=DataConfig(spec=data, image_size=int(image_size), max_samples=int(max_samples) or None),
-            model=ModelConfig(name=model_name), attack=AttackConfig(norm=norm, eps=float(eps), steps=int(steps)),
+            model=ModelConfig(name=model_name) if start not in starts else ModelConfig(
+                name=starts[start].model, init_from=str(starts[start].path)),
+            attack=AttackConfig(norm=norm, eps=float(eps), steps=int(steps)),
             method=method_config(method, gamma=float(gamma) if METHODS[method].adaptive else None, threshold=threshold),
             train=TrainConfig(epochs=int(epochs), batch_size=int(batch_size), lr=float(lr), seed=int(seed)))
         pid = launch.launch(cfg, store(), name)
