@@ -3,12 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+from .cli_evaluate import _csv
 
 
 def add_import_parser(sub) -> None:
@@ -24,8 +19,8 @@ def add_import_parser(sub) -> None:
     who = i.add_mutually_exclusive_group(required=True)
     who.add_argument("--classes", help="class names in the order of the model's outputs, comma-separated")
     who.add_argument("--data", help="a data spec whose classes the model predicts (and the run's data)")
-    i.add_argument("--mean", type=_floats, help="per-channel mean the model was trained with (default ImageNet's)")
-    i.add_argument("--std", type=_floats, help="per-channel std (default ImageNet's)")
+    i.add_argument("--mean", type=_csv(float), help="per-channel mean the model was trained with (default ImageNet's)")
+    i.add_argument("--std", type=_csv(float), help="per-channel std (default ImageNet's)")
     i.add_argument("--channels", type=int, default=3, choices=(1, 3), help="input channels (default 3)")
     i.add_argument("--gradcam-layer", help="the module Grad-CAM uses (default: the last 4-D feature map before "
                                            "global pooling)")
