@@ -16,12 +16,13 @@ def _config(epochs=1, **method) -> RunConfig:
         train={"epochs": epochs, "batch_size": 8, "device": "cpu", "augment": False})
 
 
-def _everything_off_default(pretrained=False) -> RunConfig:
-    """A config in which every field differs from its default (``pretrained`` too, where asked: training with it
-    needs torchvision's cached ImageNet weights)."""
+def _everything_off_default(pretrained=False, init_from=None) -> RunConfig:
+    """A config in which every field differs from its default: ``pretrained`` where asked (training with it needs
+    torchvision's cached ImageNet weights), else ``init_from`` where given (a run to start from; the two exclude
+    each other)."""
     return RunConfig(
         data=DataConfig(spec="synthetic:n=24,classes=3", image_size=16, max_samples=20, root="/r"),
-        model=ModelConfig(name="resnet18", pretrained=pretrained),
+        model=ModelConfig(name="resnet18", pretrained=pretrained, init_from=init_from),
         attack=AttackConfig(norm="linf", eps=0.05, alpha_ratio=0.4, steps=2, eval_mode=False),
         method=method_config("dpaat", gamma=0.2, beta_clean=0.5, lam=2.0, adv_weight=0.9, sync="js",
                              memoryless=True, threshold="quantile:0.7", ema_momentum=0.8, eps_min_ratio=0.3,
@@ -31,16 +32,22 @@ def _everything_off_default(pretrained=False) -> RunConfig:
                           seed=3, device="cpu", compile=False, max_minutes=30.0))
 
 
-def _off_default(cfg: RunConfig) -> list[str]:
+#: filled in by the trainer from ``model.init_from`` (the source run's), not settings a config gives
+DERIVED = {("model", "normalization"), ("model", "gradcam_layer")}
+
+
+def _off_default(cfg: RunConfig, skip=()) -> list[str]:
     """The fields of ``cfg`` that still hold their default (the method's against the dpaat preset)."""
     default = RunConfig().to_dict()
     return [f"{sec}.{k}" for sec, values in cfg.to_dict().items() for k, v in values.items()
-            if v == default[sec][k] and (sec, k) != ("method", "name") and (sec, k) != ("method", "adaptive")]
+            if v == default[sec][k] and (sec, k) not in {("method", "name"), ("method", "adaptive"), *DERIVED, *skip}]
 
 
-def test_the_command_line_carries_every_field(tmp_path):
-    cfg = _everything_off_default(pretrained=True)
-    assert _off_default(cfg) == []                    # the test would see a field the launch dropped
+@pytest.mark.parametrize("model, skip", [({"pretrained": True}, {("model", "init_from")}),
+                                         ({"init_from": "/runs/theirs"}, {("model", "pretrained")})])
+def test_the_command_line_carries_every_field(tmp_path, model, skip):
+    cfg = _everything_off_default(**model)
+    assert _off_default(cfg, skip) == []              # the test would see a field the launch dropped
     file = launch.config_path(tmp_path, "x")
     file.parent.mkdir(parents=True)
     runs.atomic_write_json(file, cfg.to_dict())
@@ -50,7 +57,13 @@ def test_the_command_line_carries_every_field(tmp_path):
 
 @pytest.mark.slow
 def test_a_launched_run_trains_with_every_field_of_its_config(tmp_path):
-    cfg = _everything_off_default()
+    from dpaat_core.train import train
+    source = train(RunConfig().replace(data={"spec": "synthetic:n=24,classes=3", "image_size": 16},
+                                       model={"name": "resnet18"}, method=method_config("erm"),
+                                       train={"epochs": 1, "batch_size": 8, "device": "cpu"}),
+                   store=tmp_path / "sources", run_id="theirs")          # the run it starts from
+    cfg = _everything_off_default(init_from=str(source))
+    assert _off_default(cfg, {("model", "pretrained")}) == []
     launch.launch(cfg, tmp_path, "every")
     assert _wait(tmp_path / "every", {"done", "failed"})["state"] == "done", launch.log_path(tmp_path, "every").read_text()
     saved = runs.read_config(tmp_path / "every")
