@@ -79,7 +79,7 @@ def run_config(study: str, variant: str, seed: int) -> RunConfig:
     return RunConfig(data=DataConfig(spec=s["data"], image_size=s["size"]), model=ModelConfig(name=COMMON["model"]),
                      attack=AttackConfig(**attack), method=method_config(method, **overrides),
                      train=TrainConfig(epochs=s["epochs"], batch_size=COMMON["batch_size"], seed=seed,
-                                       patience=s.get("patience", COMMON["patience"]))).validate()
+                                       patience=s.get("patience", COMMON["patience"])))
 
 
 def jobs(study: str, seeds=None) -> list[tuple[str, str, int]]:

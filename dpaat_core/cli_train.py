@@ -3,7 +3,6 @@ bar driven by the trainer's progress callback, and the run store as a table."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import signal
 import sys
@@ -19,7 +18,7 @@ from .models import MODEL_NAMES
 #: flags that describe a run; ``--resume`` takes them from the run's config.json instead.
 _RUN_FLAGS = ("config", "data", "model", "method", "epochs", "batch_size", "image_size", "norm", "eps", "alpha_ratio", "steps",
               "gamma", "threshold", "sync", "beta_clean", "lam", "memoryless", "lr", "weight_decay", "schedule",
-              "imbalance", "early_stop", "patience", "augment", "seed", "max_samples", "root", "pretrained", "name")
+              "imbalance", "early_stop", "patience", "augment", "seed", "max_samples", "root", "pretrained", "init_from", "name")
 
 
 def add_train_parser(sub) -> None:
@@ -131,17 +130,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         changes["data"]["spec"] = args.data
     if given("model"):
         changes["model"]["name"] = args.model
-    if given("init_from"):
-        from .runs import read_config
+    if given("init_from"):   # without --model, the source run's architecture (``train.init_source``)
         changes["model"]["init_from"] = args.init_from
-        if not given("model"):
-            changes["model"]["name"] = read_config(args.init_from)["model"]["name"]
     flags = {n: getattr(args, n) for n in _METHOD_FLAGS if given(n)}
     if given("method"):                      # a method named on the command line starts from its own preset
         changes["method"] = method_config(args.method, **flags)
     elif flags:                              # flags on top of the config file's method
-        values = dataclasses.asdict(cfg.method) | flags
-        changes["method"] = method_config(values.pop("name"), **values)
+        changes["method"] = flags
     return cfg.replace(**changes)
 
 

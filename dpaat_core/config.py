@@ -29,14 +29,10 @@ class ConfigError(ValueError):
 
 
 class _Section:
-    """A frozen config section: validated when built (``__post_init__``); ``validate`` returns it."""
+    """A frozen config section: validated when built (``__post_init__``)."""
 
     def __post_init__(self):
         self.check()
-
-    def validate(self):
-        self.check()
-        return self
 
 
 @dataclass(frozen=True)
@@ -172,6 +168,9 @@ class MethodConfig(_Section):
 
     def check(self):
         _choice("method", "name", self.name, tuple(METHODS))
+        if not self.adaptive and self.gamma != METHODS[self.name].gamma:   # it would silently do nothing
+            raise ConfigError(f"method.gamma: {self.name} keeps eps fixed, so gamma does not apply "
+                              "(use dpaat or dpaat_nosync for adaptive eps)")
         _number("method", "gamma", self.gamma, 0, 1, lo_open=False)
         if self.gamma >= 1:
             _fail("method", "gamma", self.gamma, "a number >= 0 and < 1")
@@ -192,15 +191,11 @@ class MethodConfig(_Section):
 def method_config(name: str, **overrides) -> MethodConfig:
     """The family member ``name`` (erm, pgd_at, trades, dpaat, dpaat_nosync, dpaat_fixed) with overrides.
 
-    ``gamma`` may only be overridden for methods with adaptive eps: on a fixed-eps method it
-    would silently do nothing.
+    ``gamma`` may only be overridden for methods with adaptive eps (:meth:`MethodConfig.check`).
     """
     if name not in METHODS:
         _fail("method", "name", name, "one of " + ", ".join(METHODS))
     preset = METHODS[name]
-    if overrides.get("gamma") is not None and not preset.adaptive and overrides["gamma"] != preset.gamma:
-        raise ConfigError(f"method.gamma: {name} keeps eps fixed, so gamma does not apply "
-                          "(use dpaat or dpaat_nosync for adaptive eps)")
     values = dataclasses.asdict(preset)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return MethodConfig(name=name, **values)
@@ -259,7 +254,7 @@ class RunConfig:
         for name, klass in _SECTIONS.items():
             if not isinstance(getattr(self, name), klass):
                 raise ConfigError(f"{name}: expected a {klass.__name__}, got {type(getattr(self, name)).__name__}")
-        self.validate()
+        self.check()
 
     def replace(self, **changes) -> "RunConfig":
         """A copy with sections changed, validated: each keyword names a section and gives a new section
@@ -282,13 +277,12 @@ class RunConfig:
             new[name] = value
         return dataclasses.replace(self, **new)
 
-    def validate(self) -> "RunConfig":
-        """Check the settings that span sections (each section checked itself when built); returns self."""
+    def check(self) -> None:
+        """Check the settings that span sections (each section checked itself when built)."""
         top = math.sqrt(3) * self.data.image_size   # l2 diagonal of [0, 1]^(3 x size x size): no image is further
         if self.attack.norm == "l2" and self.attack.eps > top:
             _fail("attack", "eps", self.attack.eps, f"at most sqrt(3)*{self.data.image_size} = {top:.4g} for l2 at "
                   f"{self.data.image_size} px (the distance between the most different images)")
-        return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -313,4 +307,4 @@ class RunConfig:
                 sections[name] = method_config(values.pop("name", MethodConfig.name), **values)
             else:
                 sections[name] = klass(**values)
-        return cls(**sections).validate()
+        return cls(**sections)

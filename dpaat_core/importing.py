@@ -20,10 +20,16 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .models import ARCHS, Classifier, build_model, default_normalization
+from .models import ARCHS, Classifier, _adapt_first_conv, build_model, default_normalization
 from .runs import RunError
 
 ORIGIN = "imported"
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file, read in chunks (weights files can be large)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class ImportProblem(RunError):
@@ -57,11 +63,7 @@ def build_backbone(arch: str, num_classes: int, in_channels: int = 3) -> nn.Modu
         first = next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
         if first is None:
             raise ImportProblem(f"{arch}: no first convolution to give {in_channels} input channel(s)")
-        conv = model.get_submodule(first)
-        new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                        conv.groups, conv.bias is not None)
-        parent, _, name = first.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, name, new)
+        _adapt_first_conv(model, first, in_channels)
     return model
 
 
@@ -121,15 +123,12 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _fit(backbone: nn.Module, state: dict, arch: str, num_classes: int, path: Path) -> None:
-    expected = backbone.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [(k, tuple(v.shape), tuple(state[k].shape)) for k, v in expected.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    heads = [(k, e, f) for k, e, f in shapes if len(e) >= 1 and e[0] == num_classes and f[0] != num_classes
+    from .loading import state_mismatch
+    missing, unexpected, shapes = state_mismatch(backbone.state_dict(), state)
+    heads = [(k, f, e) for k, f, e in shapes if len(e) >= 1 and e[0] == num_classes and f[0] != num_classes
              and e[1:] == f[1:]]
     if heads and len(heads) == len(shapes) and not missing and not unexpected:
-        k, _, found = heads[0]
+        k, found, _ = heads[0]
         raise ImportProblem(f"{path}: its head ({k}) predicts {found[0]} classes, but {num_classes} were given")
     problems = []
     if missing:
@@ -139,8 +138,8 @@ def _fit(backbone: nn.Module, state: dict, arch: str, num_classes: int, path: Pa
         problems.append(f"unexpected keys {', '.join(unexpected[:3])}"
                         + (f" (+{len(unexpected) - 3} more)" if len(unexpected) > 3 else ""))
     if shapes:
-        k, e, f = shapes[0]
-        problems.append(f"{k} is {list(f)} where {arch} has {list(e)}"
+        k, f, e = shapes[0]
+        problems.append(f"{k} is {f} where {arch} has {e}"
                         + (f" (+{len(shapes) - 1} more shape mismatches)" if len(shapes) > 1 else ""))
     if problems:
         raise ImportProblem(f"{path}: these are not {arch} weights: {'; '.join(problems)}")
@@ -188,7 +187,7 @@ def import_model(arch: str, weights: str | Path, image_size: int, classes: Seque
             raise ImportProblem(f"--gradcam-layer {gradcam_layer}: {arch} has no such module") from None
     else:
         path = find_gradcam_layer(model, image_size, in_channels)
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    digest = file_sha256(weights)
     config = {
         "origin": ORIGIN,
         "source": {"file": str(weights), "sha256": digest},
@@ -210,10 +209,9 @@ def import_model(arch: str, weights: str | Path, image_size: int, classes: Seque
     return run_dir
 
 
-def build_from_config(config: dict) -> Classifier:
-    """An imported run's classifier (weights not loaded), from its ``config.json``."""
-    model, dataset = config["model"], config["dataset"]
+def build_classifier(model: dict, num_classes: int, in_channels: int = 3) -> Classifier:
+    """The classifier a config's ``model`` section describes with its own normalisation and Grad-CAM layer (an
+    imported run, or one started from it), freshly initialised."""
     norm = model.get("normalization") or {}
-    backbone = build_backbone(model["name"], dataset["num_classes"], dataset.get("in_channels", 3))
-    return Classifier(model["name"], backbone, dataset["num_classes"], dataset.get("in_channels", 3),
-                      norm.get("mean"), norm.get("std"), model.get("gradcam_layer"))
+    return Classifier(model["name"], build_backbone(model["name"], num_classes, in_channels), num_classes,
+                      in_channels, norm.get("mean"), norm.get("std"), model.get("gradcam_layer"))

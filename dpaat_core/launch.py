@@ -45,7 +45,7 @@ def launch(config: RunConfig, store: str | Path, run_id: str) -> int:
         raise runs.RunError(f"run '{run_id}' already exists in {store}; choose another name")
     log, config_file = log_path(store, run_id), config_path(store, run_id)
     log.parent.mkdir(parents=True, exist_ok=True)
-    runs.atomic_write_json(config_file, config.validate().to_dict())
+    runs.atomic_write_json(config_file, config.to_dict())
     with open(log, "wb") as out:
         proc = subprocess.Popen(train_argv(config_file, store, run_id), cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)

@@ -9,6 +9,16 @@ import torch
 from .runs import RunError, load_checkpoint, load_weights, read_config
 
 
+def state_mismatch(expected: dict, state: dict) -> tuple[list[str], list[str], list[tuple[str, list, list]]]:
+    """How ``state`` fails to fit a model whose state dict is ``expected``: its missing keys, unexpected keys and
+    (key, found shape, expected shape) of each mismatch; all empty when it fits."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [(k, list(state[k].shape), list(v.shape)) for k, v in expected.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    return missing, unexpected, shapes
+
+
 def load_model(run_dir, device="cpu", weights: str = "best") -> torch.nn.Module:
     """The run's classifier, eval mode, on ``device``: ``"best"`` from weights.safetensors, ``"last"`` from last.pt."""
     from .models import build_model
@@ -19,8 +29,8 @@ def load_model(run_dir, device="cpu", weights: str = "best") -> torch.nn.Module:
     try:
         if config.get("origin") == "imported" or config["model"].get("normalization"):   # any torchvision/timm
             # architecture with its own normalisation: imported, or trained from an imported run
-            from .importing import build_from_config
-            model = build_from_config(config)
+            from .importing import build_classifier
+            model = build_classifier(config["model"], num_classes, config["dataset"].get("in_channels", 3))
         else:
             model = build_model(name, num_classes, config["dataset"].get("in_channels", 3), pretrained=False)
     except (ValueError, KeyError, TypeError, RunError) as exc:
@@ -31,10 +41,9 @@ def load_model(run_dir, device="cpu", weights: str = "best") -> torch.nn.Module:
     state = load_weights(file) if weights == "best" else load_checkpoint(file).get("model")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise RunError(f"{file}: no 'model' state_dict of tensors in it")
-    expected = model.state_dict()
-    problems = [f"missing {k}" for k in expected if k not in state] + [f"unexpected {k}" for k in state if k not in expected]
-    problems += [f"{k} has shape {list(state[k].shape)}, the model {list(v.shape)}"
-                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    missing, unexpected, shapes = state_mismatch(model.state_dict(), state)
+    problems = [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected]
+    problems += [f"{k} has shape {found}, the model {want}" for k, found, want in shapes]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise RunError(f"{file}: weights do not fit a {name} with {num_classes} classes: {'; '.join(problems[:3])}{more}")

@@ -179,9 +179,8 @@ def init_source(config: RunConfig, train_set: ImageDataset) -> tuple[RunConfig, 
     """For ``model.init_from``: the source run's weights, checked against this run's data and architecture, and
     the config with the source's architecture, normalisation and Grad-CAM layer filled in. A mismatch is a
     :class:`ConfigError` naming both sides."""
-    import hashlib
-
     from . import loading
+    from .importing import file_sha256
     source = Path(config.model.init_from)
     if not (source / "weights.safetensors").is_file():
         raise ConfigError(f"model.init_from: {source} is not a run with weights (no weights.safetensors)")
@@ -196,16 +195,11 @@ def init_source(config: RunConfig, train_set: ImageDataset) -> tuple[RunConfig, 
     if config.model.name not in (arch, ModelConfig.name):     # the default name stands for "the source's"
         raise ConfigError(f"model.init_from: {source.name} is a {arch}, the config asks for {config.model.name}")
     model = loading.load_model(source)
-    from .models import ARCHS
-    imported_like = raw.get("origin") == "imported" or raw["model"].get("normalization") or arch not in ARCHS
     changes = {"name": arch, "pretrained": False}
-    if imported_like:
-        changes |= {"normalization": {k: [float(f"{v:.7g}") for v in getattr(model.normalize, k).flatten().tolist()]
-                                      for k in ("mean", "std")},
-                    "gradcam_layer": model.gradcam}
-    weights = source / "weights.safetensors"
+    if raw["model"].get("normalization"):   # imported, or started from an imported run: its own normalisation
+        changes |= {"normalization": raw["model"]["normalization"], "gradcam_layer": raw["model"].get("gradcam_layer")}
     record = {"run": str(source), "run_id": raw.get("run_id", source.name), "origin": raw.get("origin", "trained"),
-              "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+              "weights_sha256": file_sha256(source / "weights.safetensors")}
     return config.replace(model=changes), {"state": model.state_dict(), "record": record}
 
 
@@ -216,7 +210,6 @@ def train(config: RunConfig, store: str | Path = "checkpoints", run_id: Optional
     ``should_stop`` is asked before every batch; when it says yes the run ends with status
     "stopped" and :class:`Stopped` is raised (files are never cut off in the middle of a write).
     """
-    config.validate()
     return _run(config, progress, should_stop, store=Path(store), run_id=run_id)
 
 
@@ -306,17 +299,13 @@ def _train_loop(config, device, world, progress, should_stop, store, run_id, run
 
     torch.manual_seed(tc.seed)
     if config.model.normalization is not None:   # started from another run's architecture and normalisation
-        from .importing import build_from_config
-        bare = build_from_config({"model": asdict(config.model), "dataset": {
-            "num_classes": train_set.num_classes, "in_channels": train_set.in_channels}})
-        if init is not None:
-            bare.load_state_dict(init["state"])
-        bare = bare.to(device)
+        from .importing import build_classifier
+        bare = build_classifier(asdict(config.model), train_set.num_classes, train_set.in_channels)
     else:
-        bare = build_model(config.model.name, train_set.num_classes, train_set.in_channels,
-                           config.model.pretrained).to(device)
-        if init is not None:
-            bare.load_state_dict(init["state"])
+        bare = build_model(config.model.name, train_set.num_classes, train_set.in_channels, config.model.pretrained)
+    if init is not None:
+        bare.load_state_dict(init["state"])
+    bare = bare.to(device)
     cuda = device.type == "cuda"
     if cuda:
         bare = bare.to(memory_format=torch.channels_last)
