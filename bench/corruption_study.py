@@ -30,10 +30,10 @@ from dpaat_core.corruption_eval import CLEAN, corruption_error, corruption_grid 
 from dpaat_core.corruptions import CORRUPTIONS, NAMES, SEVERITIES  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from report import md  # noqa: E402  - bench/report.py's Markdown tables
+from report import MAIN_METHODS, md  # noqa: E402  - bench/report.py's method order and Markdown tables
 
 STUDY = {"dpaat": "long28-dpaat", "pgd_at": "long28-pgd_at", "erm": "long28x-erm", "trades": "long28x-trades"}
-METHOD_ORDER = ("erm", "pgd_at", "trades", "dpaat")
+METHOD_ORDER = tuple(m for m in MAIN_METHODS if m in STUDY)
 SEEDS = (0, 1, 2)
 
 
@@ -41,14 +41,13 @@ def run_dirs(store: Path, checkpoints: Path) -> list[tuple[str, str, int, Path]]
     """(group, method, seed, run folder) of every run of the finding that has finished training."""
     out = [("demo64", p.name.split("-")[1], 0, p) for p in sorted(checkpoints.glob("demo-*")) if p.is_dir()]
     out += [("long28", m, s, store / f"{prefix}-s{s}") for m, prefix in STUDY.items() for s in SEEDS
-            if (store / f"{prefix}-s{s}").is_dir() and runs.load_run(store / f"{prefix}-s{s}").state == "done"]
+            if (store / f"{prefix}-s{s}" / "status.json").is_file()
+            and runs.read_status(store / f"{prefix}-s{s}")["state"] == "done"]
     return out
 
 
 def has_grid(run_dir: Path, data: str) -> bool:
-    grid = runs.read_corruptions(run_dir)
-    grid = grid[(grid.split == "test") & (grid.data == data)]
-    return len(grid) >= 1 + len(NAMES) * len(SEVERITIES)
+    return len(runs.read_corruptions(run_dir, "test", data)) >= 1 + len(NAMES) * len(SEVERITIES)
 
 
 def evaluate(run_dir: Path) -> None:
@@ -69,8 +68,7 @@ def evaluate(run_dir: Path) -> None:
 def cells(store: Path, checkpoints: Path) -> pd.DataFrame:
     frames = []
     for group, method, seed, path in run_dirs(store, checkpoints):
-        grid = runs.read_corruptions(path)
-        grid = grid[(grid.split == "test") & (grid.data == runs.read_config(path)["data"]["spec"])]
+        grid = runs.read_corruptions(path, "test", runs.read_config(path)["data"]["spec"])
         if len(grid):
             frames.append(grid.assign(group=group, method=method, seed=seed, run=path.name))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -96,7 +94,7 @@ def per_run(cells_: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
             row |= {f"c:{n}": float(by.get(n, float("nan"))) for n in NAMES}
             rows.append(row)
     frame = pd.DataFrame(rows)
-    order = {m: i for i, m in enumerate(("erm", "pgd_at", "trades", "dpaat", "dpaat_nosync", "dpaat_fixed"))}
+    order = {m: i for i, m in enumerate(MAIN_METHODS)}
     return frame.sort_values(["group", "method", "seed"], key=lambda c: c.map(order) if c.name == "method" else c)
 
 
@@ -119,8 +117,8 @@ def difference_chart(diffs: pd.DataFrame, metric: str = "accuracy"):
     import plotly.graph_objects as go
     part = diffs[diffs.metric.str.startswith("c:")]
     table = part.pivot(index="method", columns="metric", values="mean")
-    low = part.pivot(index="method", columns="metric", values="ci_low").loc[table.index, table.columns]
-    high = part.pivot(index="method", columns="metric", values="ci_high").loc[table.index, table.columns]
+    low = part.pivot(index="method", columns="metric", values="ci_low")
+    high = part.pivot(index="method", columns="metric", values="ci_high")
     order = [f"c:{n}" for n in NAMES if f"c:{n}" in table.columns]
     methods = [m for m in METHOD_ORDER if m in table.index]
     table, low, high = (t.loc[methods, order] for t in (table, low, high))

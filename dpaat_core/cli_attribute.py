@@ -8,6 +8,7 @@ import sys
 
 import pandas as pd
 
+from .attacks import MAX_STEPS
 from .config import ConfigError
 
 DEFAULT_METHODS = ("gradcam", "saliency", "integrated_gradients")
@@ -83,8 +84,8 @@ def _attribute(args: argparse.Namespace) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ConfigError(f"--methods: choose from {', '.join(METHODS)}; got {args.methods!r}")
-    if (args.n is not None and args.n < 1) or not 1 <= args.steps <= 1000:
-        raise ConfigError(f"--n must be >= 1 and --steps from 1 to 1000, got {args.n} and {args.steps}")
+    if (args.n is not None and args.n < 1) or not 1 <= args.steps <= MAX_STEPS:
+        raise ConfigError(f"--n must be >= 1 and --steps from 1 to {MAX_STEPS}, got {args.n} and {args.steps}")
     if args.eps is not None and not 0 < args.eps <= 1000:
         raise ConfigError(f"--eps must be a number > 0, got {args.eps}")
     table, images = attribution_table(args.run_dir, methods, args.n, args.split, args.data, args.eps, args.norm,

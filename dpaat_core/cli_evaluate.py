@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .attacks import ATTACKS, NORMS
+from .attacks import ATTACKS, MAX_STEPS, NORMS, max_eps
 from .config import ConfigError
 from .runs import RunError
-from .attacks import MAX_STEPS, max_eps
 from .evaluate import default_grid, protocol, reference_eps, robustness_curve
 
 
@@ -169,8 +168,7 @@ def _corruptions(args: argparse.Namespace, model, dataset, config: dict, device)
     data = args.data or config["data"]["spec"]
     reference = None
     if args.reference:      # read before the work: a bad reference fails in a second, not after the grid
-        reference = runs.read_corruptions(args.reference)
-        reference = reference[(reference.split == args.split) & (reference.data == data)]
+        reference = runs.read_corruptions(args.reference, args.split, data)
         if not len(reference):
             raise RunError(f"--reference {args.reference}: its corruptions.csv has no rows for {args.split} of {data} "
                            "(run evaluate --corruptions on it first)")

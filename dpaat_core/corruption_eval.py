@@ -20,8 +20,7 @@ from tqdm.auto import tqdm
 from .attacks import _autocast, attack_mode
 from .corruptions import NAMES, SEVERITIES, check, corrupt
 from .data import ImageDataset
-from .evaluate import _model_device
-from .validation import balanced_accuracy, per_class_accuracy
+from .evaluate import _model_device, accuracy_row
 
 CLEAN = "clean"
 
@@ -39,24 +38,21 @@ def corruption_grid(model: nn.Module, dataset: ImageDataset, names: Sequence[str
     device = _model_device(model, device)
     y = dataset.labels.numpy()
     pred = {cell: np.empty(len(dataset), dtype=np.int64) for cell in [(CLEAN, 0), *cells]}
-    with torch.no_grad(), attack_mode(model), _autocast(device, amp), \
+
+    def predict(x):   # only the model under amp: the corruptions stay in float32
+        with _autocast(device, amp):
+            return model(x).argmax(1).cpu().numpy()
+
+    with torch.no_grad(), attack_mode(model), \
             tqdm(total=len(dataset) * (len(cells) + 1), desc="corruptions", unit="img", disable=not progress) as bar:
         for index in torch.arange(len(dataset)).split(batch_size):
             x, _ = dataset.batch(index, device)
-            pred[(CLEAN, 0)][index.numpy()] = model(x).argmax(1).cpu().numpy()
+            pred[(CLEAN, 0)][index.numpy()] = predict(x)
             bar.update(len(index))
             for n, s in cells:
-                with torch.autocast(device.type, enabled=False):   # the corruption in float32, whatever amp says
-                    xc = corrupt(x, n, s, seed, index)
-                pred[(n, s)][index.numpy()] = model(xc).argmax(1).cpu().numpy()
+                pred[(n, s)][index.numpy()] = predict(corrupt(x, n, s, seed, index))
                 bar.update(len(index))
-    rows = []
-    for (n, s), p in pred.items():
-        row = {"corruption": n, "severity": s, "n": len(y), "accuracy": float((p == y).mean()),
-               "balanced_accuracy": balanced_accuracy(y, p, dataset.num_classes)}
-        row |= {f"accuracy:{c}": a for c, a in zip(dataset.classes, per_class_accuracy(y, p, dataset.num_classes))}
-        rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"corruption": n, "severity": s} | accuracy_row(y, p, dataset) for (n, s), p in pred.items()])
 
 
 def corruption_error(grids: dict[str, pd.DataFrame], reference: Optional[str] = None,

@@ -45,7 +45,7 @@ class Corruption:
 # --- the corruptions -------------------------------------------------------------------------------------------
 
 def _per_image(x: torch.Tensor, generators, draw: Callable[[torch.Generator], torch.Tensor]) -> torch.Tensor:
-    return torch.stack([draw(g) for g in generators]) if generators else x.new_zeros((0, *x.shape[1:]))
+    return torch.stack([draw(g) for g in generators])
 
 
 def _pixelate(x, factor, scale, gens):
@@ -89,8 +89,7 @@ def _impulse_noise(x, amount, scale, gens):
 
 def _shot_noise(x, photons, scale, gens):
     rates = x.float().cpu() * photons
-    counts = torch.stack([torch.poisson(r, generator=g) for r, g in zip(rates, gens)]).to(x.device, x.dtype) \
-        if gens else x
+    counts = torch.stack([torch.poisson(r, generator=g) for r, g in zip(rates, gens)]).to(x.device, x.dtype)
     return (counts / photons).clamp_(0, 1)
 
 
@@ -190,8 +189,6 @@ def _characters(x, words_letters_size, scale, gens):
             draw_colour.text(org, text, fill=rgb, font=font, anchor="ls")
         alphas.append(torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255)[None])
         colours.append(torch.from_numpy(np.asarray(colour, dtype=np.float32) / 255).permute(2, 0, 1))
-    if not gens:
-        return x
     alpha = F.interpolate(torch.stack(alphas), size=(h, w), mode="area").to(x.device, x.dtype)
     colour = F.interpolate(torch.stack(colours), size=(h, w), mode="area").to(x.device, x.dtype)
     colour = colour / alpha.clamp_min(1e-6)          # area averaging blends the colour with black: undo it
@@ -237,9 +234,13 @@ def check(name: str, severity) -> Corruption:
     outside 1-5."""
     if name not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {name!r}; known: {', '.join(NAMES)}")
+    _check_severity(severity)
+    return CORRUPTIONS[name]
+
+
+def _check_severity(severity) -> None:
     if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or severity not in SEVERITIES:
         raise ValueError(f"corruption severity must be an integer from 1 to 5, got {severity!r}")
-    return CORRUPTIONS[name]
 
 
 def parse_names(text: str) -> list[str]:
@@ -260,7 +261,7 @@ def parse_severities(text: str) -> list[int]:
     if not values:
         raise ValueError("no severity given; choose from 1, 2, 3, 4, 5")
     for s in values:
-        check(NAMES[0], s)
+        _check_severity(s)
     return sorted(set(values))
 
 
@@ -279,6 +280,8 @@ def corrupt(x: torch.Tensor, name: str, severity: int, seed: int = 0,
     index = range(x.shape[0]) if index is None else [int(i) for i in index]
     if len(index) != x.shape[0]:
         raise ValueError(f"index has {len(index)} entries for {x.shape[0]} images")
+    if not len(index):   # no image: nothing to draw or blur
+        return x.clone()
     # CPU generators on every device: CUDA's would draw other numbers from the same seed
     gens = [torch.Generator().manual_seed(seed_of(seed, i, name, severity)) for i in index]
     scale = min(x.shape[-2:]) / REFERENCE_SIZE

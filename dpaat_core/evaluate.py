@@ -253,17 +253,18 @@ def robustness_curve(model: nn.Module, dataset: ImageDataset, eps_grid: Sequence
     return _curve_frame(robust, y, dataset, eps_grid, attack, norm, steps, monotone)
 
 
+def accuracy_row(y: np.ndarray, pred: np.ndarray, dataset: ImageDataset) -> dict:
+    """n, accuracy, balanced accuracy and ``accuracy:<class>`` of predictions ``pred`` (-1: counted wrong)."""
+    row = {"n": len(y), "accuracy": float((pred == y).mean()),
+           "balanced_accuracy": balanced_accuracy(y, pred, dataset.num_classes)}
+    return row | {f"accuracy:{c}": a for c, a in zip(dataset.classes, per_class_accuracy(y, pred, dataset.num_classes))}
+
+
 def _curve_frame(robust, y, dataset, eps_grid, attack, norm, steps, monotone) -> pd.DataFrame:
-    rows = []
     shape = dataset.images.shape[1:]
-    for k, e in enumerate(eps_grid):
-        pred = np.where(robust[k], y, -1)
-        row = {"eps": e, "eps_rms": eps_rms(e, norm, shape), "attack": attack, "norm": norm, "steps": steps,
-               "monotone": monotone, "n": len(y), "accuracy": float(robust[k].mean()),
-               "balanced_accuracy": balanced_accuracy(y, pred, dataset.num_classes)}
-        row |= {f"accuracy:{c}": a for c, a in zip(dataset.classes, per_class_accuracy(y, pred, dataset.num_classes))}
-        rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"eps": e, "eps_rms": eps_rms(e, norm, shape), "attack": attack, "norm": norm,
+                          "steps": steps, "monotone": monotone} | accuracy_row(y, np.where(robust[k], y, -1), dataset)
+                         for k, e in enumerate(eps_grid)])
 
 
 def protocol(model: nn.Module, dataset: ImageDataset, eps: Optional[dict] = None, presets: Sequence[str] = tuple(PRESETS),

@@ -50,11 +50,12 @@ def atomic_write_bytes(path, data: bytes) -> None:
         raise
 
 
-def remove_temp_files(run_dir) -> int:
-    """Delete the ``.<name>.<random>.tmp`` files a killed writer left (SIGKILL skips cleanup); how many went.
+def remove_temp_files(run_dir, pattern: str = ".*.tmp") -> int:
+    """Delete the ``.<name>.<random>.tmp`` files (those matching ``pattern``) a killed writer left (SIGKILL skips
+    cleanup); how many went.
 
     Only while no writer is running: a live writer's temp file would be pulled from under it."""
-    temps = [*Path(run_dir).glob(".*.tmp"), *(Path(run_dir) / "dynamics").glob(".*.tmp")]
+    temps = [*Path(run_dir).glob(pattern), *(Path(run_dir) / "dynamics").glob(pattern)]
     for p in temps:
         p.unlink(missing_ok=True)
     return len(temps)
@@ -358,7 +359,7 @@ def load_run(path) -> Run:
             run.state, run.problem = "interrupted", f"{gone}; continue with: python -m dpaat_core train --resume {path}"
         elif run.state == "failed":
             run.problem = run.status.get("message") or "failed without a message"
-        elif run.state in ("done", "stopped", "interrupted"):
+        elif run.state in ("done", "stopped"):
             bad = _unreadable_files(path)
             if bad:
                 run.state, run.problem = "corrupt", bad
@@ -419,8 +420,7 @@ def _merge_table(run_dir, name: str, frame: pd.DataFrame, keys: Sequence[str], o
     path = Path(run_dir) / name
     keys = list(keys)
     with merge_lock(run_dir):   # two evaluate processes finishing at once must not lose each other's rows
-        for stale in Path(run_dir).glob(f".{name}.*.tmp"):   # left by a killed writer: none can be live now
-            stale.unlink(missing_ok=True)
+        remove_temp_files(run_dir, f".{name}.*.tmp")   # left by a killed writer: none can be live now
         old = read(run_dir)
         if len(old):
             same = old[keys].apply(tuple, axis=1).isin(set(frame[keys].apply(tuple, axis=1)))
@@ -462,10 +462,14 @@ def read_robustness(run_dir) -> pd.DataFrame:
     return read_table(Path(run_dir) / "robustness.csv", [*ROBUSTNESS_KEYS, "eps", "accuracy"])
 
 
-def read_corruptions(run_dir) -> pd.DataFrame:
+def read_corruptions(run_dir, split: str | None = None, data: str | None = None) -> pd.DataFrame:
     """The run's ``corruptions.csv`` (empty frame if none): corruption, severity (0: clean), split, data, n,
-    accuracy, balanced_accuracy; an unreadable file is a :class:`RunError`."""
-    return read_table(Path(run_dir) / CORRUPTIONS_FILE, [*CORRUPTION_KEYS, "accuracy", "balanced_accuracy", "n"])
+    accuracy, balanced_accuracy; only the rows of ``split`` and ``data`` when given. An unreadable file is a
+    :class:`RunError`."""
+    frame = read_table(Path(run_dir) / CORRUPTIONS_FILE, [*CORRUPTION_KEYS, "accuracy", "balanced_accuracy", "n"])
+    if split is not None:
+        frame = frame[frame["split"] == split]
+    return frame if data is None else frame[frame["data"] == data]
 
 ATTRIBUTION_FILE = "attribution.csv"
 ATTRIBUTION_IMAGES_FILE = "attribution_images.csv"
