@@ -8,25 +8,10 @@ import streamlit as st
 import torch
 
 from dashboard import charts
-from dashboard.state import corruptions, evaluation_progress, live_corruption, model, run_data, viewer_mode
-from dpaat_core import launch, runs
+from dashboard.state import compute_buttons, corruptions, live_corruption, model, run_data
+from dpaat_core import runs
 from dpaat_core.corruption_eval import corruption_error
 from dpaat_core.corruptions import NAMES, SEVERITIES, describe
-
-
-def _compute_buttons(missing: list[runs.Run]) -> None:
-    waiting = {r.run_id: r.path for r in missing if launch.evaluating(r.path) is not None}
-    for run in missing:
-        if run.run_id not in waiting and st.button(f"Compute the corruption grid of {run.run_id} (15 corruptions x 5 "
-                                                   "severities on its test split: minutes on a CPU)",
-                                                   key=f"corrupt-{run.run_id}"):
-            try:
-                launch.start_evaluate(run.path, max_samples=None, corruptions=True)
-                waiting[run.run_id] = run.path
-            except runs.RunError as exc:
-                st.error(str(exc))
-    if waiting:
-        evaluation_progress(waiting)
 
 
 def _saved_grids(selected: list[runs.Run]) -> pd.DataFrame:
@@ -34,8 +19,8 @@ def _saved_grids(selected: list[runs.Run]) -> pd.DataFrame:
     if len(frame):
         frame = frame[frame["split"] == "test"]
     missing = [r for r in selected if not len(frame) or r.run_id not in set(frame.get("run", []))]
-    if missing and not viewer_mode():       # computing writes the store: not in viewer mode
-        _compute_buttons(missing)
+    compute_buttons(missing, lambda rid: f"Compute the corruption grid of {rid} (15 corruptions x 5 severities on its "
+                    "test split: minutes on a CPU)", "corrupt", max_samples=None, corruptions=True)
     if not len(frame):
         st.info("No run picked has a corruption grid yet (`python -m dpaat_core evaluate RUN --corruptions all`).")
         return frame

@@ -212,6 +212,42 @@ def unreadable(what: str, exc: BaseException) -> None:
     st.warning(f"{what} cannot be read" + ("." if viewer_mode() else f": {exc}"))
 
 
+def compute_buttons(missing: list, label, key: str, **start) -> None:
+    """A button per run of ``missing`` (``label(run_id)`` on it) that starts ``launch.start_evaluate(run, **start)``
+    as a process of its own, and the progress of those started; nothing in viewer mode (it writes the store)."""
+    from dpaat_core import launch
+    if viewer_mode():
+        return
+    waiting = {r.run_id: r.path for r in missing if launch.evaluating(r.path) is not None}
+    for run in missing:
+        if run.run_id not in waiting and st.button(label(run.run_id), key=f"{key}-{run.run_id}"):
+            try:
+                launch.start_evaluate(run.path, **start)
+                waiting[run.run_id] = run.path
+            except runs.RunError as exc:
+                st.error(str(exc))
+    if waiting:
+        evaluation_progress(waiting)
+
+
+def comparable_runs(run: runs.Run) -> dict:
+    """The other runs with weights that predict the same classes as ``run``, by id: what a page compares it with."""
+    classes = run.config["dataset"]["classes"]
+    return {r.run_id: r for r in list_runs() if r.has_weights and r.config is not None and r.run_id != run.run_id
+            and r.config["dataset"]["classes"] == classes}
+
+
+def training_split_filter(run: runs.Run, data, split: str, column, key: str | None = None):
+    """For images of the run's whole training split with saved dynamics: each image's fragile/stable split at the
+    last epoch (by index) and the split picked in a radio in ``column``; else (None, "all")."""
+    epochs = runs.dynamics_epochs(run.path) if split == "train" else []
+    last = dynamics(run, epochs[-1]) if epochs else None
+    if last is None or len(data) != run.config["dataset"]["train_size"]:
+        return None, "all"
+    return last.set_index("index")["split"], column.radio(f"In training (epoch {epochs[-1]})",
+                                                          ["all", "fragile", "stable"], horizontal=True, key=key)
+
+
 def _table(run: runs.Run, read) -> pd.DataFrame:
     try:
         return read(run.path).assign(run=run.run_id)
@@ -272,15 +308,13 @@ def _explanation(run_dir: str, mtime: int, key: str, _x, label, perturbation: tu
             _, name, severity, index = perturbation
             out = clean_and_corrupted(net, _x, name, severity, index=[index], methods=methods)
         else:
-            from dpaat_core.attacks import index_noise
             _, attack, norm, eps, index = perturbation
             with torch.no_grad():
                 clean = net(_x).argmax(1)
             y = torch.tensor([label]) if label is not None else clean     # the attack fights the truth when known
             # an image of a split starts from its own point, as in attribute's numbers and the gallery
-            noise = index_noise(_x.shape[1:], [index], norm) if index is not None and attack == "pgd" else None
             out = clean_and_adversarial(net, _x, y, eps, attack=attack, norm=norm, steps=EXPLORER_STEPS,
-                                        methods=methods, noise=noise)
+                                        methods=methods, index=None if index is None else [index])
     return {"x_adv": out["x_adv"].numpy(), "prob_clean": out["prob_clean"][0].numpy(),
             "prob_adv": out["prob_adv"][0].numpy(),
             "maps": {m: (a[0, 0].numpy(), b[0, 0].numpy()) for m, (a, b) in out["maps"].items()}}
@@ -358,6 +392,21 @@ def _image_numbers(run_dir: str, mtime: int, spec: str, split: str, method: str,
                          around=lambda: model_lock(run_dir))
 
 
+@st.cache_data(show_spinner=False, max_entries=32)
+def _saved_numbers(run_dir: str, mtime: int, method: str, split: str, spec: str, eps: float) -> pd.DataFrame:
+    """The rows of the run's ``attribution_images.csv`` made with the gallery's setting, by index (read once per
+    version of the file)."""
+    saved = runs.read_attribution_images(run_dir)
+    if not len(saved):
+        return saved
+    mine = saved[(saved["method"] == method) & (saved["split"] == split) & (saved["data"] == spec)
+                 & (saved["norm"] == GALLERY_NORM) & (saved["steps"] == EXPLORER_STEPS)
+                 & ((saved["eps"] - eps).abs() < 1e-9)]
+    if "seed" in mine:
+        mine = mine[mine["seed"] == 0]
+    return mine.sort_values("index").reset_index(drop=True)
+
+
 def gallery_numbers(run: runs.Run, data, split: str, method: str) -> tuple[pd.DataFrame | None, str]:
     """Every image's attribution numbers for the gallery, and where they came from: the run's saved
     ``attribution_images.csv`` when it covers the split with the gallery's setting, else computed here (in memory,
@@ -367,18 +416,13 @@ def gallery_numbers(run: runs.Run, data, split: str, method: str) -> tuple[pd.Da
         return None, ""
     eps = float(reference_eps(run.config, GALLERY_NORM))
     try:
-        saved = runs.read_attribution_images(run.path)
+        mine = _saved_numbers(str(run.path), _mtime(run.path / runs.ATTRIBUTION_IMAGES_FILE), method, split,
+                              data.source.spec, eps)
     except runs.RunError as exc:
         unreadable(f"{run.run_id}: attribution_images.csv", exc)
-        saved = pd.DataFrame()
-    if len(saved):
-        mine = saved[(saved["method"] == method) & (saved["split"] == split) & (saved["data"] == data.source.spec)
-                     & (saved["norm"] == GALLERY_NORM) & (saved["steps"] == EXPLORER_STEPS)
-                     & ((saved["eps"] - eps).abs() < 1e-9)]
-        if "seed" in mine:
-            mine = mine[mine["seed"] == 0]
-        if len(mine) == len(data) and set(mine["index"]) == set(range(len(data))):
-            return mine.sort_values("index").reset_index(drop=True), "saved with the run (attribution_images.csv)"
+        mine = pd.DataFrame()
+    if len(mine) == len(data) and set(mine["index"]) == set(range(len(data))):
+        return mine, "saved with the run (attribution_images.csv)"
     table = _image_numbers(str(run.path), _mtime(run.path / "weights.safetensors"), data.source.spec, split, method,
                            eps, data)
     return table, "computed for this view (`python -m dpaat_core attribute RUN --n all` saves them with the run)"

@@ -250,15 +250,19 @@ def _autocast(device, amp: bool):
 def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str = "pgd", norm: str = "l2",
             eps: Union[float, torch.Tensor] = 0.3, steps: Optional[int] = None, alpha_ratio: Optional[float] = None,
             *, generator: Optional[torch.Generator] = None, seed: int = 0, noise: Optional[torch.Tensor] = None,
-            validate: bool = True, amp: bool = False) -> torch.Tensor:
+            index=None, validate: bool = True, amp: bool = False) -> torch.Tensor:
     """``x`` attacked with the evaluation protocol's settings: ``x_adv``.
 
     ``steps`` default per attack (PGD 20, I-FGSM 10, FGSM 1); step ``alpha_ratio * eps`` (default
     PGD 1/4, I-FGSM 1/steps; FGSM takes one step of eps). ``eps``: a float or ``[B]``. PGD's random
-    start comes from ``noise`` (see :func:`attacks.start_noise`), else ``generator``, else ``seed``.
+    start comes from ``noise`` (see :func:`attacks.start_noise`), else each image's own seeded point when
+    ``index`` (the images' indices in their dataset) is given (:func:`index_noise` with ``seed``: the same in any
+    batch), else ``generator``, else ``seed``.
     ``amp``: the model's forward passes under bf16 autocast (the attack's arithmetic stays float32).
     """
     steps = DEFAULT_STEPS.get(attack) if steps is None else steps
+    if noise is None and index is not None and attack == "pgd":
+        noise = index_noise(x.shape[1:], index, norm, seed)
     if validate:
         check_attack(attack, norm, [float(e) for e in torch.as_tensor(eps).flatten()], steps)
     with _autocast(x.device, amp):

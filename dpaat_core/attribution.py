@@ -19,7 +19,7 @@ from scipy.stats import rankdata
 from skimage.metrics import structural_similarity
 from tqdm.auto import tqdm
 
-from .attacks import attack_mode, index_noise, perturb
+from .attacks import attack_mode, perturb
 from .models import gradcam_layer
 
 METHODS = ("gradcam", "integrated_gradients", "saliency", "occlusion", "guided_gradcam")
@@ -99,7 +99,8 @@ def attribute(model: nn.Module, x: torch.Tensor, target, method: str = "gradcam"
 
 
 def clean_and_adversarial(model, x, y, eps, method="gradcam", attack="pgd", norm="l2", steps=10, alpha_ratio=None,
-                          generator=None, target=None, methods=None, noise=None, **options) -> dict:
+                          generator=None, target=None, methods=None, noise=None, index=None, seed=0,
+                          **options) -> dict:
     """Attack ``x`` once and explain both versions for the same class.
 
     ``x``: float ``[B, C, H, W]`` in [0, 1]; ``y``: int64 ``[B]`` true labels (what the attack fights);
@@ -109,11 +110,12 @@ def clean_and_adversarial(model, x, y, eps, method="gradcam", attack="pgd", norm
     changed evidence, not a different question. Returns ``x_adv``, ``map_clean``/``map_adv`` ``[B,1,H,W]``
     (of ``method``), ``pred_clean``/``pred_adv`` int64 ``[B]``, ``prob_clean``/``prob_adv`` softmax ``[B, K]``
     and ``maps``: ``{name: (map_clean, map_adv)}`` for each of ``methods`` (default ``(method,)``), all on the
-    same attacked images. ``noise``: each image's random start (:func:`~dpaat_core.attacks.index_noise`) instead
-    of a draw from ``generator``.
+    same attacked images. ``noise``, or ``index`` and ``seed``: the random start as :func:`~dpaat_core.attacks.perturb`
+    takes it (``index``: each image's own seeded point) instead of a draw from ``generator``.
     """
     _check_images(x)
-    x_adv = perturb(model, x, y, attack, norm, eps, steps, alpha_ratio, generator=generator, noise=noise)
+    x_adv = perturb(model, x, y, attack, norm, eps, steps, alpha_ratio, generator=generator, noise=noise,
+                    index=index, seed=seed)
     return explain_pair(model, x, x_adv, method, target, methods, **options)
 
 
@@ -253,13 +255,11 @@ def attribution_report(model, dataset, eps, method="gradcam", attack="pgd", norm
     # Chance that allows for lesions sitting near the centre: each map scored on another image's mask (the next in
     # the order, or ``other_index``'s: a caller working through a long order piece by piece keeps the same pairs).
     others = (order.roll(-1) if other_index is None else torch.as_tensor(list(other_index))).split(batch_size)
-    shape = dataset.images.shape[1:]
     frames = []
     for idx, other in zip(tqdm(order.split(batch_size), disable=not progress, desc=f"{method} clean vs {attack}"),
                           others):
         x, y = dataset.batch(idx, device)
-        noise = index_noise(shape, idx, norm, seed) if attack == "pgd" else None
-        out = clean_and_adversarial(model, x, y, eps, method, attack, norm, steps, noise=noise, **options)
+        out = clean_and_adversarial(model, x, y, eps, method, attack, norm, steps, index=idx, seed=seed, **options)
         clean, adv = out["map_clean"], out["map_adv"]
         cols = {"index": idx.numpy(), "label": y.cpu().numpy(), "pred_clean": out["pred_clean"].cpu().numpy(),
                 "pred_adv": out["pred_adv"].cpu().numpy(),

@@ -65,8 +65,8 @@ def attribution_table(run_dir, methods, n=256, split="test", data=None, eps=None
     means, images = [], []
     for method in methods:
         report = attribution_report(model, dataset, eps, method=method, norm=norm, steps=steps,
-                                    n=len(dataset) if n is None else min(n, len(dataset)), seed=seed, device=device,
-                                    progress=progress, index=range(len(dataset)) if n is None else None)
+                                    n=n, seed=seed, device=device, progress=progress,
+                                    index=range(len(dataset)) if n is None else None)   # all, in index order
         summary = summarize_report(report).rename_axis("metric").reset_index()
         means.append(summary.assign(method=method, **settings))
         images.append(report.assign(method=method, seed=seed, **settings))
@@ -76,7 +76,7 @@ def attribution_table(run_dir, methods, n=256, split="test", data=None, eps=None
 
 
 def _attribute(args: argparse.Namespace) -> int:
-    from . import loading, runs
+    from . import runs
     from .attribution import METHODS
     from .train import resolve_device
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .attacks import DEFAULT_ALPHA, DEFAULT_STEPS, _autocast, attack_mode, check_attack, index_noise, perturb
+from .attacks import DEFAULT_ALPHA, DEFAULT_STEPS, _autocast, attack_mode, check_attack, perturb
 from .data import ImageDataset
 from .validation import balanced_accuracy, per_class_accuracy
 
@@ -131,9 +131,8 @@ class _Attacker:
     def logits(self, index: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Logits of the attacked images ``index`` at per-sample ``eps`` (the clean ones where eps is 0)."""
         x, y = self.images(index)
-        noise = index_noise(self.dataset.images.shape[1:], index, self.norm, self.seed) if self.attack == "pgd" else None
         x_adv = perturb(self.model, x, y, self.attack, self.norm, eps.to(self.device, torch.float32), self.steps,
-                        self.alpha_ratio, noise=noise, validate=False, amp=self.amp)
+                        self.alpha_ratio, index=index, seed=self.seed, validate=False, amp=self.amp)
         with torch.no_grad(), attack_mode(self.model), _autocast(self.device, self.amp):
             return self.model(x_adv).float()
 

@@ -8,13 +8,13 @@ came from, for any page of images in any order.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .attacks import index_noise
 from .attribution import attribution_report, clean_and_adversarial
 
 #: the share of a map's positive mass on the lesion below which the map "looks away from the lesion"
@@ -29,12 +29,10 @@ SORTS = {
 
 
 def image_numbers(model, dataset, eps: float, method: str = "gradcam", norm: str = "l2", steps: int = 10,
-                  batch_size: int = 64, seed: int = 0, device="cpu", progress: bool = False,
-                  around=None) -> pd.DataFrame:
+                  batch_size: int = 64, seed: int = 0, device="cpu", around=None) -> pd.DataFrame:
     """Every image's row of :func:`attribution_report`, in index order (as ``attribute --n all`` saves them).
     ``around``: a context manager factory entered for each batch (the dashboard's lock on its shared model, so
     other sessions take turns between batches rather than wait for the whole split)."""
-    import contextlib
     n = len(dataset)
     frames = []
     for chunk in torch.arange(n).split(batch_size):
@@ -107,8 +105,7 @@ def page_maps(model, dataset, index: Sequence[int], eps: float, method: str = "g
     their rows of :func:`image_numbers` were measured on (each image's own attack start)."""
     idx = torch.as_tensor(list(index), dtype=torch.int64)
     x, y = dataset.batch(idx, device)
-    noise = index_noise(dataset.images.shape[1:], idx, norm, seed)
-    out = clean_and_adversarial(model, x, y, eps, method, "pgd", norm, steps, noise=noise)
+    out = clean_and_adversarial(model, x, y, eps, method, "pgd", norm, steps, index=idx, seed=seed)
     return {"x": x.cpu().numpy(), "x_adv": out["x_adv"].cpu().numpy(),
             "map_clean": out["map_clean"][:, 0].detach().cpu().numpy().astype(np.float32),
             "map_adv": out["map_adv"][:, 0].detach().cpu().numpy().astype(np.float32)}

@@ -109,7 +109,11 @@ def evaluating(run_dir: str | Path) -> dict | None:
         return None
     if not liveness.same_process(info.get("pid"), info):
         return None
-    text = log.read_text(errors="replace") if log.is_file() else ""
+    text = ""
+    if log.is_file():   # its last few KiB: the log grows with every progress update
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            text = f.read().decode(errors="replace")
     line = (re.split(r"[\r\n]+", text.strip()) or [""])[-1]
     match = re.search(r"(\d+)%\|", line)
     return info | {"progress": int(match.group(1)) / 100 if match else None, "line": line}

@@ -3,8 +3,8 @@ import streamlit as st
 import torch
 
 from dashboard import charts
-from dashboard.state import (EXPLORER_STEPS, corrupted_explanation, data_spec_input, dynamics, explanation, list_runs,
-                             model, predictions, run_data, run_picker, unreadable)
+from dashboard.state import (EXPLORER_STEPS, comparable_runs, corrupted_explanation, data_spec_input, explanation,
+                             model, predictions, run_data, run_picker, training_split_filter, unreadable)
 from dpaat_core import runs
 from dpaat_core.attacks import ATTACKS
 from dpaat_core.corruptions import NAMES, SEVERITIES, describe
@@ -55,14 +55,9 @@ else:
         rows = table[table["class"].isin(wanted)]
         if outcome != "all":
             rows = rows[(rows.pred == rows.label) == (outcome == "correct")]
-        epochs = runs.dynamics_epochs(run.path) if split == "train" else []
-        last_dynamics = dynamics(run, epochs[-1]) if epochs else None
-        if last_dynamics is not None and len(data) == run.config["dataset"]["train_size"]:
-            last = last_dynamics.set_index("index")["split"]
-            wanted_split = c3.radio(f"In training (epoch {epochs[-1]})", ["all", "fragile", "stable"], horizontal=True,
-                                    key=f"in-training{fresh}")
-            if wanted_split != "all":
-                rows = rows[rows["index"].map(last) == wanted_split]
+        last, wanted_split = training_split_filter(run, data, split, c3, key=f"in-training{fresh}")
+        if wanted_split != "all":
+            rows = rows[rows["index"].map(last) == wanted_split]
         if rows.empty:
             st.info("No image matches these filters.")
         else:
@@ -92,8 +87,7 @@ else:
     st.caption(f"{attack.upper()} at eps {eps:.4f} ({norm}) with {EXPLORER_STEPS if attack != 'fgsm' else 1} step(s), "
                "as `python -m dpaat_core attribute` uses for the run's attribution.csv.")
 methods = st.multiselect("Attribution maps", list(METHODS), default=["gradcam", "saliency"])
-candidates = {r.run_id: r for r in list_runs() if r.has_weights and r.config is not None and r.run_id != run.run_id
-              and r.config["dataset"]["classes"] == classes}
+candidates = comparable_runs(run)
 compare = st.selectbox("Compare with another run (same classes)", ["none", *candidates])
 
 

@@ -3,9 +3,9 @@ import numpy as np
 import streamlit as st
 
 from dashboard import charts
-from dashboard.state import (EXPLORER_STEPS, data_spec_input, dynamics, gallery_maps, gallery_numbers, list_runs,
-                             model, run_data, run_picker)
-from dpaat_core import gallery, runs
+from dashboard.state import (EXPLORER_STEPS, comparable_runs, data_spec_input, gallery_maps, gallery_numbers, model,
+                             run_data, run_picker, training_split_filter)
+from dpaat_core import gallery
 from dpaat_core.attribution import overlay
 
 st.title("Gallery")
@@ -24,8 +24,7 @@ st.caption("Every image of a split with its map on the clean image and on the at
 c1, c2, c3 = st.columns(3)
 split = "test" if c1.radio("Images", ["Test split", "Training split"], horizontal=True) == "Test split" else "train"
 method = c2.selectbox("Map", ["gradcam", "saliency"], help="Grad-CAM: fast and coarse; saliency: pixel gradients")
-others = {r.run_id: r for r in list_runs() if r.has_weights and r.config is not None and r.run_id != run.run_id
-          and r.config["dataset"]["classes"] == classes}
+others = comparable_runs(run)
 compare_id = c3.selectbox("Compare with (same images, same order)", ["none", *others])
 data = run_data(run, split)
 if data is None:
@@ -66,12 +65,7 @@ f1, f2, f3, f4 = st.columns([2, 2, 2, 2])
 sort = f1.selectbox("Sort", sorts, format_func=lambda s: f"{s}: {gallery.SORTS[s]}")
 wanted = f2.multiselect("Classes", classes, default=classes)
 outcome = f3.radio("Prediction", ["all", "correct", "wrong"], horizontal=True)
-in_training, training_split = None, "all"
-epochs = runs.dynamics_epochs(run.path) if split == "train" else []
-last = dynamics(run, epochs[-1]) if epochs else None
-if last is not None and len(data) == run.config["dataset"]["train_size"]:
-    in_training = last.set_index("index")["split"]
-    training_split = f4.radio(f"In training (epoch {epochs[-1]})", ["all", "fragile", "stable"], horizontal=True)
+in_training, training_split = training_split_filter(run, data, split, f4)
 rows = gallery.select(gallery.order(numbers, sort), [classes.index(c) for c in wanted], outcome, in_training,
                       training_split)
 if only != "all":

@@ -5,9 +5,7 @@ import streamlit as st
 import torch
 
 from dashboard import charts, corruption_panel
-from dashboard.state import (data_spec_input, evaluation_progress, live_attack, model, robustness, run_data,
-                             run_picker, viewer_mode)
-from dpaat_core import launch, runs
+from dashboard.state import compute_buttons, data_spec_input, live_attack, model, robustness, run_data, run_picker
 from dpaat_core.attribution import perturbation_image
 from dpaat_core.evaluate import eps_rms, reference_eps
 from dpaat_core.attacks import ATTACKS, DEFAULT_STEPS
@@ -27,18 +25,8 @@ missing = [r for r in selected if not len(curves) or r.run_id not in set(curves.
 VIEWS = ("Adversarial attacks", "Natural corruptions")
 view = st.radio("View", VIEWS, horizontal=True, key="robustness-view", label_visibility="collapsed")
 if view == VIEWS[0]:
-    if not viewer_mode():   # computing a curve starts a process that writes the store: not in viewer mode
-        waiting = {r.run_id: r.path for r in missing if launch.evaluating(r.path) is not None}
-        for run in missing:
-            if run.run_id not in waiting and st.button(f"Compute the PGD-20 l2 curve of {run.run_id} (256 test images)",
-                                                       key=f"compute-{run.run_id}"):
-                try:
-                    launch.start_evaluate(run.path, max_samples=256)
-                    waiting[run.run_id] = run.path
-                except runs.RunError as exc:
-                    st.error(str(exc))
-        if waiting:
-            evaluation_progress(waiting)
+    compute_buttons(missing, lambda rid: f"Compute the PGD-20 l2 curve of {rid} (256 test images)", "compute",
+                    max_samples=256)
     if len(curves):
         x = "eps_rms" if st.toggle("Per-pixel RMS on the x axis", value=False) else "eps"
         st.plotly_chart(charts.robustness_chart(curves, x=x), key="curves")
