@@ -281,6 +281,15 @@ def predictions(run: runs.Run, data, split: str) -> pd.DataFrame:
     return _predictions(str(run.path), _mtime(run.path / "weights.safetensors"), data.source.spec, split, data)
 
 
+def eps_slider(where, eps0: float) -> float:
+    """An eps slider from 0 to 4x the run's reference ``eps0`` in steps of ``eps0 / 20``; the value snapped to that
+    grid: the browser computes arrow-key steps in floating point (0.3 - 4 * 0.015 arrives as 0.24000000000000002),
+    and an attack, whose maps may move with the last bits of eps, then runs at the eps on show."""
+    step = float(eps0) / 20
+    value = where.slider("eps", 0.0, float(4 * eps0), float(eps0), step, format="%.4f")
+    return round(round(value / step) * step, 10)
+
+
 #: the explorer's attack steps: PGD-10, the setting ``python -m dpaat_core attribute`` writes into attribution.csv
 EXPLORER_STEPS = 10
 

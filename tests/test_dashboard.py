@@ -491,3 +491,19 @@ def test_train_page_starts_a_run_from_another_runs_weights(store, tmp_path, monk
         time.sleep(0.2)
     config = json.loads((own / "hardened" / "config.json").read_text())
     assert config["model"]["init_from"] == str(own / "small-pgd") and config["init"]["run_id"] == "small-pgd"
+
+
+def test_eps_slider_snaps_a_browsers_floating_point_steps_to_the_grid():
+    """Four arrow-key steps from 0.3 arrive as 0.23999999999999994; the attack runs at the 0.24 the page shows."""
+    def app():
+        import streamlit as st
+
+        from dashboard.state import eps_slider
+        st.text(repr(eps_slider(st, 0.3)))
+
+    at = AppTest.from_function(app, default_timeout=30).run()
+    assert at.text[0].value == "0.3"
+    at.slider[0].set_value(0.3 - 0.015 - 0.015 - 0.015 - 0.015).run()
+    assert at.text[0].value == "0.24"
+    at.slider[0].set_value(1.2).run()
+    assert at.text[0].value == "1.2"

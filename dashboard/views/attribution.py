@@ -3,7 +3,7 @@ import streamlit as st
 import torch
 
 from dashboard import charts
-from dashboard.state import (EXPLORER_STEPS, comparable_runs, corrupted_explanation, data_spec_input, explanation,
+from dashboard.state import (EXPLORER_STEPS, comparable_runs, corrupted_explanation, data_spec_input, eps_slider, explanation,
                              model, predictions, run_data, run_picker, training_split_filter, unreadable)
 from dpaat_core import runs
 from dpaat_core.attacks import ATTACKS
@@ -83,7 +83,7 @@ else:
     attack = kind
     norm = c2.selectbox("Norm", ["l2", "linf"])
     eps0 = reference_eps(run.config, norm)
-    eps = c3.slider("eps", 0.0, float(4 * eps0), float(eps0), float(eps0) / 20, format="%.4f")
+    eps = eps_slider(c3, eps0)
     st.caption(f"{attack.upper()} at eps {eps:.4f} ({norm}) with {EXPLORER_STEPS if attack != 'fgsm' else 1} step(s), "
                "as `python -m dpaat_core attribute` uses for the run's attribution.csv.")
 methods = st.multiselect("Attribution maps", list(METHODS), default=["gradcam", "saliency"])

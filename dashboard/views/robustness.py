@@ -5,7 +5,7 @@ import streamlit as st
 import torch
 
 from dashboard import charts, corruption_panel
-from dashboard.state import compute_buttons, data_spec_input, live_attack, model, robustness, run_data, run_picker
+from dashboard.state import compute_buttons, data_spec_input, eps_slider, live_attack, model, robustness, run_data, run_picker
 from dpaat_core.attribution import perturbation_image
 from dpaat_core.evaluate import eps_rms, reference_eps
 from dpaat_core.attacks import ATTACKS, DEFAULT_STEPS
@@ -39,7 +39,7 @@ if view == VIEWS[0]:
     norm = c2.selectbox("Norm", ["l2", "linf"], index=0)
     n = c3.number_input("Images", min_value=4, max_value=64, value=16, step=4)
     eps0 = reference_eps(run.config, norm)
-    eps = st.slider("eps", min_value=0.0, max_value=float(4 * eps0), value=float(eps0), step=float(eps0) / 20, format="%.4f")
+    eps = eps_slider(st, eps0)
     data = run_data(run, "test") if model(run) is not None else None
     if data is not None:
         live = live_attack(run, data, int(n), attack, norm, eps)     # one seeded attack, cached on its inputs
