@@ -270,7 +270,9 @@ def test_two_sessions_explain_the_same_run_at_once(dashboard):
                     thumb.focus()
                     thumb.press("ArrowLeft")
         for page, thumb in zip(pages, thumbs):   # the maps on show are those of the slider's final eps
-            page.get_by_text(f"at eps {thumb.get_attribute('aria-valuetext')} (l2)").first.wait_for(timeout=60_000)
+            # the caption of the perturbed image is written after its maps are computed: until it names the final
+            # eps, the numbers on show may still be those of an earlier eps
+            page.get_by_text(f"perturbed at eps {thumb.get_attribute('aria-valuetext')}").first.wait_for(timeout=60_000)
             _settled(page, "Attribution explorer")
         seen = [_rank_agreements(page) for page in pages]
         eps = [float(thumb.get_attribute("aria-valuetext")) for thumb in thumbs]

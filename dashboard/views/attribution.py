@@ -101,7 +101,8 @@ def explain(r) -> None:
     images, probs = st.columns([3, 2])
     cols = images.columns(3)
     for col, img, cap in zip(cols, (x, x_adv, perturbation_image(x, x_adv)),
-                             ("clean", "corrupted" if kind == "natural corruption" else "perturbed",
+                             ("clean", f"{corruption.replace('_', ' ')} at severity {severity}"
+                              if kind == "natural corruption" else f"perturbed at eps {eps:.4f}",
                               "change (amplified)")):
         col.image(img[0].permute(1, 2, 0).numpy(), caption=cap, width="stretch", clamp=True)
     probs.plotly_chart(charts.probability_chart(classes, out["prob_clean"], out["prob_adv"]), key=f"p-{r.run_id}")
