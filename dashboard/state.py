@@ -6,6 +6,7 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import streamlit as st
@@ -279,6 +280,19 @@ def _predictions(run_dir: str, mtime: int, spec: str, split: str, _data) -> pd.D
 def predictions(run: runs.Run, data, split: str) -> pd.DataFrame:
     """Each image's class and the run's clean prediction on ``data`` (cached per run, data and split)."""
     return _predictions(str(run.path), _mtime(run.path / "weights.safetensors"), data.source.spec, split, data)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _report(run_dirs: tuple, stamps: tuple) -> str:
+    from dpaat_core.report import report_html
+    return report_html(list(run_dirs))
+
+
+def report_download(selected) -> Callable[[], str]:
+    """The audit report of the ``selected`` runs, built when the download is clicked (on Streamlit's download
+    thread, not in the page script) and cached until a run folder changes; nothing is written on the server."""
+    dirs, stamps = tuple(str(r.path) for r in selected), tuple(r.modified for r in selected)
+    return lambda: _report(dirs, stamps)
 
 
 def eps_slider(where, eps0: float) -> float:

@@ -3,7 +3,9 @@
 ``data SPEC``: load every split of a data spec and print what is in it, to check a dataset
 before training on it. ``train``: train a run (or ``--resume`` one); ``evaluate RUN_DIR``:
 robustness curves into the run's ``robustness.csv``; ``attribute RUN_DIR``:
-clean-vs-adversarial attribution numbers into ``attribution.csv``; ``runs``: list the run store.
+clean-vs-adversarial attribution numbers into ``attribution.csv``; ``import``: a classifier trained elsewhere as a
+run; ``audit RUN_DIR``: all of a run's numbers and its report; ``report RUN_DIR...``: the shareable HTML report;
+``runs``: list the run store.
 Bad arguments and unusable data exit with status 2 and one line.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 import warnings
 
 from .cli_attribute import add_attribute_parser
+from .cli_audit import add_audit_parsers
 from .cli_import import add_import_parser
 from .cli_evaluate import add_evaluate_parser
 from .cli_train import add_runs_parser, add_train_parser
@@ -56,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_parser(sub)
     add_attribute_parser(sub)
     add_import_parser(sub)
+    add_audit_parsers(sub)
     add_runs_parser(sub)
     return parser
 

@@ -49,18 +49,19 @@ def add_attribute_parser(sub) -> None:
 
 
 def attribution_table(run_dir, methods, n=256, split="test", data=None, eps=None, norm="l2", steps=10, seed=0,
-                      device="cpu", progress=True) -> tuple[pd.DataFrame, pd.DataFrame]:
+                      device="cpu", progress=True, model=None, dataset=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The means (one row per attribution method and metric: mean, std, median, n) and the per-image rows of
     :func:`attribution.attribution_report` (a ``method`` column added), with the settings as columns. ``n``:
-    a seeded draw of that many images, or None for every image in index order."""
+    a seeded draw of that many images, or None for every image in index order. ``model`` and ``dataset``: the
+    run's, already loaded (on ``device``; the ``split`` of ``data``), instead of reading them again."""
     from . import loading, runs
     from .attribution import attribution_report, summarize_report
     from .evaluate import reference_eps
 
     config = runs.read_config(run_dir)
     eps = reference_eps(config, norm) if eps is None else eps
-    model = loading.load_model(run_dir, device=device)
-    dataset = loading.load_run_data(run_dir, split, data)
+    model = loading.load_model(run_dir, device=device) if model is None else model
+    dataset = loading.load_run_data(run_dir, split, data) if dataset is None else dataset
     settings = dict(eps=eps, norm=norm, steps=steps, split=split, data=data or config["data"]["spec"])
     means, images = [], []
     for method in methods:

@@ -152,9 +152,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         eps = {norm: reference_eps(config, norm) for norm in ("l2", "linf")}
         table = protocol(model, dataset, eps, batch_size=args.batch_size, device=device, seed=args.seed, progress=True,
                          amp=args.amp)
-        table = table.assign(split=args.split)
-        _save_or_keep(lambda: runs.atomic_write_text(f"{args.run_dir}/protocol.csv", table.to_csv(index=False)), table,
-                      args.run_dir, "protocol")
+        table = table.assign(split=args.split, data=args.data or config["data"]["spec"])
+        from .audit import save_protocol      # merged: the rows of other splits and data (an audit's) are kept
+        _save_or_keep(lambda: save_protocol(args.run_dir, table), table, args.run_dir, "protocol")
         print("\nthe paper's protocol at the training eps")
         print(table[["preset", "eps", "accuracy", "robust_accuracy", "balanced_accuracy", "robust_balanced_accuracy",
                      "mean_average_precision"]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))

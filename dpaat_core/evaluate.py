@@ -266,20 +266,27 @@ def _curve_frame(robust, y, dataset, eps_grid, attack, norm, steps, monotone) ->
                          for k, e in enumerate(eps_grid)])
 
 
+def protocol_evaluations(model: nn.Module, dataset: ImageDataset, eps: Optional[dict] = None,
+                         presets: Sequence[str] = tuple(PRESETS), batch_size: int = 128, device=None, seed: int = 0,
+                         progress: bool = False, amp: bool = False):
+    """The paper's evaluation one preset at a time: yields ``(preset, Evaluation)`` (per-class figures and each
+    image's outcome included) for PGD-20 and I-FGSM in l2 and linf, each at ``eps`` of its norm (default
+    :data:`PROTOCOL_EPS`)."""
+    eps = {**PROTOCOL_EPS, **(eps or {})}
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown:
+        raise ValueError(f"unknown preset(s) {unknown}; choose from {', '.join(PRESETS)}")
+    for name in presets:
+        p = PRESETS[name]
+        yield name, evaluate(model, dataset, p["attack"], p["norm"], eps[p["norm"]], p["steps"], batch_size=batch_size,
+                             device=device, seed=seed, progress=progress, amp=amp)
+
+
 def protocol(model: nn.Module, dataset: ImageDataset, eps: Optional[dict] = None, presets: Sequence[str] = tuple(PRESETS),
              batch_size: int = 128, device=None, seed: int = 0, progress: bool = False,
              amp: bool = False) -> pd.DataFrame:
     """The paper's evaluation: one row per preset (PGD-20 and I-FGSM, l2 and linf) with clean,
     robust and balanced accuracy and mAP. ``eps``: per norm, default :data:`PROTOCOL_EPS`;
     ``amp``: forward passes under bf16 autocast (see the module docstring)."""
-    eps = {**PROTOCOL_EPS, **(eps or {})}
-    unknown = [p for p in presets if p not in PRESETS]
-    if unknown:
-        raise ValueError(f"unknown preset(s) {unknown}; choose from {', '.join(PRESETS)}")
-    rows = []
-    for name in presets:
-        p = PRESETS[name]
-        ev = evaluate(model, dataset, p["attack"], p["norm"], eps[p["norm"]], p["steps"], batch_size=batch_size,
-                      device=device, seed=seed, progress=progress, amp=amp)
-        rows.append({"preset": name, **ev.summary()})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"preset": name, **ev.summary()} for name, ev in
+                         protocol_evaluations(model, dataset, eps, presets, batch_size, device, seed, progress, amp)])

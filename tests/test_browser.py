@@ -289,3 +289,35 @@ def test_two_sessions_explain_the_same_run_at_once(dashboard):
                                     noise=index_noise(x.shape[1:], [0], "l2"))   # image #0's own seeded start
         alone = [spearman(a[0, 0], b[0, 0]) for a, b in out["maps"].values()]
         assert all(abs(float(v) - a) <= 0.0051 for v, a in zip(shown, alone)), (seen, eps, alone)
+
+
+def test_the_runs_pages_report_downloads_and_opens_offline(dashboard, tmp_path):
+    """The Runs page's report of the selected run: one file that opens with no console error and asks for nothing
+    outside itself (plotly's script and every image are inside)."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        page.goto(dashboard.url)
+        _settled(page, "DPAAT Lab")
+        page.get_by_role("link", name="Runs", exact=True).first.click()
+        _settled(page, "Runs")
+        with page.expect_download(timeout=120_000) as download:
+            page.get_by_role("button", name=re.compile("Download the audit report of browser-dpaat")).click()
+        file = tmp_path / download.value.suggested_filename
+        download.value.save_as(file)
+        viewer = browser.new_page(viewport={"width": 1300, "height": 1000})
+        errors, requests = [], []
+        viewer.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        viewer.on("pageerror", lambda e: errors.append(str(e)))
+        viewer.on("request", lambda r: requests.append(r.url))
+        viewer.goto(file.as_uri())
+        viewer.wait_for_function("() => document.querySelectorAll('.main-svg').length > 0", timeout=30_000)
+        viewer.wait_for_timeout(1000)                  # plotly draws, and would fetch anything it wanted by now
+        heading = viewer.locator("h1").inner_text()
+        examples = viewer.locator(".examples img").count()
+        browser.close()
+    assert file.suffix == ".html" and "browser-dpaat" in heading
+    assert not errors, errors
+    assert requests == [file.as_uri()], requests
+    assert examples == 6 * 4                           # 6 test images: clean, attacked and the map of each

@@ -142,8 +142,9 @@ def test_protocol_runs_the_papers_presets(trained, capsys):
     assert main(["evaluate", str(run), "--steps", "1", "--eps-grid", "0,0.1", "--protocol", "--max-samples", "8"]) == 0
     assert "the paper's protocol" in capsys.readouterr().out
     saved = pd.read_csv(run / "protocol.csv")
-    assert list(saved.preset) == ["pgd20_l2", "ifgsm_l2", "pgd20_linf", "ifgsm_linf"]
-    assert saved.eps.iloc[0] == pytest.approx(0.3) and saved.n.iloc[0] == 8
+    assert list(saved.preset) == ["ifgsm_l2", "ifgsm_linf", "pgd20_l2", "pgd20_linf"]     # merged, in key order
+    assert (saved.split == "test").all() and (saved.data == runs.read_config(run)["data"]["spec"]).all()
+    assert saved.eps.iloc[2] == pytest.approx(0.3) and saved.n.iloc[2] == 8
 
 
 @pytest.mark.device

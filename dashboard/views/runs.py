@@ -2,7 +2,7 @@
 import streamlit as st
 
 from dashboard import charts
-from dashboard.state import list_runs, run_picker, store, unreadable
+from dashboard.state import list_runs, report_download, run_picker, store, unreadable
 from dpaat_core import reproduction, runs
 
 st.title("Runs")
@@ -44,3 +44,11 @@ for run in selected:
     with st.expander(f"{run.run_id} · {run.method} · {run.model} · {run.state}", expanded=len(selected) == 1):
         st.plotly_chart(charts.metrics_chart(run.metrics), key=f"metrics-{run.run_id}")
         st.json(run.config, expanded=False)
+if selected:
+    names = selected[0].run_id if len(selected) == 1 else f"{len(selected)} runs"
+    st.download_button(f"Download the audit report of {names} (HTML)", report_download(selected),
+                       file_name=f"dpaat-audit-{'-vs-'.join(r.run_id for r in selected)[:120]}.html",
+                       mime="text/html", on_click="ignore", icon=":material/download:")
+    st.caption("One self-contained file to send to a colleague: origin, accuracy clean and under attack per class, "
+               "curves, the APGD check, attribution numbers and example images, compared when several runs are "
+               "selected. It shows what `python -m dpaat_core audit RUN` saved; parts not computed yet say so.")

@@ -1,0 +1,316 @@
+"""The shareable audit report (``python -m dpaat_core report RUN [RUN ...] -o FILE.html``): one self-contained HTML
+file, plotly's script and every image inside it, that opens offline and sends no request.
+
+For each run: where the model comes from, clean / balanced / robust accuracy and mAP with per-class figures (the
+audit's ``protocol.csv`` and ``per_class.csv``), the robustness curves, the APGD check, the attribution numbers and
+a grid of example test images (clean and attacked, the map of each, the prediction of each); for several runs, the
+comparison first. A part the run has not computed yet says which command computes it. Everything taken from a run
+folder (names, classes, paths) is escaped: a report of a hostile run folder runs no script of its own.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from . import runs
+from .data import DataError
+from .audit import apgd_norm, has_gradcam, read_apgd, read_per_class, read_protocol
+from .evaluate import reference_eps
+from .plots import PALETTE, robustness_chart
+
+HOW_TO_READ = """
+<p><b>Clean accuracy</b> is the share of test images the model gets right; <b>balanced accuracy</b> averages the
+per-class accuracies, so that a rare class (melanoma is about one image in nine in HAM10000) counts as much as the
+common one. <b>Robust accuracy</b> is the share it still gets right when an attacker may change every image a little:
+by at most <i>eps</i> in l2 (the length of the whole change, in [0, 1] pixel units) or in linf (the most any one pixel
+may move). PGD-20 and I-FGSM are the attacks of the DPAAT paper; the <b>APGD check</b> attacks the images PGD-20 left
+standing again with a stronger attack: a large gap between the two means PGD-20 overstated the robustness.
+<b>mAP</b> is the mean over classes of the average precision of the clean scores (ranking quality, 1 is perfect).</p>
+<p>The <b>curves</b> show robust accuracy as the attacker's budget grows; a curve that stays high for longer is the
+more robust model. The <b>attribution numbers</b> ask whether the model looks at the same place before and after the
+attack: <i>spearman</i> is the rank agreement of the two maps (1: the same ranking of pixels), <i>topk_iou</i> the
+overlap of their top 10% pixels, and where the data has lesion masks, <i>energy_clean</i> is the share of the map on
+the lesion, against <i>energy_other_mask</i>, the share on another image's lesion (what a map that ignores the image
+would score). In the <b>examples</b>, each row is a test image: the image, the attacked image (the change is too
+small to see), and the map of each, with the prediction and its confidence; a red prediction is wrong.</p>
+<p>These numbers are measured on the named test split only, at the image size the model takes: they say how the
+model behaves on images like these, not on a clinic's own images.</p>
+"""
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222;
+padding:0 1em}
+h1{font-size:1.6em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em} h3{margin-top:1.4em}
+table{border-collapse:collapse;margin:.6em 0} td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
+th{background:#f4f6f8} td:first-child,th:first-child{text-align:left}
+.note{color:#666;font-size:.92em} .wrong{color:#c0392b;font-weight:600} .right{color:#1e7e34}
+.examples td{text-align:center;vertical-align:top;font-size:.85em} .examples img{width:112px;height:112px;
+image-rendering:auto;display:block;margin:auto}
+.meta td{text-align:left}
+"""
+
+#: the attribution metrics the report shows, in order (those the data has)
+ATTRIBUTION_METRICS = ("spearman", "topk_iou", "ssim", "energy_clean", "energy_adv", "energy_other_mask",
+                       "pointing_clean", "pointing_adv")
+PRESET_LABELS = {"pgd20_l2": "PGD-20 l2", "ifgsm_l2": "I-FGSM l2", "pgd20_linf": "PGD-20 linf",
+                 "ifgsm_linf": "I-FGSM linf"}
+
+
+def _esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _table(frame: pd.DataFrame, digits: int = 3, cls: str = "") -> str:
+    return frame.to_html(index=False, escape=True, border=0, classes=cls or None, na_rep="–",
+                         float_format=lambda v: f"{v:.{digits}f}")
+
+
+def _png(array: np.ndarray) -> str:
+    """A uint8 ``[H, W, 3]`` (or float ``[C, H, W]`` in [0, 1]) image as an embedded PNG ``<img>``."""
+    from PIL import Image
+    a = np.asarray(array)
+    if a.dtype != np.uint8:
+        a = np.clip(np.round(np.moveaxis(a, 0, -1) * 255), 0, 255).astype(np.uint8)
+        a = a[..., 0] if a.shape[-1] == 1 else a
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _figure(fig: go.Figure, figures: list) -> str:
+    fig.update_layout(height=420, margin={"t": 60, "b": 40})
+    div = fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False, "responsive": True})
+    figures.append(fig)    # plotly's script goes in once, when there is a figure
+    return div
+
+
+def describe_origin(config: dict) -> str:
+    """Where a run's model comes from, in one sentence (plain text)."""
+    model = config.get("model") or {}
+    if config.get("origin") == "imported":
+        source = config.get("source") or {}
+        return (f"imported {model.get('name')} weights from {Path(str(source.get('file', '?'))).name} "
+                f"(SHA-256 {str(source.get('sha256', '?'))[:16]}…), trained outside DPAAT Lab")
+    method = (config.get("method") or {}).get("name", "?")
+    train = config.get("train") or {}
+    init = config.get("init") or {}
+    start = init.get("run_id") or Path(str(init.get("run") or model.get("init_from") or "")).name
+    text = f"{method} training of {model.get('name')} for {train.get('epochs', '?')} epochs in DPAAT Lab"
+    attack = config.get("attack") or {}
+    if method != "erm" and attack.get("eps"):
+        text += f" (training eps {attack['eps']:g} {attack.get('norm', '')})"
+    if not start:
+        return text + ", from scratch"
+    return text + (f", starting from the weights of {start}"
+                   + (" (an imported model)" if init.get("origin") == "imported" else ""))
+
+
+class _Run:
+    """One run's tables for the report, read once (only the rows of ``split`` and ``data``)."""
+
+    def __init__(self, run_dir, split: str, data: Optional[str]):
+        self.path = Path(run_dir)
+        self.id = self.path.name
+        self.config = runs.read_config(self.path)
+        self.data = data or (self.config.get("data") or {}).get("spec")
+        self.norm = apgd_norm(self.config)
+        self.eps = {n: reference_eps(self.config, n) for n in ("l2", "linf")}
+        self.classes = list((self.config.get("dataset") or {}).get("classes") or [])
+
+        def rows(frame):
+            if not len(frame):
+                return frame
+            keep = frame["split"].eq(split) if "split" in frame else True
+            return frame[keep & frame["data"].eq(self.data)] if "data" in frame else frame[keep]
+        self.protocol = rows(read_protocol(self.path))
+        self.per_class = rows(read_per_class(self.path))
+        self.apgd = rows(read_apgd(self.path))
+        self.curves = rows(runs.read_robustness(self.path))
+        self.attribution = rows(runs.read_attribution(self.path))
+
+    def headline(self) -> dict:
+        """Clean, balanced, PGD-20 (both norms), APGD and mAP, NaN where not computed."""
+        p = self.protocol.set_index("preset") if len(self.protocol) else pd.DataFrame()
+        get = (lambda preset, col: float(p.loc[preset, col]) if preset in p.index else np.nan)
+        first = p.index[0] if len(p) else None
+        spearman = self.attribution[(self.attribution.metric == "spearman")] if len(self.attribution) else None
+        method = "gradcam" if spearman is not None and (spearman.method == "gradcam").any() else "saliency"
+        pick = spearman[spearman.method == method]["mean"] if spearman is not None else pd.Series(dtype=float)
+        energy = (self.attribution[(self.attribution.metric == "energy_clean") & (self.attribution.method == method)]
+                  ["mean"] if len(self.attribution) else pd.Series(dtype=float))
+        if first is None and len(self.curves):     # not audited: the clean accuracy is the curves' eps 0
+            zero = self.curves[pd.to_numeric(self.curves["eps"], errors="coerce") == 0]["accuracy"]
+            clean = float(zero.iloc[0]) if len(zero) else np.nan
+        else:
+            clean = get(first, "accuracy") if first else np.nan
+        return {"run": self.id, "clean": clean,
+                "balanced": get(first, "balanced_accuracy") if first else np.nan,
+                "PGD-20 l2": get("pgd20_l2", "robust_accuracy"), "PGD-20 linf": get("pgd20_linf", "robust_accuracy"),
+                "APGD": float(self.apgd["robust_accuracy"].iloc[0]) if len(self.apgd) else np.nan,
+                "mAP": get(first, "mean_average_precision") if first else np.nan,
+                f"{'Grad-CAM' if method == 'gradcam' else 'saliency'} agreement":
+                    float(pick.iloc[0]) if len(pick) else np.nan,
+                "map on lesion": float(energy.iloc[0]) if len(energy) else np.nan}
+
+
+def _missing(what: str, run_dir: Path) -> str:
+    return (f'<p class="note">No {what} for this data yet: run <code>python -m dpaat_core audit '
+            f'{_esc(run_dir)}</code>.</p>')
+
+
+def _run_section(run: _Run, examples: str, figures: list) -> str:
+    parts = [f'<h2 id="{_esc(run.id)}">{_esc(run.id)}</h2>',
+             '<table class="meta">'
+             f"<tr><td>origin</td><td>{_esc(describe_origin(run.config))}</td></tr>"
+             f"<tr><td>architecture</td><td>{_esc((run.config.get('model') or {}).get('name'))}</td></tr>"
+             f"<tr><td>data</td><td>{_esc(run.data)}</td></tr>"
+             f"<tr><td>classes</td><td>{_esc(', '.join(map(str, run.classes)))}</td></tr>"
+             f"<tr><td>eps judged at</td><td>l2 {run.eps['l2']:g}, linf {run.eps['linf'] * 255:.3g}/255</td></tr>"
+             "</table>"]
+    parts.append("<h3>Accuracy, clean and under attack</h3>")
+    if len(run.protocol):
+        table = run.protocol.assign(attack=run.protocol.preset.map(PRESET_LABELS).fillna(run.protocol.preset))
+        parts.append(_table(table[["attack", "eps", "accuracy", "balanced_accuracy", "robust_accuracy",
+                                   "robust_balanced_accuracy", "mean_average_precision"]], 4))
+    else:
+        parts.append(_missing("protocol", run.path))
+    preset = f"pgd20_{run.norm}"
+    per_class = run.per_class[run.per_class.preset == preset] if len(run.per_class) else run.per_class
+    if len(per_class):
+        parts.append(f"<h3>Per class (robust: PGD-20 {run.norm} at eps {run.eps[run.norm]:g})</h3>")
+        parts.append(_table(per_class.sort_values("class_index")[["class", "n", "accuracy", "robust_accuracy",
+                                                                   "average_precision"]]))
+    parts.append("<h3>APGD check</h3>")
+    if len(run.apgd):
+        a = run.apgd.iloc[0]
+        gap = (a["pgd20"] - a["robust_accuracy"]) * 100
+        parts.append(f"<p>{run.norm} eps {a['eps']:g}: PGD-20 leaves {a['pgd20']:.3f} of the images standing; "
+                     f"{_esc(a.get('attacks', 'APGD'))} brings that to <b>{a['robust_accuracy']:.3f}</b> "
+                     f"({gap:.1f} points {'lower: PGD-20 overstated the robustness' if gap > 2 else 'lower at most: PGD-20 was a fair measure'}).</p>")
+    else:
+        parts.append(_missing("APGD check", run.path))
+    parts.append("<h3>Robustness curves</h3>")
+    curves = run.curves[(run.curves.attack == "pgd")] if len(run.curves) else run.curves
+    parts.append(_figure(robustness_chart(curves), figures) if len(curves) else _missing("curves", run.path))
+    parts.append("<h3>Attribution: clean against attacked</h3>")
+    if len(run.attribution):
+        wide = run.attribution.pivot_table(index="metric", columns="method", values="mean")
+        wide = wide.reindex([m for m in ATTRIBUTION_METRICS if m in wide.index]).rename_axis(columns=None).reset_index()
+        first = run.attribution.iloc[0]
+        parts.append(f"<p class='note'>Means over {int(run.attribution['n'].max())} test images, PGD-"
+                     f"{int(first['steps'])} {_esc(first['norm'])} at eps {float(first['eps']):g}.</p>")
+        parts.append(_table(wide))
+    else:
+        parts.append(_missing("attribution numbers", run.path))
+    parts.append(examples)
+    return "\n".join(parts)
+
+
+def example_index(dataset, n: int, seed: int = 0) -> list[int]:
+    """``n`` test images, one of each class in turn (a seeded pick within each), so a rare class is shown too."""
+    rng = np.random.default_rng(seed)
+    labels = dataset.labels.numpy()
+    pools = [list(rng.permutation(np.flatnonzero(labels == k))) for k in range(dataset.num_classes)]
+    out = []
+    while len(out) < min(n, len(labels)):
+        for pool in pools:
+            if pool and len(out) < n:
+                out.append(int(pool.pop()))
+    return out
+
+
+def _examples(run: _Run, index: Sequence[int], split: str, device, seed: int) -> str:
+    """The example grid: for each image, clean and attacked, the map of each, and each prediction."""
+    from . import loading
+    from .attribution import clean_and_adversarial, overlay
+    model = loading.load_model(run.path, device=device)
+    dataset = loading.load_run_data(run.path, split, run.data)
+    method = "gradcam" if has_gradcam(model) else "saliency"
+    x, y = dataset.batch(index, device)
+    out = clean_and_adversarial(model, x, y, run.eps[run.norm], attack="pgd", norm=run.norm, steps=10,
+                                methods=(method,), index=list(index), seed=seed)
+    clean_map, adv_map = out["maps"][method]
+    name = "Grad-CAM" if method == "gradcam" else "saliency (no Grad-CAM layer)"
+    rows = [f"<h3>Examples: PGD-10 {run.norm} at eps {run.eps[run.norm]:g}, {name}</h3>",
+            '<table class="examples"><tr><th>image</th><th>attacked</th><th>map, clean</th><th>map, attacked</th>'
+            "<th>truth</th><th>prediction, clean</th><th>prediction, attacked</th></tr>"]
+    classes = [str(c) for c in dataset.classes]
+    for k, i in enumerate(index):
+        def pred(p):
+            c = int(p[k].argmax())
+            ok = "right" if c == int(y[k]) else "wrong"
+            return f'<td class="{ok}">{_esc(classes[c])} ({float(p[k].max()):.2f})</td>'
+        xk, ak = x[k].cpu().numpy(), out["x_adv"][k].detach().cpu().numpy()
+        rows.append(f"<tr><td>{_png(xk)}#{i}</td><td>{_png(ak)}</td>"
+                    f"<td>{_png(overlay(xk, clean_map[k, 0].cpu().numpy()))}</td>"
+                    f"<td>{_png(overlay(ak, adv_map[k, 0].cpu().numpy()))}</td>"
+                    f"<td>{_esc(classes[int(y[k])])}</td>{pred(out['prob_clean'])}{pred(out['prob_adv'])}</tr>")
+    return "\n".join(rows) + "</table>"
+
+
+def _comparison(items: list[_Run], figures: list) -> str:
+    head = pd.DataFrame([r.headline() for r in items])
+    parts = ["<h2>Comparison</h2>", _table(head)]
+    bars = go.Figure()
+    metrics = [c for c in head.columns if c != "run" and head[c].notna().any()]
+    for k, row in head.iterrows():
+        bars.add_trace(go.Bar(x=metrics, y=[row[m] for m in metrics], name=str(row["run"]),
+                              marker_color=PALETTE[k % len(PALETTE)]))
+    bars.update_layout(title="Headline figures", barmode="group", template="plotly_white", yaxis_range=[0, 1])
+    parts.append(_figure(bars, figures))
+    curves = pd.concat([r.curves[r.curves.attack == "pgd"].assign(run=r.id) for r in items if len(r.curves)],
+                       ignore_index=True) if any(len(r.curves) for r in items) else pd.DataFrame()
+    if len(curves):
+        parts.append(_figure(robustness_chart(curves), figures))
+    return "\n".join(parts)
+
+
+def report_html(run_dirs: Sequence, data: Optional[str] = None, split: str = "test", n_examples: int = 6,
+                device="cpu", seed: int = 0) -> str:
+    """The report of ``run_dirs`` (one page; several runs are compared first) as an HTML string."""
+    import plotly.offline
+    if not run_dirs:
+        raise ValueError("a report needs at least one run")
+    items = [_Run(r, split, data) for r in run_dirs]
+    figures: list = []
+    sections = []
+    picks: dict = {}      # the same images for every run of the same data
+    for run in items:
+        try:
+            if run.data not in picks and n_examples > 0:
+                from . import loading
+                picks[run.data] = example_index(loading.load_run_data(run.path, split, run.data), n_examples, seed)
+            examples = _examples(run, picks[run.data], split, device, seed) if n_examples > 0 else ""
+        except (DataError, runs.RunError, OSError, ValueError) as exc:   # the data is not on this machine, ...
+            examples = f'<p class="note">No example images: {_esc(str(exc).splitlines()[0] if str(exc) else exc)}</p>'
+        sections.append(_run_section(run, examples, figures))
+    title = "DPAAT Lab audit: " + ", ".join(r.id for r in items)
+    body = [f"<h1>{_esc(title)}</h1>",
+            f"<p class='note'>{split} split; made by <code>python -m dpaat_core report</code>. Every number below "
+            "comes from the run folders' saved tables; the examples are computed for this report.</p>",
+            "<details open><summary><b>How to read this</b></summary>" + HOW_TO_READ + "</details>"]
+    if len(items) > 1:
+        body.append(_comparison(items, figures))
+    else:
+        body.append("<h2>Headline</h2>" + _table(pd.DataFrame([items[0].headline()])))
+    body.extend(sections)
+    script = f"<script>{plotly.offline.get_plotlyjs()}</script>" if figures else ""
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
+            f"<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; "
+            f"style-src 'unsafe-inline'; script-src 'unsafe-inline' 'unsafe-eval'\">"
+            f"<style>{CSS}</style>{script}</head><body>{''.join(body)}</body></html>")
+
+
+def write_report(run_dirs: Sequence, out, **options) -> Path:
+    """:func:`report_html` written atomically to ``out``."""
+    out = Path(out)
+    text = report_html(run_dirs, **options)
+    runs.atomic_write_text(out, text)
+    return out

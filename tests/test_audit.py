@@ -1,0 +1,155 @@
+"""``python -m dpaat_core audit`` and ``report``: every part of the audit lands in the run folder with the numbers the
+library computes on its own, a second dataset adds to the first, and the report is one file that says what it shows,
+escapes what it reads and needs nothing from outside."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from dpaat_core import loading, runs
+from dpaat_core.__main__ import main
+from dpaat_core.audit import audit, has_gradcam, read_apgd, read_per_class, read_protocol
+from dpaat_core.config import RunConfig, method_config
+from dpaat_core.evaluate import evaluate
+from dpaat_core.report import example_index, report_html
+from dpaat_core.train import train
+
+DATA = "synthetic:n=48,classes=3"
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory):
+    """A small DPAAT run, audited once (a seeded quarter of its attribution images)."""
+    store = tmp_path_factory.mktemp("store")
+    cfg = RunConfig().replace(data={"spec": DATA, "image_size": 32}, attack={"steps": 1},
+                              method=method_config("dpaat"), train={"epochs": 2, "batch_size": 16, "device": "cpu"})
+    run = train(cfg, store=store, run_id="small")
+    lines = []
+    out = audit(run, apgd_steps=5, progress=False, log=lines.append, n_attribution=6)
+    return run, out, lines
+
+
+def test_the_audit_writes_each_part_with_the_librarys_numbers(audited):
+    run, out, lines = audited
+    config = runs.read_config(run)
+    protocol = read_protocol(run)
+    assert list(protocol.preset) == ["ifgsm_l2", "ifgsm_linf", "pgd20_l2", "pgd20_linf"]    # merged, sorted
+    assert (protocol.split == "test").all() and (protocol.data == DATA).all()
+    model, test = loading.load_model(run), loading.load_run_data(run, "test")
+    alone = evaluate(model, test, "pgd", "l2", config["attack"]["eps"], 20)    # the same attack, run on its own
+    row = protocol.set_index("preset").loc["pgd20_l2"]
+    assert row.robust_accuracy == pytest.approx(alone.robust_accuracy) and row.accuracy == pytest.approx(alone.accuracy)
+    per_class = read_per_class(run)
+    mine = per_class[per_class.preset == "pgd20_l2"].sort_values("class_index")
+    assert list(mine["class"]) == list(test.classes) and mine.n.sum() == len(test)
+    np.testing.assert_allclose(mine.robust_accuracy, alone.per_class.robust_accuracy)
+    curves = runs.read_robustness(run)
+    assert set(curves.norm) == {"l2", "linf"} and (curves.attack == "pgd").all() and len(curves) == 16
+    apgd = read_apgd(run).iloc[0]
+    assert apgd.norm == config["attack"]["norm"] and apgd.robust_accuracy <= apgd.pgd20 == pytest.approx(row.robust_accuracy)
+    attribution = runs.read_attribution(run)
+    assert set(attribution.method) == {"gradcam", "saliency"} and (attribution.n <= 6).all()
+    assert len(runs.read_attribution_images(run)) == 2 * 6
+    assert [line.split(":")[0] for line in lines] == ["protocol", "curves", "APGD check (l2 eps 0.3)", "attribution (clean vs PGD-10 map agreement, Spearman)"]
+    assert not out["skipped"]
+
+
+def test_an_audit_on_other_data_adds_to_the_first(audited, tmp_path):
+    run, _, _ = audited
+    copy = tmp_path / "small"
+    import shutil
+    shutil.copytree(run, copy)
+    other = "synthetic:n=40,classes=3,seed=5"
+    audit(copy, data=other, apgd_steps=2, progress=False, log=lambda line: None, n_attribution=4)
+    protocol = read_protocol(copy)
+    assert len(protocol) == 8 and set(protocol.data) == {DATA, other}
+    assert set(read_apgd(copy).data) == {DATA, other} and set(runs.read_robustness(copy).data) == {DATA, other}
+    assert len(read_per_class(copy)) == 2 * 4 * 3
+
+
+def test_audit_command_prints_the_report_and_refuses_a_run_without_data(audited, tmp_path, capsys):
+    run, _, _ = audited
+    import shutil
+    copy = tmp_path / "small"
+    shutil.copytree(run, copy)
+    assert main(["audit", str(copy), "--max-samples", "12", "--apgd-steps", "2", "--attribution-images", "3",
+                 "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[-1] == str(copy / "report.html") and (copy / "report.html").is_file()
+    assert "audit" in err and "APGD check" in err                       # the one bar and each part's line
+    assert read_protocol(copy).n.max() == 12
+    config = json.loads((copy / "config.json").read_text())
+    config["data"]["spec"] = None                                       # as an import with --classes leaves it
+    (copy / "config.json").write_text(json.dumps(config))
+    assert main(["audit", str(copy), "--device", "cpu"]) == 2
+    assert "pass --data SPEC" in capsys.readouterr().err
+    assert main(["audit", str(copy), "--apgd-steps", "0"]) == 2
+    assert main(["report", str(copy), "-o", str(tmp_path / "r.pdf")]) == 2
+    assert "name it .html" in capsys.readouterr().err
+
+
+def _tags(text: str) -> str:
+    """The markup of ``text`` without plotly's library (whose code names URLs it never loads here)."""
+    return re.sub(r"<script>.*?</script>", "<script></script>", text, flags=re.S)
+
+
+def test_the_report_is_self_contained_and_shows_each_part(audited):
+    run, _, _ = audited
+    text = report_html([run], n_examples=3)
+    markup = _tags(text)
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", markup)     # nothing fetched from outside
+    assert "<link" not in markup and "@import" not in markup
+    assert "default-src 'none'" in markup                                  # and the browser is told so
+    for part in ("How to read this", "Accuracy, clean and under attack", "Per class", "APGD check",
+                 "Robustness curves", "Attribution: clean against attacked", "Examples: PGD-10 l2"):
+        assert part in markup, part
+    assert markup.count("data:image/png;base64,") == 3 * 4                 # image, attacked, two maps, 3 examples
+    protocol = read_protocol(run).set_index("preset")
+    assert f"{protocol.loc['pgd20_l2', 'robust_accuracy']:.4f}" in markup
+    assert "dpaat training of resnet8 for 2 epochs" in markup and "from scratch" in markup
+
+
+def test_the_report_compares_runs_and_says_what_is_missing(audited, tmp_path):
+    run, _, _ = audited
+    bare = train(RunConfig().replace(data={"spec": DATA, "image_size": 32}, method=method_config("erm"),
+                                     train={"epochs": 1, "batch_size": 16, "device": "cpu"}),
+                 store=tmp_path, run_id="bare")
+    markup = _tags(report_html([run, bare], n_examples=2))
+    assert "<h2>Comparison</h2>" in markup and markup.count("python -m dpaat_core audit") >= 3
+    table = markup[markup.index("<h2>Comparison</h2>"):].split("</table>")[0]
+    header = re.findall(r"<th>(.*?)</th>", table)
+    rows = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table, flags=re.S)]
+    column = header.index("PGD-20 l2")
+    robust = read_protocol(run).set_index("preset").loc["pgd20_l2", "robust_accuracy"]
+    assert [r[0] for r in rows] == ["small", "bare"] and rows[0][column] == f"{robust:.3f}" and rows[1][column] == "–"
+
+
+def test_the_report_escapes_what_it_reads_from_a_run_folder(audited, tmp_path):
+    run, _, _ = audited
+    import shutil
+    copy = tmp_path / "hostile"
+    shutil.copytree(run, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["init"] = {"run_id": "<script>alert(1)</script>", "origin": "imported"}
+    config["data"]["spec"] = DATA + "<img src=x onerror=alert(2)>"
+    (copy / "config.json").write_text(json.dumps(config))
+    markup = _tags(report_html([copy], n_examples=1))
+    assert "<script>alert" not in markup and "<img src=x" not in markup
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in markup
+    assert "No example images" in markup                       # its data spec cannot be loaded: said, not fatal
+
+
+def test_examples_show_every_class_before_repeating_one():
+    from dpaat_core.data import load_dataset
+    data = load_dataset("synthetic:n=60,classes=4", "test", 32)
+    index = example_index(data, 6)
+    labels = data.labels[index].tolist()
+    assert len(set(labels[:4])) == 4 and len(set(index)) == 6
+
+
+def test_a_model_without_a_feature_map_has_no_gradcam():
+    from dpaat_core.models import Classifier
+    net = Classifier("t", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3)), 3, 3)
+    assert not has_gradcam(net)
