@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from dpaat_core import loading, runs  # noqa: E402
 from dpaat_core.__main__ import main as cli  # noqa: E402
-from dpaat_core.evaluate import clean_logits, evaluate  # noqa: E402
+from dpaat_core.audit import apgd_norm  # noqa: E402
+from dpaat_core.evaluate import clean_logits, evaluate, reference_eps  # noqa: E402
 
 METHODS = ("erm", "pgd_at", "trades", "dpaat", "dpaat_nosync", "dpaat_fixed")
 COPY = ("config.json", "metrics.jsonl", "status.json", "study.json", "weights.safetensors", "dynamics")
@@ -47,7 +48,8 @@ def fp16_is_lossless(run_dir: Path) -> dict:
     a, b = (clean_logits(m, test).argmax(1) for m in (full, half))
     check = {"n": len(test), "changed_clean_predictions": int((a != b).sum()), "changed_pgd20_outcomes": None}
     if check["changed_clean_predictions"] == 0:
-        norm, eps = config["attack"]["norm"], float(config["attack"]["eps"])
+        norm = apgd_norm(config)                    # the training norm; l2 for an imported model
+        eps = reference_eps(config, norm)
         a, b = (evaluate(m, test, "pgd", norm, eps, 20).samples["robust"] for m in (full, half))
         check["changed_pgd20_outcomes"] = int((a != b).sum())
     check["lossless"] = check["changed_clean_predictions"] == 0 and check["changed_pgd20_outcomes"] == 0

@@ -28,7 +28,7 @@ def add_train_parser(sub) -> None:
     run.add_argument("--config", metavar="FILE",
                      help="a config in the run store's config.json format; a partial one fills the rest with defaults "
                           "(a method section with its method's preset), and flags given beside it override it")
-    run.add_argument("--data", help="data spec: npz:<file>, medmnist:<flag>[@size], ham10000:<dir>, folder:<dir> or synthetic[:n=..]")
+    run.add_argument("--data", help="data spec: npz:<file>, medmnist:<flag>[@size], ham10000:<dir>, folder:<dir> or synthetic[:n=..] (with --init-from: the source run's data, at its image size)")
     run.add_argument("--model", help=f"architecture: {', '.join(MODEL_NAMES)} (resnet8 is the small CPU model)")
     run.add_argument("--method", help=f"training method: {', '.join(METHODS)}")
     run.add_argument("--epochs", type=int, help="maximum number of epochs (early stopping may end sooner)")
@@ -106,12 +106,25 @@ def read_config_file(path: str) -> RunConfig:
         raise ConfigError(f"--config {path}: {exc}") from None
 
 
+def _source_data(run_dir) -> dict:
+    """The data section of the run ``--init-from`` names ({} when it cannot be read: the start checks it then)."""
+    from . import runs
+    try:
+        return runs.read_config(run_dir).get("data") or {}
+    except runs.RunError:
+        return {}
+
+
 _METHOD_FLAGS = ("gamma", "threshold", "sync", "beta_clean", "lam", "memoryless")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """A validated :class:`RunConfig` from ``train`` flags: ``--config FILE`` (or the defaults) with every flag
     given beside it on top."""
+    source = _source_data(args.init_from) if args.init_from is not None and args.config is None else {}
+    if args.data is None and source.get("spec"):      # a start from a run trains on its data, at its size
+        args.data = source["spec"]
+        args.image_size = args.image_size if args.image_size is not None else source.get("image_size")
     if args.config is None:
         missing = [f"--{n}" for n in ("data", "model", "method", "epochs") if getattr(args, n) is None
                    and not (n == "model" and args.init_from is not None)]

@@ -193,7 +193,8 @@ def _run_section(run: _Run, examples: str, figures: list) -> str:
         gap = (a["pgd20"] - a["robust_accuracy"]) * 100
         parts.append(f"<p>{run.norm} eps {a['eps']:g}: PGD-20 leaves {a['pgd20']:.3f} of the images standing; "
                      f"{_esc(a.get('attacks', 'APGD'))} brings that to <b>{a['robust_accuracy']:.3f}</b> "
-                     f"({gap:.1f} points {'lower: PGD-20 overstated the robustness' if gap > 2 else 'lower at most: PGD-20 was a fair measure'}).</p>")
+                     f"({gap:.1f} points lower: "
+                     f"{'PGD-20 overstated the robustness' if gap > 2 else 'PGD-20 was a fair measure here'}).</p>")
     else:
         parts.append(_missing("APGD check", run.path))
     parts.append("<h3>Robustness curves</h3>")

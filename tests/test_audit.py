@@ -153,3 +153,26 @@ def test_a_model_without_a_feature_map_has_no_gradcam():
     from dpaat_core.models import Classifier
     net = Classifier("t", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3)), 3, 3)
     assert not has_gradcam(net)
+
+
+def test_the_shipped_imported_and_hardened_demo_runs_hold_their_audit(shared_data):
+    """The README's before/after figures come from these two runs' tables; the models still give them."""
+    from pathlib import Path
+
+    from dpaat_core.evaluate import clean_logits
+    store = Path(__file__).resolve().parents[1] / "checkpoints"
+    imported, hardened = (store / f"demo-{k}-mobilenet_v3_small-ham10000" for k in ("imported", "hardened"))
+    config = runs.read_config(hardened)
+    assert runs.read_config(imported)["origin"] == "imported" and config["init"]["origin"] == "imported"
+    assert (store.parent / config["init"]["run"]).resolve() == imported.resolve()      # its start ships beside it
+    for run in (imported, hardened):
+        assert runs.load_run(run).state == "done"
+        protocol = read_protocol(run).set_index("preset")
+        assert len(protocol) == 4 and len(read_per_class(run)) == 4 * 7 and len(read_apgd(run)) == 1
+        assert set(runs.read_robustness(run).norm) == {"l2", "linf"}
+        assert runs.read_attribution(run).n.max() == 666           # every test image (a constant map has no rank)
+        test = loading.load_run_data(run, "test")
+        pred = clean_logits(loading.load_model(run), test).argmax(1)
+        assert float((pred == test.labels).float().mean()) == pytest.approx(protocol.loc["pgd20_l2", "accuracy"])
+    robust = [read_protocol(r).set_index("preset").loc["pgd20_l2", "robust_accuracy"] for r in (imported, hardened)]
+    assert robust[0] < 0.05 < 0.2 < robust[1]                        # what the README says DPAAT did to it

@@ -209,3 +209,17 @@ def test_a_start_with_other_classes_is_refused(outside, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "theirs predicts x, y, z from 3 channel(s); this data has" in err
     assert not (tmp_path / "store" / "hardened").exists()
+
+
+def test_a_start_without_data_trains_on_the_source_runs_data_at_its_size(outside, tmp_path, capsys):
+    _, _, folder = outside
+    assert _import(tmp_path, folder / "ddp.pt", "--data", DATA, name="theirs") == 0          # 32 px (see _import)
+    assert main(["train", "--init-from", str(tmp_path / "store" / "theirs"), "--method", "dpaat", "--epochs", "1",
+                 "--steps", "1", "--batch-size", "16", "--device", "cpu", "--store", str(tmp_path / "store"),
+                 "--name", "hardened", "--quiet"]) == 0
+    config = json.loads((tmp_path / "store" / "hardened" / "config.json").read_text())
+    assert config["data"]["spec"] == DATA and config["data"]["image_size"] == 32
+    assert _import(tmp_path, folder / "ddp.pt", "--classes", "x,y,z", name="nodata") == 0     # the source names none
+    assert main(["train", "--init-from", str(tmp_path / "store" / "nodata"), "--method", "dpaat", "--epochs", "1",
+                 "--store", str(tmp_path / "store"), "--name", "other"]) == 2
+    assert "train needs --data" in capsys.readouterr().err
