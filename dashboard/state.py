@@ -288,11 +288,22 @@ def _report(run_dirs: tuple, stamps: tuple) -> str:
     return report_html(list(run_dirs))
 
 
+def _report_or_problem(run_dirs: tuple, stamps: tuple) -> str:
+    """The report, or (a table that cannot be read, ...) a page that says what stopped it: a download has no
+    page to show a warning on."""
+    import html
+    try:
+        return _report(run_dirs, stamps)
+    except Exception as exc:  # noqa: BLE001 - any failure becomes the downloaded page's one line
+        return (f"<!DOCTYPE html><meta charset='utf-8'><title>No report</title><p>The report could not be made: "
+                f"{html.escape(_first_line(exc))}</p>")
+
+
 def report_download(selected) -> Callable[[], str]:
     """The audit report of the ``selected`` runs, built when the download is clicked (on Streamlit's download
     thread, not in the page script) and cached until a run folder changes; nothing is written on the server."""
     dirs, stamps = tuple(str(r.path) for r in selected), tuple(r.modified for r in selected)
-    return lambda: _report(dirs, stamps)
+    return lambda: _report_or_problem(dirs, stamps)
 
 
 def eps_slider(where, eps0: float) -> float:

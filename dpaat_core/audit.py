@@ -42,10 +42,18 @@ def save_protocol(run_dir, table: pd.DataFrame, per_class: Optional[pd.DataFrame
     return path
 
 
+def protocol_rows(preset: str, evaluation, **where) -> tuple[dict, pd.DataFrame]:
+    """One preset's row of ``protocol.csv`` and its rows of ``per_class.csv`` (``where``: split and data)."""
+    per_class = evaluation.per_class.assign(preset=preset, class_index=np.arange(len(evaluation.per_class)), **where)
+    return {"preset": preset, **evaluation.summary(), **where}, per_class
+
+
 def read_protocol(run_dir) -> pd.DataFrame:
     """The run's ``protocol.csv`` (empty frame if none): one row per preset, split and data with accuracy,
-    robust_accuracy, balanced_accuracy, robust_balanced_accuracy, mean_average_precision, eps and n."""
-    return runs.read_table(Path(run_dir) / PROTOCOL_FILE, ["preset", "accuracy", "robust_accuracy", "eps"])
+    robust_accuracy, balanced_accuracy, robust_balanced_accuracy, mean_average_precision, eps and n. A file from
+    before the table had a ``data`` (or ``split``) column gets an empty one: its rows match no data spec."""
+    frame = runs.read_table(Path(run_dir) / PROTOCOL_FILE, ["preset", "accuracy", "robust_accuracy", "eps"])
+    return frame.assign(**{key: frame[key] if key in frame else None for key in ("split", "data")})
 
 
 def read_per_class(run_dir) -> pd.DataFrame:
@@ -62,8 +70,12 @@ def read_apgd(run_dir) -> pd.DataFrame:
 
 
 def apgd_norm(config: dict) -> str:
-    """The norm a run's APGD check runs in: the norm it trained in, l2 for an imported model."""
-    return ((config or {}).get("attack") or {}).get("norm") or "l2"
+    """The norm a run's APGD check runs in: the norm it trained in, l2 for an imported model; a config that names
+    another is a :class:`~dpaat_core.runs.RunError`."""
+    norm = ((config or {}).get("attack") or {}).get("norm") or "l2"
+    if norm not in ("l2", "linf"):
+        raise runs.RunError(f"config.json: attack norm must be l2 or linf, got {str(norm)[:40]!r}")
+    return norm
 
 
 def has_gradcam(model) -> bool:
@@ -115,8 +127,9 @@ def audit(run_dir, data: Optional[str] = None, split: str = "test", max_samples:
     rows, per_class, pgd20 = [], [], None
     step(steps[0])
     for preset, ev in protocol_evaluations(model, dataset, eps, batch_size=batch_size, device=device, seed=seed):
-        rows.append({"preset": preset, **ev.summary(), **where})
-        per_class.append(ev.per_class.assign(preset=preset, class_index=np.arange(len(ev.per_class)), **where))
+        row, classes = protocol_rows(preset, ev, **where)
+        rows.append(row)
+        per_class.append(classes)
         if preset == f"pgd20_{norm}":
             pgd20 = ev.samples["robust"].to_numpy()
         bar.update()
@@ -155,9 +168,9 @@ def audit(run_dir, data: Optional[str] = None, split: str = "test", max_samples:
     bar.update()
 
     summaries, images = [], []
+    n = None if n_attribution is None or n_attribution >= len(dataset) else n_attribution
     for method in methods:
         step(f"attribution {method}")
-        n = None if n_attribution is None or n_attribution >= len(dataset) else n_attribution
         summary, per_image = attribution_table(run_dir, [method], n, split, spec, norm=norm, seed=seed,
                                                device=device, progress=False, model=model, dataset=dataset)
         summaries.append(summary)

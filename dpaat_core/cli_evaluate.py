@@ -14,7 +14,7 @@ import pandas as pd
 from .attacks import ATTACKS, MAX_STEPS, NORMS, max_eps
 from .config import ConfigError
 from .runs import RunError
-from .evaluate import default_grid, protocol, reference_eps, robustness_curve
+from .evaluate import default_grid, protocol_evaluations, reference_eps, robustness_curve
 
 
 
@@ -150,11 +150,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(f"wrote {path}", file=sys.stderr)
     if args.protocol:
         eps = {norm: reference_eps(config, norm) for norm in ("l2", "linf")}
-        table = protocol(model, dataset, eps, batch_size=args.batch_size, device=device, seed=args.seed, progress=True,
-                         amp=args.amp)
-        table = table.assign(split=args.split, data=args.data or config["data"]["spec"])
-        from .audit import save_protocol      # merged: the rows of other splits and data (an audit's) are kept
-        _save_or_keep(lambda: save_protocol(args.run_dir, table), table, args.run_dir, "protocol")
+        from .audit import protocol_rows, save_protocol  # merged: other splits' and data's rows (an audit's) kept
+        where = dict(split=args.split, data=args.data or config["data"]["spec"])
+        rows = [protocol_rows(preset, ev, **where) for preset, ev in
+                protocol_evaluations(model, dataset, eps, batch_size=args.batch_size, device=device, seed=args.seed,
+                                     progress=True, amp=args.amp)]
+        table = pd.DataFrame([row for row, _ in rows])
+        per_class = pd.concat([classes for _, classes in rows], ignore_index=True)
+        _save_or_keep(lambda: save_protocol(args.run_dir, table, per_class), table, args.run_dir, "protocol")
         print("\nthe paper's protocol at the training eps")
         print(table[["preset", "eps", "accuracy", "robust_accuracy", "balanced_accuracy", "robust_balanced_accuracy",
                      "mean_average_precision"]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))

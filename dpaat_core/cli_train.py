@@ -107,12 +107,14 @@ def read_config_file(path: str) -> RunConfig:
 
 
 def _source_data(run_dir) -> dict:
-    """The data section of the run ``--init-from`` names ({} when it cannot be read: the start checks it then)."""
+    """The data spec, image size, root and split seed of the run ``--init-from`` names ({} when it cannot be read:
+    the start checks it then)."""
     from . import runs
     try:
-        return runs.read_config(run_dir).get("data") or {}
+        config = runs.read_config(run_dir)
     except runs.RunError:
         return {}
+    return {**(config.get("data") or {}), "seed": (config.get("train") or {}).get("seed")}
 
 
 _METHOD_FLAGS = ("gamma", "threshold", "sync", "beta_clean", "lam", "memoryless")
@@ -122,9 +124,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     """A validated :class:`RunConfig` from ``train`` flags: ``--config FILE`` (or the defaults) with every flag
     given beside it on top."""
     source = _source_data(args.init_from) if args.init_from is not None and args.config is None else {}
-    if args.data is None and source.get("spec"):      # a start from a run trains on its data, at its size
+    if args.data is None and source.get("spec"):   # a start from a run trains on its data, at its size and split
         args.data = source["spec"]
-        args.image_size = args.image_size if args.image_size is not None else source.get("image_size")
+        for flag in ("image_size", "root", "seed"):   # (the split seed: its test images stay unseen in training)
+            if getattr(args, flag) is None and source.get(flag) is not None:
+                setattr(args, flag, source[flag])
     if args.config is None:
         missing = [f"--{n}" for n in ("data", "model", "method", "epochs") if getattr(args, n) is None
                    and not (n == "model" and args.init_from is not None)]

@@ -2,6 +2,7 @@
 tables to figures, no Streamlit. Colours are Okabe-Ito (colour-blind safe)."""
 from __future__ import annotations
 
+import html
 import math
 
 import pandas as pd
@@ -64,7 +65,8 @@ def robustness_chart(curves: pd.DataFrame, x: str = "eps") -> go.Figure:
         for key, curve in frame[frame["norm"] == norm].groupby(keys, sort=True, dropna=False):
             part = dict(zip(keys, key))
             label = _attack_label(part["attack"], part.get("steps"))
-            name = " · ".join([*([part["run"]] if has_run else []), label, *(f"{c}={part[c]}" for c in extra)])
+            name = html.escape(" · ".join([*([part["run"]] if has_run else []), label,   # a CSV's text, shown as text
+                                           *(f"{c}={part[c]}" for c in extra)]))
             colour = PALETTE[runs.index(part["run"]) % len(PALETTE)] if has_run else "black"
             curve = curve.sort_values(x)
             fig.add_trace(go.Scatter(x=curve[x], y=curve["accuracy"], name=name, legendgroup=name,

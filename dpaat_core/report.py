@@ -10,8 +10,10 @@ folder (names, classes, paths) is escaped: a report of a hostile run folder runs
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -20,13 +22,12 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from . import runs
-from .data import DataError
 from .audit import apgd_norm, has_gradcam, read_apgd, read_per_class, read_protocol
 from .evaluate import reference_eps
 from .plots import PALETTE, robustness_chart
 
 HOW_TO_READ = """
-<p><b>Clean accuracy</b> is the share of test images the model gets right; <b>balanced accuracy</b> averages the
+<p><b>Clean accuracy</b> is the share of the split's images the model gets right; <b>balanced accuracy</b> averages the
 per-class accuracies, so that a rare class (melanoma is about one image in nine in HAM10000) counts as much as the
 common one. <b>Robust accuracy</b> is the share it still gets right when an attacker may change every image a little:
 by at most <i>eps</i> in l2 (the length of the whole change, in [0, 1] pixel units) or in linf (the most any one pixel
@@ -38,9 +39,9 @@ more robust model. The <b>attribution numbers</b> ask whether the model looks at
 attack: <i>spearman</i> is the rank agreement of the two maps (1: the same ranking of pixels), <i>topk_iou</i> the
 overlap of their top 10% pixels, and where the data has lesion masks, <i>energy_clean</i> is the share of the map on
 the lesion, against <i>energy_other_mask</i>, the share on another image's lesion (what a map that ignores the image
-would score). In the <b>examples</b>, each row is a test image: the image, the attacked image (the change is too
+would score). In the <b>examples</b>, each row is an image of the split: the image, the attacked image (the change is too
 small to see), and the map of each, with the prediction and its confidence; a red prediction is wrong.</p>
-<p>These numbers are measured on the named test split only, at the image size the model takes: they say how the
+<p>These numbers are measured on the named split only, at the image size the model takes: they say how the
 model behaves on images like these, not on a clinic's own images.</p>
 """
 
@@ -59,6 +60,8 @@ image-rendering:auto;display:block;margin:auto}
 #: the attribution metrics the report shows, in order (those the data has)
 ATTRIBUTION_METRICS = ("spearman", "topk_iou", "ssim", "energy_clean", "energy_adv", "energy_other_mask",
                        "pointing_clean", "pointing_adv")
+NO_SCRIPT = "'none'"
+MAP_NAMES = {"gradcam": "Grad-CAM", "saliency": "saliency"}
 PRESET_LABELS = {"pgd20_l2": "PGD-20 l2", "ifgsm_l2": "I-FGSM l2", "pgd20_linf": "PGD-20 linf",
                  "ifgsm_linf": "I-FGSM linf"}
 
@@ -116,7 +119,7 @@ class _Run:
     """One run's tables for the report, read once (only the rows of ``split`` and ``data``)."""
 
     def __init__(self, run_dir, split: str, data: Optional[str]):
-        self.path = Path(run_dir)
+        self.path, self.split = Path(run_dir), split
         self.id = self.path.name
         self.config = runs.read_config(self.path)
         self.data = data or (self.config.get("data") or {}).get("spec")
@@ -124,16 +127,17 @@ class _Run:
         self.eps = {n: reference_eps(self.config, n) for n in ("l2", "linf")}
         self.classes = list((self.config.get("dataset") or {}).get("classes") or [])
 
-        def rows(frame):
-            if not len(frame):
-                return frame
-            keep = frame["split"].eq(split) if "split" in frame else True
-            return frame[keep & frame["data"].eq(self.data)] if "data" in frame else frame[keep]
+        def rows(frame, norm: bool = False):
+            keep = pd.Series(True, index=frame.index)
+            for column, value in (("split", split), ("data", self.data), *((("norm", self.norm),) if norm else ())):
+                if column in frame:
+                    keep &= frame[column].eq(value)
+            return frame[keep]
         self.protocol = rows(read_protocol(self.path))
         self.per_class = rows(read_per_class(self.path))
-        self.apgd = rows(read_apgd(self.path))
+        self.apgd = rows(read_apgd(self.path), norm=True)
         self.curves = rows(runs.read_robustness(self.path))
-        self.attribution = rows(runs.read_attribution(self.path))
+        self.attribution = rows(runs.read_attribution(self.path), norm=True)
 
     def headline(self) -> dict:
         """Clean, balanced, PGD-20 (both norms), APGD and mAP, NaN where not computed."""
@@ -155,14 +159,16 @@ class _Run:
                 "PGD-20 l2": get("pgd20_l2", "robust_accuracy"), "PGD-20 linf": get("pgd20_linf", "robust_accuracy"),
                 "APGD": float(self.apgd["robust_accuracy"].iloc[0]) if len(self.apgd) else np.nan,
                 "mAP": get(first, "mean_average_precision") if first else np.nan,
-                f"{'Grad-CAM' if method == 'gradcam' else 'saliency'} agreement":
+                f"{MAP_NAMES[method]} agreement":
                     float(pick.iloc[0]) if len(pick) else np.nan,
                 "map on lesion": float(energy.iloc[0]) if len(energy) else np.nan}
 
 
-def _missing(what: str, run_dir: Path) -> str:
-    return (f'<p class="note">No {what} for this data yet: run <code>python -m dpaat_core audit '
-            f'{_esc(run_dir)}</code>.</p>')
+def _missing(what: str, run: "_Run") -> str:
+    flags = (f" --split {run.split}" if run.split != "test" else "") + (
+        f" --data {run.data}" if run.data != (run.config.get("data") or {}).get("spec") else "")
+    return (f'<p class="note">No {what} for the {_esc(run.split)} split of this data yet: run <code>python -m '
+            f'dpaat_core audit {_esc(run.path)}{_esc(flags)}</code>.</p>')
 
 
 def _run_section(run: _Run, examples: str, figures: list) -> str:
@@ -180,36 +186,39 @@ def _run_section(run: _Run, examples: str, figures: list) -> str:
         parts.append(_table(table[["attack", "eps", "accuracy", "balanced_accuracy", "robust_accuracy",
                                    "robust_balanced_accuracy", "mean_average_precision"]], 4))
     else:
-        parts.append(_missing("protocol", run.path))
+        parts.append(_missing("protocol", run))
     preset = f"pgd20_{run.norm}"
     per_class = run.per_class[run.per_class.preset == preset] if len(run.per_class) else run.per_class
     if len(per_class):
-        parts.append(f"<h3>Per class (robust: PGD-20 {run.norm} at eps {run.eps[run.norm]:g})</h3>")
+        parts.append(f"<h3>Per class (robust: PGD-20 {_esc(run.norm)} at eps {run.eps[run.norm]:g})</h3>")
         parts.append(_table(per_class.sort_values("class_index")[["class", "n", "accuracy", "robust_accuracy",
                                                                    "average_precision"]]))
     parts.append("<h3>APGD check</h3>")
     if len(run.apgd):
         a = run.apgd.iloc[0]
         gap = (a["pgd20"] - a["robust_accuracy"]) * 100
-        parts.append(f"<p>{run.norm} eps {a['eps']:g}: PGD-20 leaves {a['pgd20']:.3f} of the images standing; "
+        parts.append(f"<p>{_esc(run.norm)} eps {a['eps']:g}: PGD-20 leaves {a['pgd20']:.3f} of the images standing; "
                      f"{_esc(a.get('attacks', 'APGD'))} brings that to <b>{a['robust_accuracy']:.3f}</b> "
                      f"({gap:.1f} points lower: "
                      f"{'PGD-20 overstated the robustness' if gap > 2 else 'PGD-20 was a fair measure here'}).</p>")
     else:
-        parts.append(_missing("APGD check", run.path))
+        parts.append(_missing("APGD check", run))
     parts.append("<h3>Robustness curves</h3>")
     curves = run.curves[(run.curves.attack == "pgd")] if len(run.curves) else run.curves
-    parts.append(_figure(robustness_chart(curves), figures) if len(curves) else _missing("curves", run.path))
+    parts.append(_figure(robustness_chart(curves), figures) if len(curves) else _missing("curves", run))
     parts.append("<h3>Attribution: clean against attacked</h3>")
     if len(run.attribution):
         wide = run.attribution.pivot_table(index="metric", columns="method", values="mean")
         wide = wide.reindex([m for m in ATTRIBUTION_METRICS if m in wide.index]).rename_axis(columns=None).reset_index()
         first = run.attribution.iloc[0]
-        parts.append(f"<p class='note'>Means over {int(run.attribution['n'].max())} test images, PGD-"
-                     f"{int(first['steps'])} {_esc(first['norm'])} at eps {float(first['eps']):g}.</p>")
+        steps, norm, eps = (first.get(c) for c in ("steps", "norm", "eps"))
+        setting = (f"PGD-{float(steps):.0f} {norm} at eps {float(eps):g}"
+                   if all(v is not None and pd.notna(v) for v in (steps, norm, eps)) else "the attacked image")
+        parts.append(f"<p class='note'>Means over {run.attribution['n'].max():.0f} {_esc(run.split)} images, "
+                     f"clean against {_esc(setting)}.</p>")
         parts.append(_table(wide))
     else:
-        parts.append(_missing("attribution numbers", run.path))
+        parts.append(_missing("attribution numbers", run))
     parts.append(examples)
     return "\n".join(parts)
 
@@ -227,19 +236,18 @@ def example_index(dataset, n: int, seed: int = 0) -> list[int]:
     return out
 
 
-def _examples(run: _Run, index: Sequence[int], split: str, device, seed: int) -> str:
+def _examples(run: _Run, dataset, index: Sequence[int], device, seed: int) -> str:
     """The example grid: for each image, clean and attacked, the map of each, and each prediction."""
     from . import loading
     from .attribution import clean_and_adversarial, overlay
     model = loading.load_model(run.path, device=device)
-    dataset = loading.load_run_data(run.path, split, run.data)
     method = "gradcam" if has_gradcam(model) else "saliency"
     x, y = dataset.batch(index, device)
     out = clean_and_adversarial(model, x, y, run.eps[run.norm], attack="pgd", norm=run.norm, steps=10,
                                 methods=(method,), index=list(index), seed=seed)
     clean_map, adv_map = out["maps"][method]
-    name = "Grad-CAM" if method == "gradcam" else "saliency (no Grad-CAM layer)"
-    rows = [f"<h3>Examples: PGD-10 {run.norm} at eps {run.eps[run.norm]:g}, {name}</h3>",
+    name = MAP_NAMES[method] + ("" if method == "gradcam" else " (the model has no Grad-CAM layer)")
+    rows = [f"<h3>Examples: PGD-10 {_esc(run.norm)} at eps {run.eps[run.norm]:g}, {name}</h3>",
             '<table class="examples"><tr><th>image</th><th>attacked</th><th>map, clean</th><th>map, attacked</th>'
             "<th>truth</th><th>prediction, clean</th><th>prediction, attacked</th></tr>"]
     classes = [str(c) for c in dataset.classes]
@@ -282,19 +290,23 @@ def report_html(run_dirs: Sequence, data: Optional[str] = None, split: str = "te
     items = [_Run(r, split, data) for r in run_dirs]
     figures: list = []
     sections = []
-    picks: dict = {}      # the same images for every run of the same data
+    picks: dict = {}      # the same images for every run of the same data, size and split seed
     for run in items:
         try:
-            if run.data not in picks and n_examples > 0:
+            if n_examples > 0:
                 from . import loading
-                picks[run.data] = example_index(loading.load_run_data(run.path, split, run.data), n_examples, seed)
-            examples = _examples(run, picks[run.data], split, device, seed) if n_examples > 0 else ""
-        except (DataError, runs.RunError, OSError, ValueError) as exc:   # the data is not on this machine, ...
+                key = (run.data, (run.config.get("data") or {}).get("image_size"),
+                       (run.config.get("train") or {}).get("seed", 0))
+                if key not in picks:
+                    dataset = loading.load_run_data(run.path, split, run.data)
+                    picks[key] = dataset, example_index(dataset, n_examples, seed)
+            examples = _examples(run, *picks[key], device, seed) if n_examples > 0 else ""
+        except Exception as exc:  # noqa: BLE001 - the data is not on this machine, ...: the examples are optional
             examples = f'<p class="note">No example images: {_esc(str(exc).splitlines()[0] if str(exc) else exc)}</p>'
         sections.append(_run_section(run, examples, figures))
     title = "DPAAT Lab audit: " + ", ".join(r.id for r in items)
     body = [f"<h1>{_esc(title)}</h1>",
-            f"<p class='note'>{split} split; made by <code>python -m dpaat_core report</code>. Every number below "
+            f"<p class='note'>{_esc(split)} split; made by <code>python -m dpaat_core report</code>. Every number below "
             "comes from the run folders' saved tables; the examples are computed for this report.</p>",
             "<details open><summary><b>How to read this</b></summary>" + HOW_TO_READ + "</details>"]
     if len(items) > 1:
@@ -303,10 +315,15 @@ def report_html(run_dirs: Sequence, data: Optional[str] = None, split: str = "te
         body.append("<h2>Headline</h2>" + _table(pd.DataFrame([items[0].headline()])))
     body.extend(sections)
     script = f"<script>{plotly.offline.get_plotlyjs()}</script>" if figures else ""
+    body = "".join(body)
+    # Only the scripts written here may run (by hash: an injected one would not), and nothing may be fetched.
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(code.encode()).digest()).decode()}'"
+                      for code in re.findall(r"<script[^>]*>(.*?)</script>", script + body, flags=re.S))
+    policy = (f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src {hashes or NO_SCRIPT}; "
+              "base-uri 'none'; form-action 'none'")
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
-            f"<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; "
-            f"style-src 'unsafe-inline'; script-src 'unsafe-inline' 'unsafe-eval'\">"
-            f"<style>{CSS}</style>{script}</head><body>{''.join(body)}</body></html>")
+            f"<meta http-equiv='Content-Security-Policy' content=\"{policy}\">"
+            f"<style>{CSS}</style>{script}</head><body>{body}</body></html>")
 
 
 def write_report(run_dirs: Sequence, out, **options) -> Path:

@@ -3,8 +3,10 @@ library computes on its own, a second dataset adds to the first, and the report 
 escapes what it reads and needs nothing from outside."""
 import json
 import re
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -29,6 +31,12 @@ def audited(tmp_path_factory):
     lines = []
     out = audit(run, apgd_steps=5, progress=False, log=lines.append, n_attribution=6)
     return run, out, lines
+
+
+def _copy(run, tmp_path, name: str):
+    """A copy of the audited run to change (the module's fixture stays as it is)."""
+    import shutil
+    return Path(shutil.copytree(run, tmp_path / name))
 
 
 def test_the_audit_writes_each_part_with_the_librarys_numbers(audited):
@@ -58,9 +66,7 @@ def test_the_audit_writes_each_part_with_the_librarys_numbers(audited):
 
 def test_an_audit_on_other_data_adds_to_the_first(audited, tmp_path):
     run, _, _ = audited
-    copy = tmp_path / "small"
-    import shutil
-    shutil.copytree(run, copy)
+    copy = _copy(run, tmp_path, "small")
     other = "synthetic:n=40,classes=3,seed=5"
     audit(copy, data=other, apgd_steps=2, progress=False, log=lambda line: None, n_attribution=4)
     protocol = read_protocol(copy)
@@ -71,9 +77,7 @@ def test_an_audit_on_other_data_adds_to_the_first(audited, tmp_path):
 
 def test_audit_command_prints_the_report_and_refuses_a_run_without_data(audited, tmp_path, capsys):
     run, _, _ = audited
-    import shutil
-    copy = tmp_path / "small"
-    shutil.copytree(run, copy)
+    copy = _copy(run, tmp_path, "small")
     assert main(["audit", str(copy), "--max-samples", "12", "--apgd-steps", "2", "--attribution-images", "3",
                  "--device", "cpu"]) == 0
     out, err = capsys.readouterr()
@@ -92,7 +96,22 @@ def test_audit_command_prints_the_report_and_refuses_a_run_without_data(audited,
 
 def _tags(text: str) -> str:
     """The markup of ``text`` without plotly's library (whose code names URLs it never loads here)."""
-    return re.sub(r"<script>.*?</script>", "<script></script>", text, flags=re.S)
+    import plotly.offline
+    library = plotly.offline.get_plotlyjs()
+    assert text.count(library) <= 1
+    return text.replace(library, "")
+
+
+def _scripts_allowed(text: str) -> bool:
+    """Every script of the page is allowed by its policy's hashes, and the policy allows nothing else."""
+    import base64
+    import hashlib
+    policy = re.search(r'Content-Security-Policy" content="([^"]*)"', text.replace("'Content", '"Content').replace(
+        "-Policy' content", '-Policy" content')).group(1)
+    allowed = set(re.findall(r"'sha256-([^']+)'", policy))
+    found = {base64.b64encode(hashlib.sha256(code.encode()).digest()).decode()
+             for code in re.findall(r"<script[^>]*>(.*?)</script>", text, flags=re.S)}
+    return found == allowed and "unsafe-inline' 'sha" not in policy and "script-src 'unsafe" not in policy
 
 
 def test_the_report_is_self_contained_and_shows_each_part(audited):
@@ -101,7 +120,7 @@ def test_the_report_is_self_contained_and_shows_each_part(audited):
     markup = _tags(text)
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", markup)     # nothing fetched from outside
     assert "<link" not in markup and "@import" not in markup
-    assert "default-src 'none'" in markup                                  # and the browser is told so
+    assert "default-src 'none'" in markup and _scripts_allowed(text)       # and the browser is told so
     for part in ("How to read this", "Accuracy, clean and under attack", "Per class", "APGD check",
                  "Robustness curves", "Attribution: clean against attacked", "Examples: PGD-10 l2"):
         assert part in markup, part
@@ -127,18 +146,62 @@ def test_the_report_compares_runs_and_says_what_is_missing(audited, tmp_path):
 
 
 def test_the_report_escapes_what_it_reads_from_a_run_folder(audited, tmp_path):
+    """Names from config.json and the CSVs are shown as text: a hostile run folder runs no script of its own, and
+    the page's policy would not run one (only the scripts it wrote, by hash)."""
     run, _, _ = audited
-    import shutil
-    copy = tmp_path / "hostile"
-    shutil.copytree(run, copy)
+    copy = _copy(run, tmp_path, "hostile")
     config = json.loads((copy / "config.json").read_text())
     config["init"] = {"run_id": "<script>alert(1)</script>", "origin": "imported"}
-    config["data"]["spec"] = DATA + "<img src=x onerror=alert(2)>"
+    config["model"]["name"] = "<img src=x onerror=alert(2)>"
     (copy / "config.json").write_text(json.dumps(config))
-    markup = _tags(report_html([copy], n_examples=1))
-    assert "<script>alert" not in markup and "<img src=x" not in markup
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in markup
-    assert "No example images" in markup                       # its data spec cannot be loaded: said, not fatal
+    per_class = pd.read_csv(copy / "per_class.csv")
+    per_class.loc[per_class.class_index == 0, "class"] = "<script>alert(3)</script>"
+    per_class.to_csv(copy / "per_class.csv", index=False)
+    apgd = pd.read_csv(copy / "apgd.csv").assign(attacks="<b onmouseover=alert(4)>apgd</b>")
+    apgd.to_csv(copy / "apgd.csv", index=False)
+    text = report_html([copy], n_examples=1)
+    markup = _tags(text)
+    assert "alert(3)" in markup and "onmouseover=alert(4)" in markup           # the hostile rows are on show ...
+    assert not re.search(r"<(script>alert|img src=x|b onmouseover)", markup)   # ... as text, never as tags
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in markup and "&lt;img src=x onerror=alert(2)&gt;" in markup
+    assert _scripts_allowed(text)
+    config["attack"]["norm"] = "<script>alert(5)</script>"                      # not a norm at all: refused
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(runs.RunError, match="attack norm must be l2 or linf"):
+        report_html([copy], n_examples=0)
+
+
+def test_an_older_protocol_table_without_a_data_column_is_merged_not_fatal(audited, tmp_path):
+    run, _, _ = audited
+    copy = _copy(run, tmp_path, "old")
+    old = pd.read_csv(copy / "protocol.csv").drop(columns=["data"])           # as evaluate --protocol wrote it
+    old.to_csv(copy / "protocol.csv", index=False)
+    assert main(["evaluate", str(copy), "--protocol", "--steps", "1", "--eps-grid", "0", "--max-samples", "6",
+                 "--device", "cpu"]) == 0
+    protocol = read_protocol(copy)
+    assert len(protocol) == 8 and protocol.data.isna().sum() == 4 and (protocol.data == DATA).sum() == 4
+    per_class = read_per_class(copy)                                          # replaced with the new evaluation's
+    assert len(per_class) == 4 * 3 and (per_class.groupby("preset").n.sum() == 6).all()
+
+
+def test_a_model_without_a_gradcam_layer_is_audited_and_reported_with_saliency(tmp_path):
+    """An imported model whose config names no Grad-CAM layer (what importing a ViT records): the audit measures
+    saliency only and says why, and the report's examples use saliency."""
+    import torchvision
+    from dpaat_core.importing import import_model
+    torch.manual_seed(0)
+    net = torchvision.models.squeezenet1_1(num_classes=3)
+    torch.save(net.state_dict(), tmp_path / "squeeze.pt")
+    run = import_model("squeezenet1_1", tmp_path / "squeeze.pt", 32, ["round-brown", "irregular-dark", "vascular-red"],
+                       tmp_path / "store",
+                       data_spec="synthetic:n=30,classes=3")
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["gradcam_layer"] = None
+    (run / "config.json").write_text(json.dumps(config))
+    out = audit(run, apgd_steps=2, progress=False, log=lambda line: None, n_attribution=3)
+    assert "no Grad-CAM" in out["skipped"]["gradcam"] and set(runs.read_attribution(run).method) == {"saliency"}
+    markup = _tags(report_html([run], n_examples=2))
+    assert "saliency (the model has no Grad-CAM layer)" in markup and "saliency agreement" in markup
 
 
 def test_examples_show_every_class_before_repeating_one():
@@ -157,8 +220,6 @@ def test_a_model_without_a_feature_map_has_no_gradcam():
 
 def test_the_shipped_imported_and_hardened_demo_runs_hold_their_audit(shared_data):
     """The README's before/after figures come from these two runs' tables; the models still give them."""
-    from pathlib import Path
-
     from dpaat_core.evaluate import clean_logits
     store = Path(__file__).resolve().parents[1] / "checkpoints"
     imported, hardened = (store / f"demo-{k}-mobilenet_v3_small-ham10000" for k in ("imported", "hardened"))

@@ -75,6 +75,10 @@ def dashboard(tmp_path_factory):
 def _settled(page, title: str, timeout_ms: int = 60_000) -> None:
     """The page's title is shown and Streamlit has finished running the script."""
     page.get_by_role("heading", name=title, exact=True).first.wait_for(timeout=timeout_ms)
+    # the app's own record of its script run: the status widget's Stop button shows only after a delay, so a page
+    # read the moment a run starts could still show the previous run's elements
+    page.wait_for_function("() => document.querySelector('[data-testid=\"stApp\"]')"
+                           "?.getAttribute('data-test-script-state') === 'notRunning'", timeout=timeout_ms)
     page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"] button')"
                            " && !document.querySelector('[data-testid=\"stSpinner\"]')", timeout=timeout_ms)
     # charts are drawn after the script has run: wait until each one has its plot

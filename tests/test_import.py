@@ -223,3 +223,17 @@ def test_a_start_without_data_trains_on_the_source_runs_data_at_its_size(outside
     assert main(["train", "--init-from", str(tmp_path / "store" / "nodata"), "--method", "dpaat", "--epochs", "1",
                  "--store", str(tmp_path / "store"), "--name", "other"]) == 2
     assert "train needs --data" in capsys.readouterr().err
+
+
+def test_a_start_from_a_trained_run_keeps_its_split_seed(tmp_path):
+    """Without --data and --seed, a start from a run trained here uses its data, size and split seed, so the images
+    the source never saw in training stay unseen."""
+    store = str(tmp_path / "store")
+    common = ["--method", "erm", "--epochs", "1", "--batch-size", "16", "--device", "cpu", "--store", store, "--quiet"]
+    assert main(["train", "--data", "synthetic:n=40,classes=3", "--image-size", "24", "--seed", "3", "--name", "src",
+                 "--model", "resnet8",
+                 *common]) == 0
+    assert main(["train", "--init-from", f"{store}/src", *common, "--name", "next"]) == 0
+    config = json.loads((tmp_path / "store" / "next" / "config.json").read_text())
+    assert config["train"]["seed"] == 3 and config["data"]["image_size"] == 24
+    assert config["data"]["spec"] == "synthetic:n=40,classes=3"
