@@ -316,6 +316,16 @@ class Run:
     has_weights = property(lambda self: (self.path / "weights.safetensors").is_file())
 
     @property
+    def origin(self) -> str | None:
+        """Where the model comes from: ``imported``, ``from <run_id>`` (``train --init-from``) or ``trained``."""
+        if self.config is None:
+            return None
+        if self.config.get("origin") == "imported":
+            return "imported"
+        start = (self.config.get("init") or {}).get("run_id")
+        return f"from {start}" if start else "trained"
+
+    @property
     def best(self) -> dict:
         """The latest metrics row marked ``is_best``, else the last row, else ``{}``."""
         m = self.metrics
@@ -399,10 +409,11 @@ def list_runs(store="checkpoints") -> list[Run]:
 
 
 def runs_table(runs: list[Run]) -> pd.DataFrame:
-    """One row per run: identity, attack, progress as ``"done/planned"`` and the best epoch's validation numbers."""
+    """One row per run: identity, origin, attack, progress as ``"done/planned"`` and the best epoch's validation
+    numbers."""
     scores = ("val_accuracy", "val_balanced_accuracy", "val_robust_accuracy")
-    columns = ["run_id", "state", "method", "model", "data", "norm", "eps", "epochs", *scores, "problem"]
-    rows = [[r.run_id, r.state, r.method, r.model, r.data, r.norm, r.eps, f"{r.epochs_done}/{r.epochs or '?'}",
+    columns = ["run_id", "state", "origin", "method", "model", "data", "norm", "eps", "epochs", *scores, "problem"]
+    rows = [[r.run_id, r.state, r.origin, r.method, r.model, r.data, r.norm, r.eps, f"{r.epochs_done}/{r.epochs or '?'}",
              *(r.best.get(s, math.nan) for s in scores), r.problem] for r in runs]
     return pd.DataFrame(rows, columns=columns)
 

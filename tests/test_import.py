@@ -166,7 +166,7 @@ def test_an_imported_run_is_evaluated_explained_and_shown_like_any_other(outside
     at.switch_page("views/dynamics.py").run()
     assert any("was imported from ddp.pt: it has no training history" in i.value for i in at.info)
     at.switch_page("views/runs.py").run()
-    assert at.dataframe[0].value.set_index("run_id").loc["audit", "method"] == "imported"
+    assert at.dataframe[0].value.set_index("run_id").loc["audit", ["method", "origin"]].tolist() == ["imported"] * 2
 
 
 def _train_from(source, tmp_path, *extra, name="hardened"):
@@ -184,6 +184,7 @@ def test_train_init_from_starts_from_an_imported_runs_weights(outside, tmp_path)
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["init_from"] == str(source) and config["model"]["name"] == "resnet18"
     assert config["init"]["origin"] == "imported" and config["init"]["run_id"] == "theirs"
+    assert runs.load_run(run).origin == "from theirs"
     assert config["model"]["normalization"] == json.loads((source / "config.json").read_text())["model"]["normalization"]
     mine, theirs = dict(loading.load_model(run).named_parameters()), dict(loading.load_model(source).named_parameters())
     assert mine.keys() == theirs.keys()          # every weight where it started (BatchNorm statistics move in training)
