@@ -36,9 +36,9 @@ AUDIT_METHODS = ("gradcam", "saliency")
 def save_protocol(run_dir, table: pd.DataFrame, per_class: Optional[pd.DataFrame] = None) -> Path:
     """Merge protocol rows (one per preset) into ``protocol.csv`` and their per-class rows into ``per_class.csv``:
     rows of the same preset, split and data are replaced, others kept."""
-    path = runs._merge_table(run_dir, PROTOCOL_FILE, table, PROTOCOL_KEYS, [], read_protocol)
+    path = runs.merge_table(run_dir, PROTOCOL_FILE, table, PROTOCOL_KEYS, [], read_protocol)
     if per_class is not None:
-        runs._merge_table(run_dir, PER_CLASS_FILE, per_class, PROTOCOL_KEYS, ["class_index"], read_per_class)
+        runs.merge_table(run_dir, PER_CLASS_FILE, per_class, PROTOCOL_KEYS, ["class_index"], read_per_class)
     return path
 
 
@@ -46,6 +46,11 @@ def protocol_rows(preset: str, evaluation, **where) -> tuple[dict, pd.DataFrame]
     """One preset's row of ``protocol.csv`` and its rows of ``per_class.csv`` (``where``: split and data)."""
     per_class = evaluation.per_class.assign(preset=preset, class_index=np.arange(len(evaluation.per_class)), **where)
     return {"preset": preset, **evaluation.summary(), **where}, per_class
+
+
+def save_apgd(run_dir, table: pd.DataFrame) -> Path:
+    """Merge APGD-check rows into ``apgd.csv``: the row of the same norm, split and data is replaced."""
+    return runs.merge_table(run_dir, APGD_FILE, table, APGD_KEYS, [], read_apgd)
 
 
 def read_protocol(run_dir) -> pd.DataFrame:
@@ -96,7 +101,6 @@ def audit(run_dir, data: Optional[str] = None, split: str = "test", max_samples:
     ``n_attribution``: images explained (a seeded draw; None: all, which the dashboard's gallery sorts); ``log``: where each part's one-line result goes.
     Returns ``{"protocol", "per_class", "curves", "apgd", "attribution", "skipped"}``."""
     from . import loading
-    from .attribution import METHODS
     from .cli_attribute import attribution_table
     from .strong import strong_robustness
 
@@ -110,22 +114,17 @@ def audit(run_dir, data: Optional[str] = None, split: str = "test", max_samples:
     norm = apgd_norm(config)
     methods = [m for m in AUDIT_METHODS if m != "gradcam" or has_gradcam(model)]
     where = dict(split=split, data=spec)
-    steps = [*(f"protocol {p}" for p in PRESETS), "curves l2", "curves linf", f"APGD {norm}",
-             *(f"attribution {m}" for m in methods)]
-    bar = tqdm(total=len(steps), desc="audit", unit="part", disable=not progress)
+    bar = tqdm(total=len(PRESETS) + 2 + 1 + len(methods), desc="audit", unit="part", disable=not progress)
     out = {"skipped": {}}
     if "gradcam" not in methods:
         out["skipped"]["gradcam"] = "the model has no 4-D feature map before its pooling (a ViT): no Grad-CAM"
-
-    def step(name):
-        bar.set_postfix_str(name)
 
     def say(line):
         with tqdm.external_write_mode(file=sys.stderr):   # a line above the bar, not through it
             log(line)
 
     rows, per_class, pgd20 = [], [], None
-    step(steps[0])
+    bar.set_postfix_str("protocol")
     for preset, ev in protocol_evaluations(model, dataset, eps, batch_size=batch_size, device=device, seed=seed):
         row, classes = protocol_rows(preset, ev, **where)
         rows.append(row)
@@ -133,7 +132,6 @@ def audit(run_dir, data: Optional[str] = None, split: str = "test", max_samples:
         if preset == f"pgd20_{norm}":
             pgd20 = ev.samples["robust"].to_numpy()
         bar.update()
-        step(steps[min(bar.n, len(steps) - 1)])
     out["protocol"], out["per_class"] = pd.DataFrame(rows), pd.concat(per_class, ignore_index=True)
     save_protocol(run_dir, out["protocol"], out["per_class"])
     say("protocol: " + ", ".join(f"{r.preset} {r.robust_accuracy:.3f}" for r in out["protocol"].itertuples())
@@ -141,7 +139,7 @@ def audit(run_dir, data: Optional[str] = None, split: str = "test", max_samples:
 
     curves = []
     for curve_norm in ("l2", "linf"):
-        step(f"curves {curve_norm}")
+        bar.set_postfix_str(f"curves {curve_norm}")
         curves.append(robustness_curve(model, dataset, default_grid(config, curve_norm), "pgd", curve_norm,
                                        batch_size=batch_size, device=device, seed=seed).assign(**where))
         bar.update()
@@ -149,7 +147,7 @@ def audit(run_dir, data: Optional[str] = None, split: str = "test", max_samples:
     runs.save_robustness(run_dir, out["curves"])
     say(f"curves: PGD-20 l2 and linf over {len(out['curves']) // 2} eps each")
 
-    step(f"APGD {norm}")
+    bar.set_postfix_str(f"APGD {norm}")
     try:
         strong = strong_robustness(model, dataset, norm, eps[norm], steps=apgd_steps, survivors=pgd20,
                                    batch_size=batch_size, device=device, seed=seed)
@@ -162,7 +160,7 @@ def audit(run_dir, data: Optional[str] = None, split: str = "test", max_samples:
                                      "pgd20": float(pgd20.mean()), "robust_accuracy": strong["robust_accuracy"],
                                      "robust_balanced_accuracy": strong["robust_balanced_accuracy"],
                                      "attacks": f"pgd20+{strong['attacks']}", "steps": apgd_steps}])
-        runs._merge_table(run_dir, APGD_FILE, out["apgd"], APGD_KEYS, [], read_apgd)
+        save_apgd(run_dir, out["apgd"])
         say(f"APGD check ({norm} eps {eps[norm]:g}): PGD-20 {pgd20.mean():.3f}, worst case with APGD "
             f"{strong['robust_accuracy']:.3f}")
     bar.update()
@@ -170,7 +168,7 @@ def audit(run_dir, data: Optional[str] = None, split: str = "test", max_samples:
     summaries, images = [], []
     n = None if n_attribution is None or n_attribution >= len(dataset) else n_attribution
     for method in methods:
-        step(f"attribution {method}")
+        bar.set_postfix_str(f"attribution {method}")
         summary, per_image = attribution_table(run_dir, [method], n, split, spec, norm=norm, seed=seed,
                                                device=device, progress=False, model=model, dataset=dataset)
         summaries.append(summary)
@@ -180,6 +178,6 @@ def audit(run_dir, data: Optional[str] = None, split: str = "test", max_samples:
     runs.save_attribution(run_dir, out["attribution"], pd.concat(images, ignore_index=True))
     means = out["attribution"].pivot_table(index="metric", columns="method", values="mean")
     say("attribution (clean vs PGD-10 map agreement, Spearman): "
-        + ", ".join(f"{m} {means.loc['spearman', m]:.3f}" for m in methods if m in METHODS))
+        + ", ".join(f"{m} {means.loc['spearman', m]:.3f}" for m in methods))
     bar.close()
     return out

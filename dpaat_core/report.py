@@ -87,11 +87,9 @@ def _png(array: np.ndarray) -> str:
     return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
-def _figure(fig: go.Figure, figures: list) -> str:
+def _figure(fig: go.Figure) -> str:
     fig.update_layout(height=420, margin={"t": 60, "b": 40})
-    div = fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False, "responsive": True})
-    figures.append(fig)    # plotly's script goes in once, when there is a figure
-    return div
+    return fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False, "responsive": True})
 
 
 def describe_origin(config: dict) -> str:
@@ -127,41 +125,37 @@ class _Run:
         self.eps = {n: reference_eps(self.config, n) for n in ("l2", "linf")}
         self.classes = list((self.config.get("dataset") or {}).get("classes") or [])
 
-        def rows(frame, norm: bool = False):
-            keep = pd.Series(True, index=frame.index)
-            for column, value in (("split", split), ("data", self.data), *((("norm", self.norm),) if norm else ())):
-                if column in frame:
-                    keep &= frame[column].eq(value)
-            return frame[keep]
-        self.protocol = rows(read_protocol(self.path))
-        self.per_class = rows(read_per_class(self.path))
-        self.apgd = rows(read_apgd(self.path), norm=True)
-        self.curves = rows(runs.read_robustness(self.path))
-        self.attribution = rows(runs.read_attribution(self.path), norm=True)
+        where = dict(split=split, data=self.data)
+        self.protocol = runs.select(read_protocol(self.path), **where)
+        self.per_class = runs.select(read_per_class(self.path), **where)
+        self.apgd = runs.select(read_apgd(self.path), norm=self.norm, **where)
+        self.curves = runs.select(runs.read_robustness(self.path), **where)
+        self.attribution = runs.select(runs.read_attribution(self.path), norm=self.norm, **where)
+        #: attribution means, metric x method
+        self.means = (self.attribution.pivot_table(index="metric", columns="method", values="mean")
+                      if len(self.attribution) else pd.DataFrame())
 
     def headline(self) -> dict:
-        """Clean, balanced, PGD-20 (both norms), APGD and mAP, NaN where not computed."""
-        p = self.protocol.set_index("preset") if len(self.protocol) else pd.DataFrame()
-        get = (lambda preset, col: float(p.loc[preset, col]) if preset in p.index else np.nan)
+        """Clean, balanced, PGD-20 (both norms), APGD and mAP, and the map's agreement and share on the lesion (of
+        Grad-CAM, else saliency); NaN where not computed."""
+        p = self.protocol.set_index("preset")
         first = p.index[0] if len(p) else None
-        spearman = self.attribution[(self.attribution.metric == "spearman")] if len(self.attribution) else None
-        method = "gradcam" if spearman is not None and (spearman.method == "gradcam").any() else "saliency"
-        pick = spearman[spearman.method == method]["mean"] if spearman is not None else pd.Series(dtype=float)
-        energy = (self.attribution[(self.attribution.metric == "energy_clean") & (self.attribution.method == method)]
-                  ["mean"] if len(self.attribution) else pd.Series(dtype=float))
+
+        def get(preset, column):
+            return float(p.at[preset, column]) if preset in p.index else np.nan
+        method = "gradcam" if "gradcam" in self.means.columns else "saliency"
+
+        def mean(metric):
+            return float(self.means.at[metric, method]) if metric in self.means.index and method in self.means else np.nan
+        clean = get(first, "accuracy")
         if first is None and len(self.curves):     # not audited: the clean accuracy is the curves' eps 0
             zero = self.curves[pd.to_numeric(self.curves["eps"], errors="coerce") == 0]["accuracy"]
             clean = float(zero.iloc[0]) if len(zero) else np.nan
-        else:
-            clean = get(first, "accuracy") if first else np.nan
-        return {"run": self.id, "clean": clean,
-                "balanced": get(first, "balanced_accuracy") if first else np.nan,
+        return {"run": self.id, "clean": clean, "balanced": get(first, "balanced_accuracy"),
                 "PGD-20 l2": get("pgd20_l2", "robust_accuracy"), "PGD-20 linf": get("pgd20_linf", "robust_accuracy"),
                 "APGD": float(self.apgd["robust_accuracy"].iloc[0]) if len(self.apgd) else np.nan,
-                "mAP": get(first, "mean_average_precision") if first else np.nan,
-                f"{MAP_NAMES[method]} agreement":
-                    float(pick.iloc[0]) if len(pick) else np.nan,
-                "map on lesion": float(energy.iloc[0]) if len(energy) else np.nan}
+                "mAP": get(first, "mean_average_precision"), f"{MAP_NAMES[method]} agreement": mean("spearman"),
+                "map on lesion": mean("energy_clean")}
 
 
 def _missing(what: str, run: "_Run") -> str:
@@ -171,7 +165,7 @@ def _missing(what: str, run: "_Run") -> str:
             f'dpaat_core audit {_esc(run.path)}{_esc(flags)}</code>.</p>')
 
 
-def _run_section(run: _Run, examples: str, figures: list) -> str:
+def _run_section(run: _Run, examples: str) -> str:
     parts = [f'<h2 id="{_esc(run.id)}">{_esc(run.id)}</h2>',
              '<table class="meta">'
              f"<tr><td>origin</td><td>{_esc(describe_origin(run.config))}</td></tr>"
@@ -205,11 +199,11 @@ def _run_section(run: _Run, examples: str, figures: list) -> str:
         parts.append(_missing("APGD check", run))
     parts.append("<h3>Robustness curves</h3>")
     curves = run.curves[(run.curves.attack == "pgd")] if len(run.curves) else run.curves
-    parts.append(_figure(robustness_chart(curves), figures) if len(curves) else _missing("curves", run))
+    parts.append(_figure(robustness_chart(curves)) if len(curves) else _missing("curves", run))
     parts.append("<h3>Attribution: clean against attacked</h3>")
     if len(run.attribution):
-        wide = run.attribution.pivot_table(index="metric", columns="method", values="mean")
-        wide = wide.reindex([m for m in ATTRIBUTION_METRICS if m in wide.index]).rename_axis(columns=None).reset_index()
+        wide = run.means.reindex([m for m in ATTRIBUTION_METRICS if m in run.means.index])
+        wide = wide.rename_axis(columns=None).reset_index()
         first = run.attribution.iloc[0]
         steps, norm, eps = (first.get(c) for c in ("steps", "norm", "eps"))
         setting = (f"PGD-{float(steps):.0f} {norm} at eps {float(eps):g}"
@@ -264,7 +258,7 @@ def _examples(run: _Run, dataset, index: Sequence[int], device, seed: int) -> st
     return "\n".join(rows) + "</table>"
 
 
-def _comparison(items: list[_Run], figures: list) -> str:
+def _comparison(items: list[_Run]) -> str:
     head = pd.DataFrame([r.headline() for r in items])
     parts = ["<h2>Comparison</h2>", _table(head)]
     bars = go.Figure()
@@ -273,11 +267,11 @@ def _comparison(items: list[_Run], figures: list) -> str:
         bars.add_trace(go.Bar(x=metrics, y=[row[m] for m in metrics], name=str(row["run"]),
                               marker_color=PALETTE[k % len(PALETTE)]))
     bars.update_layout(title="Headline figures", barmode="group", template="plotly_white", yaxis_range=[0, 1])
-    parts.append(_figure(bars, figures))
+    parts.append(_figure(bars))
     curves = pd.concat([r.curves[r.curves.attack == "pgd"].assign(run=r.id) for r in items if len(r.curves)],
                        ignore_index=True) if any(len(r.curves) for r in items) else pd.DataFrame()
     if len(curves):
-        parts.append(_figure(robustness_chart(curves), figures))
+        parts.append(_figure(robustness_chart(curves)))
     return "\n".join(parts)
 
 
@@ -288,7 +282,6 @@ def report_html(run_dirs: Sequence, data: Optional[str] = None, split: str = "te
     if not run_dirs:
         raise ValueError("a report needs at least one run")
     items = [_Run(r, split, data) for r in run_dirs]
-    figures: list = []
     sections = []
     picks: dict = {}      # the same images for every run of the same data, size and split seed
     for run in items:
@@ -303,19 +296,19 @@ def report_html(run_dirs: Sequence, data: Optional[str] = None, split: str = "te
             examples = _examples(run, *picks[key], device, seed) if n_examples > 0 else ""
         except Exception as exc:  # noqa: BLE001 - the data is not on this machine, ...: the examples are optional
             examples = f'<p class="note">No example images: {_esc(str(exc).splitlines()[0] if str(exc) else exc)}</p>'
-        sections.append(_run_section(run, examples, figures))
+        sections.append(_run_section(run, examples))
     title = "DPAAT Lab audit: " + ", ".join(r.id for r in items)
     body = [f"<h1>{_esc(title)}</h1>",
             f"<p class='note'>{_esc(split)} split; made by <code>python -m dpaat_core report</code>. Every number below "
             "comes from the run folders' saved tables; the examples are computed for this report.</p>",
             "<details open><summary><b>How to read this</b></summary>" + HOW_TO_READ + "</details>"]
     if len(items) > 1:
-        body.append(_comparison(items, figures))
+        body.append(_comparison(items))
     else:
         body.append("<h2>Headline</h2>" + _table(pd.DataFrame([items[0].headline()])))
     body.extend(sections)
-    script = f"<script>{plotly.offline.get_plotlyjs()}</script>" if figures else ""
     body = "".join(body)
+    script = f"<script>{plotly.offline.get_plotlyjs()}</script>" if "plotly-graph-div" in body else ""
     # Only the scripts written here may run (by hash: an injected one would not), and nothing may be fetched.
     hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(code.encode()).digest()).decode()}'"
                       for code in re.findall(r"<script[^>]*>(.*?)</script>", script + body, flags=re.S))

@@ -423,7 +423,7 @@ CORRUPTION_KEYS = ("corruption", "severity", "split", "data")
 CORRUPTIONS_FILE = "corruptions.csv"
 
 
-def _merge_table(run_dir, name: str, frame: pd.DataFrame, keys: Sequence[str], order: Sequence[str],
+def merge_table(run_dir, name: str, frame: pd.DataFrame, keys: Sequence[str], order: Sequence[str],
                  read) -> Path:
     """Merge ``frame`` into the run's table ``name``: old rows with the same ``keys`` are replaced, others kept.
     Atomic, and under the run's merge lock (``locks.merge_lock``), so concurrent merges each keep the other's rows."""
@@ -442,14 +442,14 @@ def _merge_table(run_dir, name: str, frame: pd.DataFrame, keys: Sequence[str], o
 
 def save_robustness(run_dir, frame: pd.DataFrame) -> Path:
     """Merge robustness-curve rows into ``robustness.csv``: rows of the same curve (same attack, norm, steps,
-    monotone, split and data) are replaced, others kept (see :func:`_merge_table`)."""
-    return _merge_table(run_dir, "robustness.csv", frame, ROBUSTNESS_KEYS, ["eps"], read_robustness)
+    monotone, split and data) are replaced, others kept (see :func:`merge_table`)."""
+    return merge_table(run_dir, "robustness.csv", frame, ROBUSTNESS_KEYS, ["eps"], read_robustness)
 
 
 def save_corruptions(run_dir, frame: pd.DataFrame) -> Path:
     """Merge corruption rows into ``corruptions.csv`` (never ``robustness.csv``): the rows of a corruption on the
     severity, split and data are replaced, others kept."""
-    return _merge_table(run_dir, CORRUPTIONS_FILE, frame, CORRUPTION_KEYS, [], read_corruptions)
+    return merge_table(run_dir, CORRUPTIONS_FILE, frame, CORRUPTION_KEYS, [], read_corruptions)
 
 
 def read_table(path, columns, missing_ok: bool = True) -> pd.DataFrame:
@@ -478,9 +478,17 @@ def read_corruptions(run_dir, split: str | None = None, data: str | None = None)
     accuracy, balanced_accuracy; only the rows of ``split`` and ``data`` when given. An unreadable file is a
     :class:`RunError`."""
     frame = read_table(Path(run_dir) / CORRUPTIONS_FILE, [*CORRUPTION_KEYS, "accuracy", "balanced_accuracy", "n"])
-    if split is not None:
-        frame = frame[frame["split"] == split]
-    return frame if data is None else frame[frame["data"] == data]
+    return select(frame, split=split, data=data)
+
+
+def select(frame: pd.DataFrame, **values) -> pd.DataFrame:
+    """The rows of a store table whose columns equal ``values`` (a None value, or a column the table lacks, selects
+    every row): e.g. ``select(curves, split="test", data=spec)``."""
+    keep = pd.Series(True, index=frame.index)
+    for column, value in values.items():
+        if value is not None and column in frame:
+            keep &= frame[column].eq(value)
+    return frame[keep]
 
 ATTRIBUTION_FILE = "attribution.csv"
 ATTRIBUTION_IMAGES_FILE = "attribution_images.csv"
@@ -504,6 +512,6 @@ def read_attribution_images(run_dir) -> pd.DataFrame:
 def save_attribution(run_dir, summary: pd.DataFrame, images: pd.DataFrame) -> tuple[Path, Path]:
     """Merge the means (``attribution.csv``) and the per-image rows (``attribution_images.csv``) of ``attribute``
     into the run: the rows of a method on the same split and data are replaced, other methods' kept."""
-    return (_merge_table(run_dir, ATTRIBUTION_FILE, summary, ATTRIBUTION_KEYS, ["metric"], read_attribution),
-            _merge_table(run_dir, ATTRIBUTION_IMAGES_FILE, images, ATTRIBUTION_KEYS, ["index"],
+    return (merge_table(run_dir, ATTRIBUTION_FILE, summary, ATTRIBUTION_KEYS, ["metric"], read_attribution),
+            merge_table(run_dir, ATTRIBUTION_IMAGES_FILE, images, ATTRIBUTION_KEYS, ["index"],
                          read_attribution_images))
