@@ -17,23 +17,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dpaat_core import runs  # noqa: E402
-from dpaat_core.audit import read_apgd, read_protocol  # noqa: E402
+from dpaat_core.report import _Run  # noqa: E402
 
 COLUMNS = ("clean", "balanced", "PGD-20 l2", "PGD-20 linf", "APGD l2", "Grad-CAM agreement", "saliency agreement",
            "saliency on lesion", "same map, other lesion", "saliency peak on lesion")
 
 
 def figures(run_dir) -> dict:
-    protocol = read_protocol(run_dir).set_index("preset")
-    apgd = read_apgd(run_dir)
-    attribution = runs.read_attribution(run_dir)
-    mean = attribution.pivot_table(index="metric", columns="method", values="mean")
+    """The run's figures on its own test data, read as the report reads them (rows of that split, data and norm)."""
+    run = _Run(run_dir, "test", None)
+    protocol, means = run.protocol.set_index("preset"), run.means
     return dict(zip(COLUMNS, (protocol.loc["pgd20_l2", "accuracy"], protocol.loc["pgd20_l2", "balanced_accuracy"],
                               protocol.loc["pgd20_l2", "robust_accuracy"], protocol.loc["pgd20_linf", "robust_accuracy"],
-                              apgd[apgd.norm == "l2"].robust_accuracy.iloc[0], mean.loc["spearman", "gradcam"],
-                              mean.loc["spearman", "saliency"], mean.loc["energy_clean", "saliency"],
-                              mean.loc["energy_other_mask", "saliency"], mean.loc["pointing_clean", "saliency"])))
+                              run.apgd.robust_accuracy.iloc[0], means.loc["spearman", "gradcam"],
+                              means.loc["spearman", "saliency"], means.loc["energy_clean", "saliency"],
+                              means.loc["energy_other_mask", "saliency"], means.loc["pointing_clean", "saliency"])))
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.demo_runs import fp16_is_lossless  # noqa: E402
+from bench.demo_runs import halve_if_lossless  # noqa: E402
 from dpaat_core import runs  # noqa: E402
 
 DEST = Path(__file__).resolve().parents[1] / "checkpoints"
@@ -27,10 +27,7 @@ def ship(src: Path, shipped: dict) -> Path:
     if start in shipped:                       # the start as a clean clone has it
         config["init"]["run"] = config["model"]["init_from"] = f"checkpoints/{start}"
         runs.atomic_write_json(dest / "config.json", config)
-    check = fp16_is_lossless(dest)
-    if check["lossless"]:
-        runs.save_weights(dest / "weights.safetensors", runs.load_weights(dest / "weights.safetensors"), half=True)
-    runs.atomic_write_json(dest / "fp16_check.json", check)
+    check = halve_if_lossless(dest)
     print(dest, check)
     return dest
 

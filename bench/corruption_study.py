@@ -24,9 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dpaat_core import loading, runs  # noqa: E402
+from dpaat_core import runs  # noqa: E402
+from dpaat_core.__main__ import main as cli  # noqa: E402
 from dpaat_core import reproduction as rep  # noqa: E402
-from dpaat_core.corruption_eval import CLEAN, corruption_error, corruption_grid  # noqa: E402
+from dpaat_core.corruption_eval import CLEAN, corruption_error  # noqa: E402
 from dpaat_core.corruptions import CORRUPTIONS, NAMES, SEVERITIES  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -51,18 +52,13 @@ def has_grid(run_dir: Path, data: str) -> bool:
 
 
 def evaluate(run_dir: Path) -> None:
-    data = runs.read_config(run_dir)["data"]["spec"]
-    if has_grid(run_dir, data):
+    """The run's corruption grid on its test split, as ``evaluate --corruptions all`` writes it (skipped when saved)."""
+    if has_grid(run_dir, runs.read_config(run_dir)["data"]["spec"]):
         return
     t0 = time.time()
-    dataset = loading.load_run_data(run_dir, "test")
-    grid = corruption_grid(loading.load_model(run_dir), dataset, NAMES, SEVERITIES, batch_size=256, seed=0,
-                           progress=False)
-    runs.save_corruptions(run_dir, grid.assign(split="test", data=data, seed=0))
-    clean = grid.loc[grid.corruption == CLEAN, "accuracy"].iloc[0]
-    mean = grid.loc[grid.corruption != CLEAN, "accuracy"].mean()
-    print(f"[corruptions] {run_dir.name}: {len(dataset)} images in {time.time() - t0:.0f} s, clean {clean:.3f}, "
-          f"mean corrupted {mean:.3f}", flush=True)
+    if cli(["evaluate", str(run_dir), "--corruptions", "all", "--batch-size", "256", "--device", "cpu"]) != 0:
+        raise SystemExit(f"evaluate --corruptions failed on {run_dir}")
+    print(f"[corruptions] {run_dir.name}: {time.time() - t0:.0f} s", flush=True)
 
 
 def cells(store: Path, checkpoints: Path) -> pd.DataFrame:

@@ -56,6 +56,16 @@ def fp16_is_lossless(run_dir: Path) -> dict:
     return check
 
 
+def halve_if_lossless(run_dir: Path) -> dict:
+    """Store the run's weights as float16 when :func:`fp16_is_lossless` says so; the check goes to
+    ``fp16_check.json`` either way and is returned."""
+    check = fp16_is_lossless(run_dir)
+    if check["lossless"]:
+        runs.save_weights(run_dir / "weights.safetensors", runs.load_weights(run_dir / "weights.safetensors"), half=True)
+    runs.atomic_write_json(run_dir / "fp16_check.json", check)
+    return check
+
+
 def make_demo(src: Path, dest: Path, attribution_n, curve_n: int) -> dict:
     if runs.load_run(src).state != "done":
         raise SystemExit(f"{src}: not a finished run; train it first (bench/study.py run main64 --seeds 0)")
@@ -70,10 +80,7 @@ def make_demo(src: Path, dest: Path, attribution_n, curve_n: int) -> dict:
     config = runs.read_config(tmp)
     config["run_id"] = dest.name
     runs.atomic_write_json(tmp / "config.json", config)
-    check = fp16_is_lossless(tmp)
-    if check["lossless"]:
-        runs.save_weights(tmp / "weights.safetensors", runs.load_weights(tmp / "weights.safetensors"), half=True)
-    runs.atomic_write_json(tmp / "fp16_check.json", check)
+    check = halve_if_lossless(tmp)
     for argv in (["evaluate", str(tmp), "--attack", "pgd,ifgsm", "--norm", "l2,linf", "--max-samples", str(curve_n)],
                  ["attribute", str(tmp), "--methods", "gradcam,saliency", "--n", str(attribution_n)],
                  ["evaluate", str(tmp), "--corruptions", "all"]):

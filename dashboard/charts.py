@@ -10,7 +10,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from dpaat_core.plots import (ATTACK_DASH, NO_DATA, PALETTE, _attack_label, _finite, empty_figure,  # noqa: F401
+from dpaat_core.plots import (NO_DATA, PALETTE, _finite, empty_figure,  # noqa: F401 (robustness_chart: charts.*)
                                robustness_chart)
 
 FRAGILE, STABLE = "#D55E00", "#0072B2"  # vermillion, blue

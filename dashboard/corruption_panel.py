@@ -15,11 +15,8 @@ from dpaat_core.corruptions import NAMES, SEVERITIES, describe
 
 
 def _saved_grids(selected: list[runs.Run]) -> pd.DataFrame:
-    frame = pd.concat([corruptions(r) for r in selected], ignore_index=True)
-    if len(frame):
-        frame = frame[frame["split"] == "test"]
-    missing = [r for r in selected if not len(frame) or r.run_id not in set(frame.get("run", []))]
-    compute_buttons(missing, lambda rid: f"Compute the corruption grid of {rid} (15 corruptions x 5 severities on its "
+    frame = runs.select(pd.concat([corruptions(r) for r in selected], ignore_index=True), split="test")
+    compute_buttons(selected, frame, lambda rid: f"Compute the corruption grid of {rid} (15 corruptions x 5 severities on its "
                     "test split: minutes on a CPU)", "corrupt", max_samples=None, corruptions=True)
     if not len(frame):
         st.info("No run picked has a corruption grid yet (`python -m dpaat_core evaluate RUN --corruptions all`).")

@@ -185,11 +185,16 @@ def _model(run_dir: str, mtime: int):
     return loading.load_model(run_dir)
 
 
+def _weights_key(run: runs.Run) -> tuple[str, int]:
+    """What a cached result on a run's model is keyed by: its folder and its weights' modification time."""
+    return str(run.path), _mtime(run.path / "weights.safetensors")
+
+
 def model(run: runs.Run):
     """The run's best model on CPU, eval mode (cached until its weights change); None, with a warning that names
     the run, when its weights cannot be loaded."""
     try:
-        return _model(str(run.path), _mtime(run.path / "weights.safetensors"))
+        return _model(*_weights_key(run))
     except Exception as exc:  # noqa: BLE001 - truncated, hostile or mismatched weights: say so, keep the page
         st.warning(f"{run.run_id}: its weights cannot be loaded ({_first_line(exc)}); it is left out here")
         return None
@@ -213,12 +218,15 @@ def unreadable(what: str, exc: BaseException) -> None:
     st.warning(f"{what} cannot be read" + ("." if viewer_mode() else f": {exc}"))
 
 
-def compute_buttons(missing: list, label, key: str, **start) -> None:
-    """A button per run of ``missing`` (``label(run_id)`` on it) that starts ``launch.start_evaluate(run, **start)``
-    as a process of its own, and the progress of those started; nothing in viewer mode (it writes the store)."""
+def compute_buttons(selected: list, saved: pd.DataFrame, label, key: str, **start) -> None:
+    """A button per run of ``selected`` with no rows in ``saved`` (a table with a ``run`` column; ``label(run_id)``
+    on the button) that starts ``launch.start_evaluate(run, **start)`` as a process of its own, and the progress of
+    those started; nothing in viewer mode (it writes the store)."""
     from dpaat_core import launch
     if viewer_mode():
         return
+    done = set(saved.get("run", []))
+    missing = [r for r in selected if r.run_id not in done]
     waiting = {r.run_id: r.path for r in missing if launch.evaluating(r.path) is not None}
     for run in missing:
         if run.run_id not in waiting and st.button(label(run.run_id), key=f"{key}-{run.run_id}"):
@@ -279,7 +287,7 @@ def _predictions(run_dir: str, mtime: int, spec: str, split: str, _data) -> pd.D
 
 def predictions(run: runs.Run, data, split: str) -> pd.DataFrame:
     """Each image's class and the run's clean prediction on ``data`` (cached per run, data and split)."""
-    return _predictions(str(run.path), _mtime(run.path / "weights.safetensors"), data.source.spec, split, data)
+    return _predictions(*_weights_key(run), data.source.spec, split, data)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -362,7 +370,7 @@ def explanation(run: runs.Run, x, label, attack: str, norm: str, eps: float, met
     the attack then uses (the gallery's and ``attribute``'s maps); None (an upload): seed 0."""
     if model(run) is None:
         return None
-    return _explanation(str(run.path), _mtime(run.path / "weights.safetensors"), image_key(x), x, label,
+    return _explanation(*_weights_key(run), image_key(x), x, label,
                         ("attack", attack, norm, float(eps), None if index is None else int(index)), tuple(methods))
 
 
@@ -370,7 +378,7 @@ def corrupted_explanation(run: runs.Run, x, index: int, corruption: str, severit
     """:func:`explanation` with a natural corruption in place of the attack (seeded by the image's ``index``)."""
     if model(run) is None:
         return None
-    return _explanation(str(run.path), _mtime(run.path / "weights.safetensors"), image_key(x), x, None,
+    return _explanation(*_weights_key(run), image_key(x), x, None,
                         ("corruption", corruption, int(severity), int(index)), tuple(methods))
 
 
@@ -399,7 +407,7 @@ def _live_batch(run: runs.Run, data, n: int, perturbation: tuple) -> dict | None
     if model(run) is None:
         return None
     x, y = data.batch(range(min(int(n), len(data))))
-    return _live(str(run.path), _mtime(run.path / "weights.safetensors"), f"{data.source.spec}:{image_key(x)}", x, y,
+    return _live(*_weights_key(run), f"{data.source.spec}:{image_key(x)}", x, y,
                  perturbation)
 
 
@@ -430,25 +438,25 @@ def _image_numbers(run_dir: str, mtime: int, spec: str, split: str, method: str,
 def _saved_numbers(run_dir: str, mtime: int, method: str, split: str, spec: str, eps: float) -> pd.DataFrame:
     """The rows of the run's ``attribution_images.csv`` made with the gallery's setting, by index (read once per
     version of the file)."""
-    saved = runs.read_attribution_images(run_dir)
-    if not len(saved):
-        return saved
-    mine = saved[(saved["method"] == method) & (saved["split"] == split) & (saved["data"] == spec)
-                 & (saved["norm"] == GALLERY_NORM) & (saved["steps"] == EXPLORER_STEPS)
-                 & ((saved["eps"] - eps).abs() < 1e-9)]
-    if "seed" in mine:
-        mine = mine[mine["seed"] == 0]
+    mine = runs.select(runs.read_attribution_images(run_dir), method=method, split=split, data=spec,
+                       norm=GALLERY_NORM, steps=EXPLORER_STEPS, seed=0)
+    mine = mine[(pd.to_numeric(mine["eps"]) - eps).abs() < 1e-9]
     return mine.sort_values("index").reset_index(drop=True)
+
+
+def gallery_eps(run: runs.Run) -> float:
+    """The eps the gallery attacks at: the run's reference eps in :data:`GALLERY_NORM`."""
+    from dpaat_core.evaluate import reference_eps
+    return float(reference_eps(run.config, GALLERY_NORM))
 
 
 def gallery_numbers(run: runs.Run, data, split: str, method: str) -> tuple[pd.DataFrame | None, str]:
     """Every image's attribution numbers for the gallery, and where they came from: the run's saved
     ``attribution_images.csv`` when it covers the split with the gallery's setting, else computed here (in memory,
     cached; the store is only read)."""
-    from dpaat_core.evaluate import reference_eps
     if model(run) is None:
         return None, ""
-    eps = float(reference_eps(run.config, GALLERY_NORM))
+    eps = gallery_eps(run)
     try:
         mine = _saved_numbers(str(run.path), _mtime(run.path / runs.ATTRIBUTION_IMAGES_FILE), method, split,
                               data.source.spec, eps)
@@ -457,7 +465,7 @@ def gallery_numbers(run: runs.Run, data, split: str, method: str) -> tuple[pd.Da
         mine = pd.DataFrame()
     if len(mine) == len(data) and set(mine["index"]) == set(range(len(data))):
         return mine, "saved with the run (attribution_images.csv)"
-    table = _image_numbers(str(run.path), _mtime(run.path / "weights.safetensors"), data.source.spec, split, method,
+    table = _image_numbers(*_weights_key(run), data.source.spec, split, method,
                            eps, data)
     return table, "computed for this view (`python -m dpaat_core attribute RUN --n all` saves them with the run)"
 
@@ -473,8 +481,7 @@ def _page_maps(run_dir: str, mtime: int, spec: str, split: str, index: tuple, me
 
 def gallery_maps(run: runs.Run, data, split: str, index, method: str) -> dict | None:
     """The clean and attacked images and maps of the images ``index`` (one page), cached per page."""
-    from dpaat_core.evaluate import reference_eps
     if model(run) is None or not len(index):
         return None
-    return _page_maps(str(run.path), _mtime(run.path / "weights.safetensors"), data.source.spec, split,
-                      tuple(int(i) for i in index), method, float(reference_eps(run.config, GALLERY_NORM)), data)
+    return _page_maps(*_weights_key(run), data.source.spec, split,
+                      tuple(int(i) for i in index), method, gallery_eps(run), data)

@@ -15,12 +15,12 @@ if not picked:
     st.info("No readable run in the store yet.")
     st.stop()
 run = picked[0]
-epochs = runs.dynamics_epochs(run.path)
-if (run.config or {}).get("origin") == "imported":
+if run.origin == "imported":
     source = (run.config.get("source") or {}).get("file", "a weights file")
     st.info(f"{run.run_id} was imported from {Path(source).name}: it has no training history here. Its robustness, "
             "corruptions and attribution maps are on the other pages.")
     st.stop()
+epochs = runs.dynamics_epochs(run.path)
 if not epochs:
     st.info(f"{run.run_id} has no completed epoch yet.")
     st.stop()

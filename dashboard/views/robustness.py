@@ -17,15 +17,13 @@ if not selected:
     st.info("Pick a run with trained weights in the sidebar.")
     st.stop()
 
-curves = pd.concat([robustness(r) for r in selected], ignore_index=True)
-missing = [r for r in selected if not len(curves) or r.run_id not in set(curves.get("run", []))]
-
 
 # only the view on show runs (the other's live attack or corruption waits until it is picked)
 VIEWS = ("Adversarial attacks", "Natural corruptions")
 view = st.radio("View", VIEWS, horizontal=True, key="robustness-view", label_visibility="collapsed")
 if view == VIEWS[0]:
-    compute_buttons(missing, lambda rid: f"Compute the PGD-20 l2 curve of {rid} (256 test images)", "compute",
+    curves = pd.concat([robustness(r) for r in selected], ignore_index=True)
+    compute_buttons(selected, curves, lambda rid: f"Compute the PGD-20 l2 curve of {rid} (256 test images)", "compute",
                     max_samples=256)
     if len(curves):
         x = "eps_rms" if st.toggle("Per-pixel RMS on the x axis", value=False) else "eps"
