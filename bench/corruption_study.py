@@ -40,7 +40,8 @@ SEEDS = (0, 1, 2)
 
 def run_dirs(store: Path, checkpoints: Path) -> list[tuple[str, str, int, Path]]:
     """(group, method, seed, run folder) of every run of the finding that has finished training."""
-    out = [("demo64", p.name.split("-")[1], 0, p) for p in sorted(checkpoints.glob("demo-*")) if p.is_dir()]
+    out = [("demo64", p.name.split("-")[1], 0, p) for p in sorted(checkpoints.glob("demo-*-resnet8-ham10000"))
+           if p.is_dir()]          # the six methods' demo runs (not the imported MobileNet and its hardened run)
     out += [("long28", m, s, store / f"{prefix}-s{s}") for m, prefix in STUDY.items() for s in SEEDS
             if (store / f"{prefix}-s{s}" / "status.json").is_file()
             and runs.read_status(store / f"{prefix}-s{s}")["state"] == "done"]
