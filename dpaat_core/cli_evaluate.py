@@ -166,7 +166,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _corruptions(args: argparse.Namespace, model, dataset, config: dict, device) -> int:
     from . import runs
-    from .corruption_eval import corruption_error, corruption_grid
+    from .corruption_eval import CLEAN, corruption_error, corruption_grid
 
     data = args.data or config["data"]["spec"]
     reference = None
@@ -179,9 +179,9 @@ def _corruptions(args: argparse.Namespace, model, dataset, config: dict, device)
                            device=device, seed=args.seed, progress=True, amp=args.amp)
     grid = grid.assign(split=args.split, data=data, seed=args.seed)
     path = _save_or_keep(lambda: runs.save_corruptions(args.run_dir, grid), grid, args.run_dir, "corruptions")
-    clean = grid[grid.corruption == "clean"].accuracy.iloc[0]
+    clean = grid[grid.corruption == CLEAN].accuracy.iloc[0]
     print(f"accuracy on {len(dataset)} {args.split} images of {data} under corruption (clean {clean:.4g})")
-    table = grid[grid.corruption != "clean"].pivot_table(index="corruption", columns="severity", values="accuracy",
+    table = grid[grid.corruption != CLEAN].pivot_table(index="corruption", columns="severity", values="accuracy",
                                                          sort=False)
     table["mean"] = table.mean(axis=1)
     print(table.to_string(float_format=lambda v: f"{v:.4g}"))

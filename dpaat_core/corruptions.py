@@ -44,7 +44,8 @@ class Corruption:
 
 # --- the corruptions -------------------------------------------------------------------------------------------
 
-def _per_image(x: torch.Tensor, generators, draw: Callable[[torch.Generator], torch.Tensor]) -> torch.Tensor:
+def _per_image(generators, draw: Callable[[torch.Generator], torch.Tensor]) -> torch.Tensor:
+    """One draw per image, each from its own generator (so an image's draw is the same in any batch)."""
     return torch.stack([draw(g) for g in generators])
 
 
@@ -70,19 +71,19 @@ def _jpeg(x, quality, scale, gens):
 
 
 def _gaussian_noise(x, c, scale, gens):
-    noise = _per_image(x, gens, lambda g: torch.randn(x.shape[1:], generator=g)).to(x.device, x.dtype)
+    noise = _per_image(gens, lambda g: torch.randn(x.shape[1:], generator=g)).to(x.device, x.dtype)
     return (x + c * noise).clamp_(0, 1)
 
 
 def _speckle_noise(x, c, scale, gens):
-    noise = _per_image(x, gens, lambda g: torch.randn(x.shape[1:], generator=g)).to(x.device, x.dtype)
+    noise = _per_image(gens, lambda g: torch.randn(x.shape[1:], generator=g)).to(x.device, x.dtype)
     return (x + x * c * noise).clamp_(0, 1)
 
 
 def _impulse_noise(x, amount, scale, gens):
     """Salt and pepper as scikit-image's ``random_noise(mode="s&p")``: each value flips with probability
     ``amount``, to 1 or 0 with equal odds."""
-    u = _per_image(x, gens, lambda g: torch.rand((2, *x.shape[1:]), generator=g)).to(x.device, x.dtype)
+    u = _per_image(gens, lambda g: torch.rand((2, *x.shape[1:]), generator=g)).to(x.device, x.dtype)
     flipped, salt = u[:, 0] <= amount, u[:, 1] <= 0.5
     return torch.where(flipped, salt.to(x.dtype), x)
 
@@ -121,7 +122,7 @@ def _motion_blur(x, radius_sigma, scale, gens):
     as MedMNIST-C does; kornia's kernel is uniform along the line (ImageMagick weights it by a Gaussian of
     ``sigma``, here dropped: at the lengths these images get, 3 to 7 px, the two differ little)."""
     import kornia
-    angle = _per_image(x, gens, lambda g: torch.rand((), generator=g)).float() * 90 - 45
+    angle = _per_image(gens, lambda g: torch.rand((), generator=g)).float() * 90 - 45
     k = _motion_length(radius_sigma[0], scale)
     return kornia.filters.motion_blur(x, k, angle.to(x.device), torch.zeros_like(angle), border_type="reflect",
                                       mode="bilinear").clamp_(0, 1)

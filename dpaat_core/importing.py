@@ -209,6 +209,16 @@ def import_model(arch: str, weights: str | Path, image_size: int, classes: Seque
     return run_dir
 
 
+def model_from_config(model: dict, num_classes: int, in_channels: int = 3, pretrained: bool = False) -> nn.Module:
+    """The freshly initialised classifier a config's ``model`` section describes: with its own normalisation (an
+    imported run, or one started from it: any torchvision/timm architecture) :func:`build_classifier`, else the
+    registry's :func:`~dpaat_core.models.build_model`."""
+    if model.get("normalization"):
+        return build_classifier(model, num_classes, in_channels)
+    from .models import build_model
+    return build_model(model["name"], num_classes, in_channels, pretrained)
+
+
 def build_classifier(model: dict, num_classes: int, in_channels: int = 3) -> Classifier:
     """The classifier a config's ``model`` section describes with its own normalisation and Grad-CAM layer (an
     imported run, or one started from it), freshly initialised."""

@@ -21,18 +21,12 @@ def state_mismatch(expected: dict, state: dict) -> tuple[list[str], list[str], l
 
 def load_model(run_dir, device="cpu", weights: str = "best") -> torch.nn.Module:
     """The run's classifier, eval mode, on ``device``: ``"best"`` from weights.safetensors, ``"last"`` from last.pt."""
-    from .models import build_model
-
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     name, num_classes = config["model"].get("name"), config["dataset"].get("num_classes")
     try:
-        if config.get("origin") == "imported" or config["model"].get("normalization"):   # any torchvision/timm
-            # architecture with its own normalisation: imported, or trained from an imported run
-            from .importing import build_classifier
-            model = build_classifier(config["model"], num_classes, config["dataset"].get("in_channels", 3))
-        else:
-            model = build_model(name, num_classes, config["dataset"].get("in_channels", 3), pretrained=False)
+        from .importing import model_from_config
+        model = model_from_config(config["model"], num_classes, config["dataset"].get("in_channels", 3))
     except (ValueError, KeyError, TypeError, RunError) as exc:
         raise RunError(f"{run_dir / 'config.json'}: cannot build the model ({exc})") from None
     if weights not in ("best", "last"):

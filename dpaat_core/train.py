@@ -28,7 +28,6 @@ from torch.utils.data.distributed import DistributedSampler
 from . import __version__, distributed, locks, runs
 from .config import ConfigError, ModelConfig, RunConfig
 from .data import ImageDataset, load_dataset
-from .models import build_model
 from .objectives import MethodState, training_step
 from .validation import validate
 
@@ -298,11 +297,9 @@ def _train_loop(config, device, world, progress, should_stop, store, run_id, run
     run_dir = Path(_broadcast(str(run_dir) if run_dir is not None else None, world))
 
     torch.manual_seed(tc.seed)
-    if config.model.normalization is not None:   # started from another run's architecture and normalisation
-        from .importing import build_classifier
-        bare = build_classifier(asdict(config.model), train_set.num_classes, train_set.in_channels)
-    else:
-        bare = build_model(config.model.name, train_set.num_classes, train_set.in_channels, config.model.pretrained)
+    from .importing import model_from_config   # (with a normalisation: started from another run's architecture)
+    bare = model_from_config(asdict(config.model), train_set.num_classes, train_set.in_channels,
+                             config.model.pretrained)
     if init is not None:
         bare.load_state_dict(init["state"])
     bare = bare.to(device)
