@@ -43,9 +43,11 @@ class MethodPreset:
     beta_clean: float     # weight of CE on clean images
     lam: float            # weight of the synchronisation loss
     adv_weight: float     # weight of CE on adversarial images (0 for TRADES)
-    attack: str           # "none", "ce" (maximise cross-entropy) or "kl" (maximise KL to the clean prediction)
+    attack: str           # "none", "ce" (maximise cross-entropy), "kl" (maximise KL to the clean prediction) or
+                          # "noise" (Gaussian noise of std sigma instead of an attack: randomized smoothing's training)
     sync: str             # kind of synchronisation loss
     adaptive: bool        # per-sample eps from the memory
+    sigma: float = 0.0    # std of the training noise ("noise" only), per pixel in [0, 1] units
 
 
 METHODS = {
@@ -55,6 +57,8 @@ METHODS = {
     "dpaat": MethodPreset(0.1, 1.0, 1.0, 1.0, "ce", "sym_kl", True),
     "dpaat_nosync": MethodPreset(0.1, 1.0, 0.0, 1.0, "ce", "sym_kl", True),
     "dpaat_fixed": MethodPreset(0.0, 1.0, 1.0, 1.0, "ce", "sym_kl", False),
+    # Cohen et al. 2019: cross-entropy on x + N(0, sigma^2 I), the base classifier of randomized smoothing
+    "gaussian": MethodPreset(0.0, 0.0, 0.0, 1.0, "noise", "sym_kl", False, sigma=0.25),
 }
 
 
@@ -165,6 +169,7 @@ class MethodConfig(_Section):
     ema_momentum: float = 0.9
     eps_min_ratio: float = 0.25
     eps_max_ratio: float = 2.0
+    sigma: float = 0.0
 
     def check(self):
         _choice("method", "name", self.name, tuple(METHODS))
@@ -176,7 +181,12 @@ class MethodConfig(_Section):
             _fail("method", "gamma", self.gamma, "a number >= 0 and < 1")
         for name in ("beta_clean", "lam", "adv_weight"):
             _number("method", name, getattr(self, name), 0, 1000)
-        _choice("method", "attack", self.attack, ("none", "ce", "kl"))
+        _choice("method", "attack", self.attack, ("none", "ce", "kl", "noise"))
+        if self.attack == "noise":
+            _number("method", "sigma", self.sigma, 0, 10, lo_open=True)
+        elif self.sigma != 0:   # it would silently do nothing
+            raise ConfigError(f"method.sigma: {self.name} trains against an attack, not noise, so sigma does not "
+                              "apply (use the gaussian method)")
         _choice("method", "sync", self.sync, SYNC_LOSSES)
         parse_threshold(self.threshold)
         _number("method", "ema_momentum", self.ema_momentum, 0, 1)
@@ -189,7 +199,7 @@ class MethodConfig(_Section):
 
 
 def method_config(name: str, **overrides) -> MethodConfig:
-    """The family member ``name`` (erm, pgd_at, trades, dpaat, dpaat_nosync, dpaat_fixed) with overrides.
+    """The family member ``name`` (erm, pgd_at, trades, dpaat, dpaat_nosync, dpaat_fixed, gaussian) with overrides.
 
     ``gamma`` may only be overridden for methods with adaptive eps (:meth:`MethodConfig.check`).
     """

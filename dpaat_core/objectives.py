@@ -1,9 +1,11 @@
 """Training objectives: ``erm``, ``pgd_at``, ``trades``, ``dpaat``, ``dpaat_nosync``,
-``dpaat_fixed``, as settings of one function (the family table of METHOD.md).
+``dpaat_fixed``, ``gaussian``, as settings of one function (the family table of METHOD.md).
 
 ``L = adv_weight * CE(z_adv) + beta_clean * CE(z) + lam * L_syn(z, z_adv)``: ERM has no attack;
 TRADES attacks the KL to the clean prediction and has no CE(z_adv) term; the DPAAT family takes
-each sample's eps from the memory. Class weights apply to the CE terms only, never to ΔL.
+each sample's eps from the memory; ``gaussian`` (randomized smoothing's base classifier, Cohen et al. 2019) replaces
+the attack by Gaussian noise of std ``sigma``, so ``z_adv`` is the logits of ``x + N(0, sigma^2 I)`` (not clipped, as
+the smoothed classifier sees it). Class weights apply to the CE terms only, never to ΔL.
 """
 from __future__ import annotations
 
@@ -88,6 +90,8 @@ def _budget(model, x, y, idx, method: MethodConfig, attack: AttackConfig, state:
     """Each sample's eps for this batch, float32 ``[B]`` on ``x``'s device."""
     if state.memory is not None:
         return state.memory[idx].to(x.device)
+    if method.attack == "noise":   # the "budget" of a noise-trained sample is the noise's std
+        return torch.full((x.shape[0],), float(method.sigma), device=x.device)
     eps0 = torch.full((x.shape[0],), float(attack.eps), device=x.device)
     if not method.memoryless:
         return eps0
@@ -135,11 +139,19 @@ def training_step(
         with torch.no_grad(), attack_mode(attack_model):
             clean_target = attack_model(x).detach()
         loss_fn = _kl_to(clean_target)
-    x_adv = pgd(attack_model, x, y, eps, attack.alpha_ratio * eps, attack.steps, attack.norm,
-                generator=generator, loss_fn=loss_fn, eval_mode=attack.eval_mode, validate=False)
+    if method.attack == "noise":
+        where = generator.device if generator is not None else x.device   # a CPU generator may seed a CUDA run
+        x_adv = x + method.sigma * torch.randn(x.shape, generator=generator, device=where, dtype=x.dtype).to(x.device)
+    else:
+        x_adv = pgd(attack_model, x, y, eps, attack.alpha_ratio * eps, attack.steps, attack.norm,
+                    generator=generator, loss_fn=loss_fn, eval_mode=attack.eval_mode, validate=False)
 
-    with torch.set_grad_enabled(method.beta_clean > 0 or method.lam > 0):
-        z = model(x)
+    if method.attack == "noise":   # clean logits for the statistics only: BatchNorm keeps the noisy inputs' statistics
+        with torch.no_grad(), attack_mode(attack_model):
+            z = attack_model(x)
+    else:
+        with torch.set_grad_enabled(method.beta_clean > 0 or method.lam > 0):
+            z = model(x)
     with torch.set_grad_enabled(method.adv_weight > 0 or method.lam > 0):
         z_adv = model(x_adv)
     ce_clean, ce_adv = per_sample_ce(z, y), per_sample_ce(z_adv, y)

@@ -22,7 +22,7 @@ from references import kl, softmax
 
 pytestmark = pytest.mark.device
 
-METHODS = ("erm", "pgd_at", "trades", "dpaat", "dpaat_nosync", "dpaat_fixed")
+METHODS = ("erm", "pgd_at", "trades", "dpaat", "dpaat_nosync", "dpaat_fixed", "gaussian")
 ATTACK = AttackConfig(steps=3)          # l2, eps 0.3, alpha 0.5 * eps, eval-mode attack
 ATTACK_1 = AttackConfig(steps=1)        # for side-effect checks, where the attack's strength is beside the point
 SIZE = 32
@@ -379,3 +379,43 @@ def test_step_keeps_each_module_flag(name, overrides, ham):
     changed = [n for n, m in model.named_modules() if m.training != flags[n]]
     assert not changed, (f"BUG in objectives.training_step ({name}, {overrides}): the per-module train/eval "
                          f"flags were not restored (model.train(was) resets every submodule): {changed}")
+
+
+# --- gaussian: randomized smoothing's base classifier ---------------------------------------------
+
+def test_gaussian_trains_on_unclipped_noise_of_std_sigma_and_runs_no_attack(ham, monkeypatch):
+    x, y, idx, ds = ham
+
+    def no_attack(*args, **kwargs):
+        raise AssertionError("gaussian must not run an attack")
+
+    monkeypatch.setattr(objectives, "pgd", no_attack)
+    method = method_config("gaussian", sigma=0.5)
+    model = _model(ds.num_classes)
+    reference = copy.deepcopy(model)
+    state = MethodState.create(method, ATTACK, len(ds), TEST_DEVICE)
+    result = training_step(model, x, y, idx, method, ATTACK, state, generator=_gen(7))
+
+    noise = torch.randn(x.shape, generator=_gen(7)).to(x.device)   # the same draw, from the same seed
+    x_noisy = x + 0.5 * noise
+    assert x_noisy.min() < 0 and x_noisy.max() > 1, "the reference's noisy batch leaves [0, 1]: no clipping is checked"
+    z_noisy = reference(x_noisy)                                   # train mode: the step's own BatchNorm use
+    np.testing.assert_allclose(result.loss.item(), _ce(z_noisy, y).mean(), rtol=1e-5)
+    assert torch.equal(result.eps.cpu(), torch.full((len(x),), 0.5))
+    with torch.no_grad():
+        z_clean = copy.deepcopy(reference).eval()(x)
+    assert torch.equal(result.correct_clean.cpu(), (z_clean.argmax(1) == y).cpu())
+    # the clean pass only measures: BatchNorm's running statistics are those of the noisy batch alone
+    for (name, a), (_, b) in zip(model.named_buffers(), reference.named_buffers()):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+
+
+def test_sigma_belongs_to_the_gaussian_method_only():
+    from dpaat_core.config import ConfigError
+    assert method_config("gaussian").sigma == 0.25
+    assert method_config("gaussian", sigma=0.12).sigma == 0.12
+    for bad in (0, -0.1, float("nan"), 11):
+        with pytest.raises(ConfigError, match="method.sigma"):
+            method_config("gaussian", sigma=bad)
+    with pytest.raises(ConfigError, match="sigma does not apply"):
+        method_config("pgd_at", sigma=0.25)
