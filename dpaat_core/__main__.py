@@ -3,7 +3,8 @@
 ``data SPEC``: load every split of a data spec and print what is in it, to check a dataset
 before training on it. ``train``: train a run (or ``--resume`` one); ``evaluate RUN_DIR``:
 robustness curves into the run's ``robustness.csv``; ``attribute RUN_DIR``:
-clean-vs-adversarial attribution numbers into ``attribution.csv``; ``import``: a classifier trained elsewhere as a
+clean-vs-adversarial attribution numbers into ``attribution.csv``; ``certify RUN_DIR``: randomized smoothing's
+certified l2 radius per image into ``certified.csv``; ``import``: a classifier trained elsewhere as a
 run; ``audit RUN_DIR``: all of a run's numbers and its report; ``report RUN_DIR...``: the shareable HTML report;
 ``runs``: list the run store.
 Bad arguments and unusable data exit with status 2 and one line.
@@ -16,6 +17,7 @@ import warnings
 
 from .cli_attribute import add_attribute_parser
 from .cli_audit import add_audit_parsers
+from .cli_certify import add_certify_parser
 from .cli_import import add_import_parser
 from .cli_evaluate import add_evaluate_parser
 from .cli_train import add_runs_parser, add_train_parser
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_evaluate_parser(sub)
     add_attribute_parser(sub)
+    add_certify_parser(sub)
     add_import_parser(sub)
     add_audit_parsers(sub)
     add_runs_parser(sub)

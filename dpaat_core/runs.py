@@ -515,3 +515,23 @@ def save_attribution(run_dir, summary: pd.DataFrame, images: pd.DataFrame) -> tu
     return (merge_table(run_dir, ATTRIBUTION_FILE, summary, ATTRIBUTION_KEYS, ["metric"], read_attribution),
             merge_table(run_dir, ATTRIBUTION_IMAGES_FILE, images, ATTRIBUTION_KEYS, ["index"],
                          read_attribution_images))
+
+CERTIFIED_FILE = "certified.csv"
+#: a certificate is one image's at one setting: a quick look at a few images (or with a smaller n) adds rows and never
+#: replaces a fuller run's
+CERTIFIED_KEYS = ("sigma", "n0", "n", "alpha", "split", "data", "index")
+
+
+def read_certified(run_dir, split: str | None = None, data: str | None = None) -> pd.DataFrame:
+    """The run's ``certified.csv`` (written by ``python -m dpaat_core certify``; empty frame if none): one row per
+    image and setting (sigma, n0, n, alpha, split, data) with label, prediction (-1: abstain), pa_lower and radius
+    (NaN when abstaining); only the rows of ``split`` and ``data`` when given."""
+    frame = read_table(Path(run_dir) / CERTIFIED_FILE, [*CERTIFIED_KEYS, "label", "prediction", "correct", "pa_lower",
+                                                        "radius"])
+    return select(frame, split=split, data=data)
+
+
+def save_certified(run_dir, frame: pd.DataFrame) -> Path:
+    """Merge per-image certificates into ``certified.csv``: an image's row at the same setting is replaced, every
+    other row kept (see :func:`merge_table`)."""
+    return merge_table(run_dir, CERTIFIED_FILE, frame, CERTIFIED_KEYS, [], read_certified)
