@@ -68,6 +68,9 @@ STUDIES = {
                                                    "dpaat-gamma0.3": ("dpaat", {"gamma": 0.3})},
                     seeds=(0, 1, 2), epochs=40, patience=10, cross_norm=True),
 }
+# randomized smoothing's base classifier beside the demo runs (same data, model, length and seed)
+STUDIES["smooth64"] = dict(data=SAMPLE, size=64, variants={"gaussian": ("gaussian", {})}, seeds=(0,), epochs=10,
+                           patience=4)
 COMMON = dict(model="resnet8", steps=7, batch_size=32, patience=3)
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
-
 from .config import ConfigError
 
 
@@ -26,22 +24,17 @@ def add_certify_parser(sub) -> None:
                                                               "0.001)")
     c.add_argument("--split", default="test", choices=("train", "val", "test"), help="split (default test)")
     c.add_argument("--data", help="data spec (default: the run's own)")
-    c.add_argument("--max-samples", type=int, help="certify a seeded draw of N images (default: the whole split)")
+    c.add_argument("--max-samples", type=int, help="certify a seeded draw of N images, the same N images as evaluate "
+                                                    "--max-samples N (default: the whole split)")
     c.add_argument("--batch-size", type=int, help="noisy images per forward pass (default 1000 on CUDA, 100 on the CPU)")
-    c.add_argument("--seed", type=int, default=0, help="seed of the draw and of the noise (default 0)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     c.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if available")
     c.set_defaults(run=_certify)
 
 
-def _draw(size: int, max_samples: int | None, seed: int) -> np.ndarray:
-    """The images to certify: all, in index order, or a seeded draw of ``max_samples`` (sorted)."""
-    if max_samples is None or max_samples >= size:
-        return np.arange(size)
-    return np.sort(np.random.default_rng(seed).choice(size, max_samples, replace=False))
-
-
 def _certify(args: argparse.Namespace) -> int:
     from . import loading, runs
+    from .data import sample_indices
     from .certify import certify_dataset, check_settings, per_class, summary
     from .cli_evaluate import _save_or_keep
     from .train import resolve_device
@@ -57,7 +50,8 @@ def _certify(args: argparse.Namespace) -> int:
     model = loading.load_model(args.run_dir, device=device)
     dataset = loading.load_run_data(args.run_dir, args.split, args.data, progress=True)
     data = args.data or config["data"]["spec"]
-    indices = _draw(len(dataset), args.max_samples, args.seed)
+    # the draw evaluate makes (load_run_data caps with the run's split seed): both commands see the same images
+    indices = sample_indices(len(dataset), args.max_samples, (config.get("train") or {}).get("seed", 0)).numpy()
     frame = certify_dataset(model, dataset, args.sigma, n0=args.n0, n=args.n, alpha=args.alpha, indices=indices,
                             seed=args.seed, batch_size=args.batch_size, progress=True)
     frame = frame.assign(split=args.split, data=data)

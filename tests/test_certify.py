@@ -165,6 +165,11 @@ def test_certify_command_merges_rows_and_a_quick_look_never_replaces_a_fuller_ru
     assert other.returncode == 0, other.stderr
     table = runs.read_certified(run_dir)
     assert len(table) == test_size + 3 + 4, "every setting's rows are kept"
+    # --max-samples draws the images evaluate --max-samples draws (the run's split seed), by their split index
+    from dpaat_core.loading import load_run_data
+    small, whole = load_run_data(run_dir, "test", max_samples=3), load_run_data(run_dir, "test")
+    quick_rows = table[(table.n == 50) & (table.sigma == 0.25)]
+    assert [whole.source_ids[i] for i in quick_rows["index"]] == list(small.source_ids)
     chosen = fullest(table)
     assert len(chosen[chosen.sigma == 0.25]) == test_size and set(chosen[chosen.sigma == 0.25]["n"]) == {200}
     assert len(chosen[chosen.sigma == 0.5]) == 4

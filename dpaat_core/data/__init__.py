@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .dataset import SPLITS, DataError, DataNotFoundError, DataWarning, ImageDataset, cap_samples
+from .dataset import SPLITS, DataError, DataNotFoundError, DataWarning, ImageDataset, cap_samples, sample_indices
 from .ham10000 import HAM10000_CLASSES, load_ham10000
 from .folder import load_folder
 from .npz import data_root, load_medmnist, load_npz
@@ -27,7 +27,7 @@ SOURCES = ("npz", "medmnist", "ham10000", "folder", "synthetic")
 
 __all__ = [
     "SPLITS", "SOURCES", "DataError", "DataNotFoundError", "DataWarning", "ImageDataset", "HAM10000_CLASSES",
-    "load_dataset", "parse_spec", "data_root",
+    "load_dataset", "parse_spec", "data_root", "cap_samples", "sample_indices",
 ]
 
 

@@ -152,11 +152,19 @@ def cap_samples(dataset: ImageDataset, max_samples: Optional[int], seed: int = 0
     """
     if max_samples is None or max_samples >= len(dataset):
         return dataset
+    return dataset.subset(sample_indices(len(dataset), max_samples, seed).tolist())
+
+
+def sample_indices(size: int, max_samples: Optional[int], seed: int = 0) -> torch.Tensor:
+    """The positions :func:`cap_samples` keeps of ``size`` items: a seeded draw of ``max_samples``, sorted (all when
+    ``max_samples`` is None or not smaller). Commands that pick images of a full split use it, so that ``certify
+    --max-samples 128`` and ``evaluate --max-samples 128`` measure the same images."""
+    if max_samples is None or max_samples >= size:
+        return torch.arange(size)
     if max_samples < 1:
         raise DataError(f"max_samples must be at least 1, got {max_samples}")
     g = torch.Generator().manual_seed(seed)
-    keep = torch.randperm(len(dataset), generator=g)[:max_samples].sort().values
-    return dataset.subset(keep.tolist())
+    return torch.randperm(size, generator=g)[:max_samples].sort().values
 
 
 def center_crop_square(images: torch.Tensor) -> torch.Tensor:
