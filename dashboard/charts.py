@@ -424,3 +424,20 @@ def off_lesion_chart(summary: pd.DataFrame) -> go.Figure:
     fig.update_layout(title=title, template="plotly_white", barmode="group", height=330,
                       legend={"orientation": "h", "y": -0.25})
     return fig
+
+
+def radius_strip(eps: float, radius: float | None, top: float, norm: str = "l2") -> go.Figure:
+    """A thin strip under the explorer's eps slider: the certified l2 ``radius`` shaded from 0 (none when the
+    smoothed model abstains) and the slider's ``eps`` as a line, on the slider's 0..``top`` scale."""
+    fig = go.Figure()
+    if radius is not None and _finite(radius) and radius > 0:
+        fig.add_shape(type="rect", x0=0, x1=min(radius, top), y0=0, y1=1, fillcolor="#009E73", opacity=0.35,
+                      line={"width": 0})
+        fig.add_annotation(x=min(radius, top), y=1, text=f"certified {radius:.3g}", showarrow=False, yanchor="bottom",
+                           xanchor="right" if radius > top / 2 else "left", font={"size": 11, "color": "#009E73"})
+    colour = "#D55E00" if norm == "l2" and radius is not None and _finite(radius) and eps > radius else "#0072B2"
+    fig.add_shape(type="line", x0=eps, x1=eps, y0=0, y1=1, line={"color": colour, "width": 3})
+    fig.update_xaxes(range=[0, top], showgrid=False, title_text=None)
+    fig.update_yaxes(visible=False, range=[0, 1.6])
+    fig.update_layout(height=70, margin={"l": 4, "r": 4, "t": 0, "b": 20}, template="plotly_white", showlegend=False)
+    return fig

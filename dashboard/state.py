@@ -207,7 +207,9 @@ def evaluation_progress(waiting: dict) -> None:
     from dpaat_core import launch
     jobs = {rid: job for rid, path in waiting.items() if (job := launch.evaluating(path)) is not None}
     for rid, job in jobs.items():
-        what = "the corruption grid" if "--corruptions" in job.get("argv", []) else "the PGD-20 l2 curve"
+        argv = job.get("argv", [])
+        what = ("certified radii" if "certify" in argv else "the corruption grid" if "--corruptions" in argv
+                else "the PGD-20 l2 curve")
         st.progress(job["progress"] or 0.0, text=f"{rid}: computing {what} · {job['line'][:90]}")
     if len(jobs) < len(waiting):
         st.rerun()
@@ -218,10 +220,11 @@ def unreadable(what: str, exc: BaseException) -> None:
     st.warning(f"{what} cannot be read" + ("." if viewer_mode() else f": {exc}"))
 
 
-def compute_buttons(selected: list, saved: pd.DataFrame, label, key: str, **start) -> None:
+def compute_buttons(selected: list, saved: pd.DataFrame, label, key: str, starter: str = "start_evaluate",
+                    **start) -> None:
     """A button per run of ``selected`` with no rows in ``saved`` (a table with a ``run`` column; ``label(run_id)``
-    on the button) that starts ``launch.start_evaluate(run, **start)`` as a process of its own, and the progress of
-    those started; nothing in viewer mode (it writes the store)."""
+    on the button) that starts ``launch.<starter>(run, **start)`` (``start_evaluate`` or ``start_certify``) as a
+    process of its own, and the progress of those started; nothing in viewer mode (it writes the store)."""
     from dpaat_core import launch
     if viewer_mode():
         return
@@ -231,7 +234,7 @@ def compute_buttons(selected: list, saved: pd.DataFrame, label, key: str, **star
     for run in missing:
         if run.run_id not in waiting and st.button(label(run.run_id), key=f"{key}-{run.run_id}"):
             try:
-                launch.start_evaluate(run.path, **start)
+                getattr(launch, starter)(run.path, **start)
                 waiting[run.run_id] = run.path
             except runs.RunError as exc:
                 st.error(str(exc))
@@ -268,6 +271,36 @@ def _table(run: runs.Run, read) -> pd.DataFrame:
 def robustness(run: runs.Run) -> pd.DataFrame:
     """The run's saved robustness curves with a ``run`` column (empty if none, a warning if unreadable)."""
     return _table(run, runs.read_robustness)
+
+
+def certified(run: runs.Run, split: str | None = "test", data: str | None = None) -> pd.DataFrame:
+    """The run's certificates (``certified.csv``) of ``split`` and ``data`` (default: the run's own data) with a
+    ``run`` column, one setting per sigma (the fullest: ``certify.fullest``); empty if none, a warning if unreadable."""
+    from dpaat_core.certify import fullest
+    spec = data or run.config["data"]["spec"]
+    return fullest(_table(run, lambda path: runs.read_certified(path, split, spec)))
+
+
+def image_certificate(run: runs.Run, index: int) -> dict | None:
+    """The certificate of test image ``index`` (its row of :func:`certified` at the smallest sigma, as a dict), or
+    None when the run has not certified it."""
+    found = certified(run)
+    if not len(found):
+        return None
+    rows = found[found["index"] == int(index)].sort_values("sigma")
+    return rows.iloc[0].to_dict() if len(rows) else None
+
+
+def certificate_text(row: dict, classes: list[str]) -> str:
+    """One line for a clinician: what the image's certificate guarantees, or that the smoothed model abstains."""
+    setting = f"σ {row['sigma']:g}, n {int(row['n'])}, each guarantee failing with probability {row['alpha']:g}"
+    if int(row["prediction"]) < 0:
+        return (f"**Certified radius: none.** The smoothed model abstains on this image: under Gaussian noise no class "
+                f"stays on top clearly enough to guarantee anything (leaning to {classes[int(row['top_class'])]}; "
+                f"{setting}).")
+    verdict = "✓ right" if int(row["prediction"]) == int(row["label"]) else f"✗ wrong (true {classes[int(row['label'])]})"
+    return (f"**Certified l2 radius {row['radius']:.3f}** for {classes[int(row['prediction'])]} ({verdict}): no change "
+            f"of the image with an l2 norm below {row['radius']:.3f} can alter the smoothed model's answer ({setting}).")
 
 
 def corruptions(run: runs.Run) -> pd.DataFrame:

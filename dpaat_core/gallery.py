@@ -24,6 +24,7 @@ SORTS = {
     "looks away from the lesion": "lowest share of the map on the lesion first",
     "attention moves under attack": "lowest clean-vs-attacked rank agreement first",
     "confidently wrong": "wrong predictions, most confident first",
+    "smallest certified radius": "abstentions, then the smallest certified l2 radius (randomized smoothing) first",
     "index": "the split's order",
 }
 
@@ -53,6 +54,13 @@ def order(table: pd.DataFrame, sort: str) -> pd.DataFrame:
     if sort == "confidently wrong":
         wrong = table[table["pred_clean"] != table["label"]]
         return wrong.sort_values(["confidence_clean", "index"], ascending=[False, True])
+    if sort == "smallest certified radius":
+        if "radius" not in table:
+            raise ValueError("sorting by 'smallest certified radius' needs certified radii (python -m dpaat_core "
+                             "certify RUN --sigma 0.25)")
+        abstains = table["certified_prediction"] < 0       # no guarantee at all: first; images not certified: last
+        key = table["radius"].mask(abstains, -1.0)
+        return table.assign(_key=key).sort_values(["_key", "index"], na_position="last").drop(columns="_key")
     column = "energy_clean" if sort == "looks away from the lesion" else "spearman"
     if column not in table:
         raise ValueError(f"sorting by '{sort}' needs {column}, which these numbers lack (no lesion masks?)")
@@ -109,3 +117,14 @@ def page_maps(model, dataset, index: Sequence[int], eps: float, method: str = "g
     return {"x": x.cpu().numpy(), "x_adv": out["x_adv"].cpu().numpy(),
             "map_clean": out["map_clean"][:, 0].detach().cpu().numpy().astype(np.float32),
             "map_adv": out["map_adv"][:, 0].detach().cpu().numpy().astype(np.float32)}
+
+
+def with_certificates(table: pd.DataFrame, certified: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with each image's certificate (one sigma's rows of ``certified.csv``): ``radius`` (NaN when the
+    smoothed model abstains or the image was not certified) and ``certified_prediction`` (-1: abstains; NaN: not
+    certified)."""
+    if not len(certified):
+        return table
+    sigma = certified["sigma"].min()
+    rows = certified[certified["sigma"] == sigma][["index", "radius", "prediction"]]
+    return table.merge(rows.rename(columns={"prediction": "certified_prediction"}), on="index", how="left")

@@ -83,14 +83,25 @@ def start_evaluate(run_dir: str | Path, max_samples: int | None = 256, corruptio
     """Compute the run's PGD-20 l2 curve (or, with ``corruptions``, its grid of every natural corruption at every
     severity) on a seeded draw of ``max_samples`` test images (None: all) in a ``python -m dpaat_core evaluate`` process of its
     own (the page that asks only reads); returns its pid. One at a time per run."""
-    run_dir = Path(run_dir)
+    what = ["--corruptions", "all"] if corruptions else ["--attack", "pgd", "--norm", "l2"]
+    return _start(Path(run_dir), ["evaluate", str(run_dir), *what,
+                                  *(["--max-samples", str(int(max_samples))] if max_samples is not None else [])])
+
+
+def start_certify(run_dir: str | Path, sigma: float = 0.25, n: int = 500, max_samples: int | None = 128) -> int:
+    """Certify the run's smoothed classifier at ``sigma`` (``n`` noise draws) on a seeded draw of ``max_samples``
+    test images (the draw of ``start_evaluate``'s curve; None: all) in a ``python -m dpaat_core certify`` process of
+    its own; returns its pid. It shares the one-job-per-run slot with ``start_evaluate``."""
+    return _start(Path(run_dir), ["certify", str(run_dir), "--sigma", f"{float(sigma):g}", "--n", str(int(n)),
+                                  *(["--max-samples", str(int(max_samples))] if max_samples is not None else [])])
+
+
+def _start(run_dir: Path, command: list[str]) -> int:
     if evaluating(run_dir) is not None:
         raise runs.RunError(f"{run_dir.name}: a curve is already being computed")
     job, log = _job_files(run_dir)
     log.parent.mkdir(parents=True, exist_ok=True)
-    what = ["--corruptions", "all"] if corruptions else ["--attack", "pgd", "--norm", "l2"]
-    argv = [sys.executable, "-m", "dpaat_core", "evaluate", str(run_dir), *what,
-            *(["--max-samples", str(int(max_samples))] if max_samples is not None else [])]
+    argv = [sys.executable, "-m", "dpaat_core", *command]
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)

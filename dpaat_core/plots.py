@@ -81,3 +81,59 @@ def robustness_chart(curves: pd.DataFrame, x: str = "eps") -> go.Figure:
     fig.update_yaxes(title_text="accuracy", row=1, col=1)
     fig.update_layout(title=title, template="plotly_white", legend_title_text="run · attack" if has_run else "attack")
     return fig
+
+
+CERTIFIED_DASH = ("dash", "dot", "dashdot", "longdash")
+
+
+def certified_chart(certified: pd.DataFrame, curves: pd.DataFrame | None = None) -> go.Figure:
+    """Certified accuracy against l2 radius (randomized smoothing, dashed: a guarantee) on the same axis as the
+    run's attacked accuracy against l2 eps (PGD, solid: what one attack left standing, an upper bound on the true
+    robust accuracy); colour = run. ``certified``: per-image certificates with ``run``, ``sigma``, ``n``, ``radius``
+    and ``correct`` (``runs.read_certified`` rows, one setting per sigma); ``curves``: robustness rows with ``run``
+    (only PGD in l2 is drawn)."""
+    from .certify import certified_curve   # scipy: only where a certified chart is drawn
+
+    title = "Certified against attacked accuracy (l2)"
+    needed = {"run", "sigma", "radius", "correct", "n"}
+    if certified is None or not len(certified) or needed - set(certified.columns):
+        return empty_figure(title, "no certified radii yet")
+    frame = certified.assign(radius=pd.to_numeric(certified["radius"], errors="coerce"),
+                             sigma=pd.to_numeric(certified["sigma"], errors="coerce"),
+                             n=pd.to_numeric(certified["n"], errors="coerce"),
+                             correct=certified["correct"].astype(str).str.lower().isin(["true", "1", "1.0"]),
+                             run=certified["run"].astype(str))
+    frame = frame[frame["sigma"].notna() & frame["n"].notna()]
+    attacked = pd.DataFrame()
+    if curves is not None and len(curves) and {"run", "eps", "accuracy", "attack", "norm"} <= set(curves.columns):
+        attacked = curves[(curves["norm"] == "l2") & (curves["attack"] == "pgd")]
+        attacked = attacked.assign(eps=pd.to_numeric(attacked["eps"], errors="coerce"),
+                                   accuracy=pd.to_numeric(attacked["accuracy"], errors="coerce")).dropna(
+            subset=["eps", "accuracy"])
+    runs = list(dict.fromkeys([*frame["run"], *attacked.get("run", pd.Series(dtype=str)).astype(str)]))
+    top = max([float(attacked["eps"].max()) if len(attacked) else 0.0,
+               float(frame["radius"].max()) if frame["radius"].notna().any() else 0.0, 1e-3]) * 1.05
+    fig = go.Figure()
+    for k, run in enumerate(runs):
+        colour, name = PALETTE[k % len(PALETTE)], html.escape(run)   # a folder's name, shown as text
+        mine = attacked[attacked["run"].astype(str) == run] if len(attacked) else attacked
+        keys = [c for c in ("steps", "monotone", "split", "data") if c in mine]
+        for key, curve in (mine.groupby(keys, dropna=False) if len(mine) else ()):
+            curve, part = curve.sort_values("eps"), dict(zip(keys, key))
+            images = f", {int(curve['n'].max())} images" if "n" in curve and _finite(curve["n"].max()) else ""
+            label = f"{name} · attacked ({_attack_label('pgd', part.get('steps'))}{images})"
+            fig.add_trace(go.Scatter(x=curve["eps"], y=curve["accuracy"], name=label, mode="lines+markers",
+                                     line={"color": colour}, legendgroup=name,
+                                     hovertemplate=f"{label}<br>eps %{{x:.3g}}<br>accuracy %{{y:.3f}}<extra></extra>"))
+        for j, (sigma, part) in enumerate(frame[frame["run"] == run].groupby("sigma", sort=True)):
+            curve = certified_curve(part, top=top)
+            label = f"{name} · certified (σ {sigma:g}, n {int(part['n'].max())}, {len(part)} images)"
+            fig.add_trace(go.Scatter(x=curve["radius"], y=curve["certified_accuracy"], name=label, mode="lines",
+                                     line={"color": colour, "dash": CERTIFIED_DASH[j % len(CERTIFIED_DASH)],
+                                           "shape": "hv"}, legendgroup=name,
+                                     hovertemplate=f"{label}<br>radius %{{x:.3g}}<br>certified accuracy %{{y:.3f}}"
+                                                   "<extra></extra>"))
+    fig.update_xaxes(title_text="l2 radius = eps ([0,1] pixels)", range=[0, top])
+    fig.update_yaxes(title_text="accuracy", range=[0, 1.02])
+    fig.update_layout(title=title, template="plotly_white", legend={"orientation": "h", "y": -0.25})
+    return fig

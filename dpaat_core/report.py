@@ -4,7 +4,8 @@ file, plotly's script and every image inside it, that opens offline and sends no
 For each run: where the model comes from, clean / balanced / robust accuracy and mAP with per-class figures (the
 audit's ``protocol.csv`` and ``per_class.csv``), the robustness curves, the APGD check, the attribution numbers and
 a grid of example test images (clean and attacked, the map of each, the prediction of each); for several runs, the
-comparison first. A part the run has not computed yet says which command computes it. Everything taken from a run
+comparison first. Randomized smoothing's certified radii (``certified.csv``) sit beside the attack curves. A part the run
+has not computed yet says which command computes it. Everything taken from a run
 folder (names, classes, paths) is escaped: a report of a hostile run folder runs no script of its own.
 """
 from __future__ import annotations
@@ -23,8 +24,9 @@ import plotly.graph_objects as go
 
 from . import runs
 from .audit import apgd_norm, has_gradcam, read_apgd, read_per_class, read_protocol
+from .certify import fullest, per_class as certified_per_class, summary as certified_summary
 from .evaluate import reference_eps
-from .plots import PALETTE, robustness_chart
+from .plots import PALETTE, certified_chart, robustness_chart
 
 HOW_TO_READ = """
 <p><b>Clean accuracy</b> is the share of the split's images the model gets right; <b>balanced accuracy</b> averages the
@@ -131,6 +133,7 @@ class _Run:
         self.apgd = runs.select(read_apgd(self.path), norm=self.norm, **where)
         self.curves = runs.select(runs.read_robustness(self.path), **where)
         self.attribution = runs.select(runs.read_attribution(self.path), norm=self.norm, **where)
+        self.certified = fullest(runs.read_certified(self.path, **where))
         #: attribution means, metric x method
         self.means = (self.attribution.pivot_table(index="metric", columns="method", values="mean")
                       if len(self.attribution) else pd.DataFrame())
@@ -200,6 +203,7 @@ def _run_section(run: _Run, examples: str) -> str:
     parts.append("<h3>Robustness curves</h3>")
     curves = run.curves[(run.curves.attack == "pgd")] if len(run.curves) else run.curves
     parts.append(_figure(robustness_chart(curves)) if len(curves) else _missing("curves", run))
+    parts.append(_certified_section(run))
     parts.append("<h3>Attribution: clean against attacked</h3>")
     if len(run.attribution):
         wide = run.means.reindex([m for m in ATTRIBUTION_METRICS if m in run.means.index])
@@ -214,6 +218,30 @@ def _run_section(run: _Run, examples: str) -> str:
     else:
         parts.append(_missing("attribution numbers", run))
     parts.append(examples)
+    return "\n".join(parts)
+
+
+def _certified_section(run: _Run) -> str:
+    """Randomized smoothing's guarantee beside the attacks: each sigma's certified accuracy at the summary radii, per
+    class, and the certified curve on the PGD curve's axis."""
+    parts = ["<h3>Certified robustness (randomized smoothing)</h3>"]
+    if not len(run.certified):
+        flags = f" --split {run.split}" if run.split != "test" else ""
+        return parts[0] + (f'<p class="note">No certified radii for the {_esc(run.split)} split of this data yet: run '
+                           f'<code>python -m dpaat_core certify {_esc(run.path)} --sigma 0.25{_esc(flags)}</code>.</p>')
+    parts.append("<p class='note'>An attack only shows that one attack failed. A certified radius is a guarantee: no "
+                 "change of the image with an l2 norm below it can alter the smoothed model's answer (the class that "
+                 "Gaussian noise of std σ leaves on top), each with probability 1 − alpha.</p>")
+    rows = [{"sigma": sigma, "n": int(part["n"].max()), "alpha": float(part["alpha"].max()), **certified_summary(part)}
+            for sigma, part in run.certified.groupby("sigma")]
+    parts.append(_table(pd.DataFrame(rows)))
+    sigma, part = next(iter(run.certified.groupby("sigma")))
+    if run.classes:
+        parts.append(f"<p class='note'>Per class at σ {sigma:g} (certified accuracy at radius 0: right and not "
+                     "abstaining).</p>")
+        parts.append(_table(certified_per_class(part, run.classes)))
+    curves = run.curves[(run.curves.attack == "pgd")] if len(run.curves) else run.curves
+    parts.append(_figure(certified_chart(run.certified.assign(run=run.id), curves.assign(run=run.id))))
     return "\n".join(parts)
 
 

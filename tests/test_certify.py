@@ -173,6 +173,13 @@ def test_certify_command_merges_rows_and_a_quick_look_never_replaces_a_fuller_ru
     chosen = fullest(table)
     assert len(chosen[chosen.sigma == 0.25]) == test_size and set(chosen[chosen.sigma == 0.25]["n"]) == {200}
     assert len(chosen[chosen.sigma == 0.5]) == 4
+    # the report's certified section: the fullest setting's numbers per sigma, per class, the curve beside PGD
+    from dpaat_core.report import report_html
+    page = report_html([run_dir], n_examples=0)
+    assert "Certified robustness (randomized smoothing)" in page and "certified_accuracy@0.25" in page
+    full_rows = chosen[chosen.sigma == 0.25]
+    assert f"{summary(full_rows)['certified_accuracy@0']:.3f}" in page
+    assert "Certified against attacked accuracy (l2)" in page
     again = _certify(run_dir, "--sigma", "0.25", "--n", "200", "--n0", "20", "--device", "cpu")
     assert again.returncode == 0 and len(runs.read_certified(run_dir)) == test_size + 7, "same setting: replaced"
     pd.testing.assert_frame_equal(runs.read_certified(run_dir), table)   # seeded: the same numbers again
@@ -221,3 +228,41 @@ def test_certify_dataset_names_classes_and_abstentions(shared_data):
     names = [*ds.classes, "abstain"]
     assert all(c == names[p] for c, p in zip(out["class"], out["prediction"]))
     assert set(out.columns) >= {"sigma", "n0", "n", "alpha", "seed", "pa_lower", "radius", "correct", "top_class"}
+
+
+def test_a_report_of_an_uncertified_run_names_the_command(tmp_path):
+    from dpaat_core.report import report_html
+    source = ROOT / "checkpoints" / "demo-erm-resnet8-ham10000"
+    run_dir = tmp_path / source.name
+    shutil.copytree(source, run_dir, ignore=shutil.ignore_patterns("certified.csv"))
+    page = report_html([run_dir], n_examples=0)
+    assert f"python -m dpaat_core certify {run_dir} --sigma 0.25" in page
+
+
+def test_the_gallery_puts_abstentions_first_then_the_smallest_radius_and_uncertified_images_last():
+    from dpaat_core import gallery
+    numbers = pd.DataFrame({"index": range(6), "label": 0, "pred_clean": 0, "spearman": 0.5,
+                            "confidence_clean": 0.9})
+    certified = pd.DataFrame({"index": [0, 1, 2, 3, 4], "sigma": 0.25, "prediction": [0, ABSTAIN, 0, 1, ABSTAIN],
+                              "radius": [0.4, math.nan, 0.1, 0.2, math.nan]})
+    table = gallery.with_certificates(numbers, certified)
+    assert gallery.order(table, "smallest certified radius")["index"].tolist() == [1, 4, 2, 3, 0, 5]
+    with pytest.raises(ValueError, match="certify RUN"):
+        gallery.order(numbers, "smallest certified radius")
+
+
+def test_certified_chart_draws_both_curves_escapes_names_and_says_when_there_is_nothing():
+    from dpaat_core.plots import certified_chart
+    assert "no certified radii yet" in certified_chart(pd.DataFrame()).layout.annotations[0].text
+    name = "<b>x</b>"
+    frame = pd.DataFrame({"run": name, "sigma": 0.25, "n": 100, "radius": [0.1, math.nan, 0.3],
+                          "correct": [True, False, True], "prediction": [0, ABSTAIN, 1]})
+    curves = pd.DataFrame({"run": name, "eps": [0, 0.3, 0.6], "accuracy": [0.5, 0.3, 0.1], "attack": "pgd",
+                           "norm": ["l2", "l2", "linf"], "steps": 20, "monotone": True, "split": "test", "data": "d",
+                           "n": 128})
+    fig = certified_chart(frame, curves)
+    names = [t.name for t in fig.data]
+    assert len(names) == 2 and not any("<b>" in n for n in names)
+    attacked, certified = fig.data
+    assert "attacked (PGD-20, 128 images)" in attacked.name and list(attacked.x) == [0, 0.3]   # l2 only
+    assert certified.line.dash == "dash" and certified.y[0] == pytest.approx(2 / 3)

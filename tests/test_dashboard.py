@@ -1,6 +1,7 @@
 """The dashboard starts, and its pages render against a real run store (made by the fixtures)."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -507,3 +508,101 @@ def test_eps_slider_snaps_a_browsers_floating_point_steps_to_the_grid():
     assert at.text[0].value == "0.24"
     at.slider[0].set_value(1.2).run()
     assert at.text[0].value == "1.2"
+
+
+@pytest.fixture(scope="module")
+def certified_store(store, tmp_path_factory):
+    """A copy of ``store``'s small-dpaat run with certificates of its whole test split (sigma 0.25, n 200)."""
+    import shutil
+
+    from dpaat_core import loading, runs
+    from dpaat_core.certify import certify_dataset
+    path = tmp_path_factory.mktemp("certified")
+    shutil.copytree(store / "small-dpaat", path / "small-dpaat", ignore=shutil.ignore_patterns("*.csv"))
+    run_dir = path / "small-dpaat"
+    test = loading.load_run_data(run_dir, "test")
+    rows = certify_dataset(loading.load_model(run_dir), test, 0.25, n0=50, n=200)
+    runs.save_certified(run_dir, rows.assign(split="test", data=runs.read_config(run_dir)["data"]["spec"]))
+    return path
+
+
+def _array(values) -> np.ndarray:
+    """A plotly trace's numbers: a list, or the typed-array form ``{"dtype", "bdata"}`` plotly sends to the browser."""
+    import base64
+    if isinstance(values, dict) and "bdata" in values:
+        return np.frombuffer(base64.b64decode(values["bdata"]), dtype=values["dtype"])
+    return np.asarray(values, dtype=float)
+
+
+def test_robustness_page_draws_certified_accuracy_beside_the_attacks(certified_store, monkeypatch):
+    import plotly.io
+
+    from dpaat_core import runs
+    from dpaat_core.certify import certified_accuracy
+    at = _page(certified_store, monkeypatch, "robustness")
+    at.multiselect[0].set_value(["small-dpaat"]).run()
+    assert not at.exception
+    assert "Certified robustness (randomized smoothing)" in [h.value for h in at.subheader]
+    charts = [plotly.io.from_json(c.proto.spec) for c in at.get("plotly_chart")]
+    chart = next(c for c in charts if "Certified against attacked" in (c.layout.title.text or ""))
+    saved = runs.read_certified(certified_store / "small-dpaat")
+    trace = next(t for t in chart.data if "certified (σ 0.25, n 200" in t.name)
+    x, y = _array(trace.x), _array(trace.y)
+    assert len(x) == 101 and x[0] == 0
+    np.testing.assert_allclose(y, certified_accuracy(saved, x))     # the page draws the file's curve
+    table = at.dataframe[-1].value
+    assert table.loc[0, "run"] == "small-dpaat" and table.loc[0, "images"] == len(saved)
+    assert not [b for b in at.button if b.label.startswith("Certify small-dpaat")]     # certified: nothing to start
+
+
+def test_robustness_page_starts_a_certify_process_for_a_run_without_radii(tmp_path, store, monkeypatch):
+    import shutil
+    import time
+
+    from dpaat_core import launch, runs
+    shutil.copytree(store / "small-pgd", tmp_path / "small-pgd")
+    at = _page(tmp_path, monkeypatch, "robustness")
+    at.multiselect[0].set_value(["small-pgd"]).run()
+    next(b for b in at.button if b.label.startswith("Certify small-pgd at σ 0.25")).click().run()
+    assert not at.exception, at.exception
+    job = launch.evaluating(tmp_path / "small-pgd")
+    assert job is not None and job["argv"][2] == "certify" and "--sigma" in job["argv"]
+    deadline = time.time() + 300
+    while launch.evaluating(tmp_path / "small-pgd") is not None:
+        assert time.time() < deadline
+        time.sleep(0.5)
+    saved = runs.read_certified(tmp_path / "small-pgd")
+    assert len(saved) and set(saved["sigma"]) == {0.25} and set(saved["n"]) == {500}
+
+
+def test_explorer_shows_the_images_certified_radius_and_marks_it_on_the_slider(certified_store, monkeypatch):
+    from dpaat_core import runs
+    at = _page(certified_store, monkeypatch, "attribution")
+    at.selectbox(key="run_picker_one").set_value("small-dpaat").run()
+    index = next(s for s in at.selectbox if s.label == "Image").value
+    row = runs.read_certified(certified_store / "small-dpaat").set_index("index").loc[index]
+    text = " ".join(m.value for m in at.markdown)
+    if row["prediction"] < 0:
+        assert "The smoothed model abstains on this image" in text
+    else:
+        assert f"Certified l2 radius {row['radius']:.3f}" in text
+    assert any(c.proto.spec and '"height":70' in c.proto.spec.replace(" ", "") for c in at.get("plotly_chart"))
+    at.radio[0].set_value("Training split (fragile or stable in training)").run()    # not certified: no line
+    assert not at.exception and not [m for m in at.markdown if "Certified l2 radius" in m.value
+                                     or "abstains on this image" in m.value]
+
+
+def test_gallery_sorts_by_the_smallest_certified_radius(certified_store, monkeypatch):
+    from dpaat_core import runs
+    at = _page(certified_store, monkeypatch, "gallery")
+    at.selectbox(key="run_picker_one").set_value("small-dpaat").run()
+    sort = next(s for s in at.selectbox if s.label == "Sort")
+    sort.set_value("smallest certified radius").run()
+    assert not at.exception
+    saved = runs.read_certified(certified_store / "small-dpaat")
+    key = saved["radius"].where(saved["prediction"] >= 0, -1.0)
+    want = saved.assign(key=key).sort_values(["key", "index"])["index"].tolist()
+    tiles = [int(b.key.split("-")[1]) for b in at.button]
+    assert tiles == [want[k] for c in range(4) for k in range(c, len(want), 4)]
+    captions = " ".join(str(i.proto) for i in at.get("image"))
+    assert (" · abstains" in captions) or (" · r " in captions)

@@ -3,8 +3,9 @@ import streamlit as st
 import torch
 
 from dashboard import charts
-from dashboard.state import (EXPLORER_STEPS, comparable_runs, corrupted_explanation, data_spec_input, eps_slider, explanation,
-                             model, predictions, run_data, run_picker, training_split_filter, unreadable)
+from dashboard.state import (EXPLORER_STEPS, certificate_text, comparable_runs, corrupted_explanation, data_spec_input,
+                             eps_slider, explanation, image_certificate, model, predictions, run_data, run_picker,
+                             training_split_filter, unreadable)
 from dpaat_core import runs
 from dpaat_core.attacks import ATTACKS
 from dpaat_core.corruptions import NAMES, SEVERITIES, describe
@@ -70,6 +71,7 @@ else:
             label, image_index = int(y[0]), int(index)
 if x is None:
     st.stop()
+certificate = image_certificate(run, image_index) if source == SOURCES[0] else None
 
 c1, c2, c3 = st.columns(3)
 kind = c1.selectbox("Perturbation", [*ATTACKS, "natural corruption"],
@@ -84,6 +86,9 @@ else:
     norm = c2.selectbox("Norm", ["l2", "linf"])
     eps0 = reference_eps(run.config, norm)
     eps = eps_slider(c3, eps0)
+    if certificate is not None and norm == "l2":   # the slider's scale with the image's guarantee on it
+        c3.plotly_chart(charts.radius_strip(eps, certificate["radius"], 4 * eps0), key="radius-strip",
+                        config={"displayModeBar": False})
     st.caption(f"{attack.upper()} at eps {eps:.4f} ({norm}) with {EXPLORER_STEPS if attack != 'fgsm' else 1} step(s), "
                "as `python -m dpaat_core attribute` uses for the run's attribution.csv.")
 methods = st.multiselect("Attribution maps", list(METHODS), default=["gradcam", "saliency"])
@@ -119,6 +124,8 @@ def explain(r) -> None:
 st.subheader(f"{run.run_id} · {run.method}")
 if label is not None:
     st.caption(f"true class: {classes[label]}")
+if certificate is not None:
+    st.markdown(certificate_text(certificate, classes))
 explain(run)
 if compare != "none":
     st.subheader(compare)

@@ -3,8 +3,8 @@ import numpy as np
 import streamlit as st
 
 from dashboard import charts
-from dashboard.state import (EXPLORER_STEPS, comparable_runs, data_spec_input, gallery_maps, gallery_numbers, model,
-                             run_data, run_picker, training_split_filter)
+from dashboard.state import (EXPLORER_STEPS, certified, comparable_runs, data_spec_input, gallery_maps, gallery_numbers,
+                             model, run_data, run_picker, training_split_filter)
 from dpaat_core import gallery
 from dpaat_core.attribution import overlay
 
@@ -60,7 +60,10 @@ if numbers_b is not None and "energy_clean" in numbers and "energy_clean" in num
                     horizontal=True)
 
 # --- sorting, filters, paging ---------------------------------------------------------------------------------
-sorts = [s for s in gallery.SORTS if s != "looks away from the lesion" or "energy_clean" in numbers]
+if split == "test":
+    numbers = gallery.with_certificates(numbers, certified(run, "test", data.source.spec))
+sorts = [s for s in gallery.SORTS if (s != "looks away from the lesion" or "energy_clean" in numbers)
+         and (s != "smallest certified radius" or "radius" in numbers)]
 f1, f2, f3, f4 = st.columns([2, 2, 2, 2])
 sort = f1.selectbox("Sort", sorts, format_func=lambda s: f"{s}: {gallery.SORTS[s]}")
 wanted = f2.multiselect("Classes", classes, default=classes)
@@ -82,6 +85,13 @@ p2.caption(f"{len(rows)} images · {per_page} per page · left: clean, right: at
 shown = rows.iloc[(page - 1) * per_page: page * per_page]
 
 # --- the grid --------------------------------------------------------------------------------------------------
+def certificate_caption(row) -> str:
+    """`` · r 0.31`` (certified l2 radius), `` · abstains`` or nothing for an image that was not certified."""
+    if getattr(row, "certified_prediction", None) is None or row.certified_prediction != row.certified_prediction:
+        return ""
+    return " · abstains" if row.certified_prediction < 0 else f" · r {row.radius:.2f}"
+
+
 def pair(maps: dict, k: int) -> np.ndarray:
     gap = np.full((maps["x"].shape[-2], 2, 3), 255, np.uint8)
     return np.concatenate([overlay(maps["x"][k], maps["map_clean"][k]), gap,
@@ -99,7 +109,7 @@ for k, row in enumerate(shown.itertuples(index=False)):
     truth, pred = classes[row.label], classes[row.pred_clean]
     lesion = f" · lesion {row.energy_clean:.0%}" if hasattr(row, "energy_clean") and row.energy_clean == row.energy_clean else ""
     caption = (f"#{row.index} · {truth} → {pred} ({row.confidence_clean:.0%}){' ✓' if truth == pred else ' ✗'}"
-               f"{lesion} · ρ {row.spearman:.2f}")
+               f"{lesion} · ρ {row.spearman:.2f}{certificate_caption(row)}")
     if by_index_b is not None and row.index in by_index_b.index:
         b = by_index_b.loc[row.index]
         caption += f" | {classes[int(b.pred_clean)]} ({b.confidence_clean:.0%})" + (

@@ -1,14 +1,40 @@
-"""Robustness: accuracy against epsilon for the selected runs and a live attack on a small batch; accuracy under
-natural corruptions beside it (``dashboard.corruption_panel``)."""
+"""Robustness: accuracy against epsilon for the selected runs, the certified accuracy of their smoothed models
+against l2 radius beside it, and a live attack on a small batch; accuracy under natural corruptions in a second view
+(``dashboard.corruption_panel``)."""
 import pandas as pd
 import streamlit as st
 import torch
 
 from dashboard import charts, corruption_panel
-from dashboard.state import compute_buttons, data_spec_input, eps_slider, live_attack, model, robustness, run_data, run_picker
+from dashboard.state import (certified, compute_buttons, data_spec_input, eps_slider, live_attack, model, robustness,
+                             run_data, run_picker)
+from dpaat_core import plots
+from dpaat_core.certify import summary
 from dpaat_core.attribution import perturbation_image
 from dpaat_core.evaluate import eps_rms, reference_eps
 from dpaat_core.attacks import ATTACKS, DEFAULT_STEPS
+
+
+def certified_section(selected: list, curves: pd.DataFrame) -> None:
+    """Certified accuracy against radius beside the attacked accuracy (l2), with each run's certificates in numbers."""
+    st.subheader("Certified robustness (randomized smoothing)")
+    found = pd.concat([certified(r) for r in selected], ignore_index=True)
+    compute_buttons(selected, found, lambda rid: f"Certify {rid} at σ 0.25 (128 test images, n 500)", "certify",
+                    starter="start_certify", max_samples=128)
+    if not len(found):
+        st.caption("No run picked has certified radii yet: `python -m dpaat_core certify RUN --sigma 0.25`.")
+        return
+    st.plotly_chart(plots.certified_chart(found, curves), key="certified")
+    st.caption("Solid: accuracy under a PGD attack, which only shows that one attack failed (an upper bound on the "
+               "accuracy any attack leaves). Dashed: the accuracy that is **guaranteed** within each l2 radius for "
+               "the smoothed model (the class that Gaussian noise of std σ leaves on top; each guarantee holds with "
+               "probability 1 − alpha). The gap between the two is what an attack cannot tell you.")
+    rows = [{"run": rid, "sigma": sigma, **summary(part)} for (rid, sigma), part in found.groupby(["run", "sigma"])]
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
+                 column_config={"abstain_rate": st.column_config.NumberColumn("abstains", format="percent"),
+                                "median_radius_correct": st.column_config.NumberColumn("median radius (right)",
+                                                                                       format="%.3f")})
+
 
 st.title("Robustness")
 data_spec_input()
@@ -28,6 +54,7 @@ if view == VIEWS[0]:
     if len(curves):
         x = "eps_rms" if st.toggle("Per-pixel RMS on the x axis", value=False) else "eps"
         st.plotly_chart(charts.robustness_chart(curves, x=x), key="curves")
+    certified_section(selected, curves)
 
     st.subheader("Attack a batch live")
     by_id = {r.run_id: r for r in selected}
