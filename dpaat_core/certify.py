@@ -96,6 +96,7 @@ def noise_counts(model: nn.Module, x: torch.Tensor, num: int, sigma: float, num_
     batch_size = default_batch_size(device) if batch_size is None else batch_size
     x = x.to(device, torch.float32)
     counts = torch.zeros(len(x), num_classes, dtype=torch.int64, device=device)
+    finite = torch.ones((), dtype=torch.bool, device=device)     # checked once at the end: no host sync per batch
     gens = [torch.Generator(device=device).manual_seed(_key(seed, i, stage)) for i in index]
     pieces = [(j, min(CHUNK, num - start)) for j in range(len(x)) for start in range(0, num, CHUNK)]
     limit = max(batch_size, CHUNK)
@@ -111,11 +112,16 @@ def noise_counts(model: nn.Module, x: torch.Tensor, num: int, sigma: float, num_
             noisy = torch.cat([x[j] + sigma * torch.randn((c, *x.shape[1:]), generator=gens[j], device=device)
                                for j, c in batch])
             owner = torch.cat([torch.full((c,), j, device=device) for j, c in batch])
-            predicted = model(noisy.contiguous(**fast)).argmax(1)
+            logits = model(noisy.contiguous(**fast))
+            finite &= torch.isfinite(logits).all()
+            predicted = logits.argmax(1)
             counts.index_put_((owner, predicted), torch.ones_like(predicted), accumulate=True)
             if progress is not None:
                 progress(total / num)
             start = stop
+    if not finite:
+        raise ValueError("the model gives non-finite logits (NaN or inf) on noisy images: its certificates would "
+                         "mean nothing (are its weights finite?)")
     return counts.cpu().numpy()
 
 
@@ -170,7 +176,7 @@ def certify_dataset(model: nn.Module, dataset, sigma: float, *, n0: int = 100, n
     device = _model_device(model)
     bar = tqdm(total=len(indices), desc=f"certify sigma {sigma:g}", unit="image", disable=not progress,
                bar_format="{l_bar}{bar}| {n:.0f}/{total} images [{elapsed}<{remaining}]")
-    step = lambda share: bar.update(share / 2)   # noqa: E731 - half for selection, half for estimation
+    step = lambda share: bar.update(min(share / 2, bar.total - bar.n))   # noqa: E731 - half selection, half estimation
     frames = []
     try:
         for start in range(0, len(indices), block):
@@ -178,6 +184,8 @@ def certify_dataset(model: nn.Module, dataset, sigma: float, *, n0: int = 100, n
             x, _ = dataset.batch(part, device)
             frames.append(certify(model, x, sigma, dataset.num_classes, n0=n0, n=n, alpha=alpha, index=part.tolist(),
                                   seed=seed, batch_size=batch_size, amp=amp, progress=step))
+            bar.n = start + len(part)   # exact at each block's end (the shares are floats)
+            bar.refresh()
     finally:
         bar.close()
     frame = pd.concat(frames, ignore_index=True)

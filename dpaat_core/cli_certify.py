@@ -52,8 +52,11 @@ def _certify(args: argparse.Namespace) -> int:
     data = args.data or config["data"]["spec"]
     # the draw evaluate makes (load_run_data caps with the run's split seed): both commands see the same images
     indices = sample_indices(len(dataset), args.max_samples, (config.get("train") or {}).get("seed", 0)).numpy()
-    frame = certify_dataset(model, dataset, args.sigma, n0=args.n0, n=args.n, alpha=args.alpha, indices=indices,
-                            seed=args.seed, batch_size=args.batch_size, progress=True)
+    try:
+        frame = certify_dataset(model, dataset, args.sigma, n0=args.n0, n=args.n, alpha=args.alpha, indices=indices,
+                                seed=args.seed, batch_size=args.batch_size, progress=True)
+    except ValueError as exc:   # non-finite logits: nothing is written
+        raise runs.RunError(f"{args.run_dir}: {exc}") from None
     frame = frame.assign(split=args.split, data=data)
     path = _save_or_keep(lambda: runs.save_certified(args.run_dir, frame), frame, args.run_dir, "certified")
     numbers = summary(frame)

@@ -526,8 +526,17 @@ def read_certified(run_dir, split: str | None = None, data: str | None = None) -
     """The run's ``certified.csv`` (written by ``python -m dpaat_core certify``; empty frame if none): one row per
     image and setting (sigma, n0, n, alpha, split, data) with label, prediction (-1: abstain), pa_lower and radius
     (NaN when abstaining); only the rows of ``split`` and ``data`` when given."""
-    frame = read_table(Path(run_dir) / CERTIFIED_FILE, [*CERTIFIED_KEYS, "label", "prediction", "correct", "pa_lower",
-                                                        "radius"])
+    path = Path(run_dir) / CERTIFIED_FILE
+    frame = read_table(path, [*CERTIFIED_KEYS, "label", "prediction", "correct", "pa_lower", "radius"])
+    for column in ("sigma", "n0", "n", "alpha", "index", "label", "prediction", "pa_lower", "radius"):
+        values = pd.to_numeric(frame[column], errors="coerce")
+        if (values.isna() & frame[column].notna()).any() or (column != "radius" and values.isna().any()):
+            raise RunError(f"{path}: column {column} holds values that are not numbers")
+        frame[column] = values
+    correct = frame["correct"].astype(str).str.lower()
+    if not correct.isin(["true", "false"]).all():
+        raise RunError(f"{path}: column correct holds values other than True and False")
+    frame["correct"] = correct.eq("true")
     return select(frame, split=split, data=data)
 
 

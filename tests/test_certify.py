@@ -266,3 +266,26 @@ def test_certified_chart_draws_both_curves_escapes_names_and_says_when_there_is_
     attacked, certified = fig.data
     assert "attacked (PGD-20, 128 images)" in attacked.name and list(attacked.x) == [0, 0.3]   # l2 only
     assert certified.line.dash == "dash" and certified.y[0] == pytest.approx(2 / 3)
+
+
+def test_a_model_with_non_finite_weights_is_refused_and_nothing_is_written(tmp_path):
+    source = ROOT / "checkpoints" / "demo-erm-resnet8-ham10000"
+    run_dir = tmp_path / source.name
+    shutil.copytree(source, run_dir, ignore=shutil.ignore_patterns("certified.csv"))
+    state = runs.load_weights(run_dir / "weights.safetensors")
+    name = next(k for k, v in state.items() if v.is_floating_point() and "weight" in k)
+    state[name] = torch.full_like(state[name], math.nan)
+    runs.save_weights(run_dir / "weights.safetensors", state)
+    done = _certify(run_dir, "--sigma", "0.25", "--n", "50", "--n0", "10", "--max-samples", "2", "--device", "cpu")
+    assert done.returncode == 2 and "non-finite logits" in done.stderr and "Traceback" not in done.stderr
+    assert not (run_dir / "certified.csv").exists()
+
+
+def test_a_certified_table_with_a_bad_cell_is_refused_by_name(tmp_path):
+    (tmp_path / "certified.csv").write_text("sigma,n0,n,alpha,split,data,index,label,prediction,correct,pa_lower,"
+                                            "radius\n0.25,100,500,0.001,test,d,0,1,1,True,0.9,oops\n")
+    with pytest.raises(runs.RunError, match="column radius"):
+        runs.read_certified(tmp_path)
+    (tmp_path / "certified.csv").write_text("sigma,n0,n,alpha,split,data,index,label,prediction,correct,pa_lower,"
+                                            "radius\n0.25,100,500,0.001,test,d,0,1,-1,False,0.4,\n")
+    assert runs.read_certified(tmp_path)["radius"].isna().all()

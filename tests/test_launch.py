@@ -32,8 +32,9 @@ def _everything_off_default(pretrained=False, init_from=None) -> RunConfig:
                           seed=3, device="cpu", compile=False, max_minutes=30.0))
 
 
-#: filled in by the trainer from ``model.init_from`` (the source run's), not settings a config gives
-DERIVED = {("model", "normalization"), ("model", "gradcam_layer")}
+#: filled in by the trainer from ``model.init_from`` (the source run's), not settings a config gives; and the noise's
+#: sigma, which a dpaat config cannot set (the gaussian method's alone: test_the_command_line_carries_gaussian_sigma)
+DERIVED = {("model", "normalization"), ("model", "gradcam_layer"), ("method", "sigma")}
 
 
 def _off_default(cfg: RunConfig, skip=()) -> list[str]:
@@ -53,6 +54,15 @@ def test_the_command_line_carries_every_field(tmp_path, model, skip):
     runs.atomic_write_json(file, cfg.to_dict())
     args = build_parser().parse_args(launch.train_argv(file, tmp_path, "x")[3:])
     assert config_from_args(args) == cfg and args.store == str(tmp_path) and args.name == "x"
+
+
+def test_the_command_line_carries_gaussian_sigma(tmp_path):
+    cfg = _everything_off_default().replace(method=method_config("gaussian", sigma=0.4))
+    file = launch.config_path(tmp_path, "x")
+    file.parent.mkdir(parents=True)
+    runs.atomic_write_json(file, cfg.to_dict())
+    args = build_parser().parse_args(launch.train_argv(file, tmp_path, "x")[3:])
+    assert config_from_args(args) == cfg and config_from_args(args).method.sigma == 0.4
 
 
 @pytest.mark.slow
