@@ -69,9 +69,34 @@ def pytest_configure(config):
         torch.backends.cudnn.benchmark = False
 
 
+class SharedData(type(Path())):
+    """The shared data folder as a path whose children skip the test that asks for one that is absent: a checkout
+    copied to a GPU machine may carry only part of ``../shared/data`` (``shared_data / "ham10000_28.npz"`` then
+    skips, naming the file, instead of erroring)."""
+
+    def __truediv__(self, key):
+        child = super().__truediv__(key)
+        if not child.exists():
+            pytest.skip(f"shared data file {child} not found (see ../shared/data/README.md)")
+        return child
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The shared HAM10000 data folder; tests that use it are skipped when it is missing."""
+    """The shared HAM10000 data folder; a test that uses it is skipped when the folder, or the file it needs, is
+    missing."""
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared HAM10000 data not found at {SHARED_DATA} (see ../shared/data/README.md)")
-    return SHARED_DATA
+    return SharedData(SHARED_DATA)
+
+
+def _selects_device_only(config) -> bool:
+    return (config.getoption("markexpr", "") or "").strip() == "device"
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Under ``-m device`` only the modules that hold device tests are imported: the others may import what a bare
+    GPU image lacks (plotly, streamlit, medmnist), and one failed import would stop the whole run."""
+    if _selects_device_only(config) and collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+        return "pytest.mark.device" not in collection_path.read_text(encoding="utf-8", errors="replace")
+    return None

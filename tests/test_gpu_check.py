@@ -71,3 +71,33 @@ def test_bad_arguments_are_one_line(tmp_path, args, says):
     proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and says in proc.stderr.strip().splitlines()[-1]
+
+
+def test_device_selection_collects_on_an_image_without_plotly_streamlit_or_medmnist(tmp_path):
+    """A bare GPU image has torch but not the dashboard's libraries: ``pytest -m device`` must still collect."""
+    for name in ("plotly", "streamlit", "medmnist"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('no {name} on this image')\n")
+    env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"}
+
+    def collect(*marks):
+        return subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                               *marks, "tests"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+    everything = collect()
+    assert everything.returncode != 0 and "no plotly on this image" in everything.stdout   # the image is bare
+    device = collect("-m", "device")
+    assert device.returncode == 0, device.stdout[-3000:]
+    collected = [line for line in device.stdout.splitlines() if "::" in line]
+    assert collected and all(line.split("::")[0] in {
+        "tests/test_attacks.py", "tests/test_attribution.py", "tests/test_evaluate.py", "tests/test_fast_path.py",
+        "tests/test_objectives.py", "tests/test_strong.py", "tests/test_train.py"} for line in collected)
+
+
+def test_a_missing_shared_file_skips_the_test_that_needs_it(tmp_path):
+    from conftest import SharedData
+    (tmp_path / "here.npz").write_bytes(b"")
+    folder = SharedData(tmp_path)
+    assert folder / "here.npz" == tmp_path / "here.npz"
+    with pytest.raises(pytest.skip.Exception, match="missing.npz not found"):
+        folder / "missing.npz"
