@@ -10,9 +10,10 @@ stage still runs:
 1. ``env``     device, memory, torch / torchvision / CUDA / cuDNN versions, the bf16 matmul peak;
 2. ``tests``   the device-path tests (``pytest -m device``) with ``DPAAT_TEST_DEVICE`` set to the device;
 3. ``speed``   ``bench/gpu_speed.py`` at its four settings, the naive PGD-AT baseline timed in the same process;
-4. ``pair``    DPAAT and PGD-AT, ResNet34 at 224 px, batch 32, Adam 3e-4, on a ``ham10000:`` folder, each under a
-               wall-time budget (``train.max_minutes``), then PGD-20 and I-FGSM on the whole test split and the
-               APGD check when time is left;
+4. ``pair``    DPAAT and PGD-AT, ResNet34 at 224 px, batch 32, Adam 3e-4, on a ``ham10000:`` folder, for the same
+               number of epochs (as many as the first run completes in its share of the time, ``train.max_minutes``),
+               then PGD-20 (overall, balanced and per class) and I-FGSM on the whole test split and the APGD check
+               when time is left;
 5. ``archive`` the pair's run folders as one ``runs.tar.gz`` (resume state left out; weights left out when
                larger than ``--max-weights-mb``), to be unpacked into a run store.
 
@@ -180,27 +181,34 @@ def targets(rows: list[dict]) -> list[str]:
     return out
 
 
-def pair_config(method: str, args, max_minutes: float):
+def pair_config(method: str, args, max_minutes: Optional[float], epochs: Optional[int] = None):
+    """The pair's setting: the paper's (ResNet34 at 224 px, batch 32, Adam 3e-4, l2 eps 0.3, PGD-7), or resnet8 at
+    32 px in --quick mode. ``epochs`` (default the paper's 50) with patience as long, so that no run stops early:
+    the checkpoint is still the best epoch on validation balanced accuracy."""
     from dpaat_core.config import RunConfig, method_config
+    epochs = epochs or (2 if args.quick else 50)
     return RunConfig().replace(
         data={"spec": f"ham10000:{args.data}", "image_size": 32 if args.quick else 224},
         model={"name": "resnet8" if args.quick else "resnet34"}, method=method_config(method),
         attack={"steps": 2 if args.quick else 7},
-        train={"epochs": 2 if args.quick else 50, "batch_size": 32, "lr": 3e-4, "patience": 10,
+        train={"epochs": epochs, "batch_size": 32, "lr": 3e-4, "patience": epochs,
                "device": args.device, "max_minutes": max_minutes})
 
 
 def stage_pair(args) -> dict:
-    """Train each method under a share of the stage's time, then the protocol on both, then the APGD check on
-    both while time is left; every figure is recorded as soon as it exists."""
+    """Train the pair for the same number of epochs: the first method under its share of the stage's time, the
+    second for as many epochs as the first completed (the first epoch, which pays for data loading and compiling,
+    is the first run's alone). Then the protocol on both, then the APGD check on both while time is left; every
+    figure is recorded as soon as it exists."""
     from dpaat_core.train import Stopped, train
     deadline, store = args.stage_deadline, Path(args.store)
     reserve = EVAL_RESERVE["cuda" if args.device == "cuda" else "cpu"]
     done, trained = {}, {}
+    epochs = None     # fixed by the first run
 
     def save(method, figures):
         done[method] = done.get(method, {}) | figures
-        record(args.out, "pair", runs=done, data=f"ham10000:{args.data}", store=str(store))
+        record(args.out, "pair", runs=done, data=f"ham10000:{args.data}", store=str(store), epochs=epochs)
 
     for i, method in enumerate(PAIR):
         left = deadline - time.time()
@@ -212,18 +220,23 @@ def stage_pair(args) -> dict:
         if (store / run_id).exists():
             import shutil
             shutil.rmtree(store / run_id)
-        hard = time.time() + budget + 0.5 * reserve       # an epoch far longer than expected is cut here
+        # the second run trains the first one's epochs: its cut-off is the time left, not its share
+        hard = time.time() + (budget if epochs is None else left - reserve) + 0.5 * reserve
         t0 = time.time()
         try:
-            run_dir = train(pair_config(method, args, budget / 60), store=store, run_id=run_id,
-                            should_stop=lambda: time.time() > hard)
+            config = (pair_config(method, args, budget / 60) if epochs is None
+                      else pair_config(method, args, None, epochs))
+            run_dir = train(config, store=store, run_id=run_id, should_stop=lambda: time.time() > hard)
         except Stopped:
             run_dir = store / run_id
         except Exception:
             save(method, {"error": traceback.format_exc()})
             continue
         trained[method] = run_dir
-        save(method, run_summary(run_dir, time.time() - t0))
+        summary = run_summary(run_dir, time.time() - t0)
+        if epochs is None and summary["epochs_run"]:
+            epochs = summary["epochs_run"]
+        save(method, summary)
     robust = {}
     for method, run_dir in trained.items():
         try:
@@ -279,10 +292,13 @@ def protocol(run_dir: Path, device: str) -> tuple[dict, object]:
     pgd = evaluate(model, test, "pgd", norm, eps, 20)
     pgd_seconds = time.time() - t0
     ifgsm = evaluate(model, test, "ifgsm", norm, eps, 10)
+    per_class = {row["class"]: {"n": int(row["n"]), "clean": row["accuracy"], "pgd20": row["robust_accuracy"]}
+                 for row in pgd.per_class.to_dict("records")}   # bench/study.py's study.json layout
     return {"n_test": len(test), "eps": eps, "norm": norm, "clean_accuracy": pgd.accuracy,
             "balanced_accuracy": pgd.balanced_accuracy, "mAP": pgd.mean_average_precision,
             "pgd20": pgd.robust_accuracy, "pgd20_balanced": pgd.robust_balanced_accuracy, "ifgsm": ifgsm.robust_accuracy,
-            "pgd20_seconds": pgd_seconds, "protocol_seconds": time.time() - t0}, pgd.samples["robust"].to_numpy()
+            "per_class": per_class, "pgd20_seconds": pgd_seconds,
+            "protocol_seconds": time.time() - t0}, pgd.samples["robust"].to_numpy()
 
 
 def apgd_check(run_dir: Path, device: str, survivors) -> dict:
@@ -458,7 +474,7 @@ def _pair_lines(e: dict) -> list[str]:
     if not done:
         return []
     lines = ["| method | epochs (best) | ended by | wall s | s/epoch | images/s | clean | balanced | mAP | PGD-20 | "
-             "I-FGSM | APGD | paper PGD-20 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "PGD-20 balanced | I-FGSM | APGD | paper PGD-20 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for method, r in done.items():
         if "run" not in r:
@@ -470,7 +486,8 @@ def _pair_lines(e: dict) -> list[str]:
                      f"{r['wall_seconds']:.0f} | {'-' if spe is None else f'{spe:.1f}'} | "
                      f"{'-' if ips is None else f'{ips:.0f}'} | {_pct(r.get('clean_accuracy'))} | "
                      f"{_pct(r.get('balanced_accuracy'))} | {_pct(r.get('mAP'))} | {_pct(r.get('pgd20'))} | "
-                     f"{_pct(r.get('ifgsm'))} | {_pct(r.get('apgd'))} | {PAPER.get(method, '-')} |")
+                     f"{_pct(r.get('pgd20_balanced'))} | {_pct(r.get('ifgsm'))} | {_pct(r.get('apgd'))} | "
+                     f"{PAPER.get(method, '-')} |")
         if spe:
             notes.append(f"- {method}: {r['epochs_max']} epochs at the median epoch time would take "
                          f"{r['epochs_max'] * spe / 60:.1f} min (target for a paper-scale run: 5 min with its evaluation; "
@@ -488,8 +505,26 @@ def _pair_lines(e: dict) -> list[str]:
         if first["image_size"] > 150:
             setting += (f"HAM10000's files are 200x150: the centre 150x150 square is upsampled to "
                         f"{first['image_size']} px (x{first['image_size'] / 150:.2f}). ")
+    if e.get("epochs"):
+        setting += f"Both methods train {e['epochs']} epochs (the first run's share of the time fixes the number). "
     return [setting + "The paper's PGD-20 is its ImageNet-pretrained ResNet34 after up to 50 epochs.", "",
-            *lines, "", *notes, ""]
+            *lines, "", *_per_class_lines(done), *notes, ""]
+
+
+def _per_class_lines(done: dict) -> list[str]:
+    """Clean and PGD-20 accuracy per class, the methods side by side: whether robustness stops at the common class."""
+    have = {m: r["per_class"] for m, r in done.items() if r.get("per_class")}
+    if not have:
+        return []
+    classes = list(dict.fromkeys(c for per in have.values() for c in per))
+    head = "| class | n | " + " | ".join(f"{m} clean | {m} PGD-20" for m in have) + " |"
+    lines = ["Per class (test split, %):", "", head, "|---|---|" + "---|---|" * len(have)]
+    for c in classes:
+        n = next(per[c]["n"] for per in have.values() if c in per)
+        cells = " | ".join(f"{_pct(per.get(c, {}).get('clean'))} | {_pct(per.get(c, {}).get('pgd20'))}"
+                           for per in have.values())
+        lines.append(f"| {c} | {n} | {cells} |")
+    return [*lines, ""]
 
 
 def _archive_lines(e: dict) -> list[str]:

@@ -35,11 +35,17 @@ def test_quick_check_runs_every_stage_on_the_cpu(tmp_path, shared_data):
     assert {"erm", "pgd_at", "dpaat", "pgd20_eval", "naive_pgd_at"} <= variants
     pair = results["pair"]["runs"]
     assert set(pair) == {"dpaat", "pgd_at"}
+    assert pair["dpaat"]["epochs_run"] == pair["pgd_at"]["epochs_run"] == results["pair"]["epochs"]   # equal length
+    assert f"Both methods train {results['pair']['epochs']} epochs" in report and "Per class (test split" in report
     for method, r in pair.items():
         assert r["method"] == method and r["epochs_run"] >= 1 and r["stopped_by"] in ("epochs", "early_stop")
         for key in ("clean_accuracy", "balanced_accuracy", "mAP", "pgd20", "ifgsm"):
             assert 0 <= r[key] <= 1, (method, key)
         assert r["pgd20"] <= r["clean_accuracy"] and (r["apgd"] is None or r["apgd"] <= r["pgd20"])
+        per_class = r["per_class"]
+        assert sum(c["n"] for c in per_class.values()) == r["n_test"]
+        assert all(0 <= c["pgd20"] <= 1 and 0 <= c["clean"] <= 1 for c in per_class.values() if c["n"])
+        assert 0 <= r["pgd20_balanced"] <= 1
         assert f"| {method} | {r['epochs_run']}/" in report
     with tarfile.open(out / "runs.tar.gz") as tar:
         names = tar.getnames()
