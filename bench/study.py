@@ -137,15 +137,15 @@ def ensure_trained(store: Path, study: str, variant: str, seed: int) -> Path:
     return run_dir
 
 
-def evaluate_run(run_dir: Path, cross_norm: bool = False, apgd_steps: int = 50) -> dict:
-    """The study's numbers for one finished run (cached in ``study.json``)."""
+def evaluate_run(run_dir: Path, cross_norm: bool = False, apgd_steps: int = 50, device: str = "cpu") -> dict:
+    """The study's numbers for one finished run (cached in ``study.json``), computed on ``device``."""
     out_file = run_dir / "study.json"
     if out_file.is_file():
         return json.loads(out_file.read_text())
     t0 = time.time()
     config = runs.read_config(run_dir)
     norm, eps = config["attack"]["norm"], float(config["attack"]["eps"])
-    model = loading.load_model(run_dir)
+    model = loading.load_model(run_dir, device=device)
     test = loading.load_run_data(run_dir, "test")
     pgd = evaluate(model, test, "pgd", norm, eps, 20)
     ifgsm = evaluate(model, test, "ifgsm", norm, eps, 10)

@@ -214,26 +214,38 @@ def train(config: RunConfig, store: str | Path = "checkpoints", run_id: Optional
 
 def resume(run_dir: str | Path, progress: Optional[ProgressFn] = None, device: Optional[str] = None,
            should_stop: Optional[Callable[[], bool]] = None, compile: Optional[bool] = None,
-           max_minutes: Optional[float] = None) -> Path:
+           max_minutes: Optional[float] = None, epochs: Optional[int] = None) -> Path:
     """Continue a killed, stopped or out-of-time run from its last completed epoch (its ``last.pt``), with the
     config :func:`resume_config` gives. A time budget counts from the start of this call: a run that ended on
-    its budget continues for another one."""
+    its budget continues for another one. ``epochs``: a new last epoch, so that a finished run trains on (as a
+    study whose length is fixed after its first epoch does)."""
     run_dir = Path(run_dir)
-    config = resume_config(run_dir, device, compile, max_minutes)
+    config = resume_config(run_dir, device, compile, max_minutes, epochs)
     return _run(config, progress, should_stop, run_dir=run_dir)
 
 
 def resume_config(run_dir: str | Path, device: Optional[str] = None, compile: Optional[bool] = None,
-                  max_minutes: Optional[float] = None) -> RunConfig:
-    """The config a resume trains with: the run's own, where ``device``, ``compile`` and ``max_minutes`` (when
-    given) replace ``train.device``, ``train.compile`` and ``train.max_minutes``; the last two are also written to
-    its ``config.json``. A run written before the compile switch existed keeps every batch (compile off)."""
+                  max_minutes: Optional[float] = None, epochs: Optional[int] = None) -> RunConfig:
+    """The config a resume trains with: the run's own, where ``device``, ``compile``, ``max_minutes`` and
+    ``epochs`` (when given) replace ``train.device``, ``train.compile``, ``train.max_minutes`` and ``train.epochs``;
+    all but the device are also written to its ``config.json``. A run written before the compile switch existed
+    keeps every batch (compile off). ``epochs`` below the epochs already trained, or with a cosine schedule (whose
+    shape depends on the length), is refused."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise runs.RunError(f"{run_dir}: no such run folder")
     raw = runs.read_config(run_dir)
     config = RunConfig.from_dict(raw)
-    given = {k: v for k, v in (("compile", compile), ("max_minutes", max_minutes)) if v is not None}
+    if epochs is not None:
+        done = len(runs.read_metrics(run_dir))
+        if not isinstance(epochs, int) or epochs < max(done, 1):
+            raise ConfigError(f"train.epochs: the run has trained {done} epoch(s), so a resume needs at least that "
+                              f"many, got {epochs!r}")
+        if config.train.schedule != "none" and epochs != config.train.epochs:
+            raise ConfigError(f"train.epochs: a {config.train.schedule} schedule is shaped by the run's length "
+                              f"({config.train.epochs} epochs); it cannot be changed on resume")
+    given = {k: v for k, v in (("compile", compile), ("max_minutes", max_minutes), ("epochs", epochs))
+             if v is not None}
     train_changes = ({"device": device} if device is not None else {}) | (
         {"compile": False} if "compile" not in (raw.get("train") or {}) else {}) | given
     config = config.replace(train=train_changes)

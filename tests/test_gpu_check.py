@@ -107,3 +107,47 @@ def test_a_missing_shared_file_skips_the_test_that_needs_it(tmp_path):
     assert folder / "here.npz" == tmp_path / "here.npz"
     with pytest.raises(pytest.skip.Exception, match="missing.npz not found"):
         folder / "missing.npz"
+
+
+def test_a_study_fits_as_many_epochs_as_the_slowest_first_epoch_allows():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_study import pick_epochs
+    assert pick_epochs([10.0, 12.0], 100.0, 50) == 1 + 8      # the slowest first epoch sets the pace
+    assert pick_epochs([10.0], 1000.0, 50) == 50             # never past the most asked for
+    assert pick_epochs([10.0], -5.0, 50) == 1                # the first epoch is always kept
+
+
+@pytest.mark.slow
+def test_study_rehearsal_trains_every_run_at_once_for_the_same_length_and_writes_study_rows(tmp_path, shared_data):
+    out, store = tmp_path / "out", tmp_path / "runs"
+    proc = subprocess.run([sys.executable, "bench/gpu_study.py", "--device", "cpu", "--quick", "--methods", "dpaat",
+                           "pgd_at", "--seeds", "0", "1", "--epochs", "2", "--minutes", "5", "--out", str(out),
+                           "--store", str(store)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["epochs"] == 2 and len(results["runs"]) == 4
+    for rid, r in results["runs"].items():
+        assert r["epochs_run"] == 2 and r["method"] in ("dpaat", "pgd_at"), rid
+        assert sum(c["n"] for c in r["per_class"].values()) == r["n_test"]
+        for key in ("clean_accuracy", "pgd20", "pgd20_balanced", "ifgsm", "apgd"):
+            assert 0 <= r[key] <= 1, (rid, key)
+        assert (store / rid / "study.json").is_file()
+        assert runs_state(store / rid) == "done"
+    assert results["solo_images_per_second"] > 0 and results["aggregate_images_per_second"] > 0
+    import pandas as pd
+    rows = pd.read_csv(out / "collect" / "study.csv")                 # bench/study.py collect's own format
+    assert sorted(rows["run"]) == sorted(results["runs"]) and set(rows["study"]) == {"quick32"}
+    assert "pgd20:akiec" in rows.columns
+    report = (out / "report.md").read_text()
+    assert "Every run trains 2 epochs" in report and "One run alone" in report and "PGD-20 per class" in report
+
+
+def runs_state(run_dir):
+    from dpaat_core import runs
+    return runs.read_status(run_dir)["state"]
+
+
+def test_study_refuses_a_folder_without_metadata_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/gpu_study.py", "--device", "cpu", "--data", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no HAM10000_metadata.csv" in proc.stderr.strip().splitlines()[-1]

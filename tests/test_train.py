@@ -305,3 +305,23 @@ def test_a_bad_time_budget_is_one_line(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "train.max_minutes must be a number > 0" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+def test_resume_with_more_epochs_trains_a_finished_run_on_as_if_it_had_asked_for_them(tmp_path):
+    """A study fixes its length after the first epoch: one epoch then a resume to three is the three-epoch run."""
+    straight = train(small_config(epochs=3), store=tmp_path, run_id="straight")
+    first = train(small_config(epochs=1), store=tmp_path, run_id="extended")
+    assert runs.read_status(first)["state"] == "done"
+    resume(first, epochs=3)
+    status = runs.read_status(first)
+    assert status["state"] == "done" and status["stopped_by"] == "epochs"
+    assert runs.read_config(first)["train"]["epochs"] == 3
+    a, b = runs.read_metrics(straight), runs.read_metrics(first)
+    assert list(b["epoch"]) == [1, 2, 3]
+    if EXACT:
+        np.testing.assert_array_equal(a["train_loss"].to_numpy(), b["train_loss"].to_numpy())
+    with pytest.raises(ConfigError, match="has trained 3 epoch"):
+        resume(first, epochs=2)
+    cosine = train(small_config(epochs=1, schedule="cosine"), store=tmp_path, run_id="cosine")
+    with pytest.raises(ConfigError, match="cosine schedule"):
+        resume(cosine, epochs=2)
