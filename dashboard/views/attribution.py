@@ -89,6 +89,7 @@ else:
     if certificate is not None and norm == "l2":   # the slider's scale with the image's guarantee on it
         c3.plotly_chart(charts.radius_strip(eps, certificate["radius"], 4 * eps0), key="radius-strip",
                         config={"displayModeBar": False})
+        c3.caption("green: the image's certified l2 radius; line: the eps above (orange when outside it)")
     st.caption(f"{attack.upper()} at eps {eps:.4f} ({norm}) with {EXPLORER_STEPS if attack != 'fgsm' else 1} step(s), "
                "as `python -m dpaat_core attribute` uses for the run's attribution.csv.")
 methods = st.multiselect("Attribution maps", list(METHODS), default=["gradcam", "saliency"])

@@ -86,10 +86,13 @@ shown = rows.iloc[(page - 1) * per_page: page * per_page]
 
 # --- the grid --------------------------------------------------------------------------------------------------
 def certificate_caption(row) -> str:
-    """`` · r 0.31`` (certified l2 radius), `` · abstains`` or nothing for an image that was not certified."""
+    """`` · r 0.31 (mel)``: the certified l2 radius and the class it guarantees (the smoothed model's, which may
+    differ from the clean prediction); `` · abstains``; nothing for an image that was not certified."""
     if getattr(row, "certified_prediction", None) is None or row.certified_prediction != row.certified_prediction:
         return ""
-    return " · abstains" if row.certified_prediction < 0 else f" · r {row.radius:.2f}"
+    if row.certified_prediction < 0:
+        return " · abstains"
+    return f" · r {row.radius:.2f} ({classes[int(row.certified_prediction)]})"
 
 
 def pair(maps: dict, k: int) -> np.ndarray:

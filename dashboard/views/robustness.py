@@ -30,10 +30,12 @@ def certified_section(selected: list, curves: pd.DataFrame) -> None:
                "the smoothed model (the class that Gaussian noise of std σ leaves on top; each guarantee holds with "
                "probability 1 − alpha). The gap between the two is what an attack cannot tell you.")
     rows = [{"run": rid, "sigma": sigma, **summary(part)} for (rid, sigma), part in found.groupby(["run", "sigma"])]
+    radii = {key: st.column_config.NumberColumn(f"certified at r {key.split('@')[1]}", format="%.3f")
+             for key in rows[0] if key.startswith("certified_accuracy@")}
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
                  column_config={"abstain_rate": st.column_config.NumberColumn("abstains", format="percent"),
                                 "median_radius_correct": st.column_config.NumberColumn("median radius (right)",
-                                                                                       format="%.3f")})
+                                                                                       format="%.3f"), **radii})
 
 
 st.title("Robustness")
