@@ -104,8 +104,8 @@ def noise_counts(model: nn.Module, x: torch.Tensor, num: int, sigma: float, num_
     with torch.inference_mode(), attack_mode(model), _autocast(device, amp):
         start = 0
         while start < len(pieces):
-            stop, total = start, 0
-            while stop < len(pieces) and total + pieces[stop][1] <= limit or stop == start:
+            stop, total = start + 1, pieces[start][1]        # pieces are at most CHUNK <= limit: one always fits
+            while stop < len(pieces) and total + pieces[stop][1] <= limit:
                 total += pieces[stop][1]
                 stop += 1
             batch = pieces[start:stop]

@@ -70,12 +70,13 @@ def pytest_configure(config):
 
 
 class SharedData(type(Path())):
-    """The shared data folder as a path whose children skip the test that asks for one that is absent: a checkout
+    """The shared data folder as a path whose entries skip the test that asks for one that is absent: a checkout
     copied to a GPU machine may carry only part of ``../shared/data`` (``shared_data / "ham10000_28.npz"`` then
-    skips, naming the file, instead of erroring)."""
+    skips, naming the file, instead of erroring). The entry comes back as a plain path: a test may look deeper for
+    files that are not all there."""
 
     def __truediv__(self, key):
-        child = super().__truediv__(key)
+        child = Path(os.fspath(self)) / key
         if not child.exists():
             pytest.skip(f"shared data file {child} not found (see ../shared/data/README.md)")
         return child

@@ -107,6 +107,8 @@ def test_a_missing_shared_file_skips_the_test_that_needs_it(tmp_path):
     assert folder / "here.npz" == tmp_path / "here.npz"
     with pytest.raises(pytest.skip.Exception, match="missing.npz not found"):
         folder / "missing.npz"
+    deeper = folder / "here.npz" / "not-there"          # below an entry, paths are plain: a test may probe them
+    assert type(deeper) is type(tmp_path) and not deeper.exists()
 
 
 def test_a_study_fits_as_many_epochs_as_the_slowest_first_epoch_allows():
