@@ -71,8 +71,8 @@ def add_evaluate_parser(sub) -> None:
                    help="evaluate natural corruptions instead of attacks (MedMNIST-C's dermoscopy set, written to "
                         "RUN_DIR/corruptions.csv; robustness.csv is left as it is): 'all' or names from "
                         + ", ".join(NAMES))
-    e.add_argument("--severities", type=_checked(parse_severities), default=[1, 2, 3, 4, 5], metavar="1,2,...",
-                   help="corruption severities from 1 to 5, comma-separated (default all five)")
+    e.add_argument("--severities", type=_checked(parse_severities), metavar="1,2,...",
+                   help="with --corruptions: severities from 1 to 5, comma-separated (default all five)")
     e.add_argument("--reference", metavar="RUN_DIR", help="with --corruptions: the run the corruption error (mCE) is "
                                                           "relative to, e.g. an ERM run (its corruptions.csv must hold "
                                                           "the same cells)")
@@ -112,8 +112,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--eps-grid values must be >= 0 and finite, got {args.eps_grid}")
     if args.batch_size < 1 or (args.max_samples is not None and args.max_samples < 1):
         raise ConfigError("--batch-size and --max-samples must be >= 1")
-    if args.reference and not args.corruptions:
-        raise ConfigError("--reference applies to --corruptions only")
+    if (args.reference or args.severities) and not args.corruptions:   # else an attack curve would run instead
+        raise ConfigError(f"{'--reference' if args.reference else '--severities'} applies to --corruptions only")
+    args.severities = args.severities or [1, 2, 3, 4, 5]
     if args.corruptions:
         clash = [f for f, on in (("--protocol", args.protocol), ("--raw", args.raw), ("--eps-grid", args.eps_grid),
                                  ("--steps", args.steps), ("--max-samples", args.max_samples)) if on]
@@ -171,6 +172,8 @@ def _corruptions(args: argparse.Namespace, model, dataset, config: dict, device)
     data = args.data or config["data"]["spec"]
     reference = None
     if args.reference:      # read before the work: a bad reference fails in a second, not after the grid
+        if not (Path(args.reference) / "config.json").is_file():
+            raise RunError(f"--reference {args.reference}: not a run folder (no config.json there)")
         reference = runs.read_corruptions(args.reference, args.split, data)
         if not len(reference):
             raise RunError(f"--reference {args.reference}: its corruptions.csv has no rows for {args.split} of {data} "

@@ -254,6 +254,8 @@ def test_evaluate_corruptions_merges_into_its_own_file_and_leaves_the_curves(tmp
     (["--corruptions", "fog"], "unknown corruption 'fog'; known: pixelate"),
     (["--corruptions", "pixelate", "--severities", "0,6"], "severity must be an integer from 1 to 5"),
     (["--reference", "x"], "--reference applies to --corruptions only"),
+    (["--severities", "1"], "--severities applies to --corruptions only"),     # not a silent attack curve
+    (["--corruptions", "pixelate", "--reference", "no-such-run"], "--reference no-such-run: not a run folder"),
     (["--corruptions", "pixelate", "--max-samples", "8", "--protocol"], "--protocol, --max-samples do(es) not apply")])
 def test_a_bad_corruption_flag_is_one_line_and_writes_nothing(tmp_path, flags, message):
     run = _tiny_run(tmp_path)
