@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from dpaat_core import loading, runs  # noqa: E402
 from dpaat_core.config import AttackConfig, DataConfig, ModelConfig, RunConfig, TrainConfig, method_config  # noqa: E402
+from dpaat_core.eps_dynamics import eps_bounds, per_class  # noqa: E402
 from dpaat_core.evaluate import evaluate  # noqa: E402
 from dpaat_core.strong import strong_robustness  # noqa: E402
 from dpaat_core.train import resume, train  # noqa: E402
@@ -68,6 +69,12 @@ STUDIES = {
                                                    "dpaat-gamma0.3": ("dpaat", {"gamma": 0.3})},
                     seeds=(0, 1, 2), epochs=40, patience=10, cross_norm=True),
 }
+# third round (issue: equal length): every method runs all 40 epochs (patience 40 never stops it) and keeps its
+# best-on-validation checkpoint; evaluated on validation as well as test, with each image's outcome kept
+# (per_image.csv) for bootstrap CIs over images and seeds. dpaat_cthr / dpaat_cnorm: docs/CLASS_AWARE.md
+EQUAL28 = ("dpaat_cthr", "dpaat_cnorm", "pgd_at", "dpaat", "dpaat_fixed", "trades")
+STUDIES["equal28"] = dict(data=HAM28, size=28, variants={m: (m, {}) for m in EQUAL28}, seeds=(0, 1, 2, 3, 4),
+                          epochs=40, patience=40, val=True)
 # randomized smoothing's base classifier beside the demo runs (same data, model, length and seed)
 STUDIES["smooth64"] = dict(data=SAMPLE, size=64, variants={"gaussian": ("gaussian", {})}, seeds=(0,), epochs=10,
                            patience=4)
@@ -137,8 +144,19 @@ def ensure_trained(store: Path, study: str, variant: str, seed: int) -> Path:
     return run_dir
 
 
-def evaluate_run(run_dir: Path, cross_norm: bool = False, apgd_steps: int = 50, device: str = "cpu") -> dict:
-    """The study's numbers for one finished run (cached in ``study.json``), computed on ``device``."""
+def memory_by_class(run_dir: Path) -> pd.DataFrame:
+    """Each class's eps memory at every epoch: mean eps, share at the floor and at the cap, share fragile."""
+    config = runs.read_config(run_dir)
+    eps0, lo, hi = eps_bounds(config)
+    frames = [per_class(runs.load_dynamics(run_dir, e), config["dataset"]["classes"], lo, hi).assign(epoch=e)
+              for e in runs.dynamics_epochs(run_dir)]
+    return pd.concat(frames, ignore_index=True)
+
+
+def evaluate_run(run_dir: Path, cross_norm: bool = False, apgd_steps: int = 50, device: str = "cpu",
+                 with_val: bool = False) -> dict:
+    """The study's numbers for one finished run (cached in ``study.json``), computed on ``device``. ``with_val``:
+    PGD-20 on the validation split too, and every test and validation image's outcome in ``per_image.csv``."""
     out_file = run_dir / "study.json"
     if out_file.is_file():
         return json.loads(out_file.read_text())
@@ -158,6 +176,7 @@ def evaluate_run(run_dir: Path, cross_norm: bool = False, apgd_steps: int = 50, 
         "gamma": config["method"]["gamma"], "threshold": config["method"]["threshold"],
         "memoryless": config["method"].get("memoryless", False), "n_test": len(test),
         "clean_accuracy": pgd.accuracy, "balanced_accuracy": pgd.balanced_accuracy, "mAP": pgd.mean_average_precision,
+        "auc": pgd.auc,
         "pgd20": pgd.robust_accuracy, "pgd20_balanced": pgd.robust_balanced_accuracy,
         "ifgsm": ifgsm.robust_accuracy, "ifgsm_balanced": ifgsm.robust_balanced_accuracy,
         "apgd": strong["robust_accuracy"], "apgd_balanced": strong["robust_balanced_accuracy"],
@@ -173,6 +192,19 @@ def evaluate_run(run_dir: Path, cross_norm: bool = False, apgd_steps: int = 50, 
         ev = evaluate(model, test, "pgd", other, other_eps, 20)
         result.update({f"pgd20_{other}": ev.robust_accuracy, f"pgd20_{norm}": pgd.robust_accuracy,
                        f"eps_{other}": other_eps})
+    if with_val:
+        val = evaluate(model, loading.load_run_data(run_dir, "val"), "pgd", norm, eps, 20)
+        result.update({"n_val": len(val.samples), "val_clean_accuracy": val.accuracy,
+                       "val_balanced_accuracy": val.balanced_accuracy, "val_auc": val.auc,
+                       "val_pgd20": val.robust_accuracy, "val_pgd20_balanced": val.robust_balanced_accuracy,
+                       "val_per_class": {row["class"]: {"n": int(row["n"]), "clean": row["accuracy"],
+                                                        "pgd20": row["robust_accuracy"]}
+                                         for row in val.per_class.to_dict("records")}})
+        keep = ["index", "label", "correct_clean", "robust"]
+        per_image = pd.concat([pgd.samples[keep].assign(split="test"), val.samples[keep].assign(split="val")])
+        per_image.to_csv(run_dir / "per_image.csv", index=False)
+        if config["method"].get("adaptive") and not config["method"].get("memoryless"):
+            memory_by_class(run_dir).to_csv(run_dir / "memory_by_class.csv", index=False)
     result["eval_seconds"] = time.time() - t0
     runs.atomic_write_json(out_file, result)
     print(f"[study] evaluated {run_dir.name} in {result['eval_seconds']:.0f} s: clean {result['clean_accuracy']:.3f} "
@@ -183,12 +215,18 @@ def evaluate_run(run_dir: Path, cross_norm: bool = False, apgd_steps: int = 50, 
 def collect(store: Path, out: Path) -> pd.DataFrame:
     """Every evaluated run's numbers as ``study.csv`` and every epoch's metrics as ``epochs.csv``, merged into the
     files already in ``out``: a run found in ``store`` replaces its rows, the rows of other runs stay."""
-    rows, epochs = [], []
+    rows, epochs, images, memory = [], [], [], []
     for run_dir in sorted(p for p in store.iterdir() if (p / "study.json").is_file()):
         result = json.loads((run_dir / "study.json").read_text())
         result["study"], result["variant"] = run_dir.name.split("-", 1)[0], run_dir.name.split("-", 1)[1].rsplit("-s", 1)[0]
         for name, figures in result.pop("per_class", {}).items():   # flat columns: pgd20:<class>, clean:<class>
             result |= {f"{k}:{name}": v for k, v in figures.items()}
+        for name, figures in result.pop("val_per_class", {}).items():   # val_pgd20:<class>, ...
+            result |= {f"val_{k}:{name}": v for k, v in figures.items()}
+        if (run_dir / "per_image.csv").is_file():
+            images.append(pd.read_csv(run_dir / "per_image.csv").assign(run=run_dir.name))
+        if (run_dir / "memory_by_class.csv").is_file():
+            memory.append(pd.read_csv(run_dir / "memory_by_class.csv").assign(run=run_dir.name))
         rows.append(result)
         m = runs.read_metrics(run_dir)
         m.insert(0, "run", run_dir.name)
@@ -211,6 +249,13 @@ def collect(store: Path, out: Path) -> pd.DataFrame:
     frame.to_csv(out / "study.csv", index=False)
     if epochs:
         pd.concat(epochs, ignore_index=True).to_csv(out / "epochs.csv", index=False)
+    # equal28: each image's outcome (bootstrap CIs over images and seeds), each class's eps memory per epoch
+    for name, parts in (("per_image.csv.gz", images), ("memory_by_class.csv", memory)):
+        if parts:
+            if (out / name).is_file():
+                kept = pd.read_csv(out / name)
+                parts.insert(0, kept[~kept["run"].isin(found)])
+            pd.concat(parts, ignore_index=True).to_csv(out / name, index=False)
     return frame
 
 
@@ -241,7 +286,8 @@ def main(argv=None) -> int:
         if args.queue and not claim(args.store, run_id(study, variant, seed)):
             continue
         run_dir = ensure_trained(args.store, study, variant, seed)
-        evaluate_run(run_dir, cross_norm=STUDIES[study].get("cross_norm", False))
+        evaluate_run(run_dir, cross_norm=STUDIES[study].get("cross_norm", False),
+                     with_val=STUDIES[study].get("val", False))
     return 0
 
 

@@ -48,8 +48,9 @@ def add_train_parser(sub) -> None:
     mth = t.add_argument_group("DPAAT settings (paper/METHOD.md)")
     mth.add_argument("--gamma", type=float, help="eps memory rate: fragile eps*(1-gamma), stable eps*(1+gamma) "
                                                   "(default 0.1; adaptive methods only)")
-    mth.add_argument("--threshold", help="fragile/stable threshold on the loss change: batch_mean (default), ema, median "
-                                         "or quantile:<q>")
+    mth.add_argument("--threshold", help="fragile/stable threshold on the loss change: batch_mean (default), ema, median, "
+                                         "quantile:<q>, or class_mean (each sample against its class's running mean; "
+                                         "docs/CLASS_AWARE.md)")
     mth.add_argument("--sync", help="synchronisation loss: sym_kl (default), js, l1_logprob, kl")
     mth.add_argument("--beta-clean", type=float, help="weight of the clean cross-entropy (default: the method's)")
     mth.add_argument("--lam", type=float, help="weight of the synchronisation loss (default: the method's)")

@@ -17,7 +17,7 @@ from .models import MODEL_NAMES
 
 NORMS = ("l2", "linf")
 SYNC_LOSSES = ("sym_kl", "js", "l1_logprob", "kl")
-THRESHOLDS = ("batch_mean", "ema", "median", "quantile:<q>")
+THRESHOLDS = ("batch_mean", "ema", "median", "quantile:<q>", "class_mean")
 SCHEDULES = ("none", "cosine")
 IMBALANCE = ("none", "class_weights", "balanced_sampler")
 EARLY_STOP = ("balanced_accuracy", "robust_accuracy", "none")
@@ -48,6 +48,8 @@ class MethodPreset:
     sync: str             # kind of synchronisation loss
     adaptive: bool        # per-sample eps from the memory
     sigma: float = 0.0    # std of the training noise ("noise" only), per pixel in [0, 1] units
+    threshold: str = "batch_mean"   # the fragile/stable rule (class_mean: against each class's running mean ΔL)
+    class_renorm: bool = False      # the eps memory rescaled so that each class's mean eps stays at eps0
 
 
 METHODS = {
@@ -59,6 +61,9 @@ METHODS = {
     "dpaat_fixed": MethodPreset(0.0, 1.0, 1.0, 1.0, "ce", "sym_kl", False),
     # Cohen et al. 2019: cross-entropy on x + N(0, sigma^2 I), the base classifier of randomized smoothing
     "gaussian": MethodPreset(0.0, 0.0, 0.0, 1.0, "noise", "sym_kl", False, sigma=0.25),
+    # class-aware DPAAT, our own variants (docs/CLASS_AWARE.md); the paper's dpaat above is unchanged
+    "dpaat_cthr": MethodPreset(0.1, 1.0, 1.0, 1.0, "ce", "sym_kl", True, threshold="class_mean"),
+    "dpaat_cnorm": MethodPreset(0.1, 1.0, 1.0, 1.0, "ce", "sym_kl", True, class_renorm=True),
 }
 
 
@@ -91,7 +96,7 @@ def parse_threshold(rule: str) -> tuple[str, Optional[float]]:
         if not 0.0 < q < 1.0:
             _fail("method", "threshold", rule, "'quantile:<q>' with 0 < q < 1")
         return kind, q
-    if arg or kind not in ("batch_mean", "ema", "median"):
+    if arg or kind not in ("batch_mean", "ema", "median", "class_mean"):
         _fail("method", "threshold", rule, "one of " + ", ".join(THRESHOLDS))
     return kind, None
 
@@ -170,6 +175,7 @@ class MethodConfig(_Section):
     eps_min_ratio: float = 0.25
     eps_max_ratio: float = 2.0
     sigma: float = 0.0
+    class_renorm: bool = False
 
     def check(self):
         _choice("method", "name", self.name, tuple(METHODS))
@@ -194,12 +200,18 @@ class MethodConfig(_Section):
         _number("method", "eps_max_ratio", self.eps_max_ratio, 1, 100)
         if self.memoryless and not self.adaptive:
             _fail("method", "memoryless", self.memoryless, "False for a method without adaptive eps")
+        if not isinstance(self.class_renorm, bool):
+            _fail("method", "class_renorm", self.class_renorm, "true or false")
+        if self.class_renorm and (not self.adaptive or self.memoryless):
+            raise ConfigError("method.class_renorm rescales the eps memory, so it needs a method with one "
+                              "(dpaat, dpaat_nosync or dpaat_cnorm, not memoryless)")
         if self.adv_weight == 0 and self.beta_clean == 0 and self.lam == 0:
             raise ConfigError("method: adv_weight, beta_clean and lam are all 0, so there is nothing to train")
 
 
 def method_config(name: str, **overrides) -> MethodConfig:
-    """The family member ``name`` (erm, pgd_at, trades, dpaat, dpaat_nosync, dpaat_fixed, gaussian) with overrides.
+    """The family member ``name`` (erm, pgd_at, trades, dpaat, dpaat_nosync, dpaat_fixed, gaussian, dpaat_cthr,
+    dpaat_cnorm) with overrides.
 
     ``gamma`` may only be overridden for methods with adaptive eps (:meth:`MethodConfig.check`).
     """

@@ -61,18 +61,28 @@ class Threshold:
     """The ΔL threshold ``T`` that splits a batch into fragile (``ΔL > T``) and stable samples.
 
     Rules: ``batch_mean`` (ΔLavg, the default), ``ema`` (running mean of the batch means,
-    ``momentum`` 0.9), ``median``, ``quantile:<q>``. Under DDP the statistic is taken over the
-    global batch. The value stays a device tensor.
+    ``momentum`` 0.9), ``median``, ``quantile:<q>``, and ``class_mean`` (class-aware DPAAT, not the
+    paper's: each sample against its own class's running mean ΔL, docs/CLASS_AWARE.md). Under DDP the
+    statistic is taken over the global batch. The value stays a device tensor.
     """
 
-    def __init__(self, rule: str = "batch_mean", momentum: float = 0.9):
+    def __init__(self, rule: str = "batch_mean", momentum: float = 0.9, num_classes: Optional[int] = None):
         self.rule = rule
         self.kind, self.q = parse_threshold(rule)
         self.momentum = float(momentum)
-        self.value: Optional[torch.Tensor] = None   # last threshold (the EMA state for "ema")
+        if self.kind == "class_mean" and not (isinstance(num_classes, int) and num_classes >= 1):
+            raise ValueError(f"the class_mean threshold needs the number of classes, got {num_classes!r}")
+        self.num_classes = num_classes
+        # last threshold (the EMA state for "ema"); for "class_mean" the running mean of each class ``[K]``, NaN for a
+        # class not seen yet
+        self.value: Optional[torch.Tensor] = None
 
-    def __call__(self, delta_loss: torch.Tensor) -> torch.Tensor:
+    def __call__(self, delta_loss: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The threshold: a scalar tensor, or for ``class_mean`` one per sample ``[B]`` (its class's running mean
+        ΔL, this batch included), which needs the labels ``y``."""
         dl = delta_loss.detach().float()
+        if self.kind == "class_mean":
+            return self._class_mean(dl, y)
         if self.kind in ("batch_mean", "ema"):
             total = distributed.all_reduce_sum(torch.stack([dl.sum(), torch.tensor(float(dl.numel()), device=dl.device)]))
             t = total[0] / total[1]
@@ -83,6 +93,24 @@ class Threshold:
             t = torch.quantile(everyone, 0.5 if self.kind == "median" else self.q)
         self.value = t
         return t
+
+    def _class_mean(self, dl: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        """Each class's running mean ΔL (EMA with ``momentum`` over the batches where the class appears; its
+        first batch sets it), taken over the global batch under DDP; returns it for each sample ``[B]``."""
+        if y is None or y.shape != dl.shape:
+            raise ValueError("the class_mean threshold needs each sample's label")
+        k = self.num_classes
+        y = y.to(dl.device)
+        parts = torch.zeros(2, k, device=dl.device)
+        parts[0].index_add_(0, y, dl)
+        parts[1].index_add_(0, y, torch.ones_like(dl))
+        parts = distributed.all_reduce_sum(parts)
+        present = parts[1] > 0
+        batch = parts[0] / parts[1].clamp(min=1)
+        old = torch.full((k,), float("nan"), device=dl.device) if self.value is None else self.value.to(dl.device)
+        blended = torch.where(torch.isnan(old), batch, self.momentum * old + (1 - self.momentum) * batch)
+        self.value = torch.where(present, blended, old)
+        return self.value[y]
 
     def state_dict(self) -> dict:
         return {"rule": self.rule, "value": None if self.value is None else self.value.detach().cpu()}
@@ -103,15 +131,23 @@ class EpsMemory:
     """
 
     def __init__(self, size: int, eps0: float, gamma: float, eps_min: float, eps_max: float,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", labels: Optional[torch.Tensor] = None):
         if size < 1:
             raise ValueError(f"an eps memory needs at least one sample, got size {size}")
+        if labels is not None and labels.shape != (size,):
+            raise ValueError(f"class renormalisation needs one label per sample ({size}), got shape "
+                             f"{tuple(labels.shape)}")
         if not 0 <= gamma < 1:
             raise ValueError(f"gamma must be in [0, 1), got {gamma}")
         if not 0 < eps_min <= eps0 <= eps_max:
             raise ValueError(f"need 0 < eps_min <= eps0 <= eps_max, got {eps_min}, {eps0}, {eps_max}")
         self.eps0, self.gamma, self.eps_min, self.eps_max = float(eps0), float(gamma), float(eps_min), float(eps_max)
         self.eps = torch.full((size,), self.eps0, dtype=torch.float32, device=device)
+        # class_renorm: each sample's class; after every update each class's mean eps is scaled back to eps0
+        self.labels = None if labels is None else labels.to(device=device, dtype=torch.int64)
+        if self.labels is not None:
+            k = int(self.labels.max()) + 1
+            self._class_size = torch.zeros(k, device=device).index_add_(0, self.labels, torch.ones(size, device=device))
 
     def __len__(self) -> int:
         return self.eps.numel()
@@ -141,6 +177,20 @@ class EpsMemory:
             (current * (1 - self.gamma)).clamp_(min=self.eps_min),
             (current * (1 + self.gamma)).clamp_(max=self.eps_max),
         )
+        if self.labels is not None:
+            self.renormalise()
+
+    def renormalise(self) -> None:
+        """Scale each class's eps so that its mean is ``eps0`` again, then clip to ``[eps_min, eps_max]``: the
+        spread within a class is kept, the drift between classes removed (class-aware DPAAT, ``dpaat_cnorm``)."""
+        sums = torch.zeros_like(self._class_size).index_add_(0, self.labels, self.eps)
+        scale = self.eps0 * self._class_size / sums.clamp(min=1e-12)
+        self.eps.mul_(scale[self.labels]).clamp_(self.eps_min, self.eps_max)
+
+    def class_means(self) -> torch.Tensor:
+        """Mean eps of each class ``[K]`` (needs the labels)."""
+        sums = torch.zeros_like(self._class_size).index_add_(0, self.labels, self.eps)
+        return sums / self._class_size.clamp(min=1)
 
     def state_dict(self) -> dict:
         return {"eps": self.eps.detach().cpu().clone(), "eps0": self.eps0, "gamma": self.gamma,

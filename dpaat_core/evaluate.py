@@ -62,14 +62,15 @@ class Evaluation:
     robust_accuracy: float
     robust_balanced_accuracy: float
     mean_average_precision: float
-    per_class: pd.DataFrame      # class, n, accuracy, robust_accuracy, average_precision
+    per_class: pd.DataFrame      # class, n, accuracy, robust_accuracy, average_precision, auc
     samples: pd.DataFrame        # index, label, pred_clean, pred_adv, correct_clean, robust, margin_clean, margin_adv
     settings: dict = field(default_factory=dict)
+    auc: float = math.nan        # clean ROC AUC, one class against the rest, mean over the classes (macro)
 
     def summary(self) -> dict:
         return {"accuracy": self.accuracy, "balanced_accuracy": self.balanced_accuracy,
                 "robust_accuracy": self.robust_accuracy, "robust_balanced_accuracy": self.robust_balanced_accuracy,
-                "mean_average_precision": self.mean_average_precision, **self.settings}
+                "mean_average_precision": self.mean_average_precision, "auc": self.auc, **self.settings}
 
 
 def _shape(dataset) -> tuple[int, int, int]:
@@ -89,6 +90,18 @@ def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
     hits = positive[order].astype(np.float64)
     precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
     return float((precision * hits).sum() / hits.sum())
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of one class against the rest (the Mann-Whitney U, ties counted half), NaN
+    unless both sides have samples."""
+    from scipy.stats import rankdata
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def _margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -180,10 +193,12 @@ def evaluate(model: nn.Module, dataset: ImageDataset, attack: str = "pgd", norm:
     robust_pred = np.where(robust, yn, -1)   # a sample wrong on either image counts as wrong
     probs = clean.softmax(1).numpy()
     ap = [average_precision(probs[:, k], yn == k) for k in range(dataset.num_classes)]
+    auc = [roc_auc(probs[:, k], yn == k) for k in range(dataset.num_classes)]
     k = dataset.num_classes
     per_class = pd.DataFrame({"class": dataset.classes, "n": dataset.class_counts,
                               "accuracy": per_class_accuracy(yn, pred_clean, k),
-                              "robust_accuracy": per_class_accuracy(yn, robust_pred, k), "average_precision": ap})
+                              "robust_accuracy": per_class_accuracy(yn, robust_pred, k), "average_precision": ap,
+                              "auc": auc})
     samples = pd.DataFrame({"index": np.arange(len(dataset)), "label": yn, "pred_clean": pred_clean, "pred_adv": pred_adv,
                             "correct_clean": correct, "robust": robust, "margin_clean": _margins(clean, y).numpy(),
                             "margin_adv": _margins(adv, y).numpy()})
@@ -191,6 +206,7 @@ def evaluate(model: nn.Module, dataset: ImageDataset, attack: str = "pgd", norm:
         accuracy=float(correct.mean()), balanced_accuracy=balanced_accuracy(yn, pred_clean, k),
         robust_accuracy=float(robust.mean()), robust_balanced_accuracy=balanced_accuracy(yn, robust_pred, k),
         mean_average_precision=float(np.nanmean(ap)), per_class=per_class, samples=samples,
+        auc=float(np.nanmean(auc)) if not np.isnan(auc).all() else math.nan,
         settings={"attack": attack, "norm": norm, "eps": float(eps), "steps": steps, "alpha_ratio": atk.alpha_ratio,
                   "eps_rms": eps_rms(eps, norm, dataset.images.shape[1:]), "n": len(dataset)})
 

@@ -1,5 +1,5 @@
 """Training objectives: ``erm``, ``pgd_at``, ``trades``, ``dpaat``, ``dpaat_nosync``,
-``dpaat_fixed``, ``gaussian``, as settings of one function (the family table of METHOD.md).
+``dpaat_fixed``, ``gaussian`` and the class-aware ``dpaat_cthr`` and ``dpaat_cnorm``, as settings of one function (the family table of METHOD.md).
 
 ``L = adv_weight * CE(z_adv) + beta_clean * CE(z) + lam * L_syn(z, z_adv)``: ERM has no attack;
 TRADES attacks the KL to the clean prediction and has no CE(z_adv) term; the DPAAT family takes
@@ -29,13 +29,21 @@ class MethodState:
     probe_threshold: Optional[Threshold] = None   # memoryless: the probe's split keeps its own (EMA) state
 
     @classmethod
-    def create(cls, method: MethodConfig, attack: AttackConfig, train_size: int, device) -> "MethodState":
+    def create(cls, method: MethodConfig, attack: AttackConfig, train_size: int, device,
+               labels: Optional[torch.Tensor] = None, num_classes: Optional[int] = None) -> "MethodState":
+        """``labels`` (each training sample's class, ``[train_size]``) and ``num_classes`` are needed by the
+        class-aware settings only (``class_renorm``, the ``class_mean`` threshold)."""
+        if method.class_renorm and labels is None:
+            raise ValueError("class_renorm needs the training labels")
         memory = None
         if method.adaptive and not method.memoryless:
             memory = EpsMemory(train_size, attack.eps, method.gamma, method.eps_min_ratio * attack.eps,
-                               method.eps_max_ratio * attack.eps, device=device)
-        probe = Threshold(method.threshold, method.ema_momentum) if method.memoryless else None
-        return cls(Threshold(method.threshold, method.ema_momentum), memory, probe)
+                               method.eps_max_ratio * attack.eps, device=device,
+                               labels=labels if method.class_renorm else None)
+
+        def threshold():
+            return Threshold(method.threshold, method.ema_momentum, num_classes)
+        return cls(threshold(), memory, threshold() if method.memoryless else None)
 
     def state_dict(self) -> dict:
         return {"threshold": self.threshold.state_dict(),
@@ -100,7 +108,7 @@ def _budget(model, x, y, idx, method: MethodConfig, attack: AttackConfig, state:
                 generator=generator, eval_mode=True, validate=False)
     with torch.no_grad(), attack_mode(model):
         dl = delta_loss(model(x), model(probe), y)
-    return memoryless_eps(dl > state.probe_threshold(dl), attack.eps, method.gamma)
+    return memoryless_eps(dl > state.probe_threshold(dl, y), attack.eps, method.gamma)
 
 
 def training_step(
@@ -156,7 +164,7 @@ def training_step(
         z_adv = model(x_adv)
     ce_clean, ce_adv = per_sample_ce(z, y), per_sample_ce(z_adv, y)
     dl = (ce_adv - ce_clean).detach()
-    threshold = state.threshold(dl)
+    threshold = state.threshold(dl, y)
     fragile = dl > threshold
     if state.memory is not None:
         state.memory.update(idx, fragile)

@@ -324,7 +324,8 @@ def _train_loop(config, device, world, progress, should_stop, store, run_id, run
         model = compile_model(model, device)
     optimizer = torch.optim.Adam(bare.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=cuda or None)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, tc.epochs) if tc.schedule == "cosine" else None
-    state = MethodState.create(method, attack, len(train_set), device)
+    state = MethodState.create(method, attack, len(train_set), device, labels=train_set.labels,
+                               num_classes=train_set.num_classes)
     weights = class_weights(train_set).to(device) if tc.imbalance == "class_weights" else None
     images, labels = resident_split(train_set, device)
     prev_fragile = torch.full((len(train_set),), -1, dtype=torch.int8)   # -1: not seen yet

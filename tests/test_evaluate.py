@@ -16,7 +16,7 @@ from dpaat_core.__main__ import main
 from dpaat_core.config import RunConfig, method_config
 from dpaat_core.data import load_dataset
 from dpaat_core.attacks import perturb
-from dpaat_core.evaluate import average_precision, eps_rms, evaluate, protocol, robustness_curve
+from dpaat_core.evaluate import average_precision, eps_rms, roc_auc, evaluate, protocol, robustness_curve
 from dpaat_core.models import build_model
 from dpaat_core.train import train
 from conftest import TEST_DEVICE, TRAIN_COMPILE, on_device
@@ -58,6 +58,24 @@ def test_average_precision_against_a_hand_computed_case():
     positive = np.array([True, False, True, False, True])
     assert average_precision(scores, positive) == pytest.approx((1 / 1 + 2 / 3 + 3 / 5) / 3)
     assert np.isnan(average_precision(scores, np.zeros(5, bool)))
+
+
+def test_roc_auc_is_the_share_of_correctly_ordered_pairs():
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.random(40), 1)          # rounded: ties, which count half
+    positive = rng.random(40) < 0.3
+    pos, neg = scores[positive], scores[~positive]
+    pairs = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    assert roc_auc(scores, positive) == pytest.approx(pairs)
+    assert roc_auc(np.arange(4.0), np.array([False, False, True, True])) == 1.0
+    assert np.isnan(roc_auc(scores, np.zeros(40, bool))) and np.isnan(roc_auc(scores, np.ones(40, bool)))
+
+
+def test_evaluation_reports_macro_auc_over_the_classes(trained):
+    _, model, ds = trained
+    ev = evaluate(model, ds, eps=0.1, steps=2)
+    assert ev.auc == pytest.approx(ev.per_class["auc"].mean()) and 0 <= ev.auc <= 1
+    assert ev.summary()["auc"] == ev.auc
 
 
 @pytest.mark.parametrize("attack, norm", [("pgd", "l2"), ("ifgsm", "linf"), ("fgsm", "l2")])

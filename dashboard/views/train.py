@@ -38,7 +38,10 @@ with st.form("configure"):
     steps = c3.number_input("PGD steps K", 1, 100, 7)
     gamma = c4.number_input("gamma (adaptive methods)", 0.0, 0.99, 0.1)
     c1, c2, c3 = st.columns(3)
-    threshold = c1.selectbox("Threshold", ["batch_mean", "ema", "median", "quantile:0.75"])
+    threshold = c1.selectbox("Threshold", ["the method's own", "batch_mean", "ema", "median", "quantile:0.75",
+                                         "class_mean"],
+                             help="class_mean: each sample against its own class's running mean loss change "
+                                  "(docs/CLASS_AWARE.md); the method's own is batch_mean except for dpaat_cthr")
     lr = c2.number_input("Learning rate", 1e-6, 1.0, 3e-4, format="%.6f")
     seed = c3.number_input("Seed", 0, 2**31 - 1, 0)
     name = st.text_input("Run name", f"{method}-{model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -51,7 +54,8 @@ if submitted:
             model=ModelConfig(name=model_name) if start not in starts else ModelConfig(
                 name=starts[start].model, init_from=str(starts[start].path)),
             attack=AttackConfig(norm=norm, eps=float(eps), steps=int(steps)),
-            method=method_config(method, gamma=float(gamma) if METHODS[method].adaptive else None, threshold=threshold),
+            method=method_config(method, gamma=float(gamma) if METHODS[method].adaptive else None, 
+                                 threshold=None if threshold == "the method's own" else threshold),
             train=TrainConfig(epochs=int(epochs), batch_size=int(batch_size), lr=float(lr), seed=int(seed)))
         pid = launch.launch(cfg, store(), name)
         st.session_state.setdefault("launched", []).append(name)
