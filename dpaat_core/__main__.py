@@ -6,7 +6,7 @@ robustness curves into the run's ``robustness.csv``; ``attribute RUN_DIR``:
 clean-vs-adversarial attribution numbers into ``attribution.csv``; ``certify RUN_DIR``: randomized smoothing's
 certified l2 radius per image into ``certified.csv``; ``import``: a classifier trained elsewhere as a
 run; ``audit RUN_DIR``: all of a run's numbers and its report; ``report RUN_DIR...``: the shareable HTML report;
-``runs``: list the run store.
+``runs``: list the run store; ``sweep NAME``: tune training settings with Optuna, each trial a run.
 Bad arguments and unusable data exit with status 2 and one line.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from .cli_audit import add_audit_parsers
 from .cli_certify import add_certify_parser
 from .cli_import import add_import_parser
 from .cli_evaluate import add_evaluate_parser
+from .cli_sweep import add_sweep_parser
 from .cli_train import add_runs_parser, add_train_parser
 from .config import ConfigError
 from .data import SOURCES, SPLITS, DataError, DataWarning, load_dataset
@@ -63,12 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_certify_parser(sub)
     add_import_parser(sub)
     add_audit_parsers(sub)
+    add_sweep_parser(sub)
     add_runs_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)   # sweep --workers starts its workers with these
     if getattr(args, "splits", None) is None:
         args.splits = list(SPLITS)
     try:

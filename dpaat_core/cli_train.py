@@ -24,6 +24,20 @@ _RUN_FLAGS = ("config", "data", "model", "method", "epochs", "batch_size", "imag
 def add_train_parser(sub) -> None:
     t = sub.add_parser("train", help="train a model with ERM, PGD-AT, TRADES or DPAAT (or resume a run)",
                        description="Train a run into the run store. The last line printed is the run folder.")
+    add_run_arguments(t)
+    where = t.add_argument_group("where")
+    where.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                       help="auto: CUDA if available (default, also for --resume; else the config file's)")
+    where.add_argument("--store", default="checkpoints", help="run store folder (default checkpoints)")
+    where.add_argument("--name", help="run id (default: time, method, model and data)")
+    where.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last completed epoch; "
+                                                          "takes every setting from its config.json")
+    where.add_argument("--quiet", action="store_true", help="no progress bar (epoch summaries still print)")
+    t.set_defaults(run=_train)
+
+
+def add_run_arguments(t) -> None:
+    """The flags that describe a run (data, model, attack, method, optimisation): ``train``'s and ``sweep``'s."""
     run = t.add_argument_group("what to train")
     run.add_argument("--config", metavar="FILE",
                      help="a config in the run store's config.json format; a partial one fills the rest with defaults "
@@ -77,15 +91,6 @@ def add_train_parser(sub) -> None:
     opt.add_argument("--max-minutes", type=float, metavar="M",
                      help="wall-time budget: end the run at the first epoch boundary past M minutes, as a finished "
                           "run (status says why); --resume continues it with a new budget (may be given with --resume)")
-    where = t.add_argument_group("where")
-    where.add_argument("--device", choices=("auto", "cpu", "cuda"),
-                       help="auto: CUDA if available (default, also for --resume; else the config file's)")
-    where.add_argument("--store", default="checkpoints", help="run store folder (default checkpoints)")
-    where.add_argument("--name", help="run id (default: time, method, model and data)")
-    where.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last completed epoch; "
-                                                          "takes every setting from its config.json")
-    where.add_argument("--quiet", action="store_true", help="no progress bar (epoch summaries still print)")
-    t.set_defaults(run=_train)
 
 
 def add_runs_parser(sub) -> None:
