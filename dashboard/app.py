@@ -26,7 +26,7 @@ def home() -> None:
         "attacks a batch live and shows accuracy under natural corruptions (blur, noise, lighting, "
         "the dermatoscope's black corner); the **Attribution explorer** shows what a model looks at "
         "on a lesion image, clean and perturbed; the **Gallery** shows a whole test split's maps at "
-        "once, the images that need a look first" + ("." if viewer_mode() else
+        "once, the images that need a look first; **Tuning** shows the eps sweeps and their robustness trade-off" + ("." if viewer_mode() else
                                                   "; **Train** launches and watches a training run.")
     )
     if viewer_mode():
@@ -53,6 +53,7 @@ pages = [
     st.Page(str(HERE / "views" / "robustness.py"), title="Robustness", icon=":material/shield:"),
     st.Page(str(HERE / "views" / "attribution.py"), title="Attribution explorer", icon=":material/visibility:"),
     st.Page(str(HERE / "views" / "gallery.py"), title="Gallery", icon=":material/grid_view:"),
+    st.Page(str(HERE / "views" / "tuning.py"), title="Tuning", icon=":material/tune:"),
 ]
 if not viewer_mode():   # in viewer mode (DPAAT_VIEWER=1) nothing that starts a process or writes is offered
     pages.append(st.Page(str(HERE / "views" / "train.py"), title="Train", icon=":material/play_arrow:"))

@@ -64,8 +64,9 @@ def list_runs() -> list[runs.Run]:
 
 def default_runs(found: list[runs.Run]) -> list[str]:
     """What a page opens on: the most recent DPAAT run (by its last status update, a checkout's file times being
-    all alike), else the most recent readable run."""
-    readable = [r for r in found if r.config is not None]
+    all alike), else the most recent readable run; a sweep's trials only when there is nothing else."""
+    readable = [r for r in found if r.config is not None and r.sweep is None]   # a sweep's trials: on Tuning
+    readable = readable or [r for r in found if r.config is not None]
     recent = lambda r: r.status.get("updated") if isinstance(r.status.get("updated"), (int, float)) else r.modified  # noqa: E731
     for pool in ([r for r in readable if r.method == "dpaat"], readable):
         if pool:

@@ -52,6 +52,19 @@ def launch(config: RunConfig, store: str | Path, run_id: str) -> int:
     return proc.pid
 
 
+def launch_sweep(argv: list[str], store: str | Path, name: str) -> int:
+    """Start ``python -m dpaat_core sweep NAME ...`` (``argv`` after ``sweep``) in its own process session, its
+    output in ``store/.logs/sweep-NAME.log``; returns its pid. The sweep checks its own arguments: a bad space or
+    name ends it at once with the reason as the log's last line."""
+    log = Path(store) / ".logs" / f"sweep-{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dpaat_core", "sweep", name, *argv, "--store", str(store)],
+                                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return proc.pid
+
+
 def stop(run_dir: str | Path) -> bool:
     """Ask a running run to stop (SIGTERM: it ends between batches, keeping its completed epochs).
 

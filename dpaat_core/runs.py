@@ -334,6 +334,15 @@ class Run:
         return m.iloc[-1].to_dict() if len(m) else {}
 
     @property
+    def sweep(self) -> str | None:
+        """``<study> #<trial>`` for a sweep's trial (its ``sweep.json``), else None."""
+        try:
+            tag = json.loads((self.path / "sweep.json").read_text())
+            return f"{tag['study']} #{tag['trial']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    @property
     def modified(self) -> float:
         """Latest mtime (unix seconds) of the folder and its entries; an entry may vanish while we look."""
         times = []
@@ -409,12 +418,14 @@ def list_runs(store="checkpoints") -> list[Run]:
 
 
 def runs_table(runs: list[Run]) -> pd.DataFrame:
-    """One row per run: identity, origin, attack, progress as ``"done/planned"`` and the best epoch's validation
-    numbers."""
-    scores = ("val_accuracy", "val_balanced_accuracy", "val_robust_accuracy")
-    columns = ["run_id", "state", "origin", "method", "model", "data", "norm", "eps", "epochs", *scores, "problem"]
+    """One row per run: identity, origin, attack, progress as ``"done/planned"``, the best epoch's validation
+    numbers (robust balanced accuracy among them: where robustness stops at the common class), and the sweep trial
+    it is, if any."""
+    scores = ("val_accuracy", "val_balanced_accuracy", "val_robust_accuracy", "val_robust_balanced_accuracy")
+    columns = ["run_id", "state", "origin", "method", "model", "data", "norm", "eps", "epochs", *scores, "sweep",
+               "problem"]
     rows = [[r.run_id, r.state, r.origin, r.method, r.model, r.data, r.norm, r.eps, f"{r.epochs_done}/{r.epochs or '?'}",
-             *(r.best.get(s, math.nan) for s in scores), r.problem] for r in runs]
+             *(r.best.get(s, math.nan) for s in scores), r.sweep, r.problem] for r in runs]
     return pd.DataFrame(rows, columns=columns)
 
 

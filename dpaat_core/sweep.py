@@ -156,6 +156,12 @@ def default_storage(store: Path) -> str:
     return f"sqlite:///{(Path(store) / 'sweeps.db').resolve()}"
 
 
+def storage_tag(url: str, store: Path) -> str:
+    """How a run folder names its sweep's storage: ``<store>/sweeps.db`` for the store's own file (so a store that
+    moves keeps its sweeps), else the URL without its password."""
+    return "<store>/sweeps.db" if url == default_storage(store) else public_url(url)
+
+
 def public_url(url: str) -> str:
     """The storage URL without its password (what goes into run folders and messages)."""
     return re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", url)
@@ -297,7 +303,6 @@ def open_study(spec: SweepSpec, storage, create: bool = True):
                                     load_if_exists=True)
         if "dpaat_sweep" not in study.user_attrs:
             study.set_user_attr("dpaat_sweep", spec.identity())
-            study.set_metric_names(list(spec.objectives))
     theirs = study.user_attrs.get("dpaat_sweep")
     if theirs is None:
         raise SweepError(f"study {spec.name!r} in this storage was not made by dpaat_core sweep; choose another name")
@@ -326,12 +331,12 @@ def run_id_of(study_name: str, number: int) -> str:
     return f"sweep-{study_name}-t{number:03d}"
 
 
-def _check_store_owner(run_dir: Path, spec: SweepSpec, storage_url: str) -> None:
+def _check_store_owner(run_dir: Path, spec: SweepSpec, storage: str) -> None:
     """A trial's run folder that another sweep (same name, another storage) already wrote is refused."""
     tag = run_dir / "sweep.json"
     if tag.is_file():
         other = json.loads(tag.read_text())
-        if other.get("storage") != public_url(storage_url):
+        if other.get("storage") != storage:
             raise SweepError(f"{run_dir} belongs to sweep {other.get('study')!r} in {other.get('storage')}: two "
                              "sweeps of one name share this store; give this sweep another name")
     elif run_dir.exists():
@@ -392,10 +397,11 @@ def run_trial(study, trial, spec: SweepSpec, store: Path, storage_url: str, devi
         config = config.replace(train={"device": device})
     rid = run_id_of(spec.name, trial.number)
     run_dir = Path(store) / rid
-    _check_store_owner(run_dir, spec, storage_url)
+    where = storage_tag(storage_url, Path(store))
+    _check_store_owner(run_dir, spec, where)
     trial.set_user_attr("run", rid)
     trial.set_user_attr("pid", os.getpid())
-    tag = {"study": spec.name, "trial": trial.number, "storage": public_url(storage_url), "params": params,
+    tag = {"study": spec.name, "trial": trial.number, "storage": where, "params": params,
            "objectives": list(spec.objectives), "eval_eps": spec.eval_eps}
     pruned = threading.Event()
     report = OBJECTIVES[spec.objectives[0]][1]
@@ -486,6 +492,41 @@ def trials_frame(study):
     return pd.DataFrame(rows)
 
 
+def subset(study, numbers):
+    """An in-memory copy of ``study`` holding only the trials ``numbers`` (for plots of a filtered view)."""
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    copy = optuna.create_study(directions=study.directions)
+    copy.add_trials([t for t in study.get_trials(deepcopy=False) if t.number in set(numbers)])
+    copy.set_user_attr("dpaat_sweep", spec_from_study(study))
+    return copy
+
+
+def figures(study) -> dict:
+    """Optuna's plotly figures of a study's complete trials: ``pareto`` (two objectives or more), ``history`` and
+    ``parallel`` (the first objective), ``importance`` (from 3 trials with parameters that varied). A figure that
+    cannot be drawn from these trials is left out."""
+    import optuna.visualization as vis
+    names = spec_from_study(study).get("objectives") or ["value"]
+    multi = len(study.directions) > 1
+    target = (lambda t: t.values[0]) if multi else None
+    out = {}
+    done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if multi and done:
+            out["pareto"] = vis.plot_pareto_front(study, target_names=names)
+        if done:
+            out["history"] = vis.plot_optimization_history(study, target=target, target_name=names[0])
+            out["parallel"] = vis.plot_parallel_coordinate(study, target=target, target_name=names[0])
+        if len(done) >= 3 and done[0].params:
+            try:
+                out["importance"] = vis.plot_param_importances(study, target=target, target_name=names[0])
+            except (RuntimeError, ValueError):   # every parameter constant among these trials
+                pass
+    return out
+
+
 def list_sweeps(store: Path, storage_url: Optional[str] = None) -> list[str]:
     """Names of the sweeps in a storage (``[]`` when the default SQLite file does not exist yet)."""
     import optuna
@@ -497,4 +538,4 @@ def list_sweeps(store: Path, storage_url: Optional[str] = None) -> list[str]:
 
 __all__ = ["PARAMS", "OBJECTIVES", "SweepError", "SweepSpec", "Param", "parse_space", "parse_objectives",
            "check_space", "apply_params", "open_storage", "open_study", "work", "score", "trials_frame",
-           "list_sweeps", "run_id_of", "counts"]
+           "list_sweeps", "run_id_of", "counts", "subset", "figures", "storage_tag"]

@@ -18,7 +18,8 @@ def test_dashboard_starts_and_its_navigation_reaches_every_page(tmp_path, monkey
     assert not at.exception
     assert at.title[0].value == "DPAAT Lab"
     for script, title in (("runs", "Runs"), ("dynamics", "Training dynamics"), ("robustness", "Robustness"),
-                          ("attribution", "Attribution explorer"), ("gallery", "Gallery"), ("train", "Train")):
+                          ("attribution", "Attribution explorer"), ("gallery", "Gallery"), ("tuning", "Tuning"),
+                          ("train", "Train")):
         at.switch_page(f"views/{script}.py").run()            # raises for a page the navigation does not register
         assert not at.exception and at.title[0].value == title, script
 
@@ -237,7 +238,7 @@ def test_pages_fall_back_to_the_synthetic_set_and_say_so(store, tmp_path, monkey
     assert "the data spec you entered" in " ".join(c.value for c in at.caption)
 
 
-@pytest.mark.parametrize("page", ["runs", "dynamics", "robustness", "attribution", "train"])
+@pytest.mark.parametrize("page", ["runs", "dynamics", "robustness", "attribution", "tuning", "train"])
 def test_every_page_renders_without_an_error_on_empty_and_corrupt_stores(page, tmp_path, monkeypatch):
     (tmp_path / "corrupt" / "bad").mkdir(parents=True)
     (tmp_path / "corrupt" / "bad" / "config.json").write_text("[1, 2")
@@ -282,7 +283,7 @@ def test_viewer_mode_offers_nothing_that_reads_a_path_starts_a_process_or_writes
     monkeypatch.setenv("DPAAT_VIEWER", "1")
     at = AppTest.from_file(str(APP), default_timeout=120).run()
     assert not at.exception
-    for page in ("runs", "dynamics", "robustness", "attribution", "gallery"):
+    for page in ("runs", "dynamics", "robustness", "attribution", "gallery", "tuning"):
         at.switch_page(f"views/{page}.py").run()
         assert not at.exception, page
         assert not at.text_input and not at.get("form"), page                             # no path box, no form
@@ -607,3 +608,91 @@ def test_gallery_sorts_by_the_smallest_certified_radius(certified_store, monkeyp
     assert tiles == [want[k] for c in range(4) for k in range(c, len(want), 4)]
     captions = " ".join(str(i.proto) for i in at.get("image"))
     assert (" · abstains" in captions) or re.search(r" · r \d\.\d\d \(\w", captions)
+
+
+@pytest.fixture(scope="module")
+def sweep_store(tmp_path_factory):
+    """A store holding a three-trial sweep on the synthetic set (SQLite, the default storage)."""
+    import subprocess
+    import sys
+    path = tmp_path_factory.mktemp("sweeps")
+    done = subprocess.run([sys.executable, "-m", "dpaat_core", "sweep", "tiny", "--data", "synthetic:n=60,classes=3",
+                           "--image-size", "16", "--method", "dpaat", "--epochs", "2", "--steps", "2",
+                           "--batch-size", "16", "--eval-steps", "2", "--threads", "1", "--device", "cpu",
+                           "--space", "eps=0.1:0.6,gamma=0.05:0.3", "--trials", "3", "--store", str(path)],
+                          cwd=APP.parents[1], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    return path
+
+
+def test_tuning_page_shows_a_sweep_narrows_it_and_opens_a_trials_run(sweep_store, monkeypatch):
+    at = _page(sweep_store, monkeypatch, "tuning")
+    assert at.title[0].value == "Tuning" and at.selectbox[0].value == "tiny"
+    assert len(at.get("plotly_chart")) == 4                         # Pareto front, history, importance, parallel
+    table = at.dataframe[0].value
+    assert len(table) == 3 and set(table["state"]) == {"complete"}
+    assert {"param eps", "param gamma", "pgd20_balanced", "balanced_accuracy"} <= set(table.columns)
+    assert "3 of 3 complete trials" in " ".join(c.value for c in at.caption)
+    eps = sorted(table["param eps"])
+    at.sidebar.slider(key="range-tiny-param eps").set_value((eps[0], (eps[0] + eps[1]) / 2)).run()   # one trial left
+    assert not at.exception
+    assert "1 of 3 complete trials" in " ".join(c.value for c in at.caption)
+    assert len(at.dataframe[0].value) == 1
+    run_id = at.selectbox(key="open-trial-tiny").value
+    assert run_id == at.dataframe[0].value["run"].iloc[0]
+    at.button(key="open-Robustness").click().run()
+    assert not at.exception and at.title[0].value == "Robustness"
+    assert at.session_state["runs"] == [run_id]
+
+
+def test_tuning_page_starts_a_sweep_as_a_process(tmp_path, monkeypatch):
+    import time
+    at = _page(tmp_path, monkeypatch, "tuning")
+    assert "No sweeps in this store yet" in " ".join(i.value for i in at.info)
+    form = at.get("form")[0]
+    assert form is not None
+    at.text_input(key="sweep-name").set_value("from-page")
+    at.text_input(key="sweep-data").set_value("synthetic:n=48,classes=3")
+    at.number_input(key="sweep-size").set_value(16)
+    at.number_input(key="sweep-epochs").set_value(1)
+    at.number_input(key="sweep-trials").set_value(2)
+    at.text_input(key="sweep-space").set_value("eps=0.1:0.5")
+    at.button[0].click().run()
+    assert not at.exception and "Sweep from-page started" in at.success[0].value
+    deadline = time.time() + 240
+    while "from-page" not in sweep_names(tmp_path) or not _finished(tmp_path, "from-page", 2):
+        assert time.time() < deadline, (tmp_path / ".logs" / "sweep-from-page.log").read_text()[-500:]
+        time.sleep(1)
+    at.run()
+    assert at.selectbox[0].value == "from-page" and len(at.dataframe[0].value) == 2
+
+
+def sweep_names(store):
+    from dpaat_core.sweep import list_sweeps
+    return list_sweeps(store)
+
+
+def _finished(store, name, n):
+    import optuna
+    from dpaat_core.sweep import open_storage
+    study = optuna.load_study(study_name=name, storage=open_storage(None, store))
+    return sum(t.state.name == "COMPLETE" for t in study.get_trials()) >= n
+
+
+def test_tuning_page_refuses_a_malformed_space_before_starting_anything(tmp_path, monkeypatch):
+    at = _page(tmp_path, monkeypatch, "tuning")
+    at.text_input(key="sweep-space").set_value("eps=0.5:0.1")
+    at.button[0].click().run()
+    assert not at.exception and "low < high" in at.error[0].value
+    assert not (tmp_path / ".logs").exists()
+
+
+def test_trials_of_a_sweep_are_not_what_the_pages_open_on(sweep_store):
+    from dashboard.state import default_runs
+    from dpaat_core import runs
+    found = runs.list_runs(sweep_store)
+    assert all(r.sweep and r.sweep.startswith("tiny #") for r in found)
+    assert default_runs(found) != []                               # only trials: the newest of them
+    table = runs.runs_table(found)
+    assert set(table["sweep"]) == {"tiny #0", "tiny #1", "tiny #2"}
+    assert "val_robust_balanced_accuracy" in table

@@ -17,7 +17,8 @@ if not found:
 table = runs.runs_table(found)   # from the listing above: the store is read once per run
 st.dataframe(table, hide_index=True, width="stretch",
              column_config={c: st.column_config.NumberColumn(format="%.3f")
-                            for c in ("eps", "val_accuracy", "val_balanced_accuracy", "val_robust_accuracy")})
+                            for c in ("eps", "val_accuracy", "val_balanced_accuracy", "val_robust_accuracy",
+                                      "val_robust_balanced_accuracy")})
 for run in found:
     if run.state in ("corrupt", "incomplete", "interrupted", "failed"):
         st.warning(f"**{run.run_id}** is {run.state}: {run.problem}")
