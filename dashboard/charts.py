@@ -441,3 +441,17 @@ def radius_strip(eps: float, radius: float | None, top: float, norm: str = "l2")
     fig.update_yaxes(visible=False, range=[0, 1.6])
     fig.update_layout(height=70, margin={"l": 4, "r": 4, "t": 0, "b": 20}, template="plotly_white", showlegend=False)
     return fig
+
+
+def eps_band_chart(band: pd.DataFrame, eps0: float) -> go.Figure:
+    """The eps a sample can hold after each epoch (``preview.eps_band``): the band between always-fragile and
+    always-stable, eps0 marked."""
+    fig = go.Figure([
+        go.Scatter(x=band["epoch"], y=band["high"], mode="lines", name="stable every epoch", line=dict(color="#2a9d8f")),
+        go.Scatter(x=band["epoch"], y=band["low"], mode="lines", name="fragile every epoch", fill="tonexty",
+                   fillcolor="rgba(42,157,143,0.15)", line=dict(color="#e76f51")),
+    ])
+    fig.add_hline(y=eps0, line_dash="dot", annotation_text="eps0")
+    fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), xaxis_title="epoch", yaxis_title="eps",
+                      title="Where a sample's eps can be", legend=dict(orientation="h", y=-0.3))
+    return fig

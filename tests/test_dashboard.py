@@ -197,13 +197,15 @@ def test_train_page_launches_a_run_that_the_other_pages_see(tmp_path, monkeypatc
     from dpaat_core import runs
     at = _page(tmp_path, monkeypatch, "train")
     assert "No run is training right now." in [i.value for i in at.info]
-    at.text_input[0].set_value("synthetic:n=24,classes=3")
-    at.number_input[0].set_value(1)        # epochs
-    at.number_input[1].set_value(8)        # batch size
-    at.number_input[2].set_value(16)       # image size
-    at.number_input[6].set_value(1)        # steps
-    at.text_input[1].set_value("from-the-page")
-    at.button[0].click().run()
+    at.text_input(key="train-data").set_value("synthetic:n=24,classes=3")
+    at.number_input(key="train-epochs").set_value(1)
+    at.number_input(key="train-batch").set_value(8)
+    at.number_input(key="train-size").set_value(16)
+    at.slider(key="train-steps").set_value(1)
+    at.slider(key="train-gamma").set_value(0.2)
+    at.slider(key="train-cap").set_value(3.0)
+    at.text_input(key="train-name").set_value("from-the-page")
+    at.button(key="train-launch").click().run()
     assert not at.exception, at.exception
     assert "Launched from-the-page" in at.success[0].value
     deadline = time.time() + 120
@@ -213,12 +215,40 @@ def test_train_page_launches_a_run_that_the_other_pages_see(tmp_path, monkeypatc
         time.sleep(0.2)
     at.switch_page("views/runs.py").run()
     assert "from-the-page" in set(at.dataframe[0].value.run_id)
+    config = runs.read_config(tmp_path / "from-the-page")         # the sliders' values are the run's
+    assert (config["attack"]["steps"], config["method"]["gamma"], config["method"]["eps_max_ratio"]) == (1, 0.2, 3.0)
+
+
+def test_train_page_previews_what_the_eps_settings_imply(tmp_path, monkeypatch):
+    at = _page(tmp_path, monkeypatch, "train")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["eps range [floor, cap]"] == "[0.075, 0.600]"          # 0.25 and 2 times eps0 0.3
+    assert metrics["stable epochs to the cap"] == "8"                     # 1.1^8 > 2 > 1.1^7
+    at.slider(key="train-eps-l2").set_value(0.5).run()
+    at.slider(key="train-gamma").set_value(0.3).run()
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["eps range [floor, cap]"] == "[0.125, 1.000]" and metrics["stable epochs to the cap"] == "3"
+    assert metrics["after 3 epochs a sample's eps lies in"] == "[0.171, 1.000]"   # 0.5 * 0.7^3, capped 0.5 * 2.2
+    at.selectbox(key="train-method").set_value("pgd_at").run()
+    assert not at.metric and at.slider(key="train-gamma").disabled              # fixed eps: nothing to preview
+    at.button(key="train-time").click().run()
+    assert not at.exception and "s per epoch on this machine" in " ".join(i.value for i in at.info)
+
+
+def test_preview_band_and_bounds():
+    from dpaat_core import preview
+    band = preview.eps_band(0.3, 0.1, 0.25, 2.0, 20)
+    assert band["high"].iloc[1] == pytest.approx(0.33) and band["low"].iloc[1] == pytest.approx(0.27)
+    assert band["high"].max() == pytest.approx(0.6) and band["low"].min() == pytest.approx(0.075)
+    assert band["high"].iloc[7] < 0.6 and band["high"].iloc[8] == pytest.approx(0.6) and band["low"].iloc[13] > 0.075
+    assert preview.epochs_to_bound(0.1, 2.0) == 8 and preview.epochs_to_bound(0.1, 0.25) == 14
+    assert preview.epochs_to_bound(0.0, 2.0) == float("inf") and preview.epochs_to_bound(0.2, 1.0) == 0
 
 
 def test_train_page_refuses_a_bad_config_with_a_message(tmp_path, monkeypatch):
     at = _page(tmp_path, monkeypatch, "train")
-    at.text_input[1].set_value("../escape")
-    at.button[0].click().run()
+    at.text_input(key="train-name").set_value("../escape")
+    at.button(key="train-launch").click().run()
     assert not at.exception and "bad run id" in at.error[0].value
     assert not any(tmp_path.iterdir())          # nothing written
 
@@ -309,7 +339,9 @@ def test_outside_viewer_mode_the_controls_are_there(store, monkeypatch):
     at.switch_page("views/dynamics.py").run()
     assert at.text_input                                        # the data spec box
     at.switch_page("views/train.py").run()
-    assert not at.exception and at.get("form")
+    assert not at.exception and at.button(key="train-launch") and at.slider(key="train-gamma")
+    at.switch_page("views/tuning.py").run()
+    assert not at.exception and at.get("form") and at.text_input(key="sweep_storage")   # start a sweep, its storage
 
 
 def test_sessions_sharing_a_cached_model_get_the_maps_each_would_get_alone(store):
@@ -480,13 +512,13 @@ def test_train_page_starts_a_run_from_another_runs_weights(store, tmp_path, monk
     own = tmp_path / "store"
     shutil.copytree(store, own, ignore=shutil.ignore_patterns("broken", "empty"))
     at = _page(own, monkeypatch, "train")
-    at.text_input[0].set_value("synthetic:n=32,classes=3")
-    at.number_input[0].set_value(1)        # epochs
-    at.number_input[2].set_value(16)       # image size
-    at.number_input[6].set_value(1)        # steps
+    at.text_input(key="train-data").set_value("synthetic:n=32,classes=3")
+    at.number_input(key="train-epochs").set_value(1)
+    at.number_input(key="train-size").set_value(16)
+    at.slider(key="train-steps").set_value(1)
     next(s for s in at.selectbox if s.label.startswith("Start from")).set_value("small-pgd")
-    at.text_input[1].set_value("hardened")
-    at.button[0].click().run()
+    at.text_input(key="train-name").set_value("hardened")
+    at.button(key="train-launch").click().run()
     assert not at.exception and "Launched hardened" in at.success[0].value
     deadline = time.time() + 120
     while not ((own / "hardened" / "status.json").exists() and runs.read_status(own / "hardened")["state"] == "done"):
