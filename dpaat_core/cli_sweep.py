@@ -95,12 +95,16 @@ class _Monitor:
         self.bar = tqdm(total=n_trials, desc=f"sweep {spec.name}", unit="trial", file=sys.stderr, dynamic_ncols=True)
         self.thread = threading.Thread(target=self._loop, daemon=True, name="dpaat-sweep-monitor")
 
-    def refresh(self):
+    def refresh(self, force: bool = False):
+        """Redraw when something changed (every second on a terminal, where the clock moves on)."""
         from .sweep import counts
         c = counts(self.study)
-        self.bar.n = min(self.n, c["complete"] + c["pruned"])
-        self.bar.set_postfix_str(f"running {c['running']}  failed {c['fail']}  {self.best()}", refresh=False)
-        self.bar.refresh()
+        text = f"running {c['running']}  failed {c['fail']}  {self.best()}"
+        done = min(self.n, c["complete"] + c["pruned"])
+        if force or sys.stderr.isatty() or (done, text) != (self.bar.n, self.bar.postfix):
+            self.bar.n = done
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.refresh()
 
     def best(self) -> str:
         try:
@@ -128,7 +132,7 @@ class _Monitor:
         self.stop.set()
         self.thread.join(timeout=5)
         try:
-            self.refresh()
+            self.refresh(force=True)
         finally:
             self.bar.close()
 

@@ -497,7 +497,10 @@ def subset(study, numbers):
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     copy = optuna.create_study(directions=study.directions)
-    copy.add_trials([t for t in study.get_trials(deepcopy=False) if t.number in set(numbers)])
+    keep = [t for t in study.get_trials(deepcopy=True) if t.number in set(numbers)]
+    for t in keep:   # the copy numbers its trials afresh: the hover names each one's run and its number in the sweep
+        t.set_user_attr("sweep trial", t.number)
+    copy.add_trials(keep)
     copy.set_user_attr("dpaat_sweep", spec_from_study(study))
     return copy
 

@@ -22,7 +22,8 @@ from dpaat_core.train import train
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PAGES = [("Runs", "Runs"), ("Training dynamics", "Training dynamics"), ("Robustness", "Robustness"),
-         ("Attribution explorer", "Attribution explorer"), ("Gallery", "Gallery"), ("Train", "Train")]
+         ("Attribution explorer", "Attribution explorer"), ("Gallery", "Gallery"), ("Tuning", "Tuning"),
+         ("Train", "Train")]
 
 pytestmark = pytest.mark.slow
 
@@ -114,6 +115,7 @@ EXPECT = {"Runs": [('[data-testid="stDataFrame"]', 1), ('[data-testid="stPlotlyC
           "Attribution explorer": [('[data-testid="stImage"]', 7), ('[data-testid="stMetric"]', 2)],
           "Gallery": [('[data-testid="stImage"]', 8), ('[data-testid="stMetric"]', 3),
                       ('button:has-text("Open in the explorer")', 8)],
+          "Tuning": [('button:has-text("Start the sweep")', 1)],   # a store without sweeps: the form to start one
           "Train": [('button:has-text("Launch")', 1)]}
 
 
@@ -244,6 +246,50 @@ def test_the_corruption_view_of_the_demo_runs(tmp_path, shared_data):
         proc.terminate()
         proc.wait(timeout=20)
     print(f"latency (s), the corruption view of a demo run: {seconds:.2f}")
+
+
+def test_the_demo_sweep_on_the_tuning_page(tmp_path, shared_data):
+    """The shipped demo study on the Tuning page in a real browser: its four figures and the trials table; a
+    parameter slider narrows them; a trial opens on the Robustness page. Screenshots of both states."""
+    import shutil
+    _need_browser()
+    store = tmp_path / "checkpoints"
+    shutil.copytree(ROOT / "checkpoints", store)
+    shots = Path(os.environ.get("DPAAT_SCREENSHOTS") or tmp_path)
+    proc, url = _serve(store)
+    try:
+        from playwright.sync_api import sync_playwright
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1400})
+            page.goto(url)
+            _settled(page, "DPAAT Lab")
+            page.get_by_role("link", name="Tuning", exact=True).first.click()
+            _settled(page, "Tuning")
+            assert page.locator('[data-testid="stException"]').count() == 0
+            charts = page.locator('[data-testid="stPlotlyChart"]')
+            charts.nth(3).wait_for(timeout=60_000)      # drawn once Optuna has computed the importances
+            _settled(page, "Tuning")
+            assert charts.count() == 4
+            assert "Pareto" in charts.first.inner_text()
+            assert "12 of 12 complete trials" in page.content()
+            page.screenshot(path=str(shots / "7-tuning.png"), full_page=True)
+            thumb = page.locator('[data-testid="stSidebar"] [data-testid="stSlider"] input[type="range"]').first
+            thumb.focus()
+            for _ in range(15):          # the eps range's lower end up: fewer trials within it
+                page.keyboard.press("ArrowRight")
+            _settled(page, "Tuning")
+            kept = int(re.search(r"(\d+) of 12 complete trials", page.content()).group(1))
+            assert kept < 12
+            page.screenshot(path=str(shots / "7b-tuning-narrowed.png"), full_page=True)
+            page.get_by_role("button", name="Open in Robustness").click()
+            _settled(page, "Robustness")
+            assert page.locator('[data-testid="stException"]').count() == 0
+            assert "sweep-demo-eps-t" in page.locator('[data-testid="stSidebar"]').inner_text()
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
 
 
 def _rank_agreements(page) -> list[str]:

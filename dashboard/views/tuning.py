@@ -64,8 +64,9 @@ if names:
     if "pareto" in figs:
         st.subheader("The trade-off: Pareto front")
         st.plotly_chart(figs["pareto"], key="pareto")
-        st.caption("Each point a trial (hover for its parameters); red: no other trial is better on every "
-                   "objective. Up and right is better.")
+        st.caption("Each point a trial (hover for its parameters, its run and its number in the sweep); red: no "
+                   "other trial is better on every objective. Up and right is better. The colour scales count the "
+                   "trials shown.")
     cols = st.columns(2)
     for col, key, title in ((cols[0], "history", "History"), (cols[1], "importance", "Parameter importance")):
         if key in figs:
