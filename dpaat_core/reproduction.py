@@ -70,3 +70,54 @@ def paired_difference(frame: pd.DataFrame, a: str, b: str, metric: str, study: s
     std = float(d.std(ddof=1)) if n > 1 else math.nan
     half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
     return {"mean": mean, "std": std, "n": n, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def class_bootstrap(per_image: pd.DataFrame, runs_a, runs_b=None, classes=None, n_boot: int = 2000,
+                    seed: int = 0, column: str = "robust") -> pd.DataFrame:
+    """Each class's accuracy (``column``: ``robust`` or ``correct_clean``) of the runs ``runs_a``, or its difference
+    from ``runs_b``, with a 95% bootstrap interval over images and seeds, in percent.
+
+    ``per_image``: one row per run and image (``run``, ``split``, ``index``, ``label``, ``robust``,
+    ``correct_clean``: what ``bench/study.py`` keeps). With ``runs_b`` the two lists pair by position (seed) and
+    the images pair too: each draw resamples the seeds, and within each class its images, once for both. One row
+    per class (and ``balanced``: the mean over classes): ``n`` images, ``mean``, ``ci_low``, ``ci_high``.
+    """
+    rng = np.random.default_rng(seed)
+    runs_a = list(runs_a)
+    runs_b = list(runs_b) if runs_b is not None else None
+    every = runs_a + (runs_b or [])
+    part = per_image[per_image["run"].isin(every)]
+    wide = part.pivot_table(index=["split", "index"], columns="run", values=column, aggfunc="first")
+    labels = part.drop_duplicates(["split", "index"]).set_index(["split", "index"])["label"].reindex(wide.index)
+    wide = wide.dropna()
+    labels = labels.loc[wide.index].to_numpy()
+    a = wide[runs_a].to_numpy(dtype=float).T                       # [seeds, images]
+    b = wide[runs_b].to_numpy(dtype=float).T if runs_b else None
+    k = int(labels.max()) + 1 if classes is None else len(classes)
+    names = list(classes) if classes is not None else [str(c) for c in range(k)]
+    members = [np.flatnonzero(labels == c) for c in range(k)]
+    present = [c for c in range(k) if len(members[c])]
+
+    def stat(seeds, picks):
+        per = []
+        for c in range(k):
+            if not len(members[c]):
+                per.append(np.nan)
+                continue
+            idx = picks[c]
+            va = a[seeds][:, idx].mean()
+            per.append((va - b[seeds][:, idx].mean()) if b is not None else va)
+        per = np.asarray(per) * 100
+        return np.append(per, np.nanmean(per))
+
+    n_seeds = len(runs_a)
+    point = stat(np.arange(n_seeds), members)
+    draws = np.empty((n_boot, k + 1))
+    for i in range(n_boot):
+        seeds = rng.integers(0, n_seeds, n_seeds)
+        picks = [rng.choice(m, len(m)) if len(m) else m for m in members]
+        draws[i] = stat(seeds, picks)
+    low, high = np.nanpercentile(draws, [2.5, 97.5], axis=0)
+    out = pd.DataFrame({"class": names + ["balanced"], "n": [len(m) for m in members] + [len(labels)],
+                        "mean": point, "ci_low": low, "ci_high": high})
+    return out[[c in present for c in range(k)] + [True]].reset_index(drop=True)

@@ -78,3 +78,34 @@ def test_study_chart_has_one_bar_series_per_metric_with_error_bars():
     assert [t.name for t in fig.data] == [label for _, label in rep.METRICS]
     assert list(fig.data[3].y) == pytest.approx(summary["pgd20_mean"].tolist())
     assert charts.study_chart(summary.iloc[:0], rep.METRICS).layout.annotations[0].text == charts.NO_DATA
+
+
+def _per_image(rng, accuracies_by_run, n_per_class=(30, 10, 5)):
+    rows = []
+    for run, acc in accuracies_by_run.items():
+        i = 0
+        for c, n in enumerate(n_per_class):
+            hits = np.zeros(n, bool)
+            hits[: round(acc[c] * n)] = True
+            for h in hits:
+                rows.append({"run": run, "split": "test", "index": i, "label": c, "robust": bool(h),
+                             "correct_clean": True})
+                i += 1
+    return pd.DataFrame(rows)
+
+
+def test_class_bootstrap_point_estimates_and_intervals():
+    rng = np.random.default_rng(0)
+    frame = _per_image(rng, {"a0": (0.5, 0.3, 0.4), "a1": (0.7, 0.5, 0.6), "b0": (0.5, 0.3, 0.4),
+                             "b1": (0.5, 0.3, 0.4)})
+    one = rep.class_bootstrap(frame, ["a0", "a1"], classes=["x", "y", "z"], n_boot=500).set_index("class")
+    assert one.loc["x", "mean"] == pytest.approx(60.0) and one.loc["y", "mean"] == pytest.approx(40.0)
+    assert one.loc["balanced", "mean"] == pytest.approx((60 + 40 + 50) / 3)
+    assert list(one["n"]) == [30, 10, 5, 45]
+    assert (one["ci_low"] <= one["mean"]).all() and (one["mean"] <= one["ci_high"]).all()
+    assert one.loc["z", "ci_high"] - one.loc["z", "ci_low"] > one.loc["x", "ci_high"] - one.loc["x", "ci_low"]
+    diff = rep.class_bootstrap(frame, ["a0", "a1"], ["b0", "b1"], classes=["x", "y", "z"], n_boot=500)
+    diff = diff.set_index("class")
+    assert diff.loc["x", "mean"] == pytest.approx(10.0) and diff.loc["z", "mean"] == pytest.approx(10.0)
+    same = rep.class_bootstrap(frame, ["b0", "b1"], ["b1", "b0"], classes=["x", "y", "z"], n_boot=200)
+    assert (same["mean"] == 0).all() and (same["ci_low"] == 0).all() and (same["ci_high"] == 0).all()

@@ -1,0 +1,127 @@
+"""REPRODUCTION.md against its CSVs: every headline interval the text states is recomputed from
+bench/results/ (study.csv, epochs.csv, corruptions_runs.csv) and must read exactly as written."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dpaat_core import reproduction as rep
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+TEXT = (ROOT / "REPRODUCTION.md").read_text()
+FIRST_TWO_ROUNDS = ("main64", "main28", "ablate28", "long28", "long28x")
+
+
+def num(x: float) -> str:
+    """A signed figure as the prose writes it: one decimal, a true minus sign."""
+    return f"{x:+.1f}".replace("-", "−")
+
+
+def ci(d: dict) -> str:
+    return f"(CI {num(d['ci_low'])} to {num(d['ci_high'])})"
+
+
+@pytest.fixture(scope="module")
+def results():
+    return pd.read_csv(RESULTS / "study.csv")
+
+
+@pytest.fixture(scope="module")
+def long(results):
+    """The second round as one study, as bench/report.py reads it."""
+    return results[results["study"].isin(["long28", "long28x"])].assign(study="long28")
+
+
+def diff(frame, a, b, metric, study="long28"):
+    d = rep.paired_difference(frame, a, b, metric, study)
+    assert d["n"] == 3, (a, b, metric, study)
+    return d
+
+
+def test_the_40_epoch_headline_against_pgd_at(long):
+    pgd = diff(long, "dpaat", "pgd_at", "pgd20")
+    claims = [
+        f"**PGD-20: DPAAT {num(pgd['mean'])} points over PGD-AT** {ci(pgd)}",
+        "I-FGSM gives {} {}".format(num(diff(long, "dpaat", "pgd_at", "ifgsm")["mean"]),
+                                    ci(diff(long, "dpaat", "pgd_at", "ifgsm"))),
+        "APGD worst case {} {}".format(num(diff(long, "dpaat", "pgd_at", "apgd")["mean"]),
+                                       ci(diff(long, "dpaat", "pgd_at", "apgd"))),
+        "higher than PGD-AT's:** {} {} and {} {}".format(
+            num(diff(long, "dpaat", "pgd_at", "clean_accuracy")["mean"]), ci(diff(long, "dpaat", "pgd_at", "clean_accuracy")),
+            num(diff(long, "dpaat", "pgd_at", "balanced_accuracy")["mean"]),
+            ci(diff(long, "dpaat", "pgd_at", "balanced_accuracy"))),
+    ]
+    bal = diff(long, "dpaat", "pgd_at", "pgd20_balanced")
+    means = long.groupby("variant")["pgd20_balanced"].agg(["mean", "std"]) * 100
+    claims.append(f"lower on the test split: {num(bal['mean'])} points** {ci(bal)}, "
+                  f"{means.loc['dpaat', 'mean']:.1f} ± {means.loc['dpaat', 'std']:.1f}% against "
+                  f"{means.loc['pgd_at', 'mean']:.1f} ± {means.loc['pgd_at', 'std']:.1f}%")
+    for claim in claims:
+        assert claim in TEXT, claim
+
+
+def test_the_40_epoch_comparisons_with_trades_and_the_memory_ablation(long):
+    trades = diff(long, "dpaat", "trades", "pgd20")
+    t = long[long["variant"] == "trades"]["pgd20"] * 100
+    fixed = diff(long, "dpaat", "dpaat_fixed", "pgd20")
+    clean = diff(long, "dpaat", "dpaat_fixed", "clean_accuracy")
+    bal = diff(long, "dpaat", "dpaat_fixed", "pgd20_balanced")
+    fixed_bal = long[long["variant"] == "dpaat_fixed"]["pgd20_balanced"] * 100
+    trades_bal = diff(long, "dpaat", "trades", "pgd20_balanced")
+    tb = long[long["variant"] == "trades"]["pgd20_balanced"] * 100
+    claims = [
+        f"(`long28x-trades`, {t.mean():.1f} ± {t.std():.1f}%): **{num(trades['mean'])}** {ci(trades)}",
+        f"the same losses at a fixed eps): **{num(fixed['mean'])}** {ci(fixed)}",
+        f"Against `dpaat_fixed` clean accuracy is {num(clean['mean'])} {ci(clean)}",
+        f"Against `dpaat_fixed` ({fixed_bal.mean():.1f} ± {fixed_bal.std():.1f}%) it is {num(bal['mean'])} {ci(bal)}",
+        f"TRADES reaches PGD-20 {t.mean():.1f} ± {t.std():.1f}% and PGD-20 balanced {tb.mean():.1f} ± {tb.std():.1f}%",
+        f"DPAAT minus TRADES is\n{num(trades['mean'])} {ci(trades)[1:-1].replace('CI ', '(CI ')}) on PGD-20 and "
+        f"{num(trades_bal['mean'])} {ci(trades_bal)} on PGD-20 balanced",
+    ]
+    for claim in claims:
+        assert claim in TEXT, claim
+
+
+def test_the_rare_class_effect_on_validation_at_the_same_checkpoints(results):
+    epochs = pd.read_csv(RESULTS / "epochs.csv")
+    rows = []
+    for row in results[results["study"].isin(["long28", "long28x"])].itertuples():
+        best = epochs[(epochs["run"] == row.run) & (epochs["epoch"] == row.best_epoch)].iloc[-1]
+        rows.append({"study": "long28", "variant": row.variant, "seed": row.seed,
+                     "val": best["val_robust_balanced_accuracy"]})
+    d = diff(pd.DataFrame(rows), "dpaat", "pgd_at", "val")
+    assert f"the same checkpoints give **{num(d['mean'])}** {ci(d)} against PGD-AT" in TEXT
+    assert f"(test split; on validation {num(d['mean'])}, CI {num(d['ci_low'])} to {num(d['ci_high'])})" in TEXT
+
+
+def test_the_linf_paragraph_compares_each_method_with_its_own_l2_run(results):
+    both = pd.concat([results[results["study"] == "main28"], results[results["study"] == "ablate28"]])
+    both = both.assign(study="x")
+    pgd_linf = diff(both, "pgd_at-linf", "pgd_at", "pgd20_linf", "x")
+    pgd_l2 = diff(both, "pgd_at-linf", "pgd_at", "pgd20_l2", "x")
+    dp_linf = diff(both, "dpaat-linf", "dpaat", "pgd20_linf", "x")
+    dp_l2 = diff(both, "dpaat-linf", "dpaat", "pgd20_l2", "x")
+    claims = [
+        f"{num(dp_linf['mean'])} (DPAAT) and\n  {num(pgd_linf['mean'])} (PGD-AT) points against each method's own l2 run",
+        f"(DPAAT: CI {num(dp_linf['ci_low'])} to {num(dp_linf['ci_high'])};\n  PGD-AT: CI {num(pgd_linf['ci_low'])} "
+        f"to {num(pgd_linf['ci_high'])})",
+        f"about a point of l2 robustness: {num(dp_l2['mean'])} {ci(dp_l2)}",
+        f"For PGD-AT the\n    l2 cost is {num(pgd_l2['mean'])} {ci(pgd_l2)}",
+    ]
+    for claim in claims:
+        assert claim in TEXT, claim
+
+
+def test_the_run_count_the_apgd_gap_and_the_corruption_lead(results):
+    part = results[results["study"].isin(FIRST_TWO_ROUNDS)]
+    gap = (part["pgd20"] - part["apgd"]) * 100
+    second = gap[part["study"].isin(["long28", "long28x"]).to_numpy()]
+    assert (f"{gap.min():.1f}–{gap.max():.1f} points below PGD-20 over all {len(part)} runs of the first two rounds"
+            in TEXT)
+    assert f"second: {second.min():.1f}–{second.max():.1f})" in TEXT
+    corr = pd.read_csv(RESULTS / "corruptions_runs.csv").rename(columns={"group": "study", "method": "variant"})
+    d = diff(corr, "dpaat", "pgd_at", "mean_corrupted")
+    assert f"minus PGD-AT is {num(d['mean'])} {ci(d)}: not a measurable lead" in TEXT
