@@ -2,6 +2,7 @@
 takes screenshots and times each page switch. Skips, saying why, without Chromium or Playwright."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -210,9 +211,9 @@ def test_a_gallery_tile_opens_its_image_in_the_explorer(dashboard):
     assert chosen >= 1, first
 
 
-def test_the_corruption_view_of_the_demo_runs(tmp_path, shared_data):
-    """The Robustness page's natural-corruption view over the shipped demo runs: the heat map of the saved grid,
-    the live view with its metrics and images, no error."""
+@contextlib.contextmanager
+def _demo_page(tmp_path, height: int):
+    """A browser page on the home page of a dashboard serving a copy of checkpoints/ (the shipped runs)."""
     import shutil
     _need_browser()
     store = tmp_path / "checkpoints"
@@ -222,74 +223,66 @@ def test_the_corruption_view_of_the_demo_runs(tmp_path, shared_data):
         from playwright.sync_api import sync_playwright
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1600})
+            page = browser.new_page(viewport={"width": 1400, "height": height})
             page.goto(url)
             _settled(page, "DPAAT Lab")
-            page.get_by_role("link", name="Robustness", exact=True).first.click()
-            _settled(page, "Robustness")
-            start = time.perf_counter()
-            page.get_by_text("Natural corruptions", exact=True).first.click()
-            page.get_by_text("correctly classified images changed prediction", exact=False).first.wait_for(timeout=60_000)
-            _settled(page, "Robustness")
-            page.wait_for_function("() => document.querySelectorAll('[data-testid=\"stImage\"]').length == 8",
-                                   timeout=30_000)   # the attack view's images are gone once the run has ended
-            seconds = time.perf_counter() - start
-            assert page.locator('[data-testid="stException"]').count() == 0
-            assert page.locator('[data-testid="stAlertContentError"]').count() == 0
-            heat = page.locator('[data-testid="stPlotlyChart"]').first
-            assert "accuracy under natural corruptions" in heat.inner_text()
-            assert page.locator('[data-testid="stMetric"]').count() == 2
-            assert page.locator('[data-testid="stImage"]').count() == 8
-            page.screenshot(path=str(Path(os.environ.get("DPAAT_SCREENSHOTS") or tmp_path) / "3b-corruptions.png"))
+            yield page
             browser.close()
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_the_corruption_view_of_the_demo_runs(tmp_path, shared_data):
+    """The Robustness page's natural-corruption view over the shipped demo runs: the heat map of the saved grid,
+    the live view with its metrics and images, no error."""
+    with _demo_page(tmp_path, 1600) as page:
+        page.get_by_role("link", name="Robustness", exact=True).first.click()
+        _settled(page, "Robustness")
+        start = time.perf_counter()
+        page.get_by_text("Natural corruptions", exact=True).first.click()
+        page.get_by_text("correctly classified images changed prediction", exact=False).first.wait_for(timeout=60_000)
+        _settled(page, "Robustness")
+        page.wait_for_function("() => document.querySelectorAll('[data-testid=\"stImage\"]').length == 8",
+                               timeout=30_000)   # the attack view's images are gone once the run has ended
+        seconds = time.perf_counter() - start
+        assert page.locator('[data-testid="stException"]').count() == 0
+        assert page.locator('[data-testid="stAlertContentError"]').count() == 0
+        heat = page.locator('[data-testid="stPlotlyChart"]').first
+        assert "accuracy under natural corruptions" in heat.inner_text()
+        assert page.locator('[data-testid="stMetric"]').count() == 2
+        assert page.locator('[data-testid="stImage"]').count() == 8
+        page.screenshot(path=str(Path(os.environ.get("DPAAT_SCREENSHOTS") or tmp_path) / "3b-corruptions.png"))
     print(f"latency (s), the corruption view of a demo run: {seconds:.2f}")
 
 
 def test_the_demo_sweep_on_the_tuning_page(tmp_path, shared_data):
     """The shipped demo study on the Tuning page in a real browser: its four figures and the trials table; a
     parameter slider narrows them; a trial opens on the Robustness page. Screenshots of both states."""
-    import shutil
-    _need_browser()
-    store = tmp_path / "checkpoints"
-    shutil.copytree(ROOT / "checkpoints", store)
     shots = Path(os.environ.get("DPAAT_SCREENSHOTS") or tmp_path)
-    proc, url = _serve(store)
-    try:
-        from playwright.sync_api import sync_playwright
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1400})
-            page.goto(url)
-            _settled(page, "DPAAT Lab")
-            page.get_by_role("link", name="Tuning", exact=True).first.click()
-            _settled(page, "Tuning")
-            assert page.locator('[data-testid="stException"]').count() == 0
-            charts = page.locator('[data-testid="stPlotlyChart"]')
-            charts.nth(3).wait_for(timeout=60_000)      # drawn once Optuna has computed the importances
-            _settled(page, "Tuning")
-            assert charts.count() == 4
-            assert "Pareto" in charts.first.inner_text()
-            assert "12 of 12 complete trials" in page.content()
-            page.screenshot(path=str(shots / "7-tuning.png"), full_page=True)
-            thumb = page.locator('[data-testid="stSidebar"] [data-testid="stSlider"] input[type="range"]').first
-            thumb.focus()
-            for _ in range(15):          # the eps range's lower end up: fewer trials within it
-                page.keyboard.press("ArrowRight")
-            _settled(page, "Tuning")
-            kept = int(re.search(r"(\d+) of 12 complete trials", page.content()).group(1))
-            assert kept < 12
-            page.screenshot(path=str(shots / "7b-tuning-narrowed.png"), full_page=True)
-            page.get_by_role("button", name="Open in Robustness").click()
-            _settled(page, "Robustness")
-            assert page.locator('[data-testid="stException"]').count() == 0
-            assert "sweep-demo-eps-t" in page.locator('[data-testid="stSidebar"]').inner_text()
-            browser.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+    with _demo_page(tmp_path, 1400) as page:
+        page.get_by_role("link", name="Tuning", exact=True).first.click()
+        _settled(page, "Tuning")
+        assert page.locator('[data-testid="stException"]').count() == 0
+        charts = page.locator('[data-testid="stPlotlyChart"]')
+        charts.nth(3).wait_for(timeout=60_000)      # drawn once Optuna has computed the importances
+        _settled(page, "Tuning")
+        assert charts.count() == 4
+        assert "Pareto" in charts.first.inner_text()
+        assert "12 of 12 complete trials" in page.content()
+        page.screenshot(path=str(shots / "7-tuning.png"), full_page=True)
+        thumb = page.locator('[data-testid="stSidebar"] [data-testid="stSlider"] input[type="range"]').first
+        thumb.focus()
+        for _ in range(15):          # the eps range's lower end up: fewer trials within it
+            page.keyboard.press("ArrowRight")
+        _settled(page, "Tuning")
+        kept = int(re.search(r"(\d+) of 12 complete trials", page.content()).group(1))
+        assert kept < 12
+        page.screenshot(path=str(shots / "7b-tuning-narrowed.png"), full_page=True)
+        page.get_by_role("button", name="Open in Robustness").click()
+        _settled(page, "Robustness")
+        assert page.locator('[data-testid="stException"]').count() == 0
+        assert "sweep-demo-eps-t" in page.locator('[data-testid="stSidebar"]').inner_text()
 
 
 def _rank_agreements(page) -> list[str]:
