@@ -285,21 +285,30 @@ def _pruner(spec: SweepSpec):
     return optuna.pruners.NopPruner()
 
 
-def open_study(spec: SweepSpec, storage, create: bool = True):
+def worker_seed(base: int) -> int:
+    """The sampler seed of this process: the sweep's seed mixed with the host and process, so that workers sharing a
+    study do not propose the same settings (with one seed each would draw the same random trials)."""
+    import socket
+    import zlib
+    return zlib.crc32(f"{base}:{socket.gethostname()}:{os.getpid()}".encode())
+
+
+def open_study(spec: SweepSpec, storage, create: bool = True, seed: Optional[int] = None):
     """The study ``spec.name`` in ``storage``, created on first use; a study of that name made with another space,
-    objectives or shared settings is refused."""
+    objectives or shared settings is refused. ``seed``: the sampler's (default the sweep's own)."""
     import optuna
+    seed = spec.base.train.seed if seed is None else seed
     if spec.prune != "none" and len(spec.objectives) > 1:
         raise SweepError("--prune works with one objective (Optuna does not prune multi-objective studies)")
     directions = ["maximize"] * len(spec.objectives)
     try:
-        study = optuna.load_study(study_name=spec.name, storage=storage, sampler=_sampler(spec, spec.base.train.seed),
+        study = optuna.load_study(study_name=spec.name, storage=storage, sampler=_sampler(spec, seed),
                                   pruner=_pruner(spec))
     except KeyError:
         if not create:
             raise SweepError(f"no sweep named {spec.name!r} in this storage") from None
         study = optuna.create_study(study_name=spec.name, storage=storage, directions=directions,
-                                    sampler=_sampler(spec, spec.base.train.seed), pruner=_pruner(spec),
+                                    sampler=_sampler(spec, seed), pruner=_pruner(spec),
                                     load_if_exists=True)
         if "dpaat_sweep" not in study.user_attrs:
             study.set_user_attr("dpaat_sweep", spec.identity())
@@ -449,7 +458,7 @@ def work(spec: SweepSpec, n_trials: int, store: Path, storage_url: Optional[str]
     from optuna.trial import TrialState
     url = storage_url or default_storage(store)
     storage = open_storage(url, store, heartbeat, grace)
-    study = open_study(spec, storage)
+    study = open_study(spec, storage, seed=worker_seed(spec.base.train.seed))
     mine = 0
     while True:
         with warnings.catch_warnings():   # "experimental since 2.9": the documented way to retry dead workers' trials

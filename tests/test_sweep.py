@@ -209,6 +209,8 @@ def test_two_workers_on_postgres_finish_the_trials_once_each(tmp_path, postgres)
     assert [t.state.name for t in study.get_trials()] == ["COMPLETE"] * 4       # none lost, none extra
     _check_every_trial_once(study, tmp_path, 4)
     assert len({t.user_attrs["pid"] for t in study.get_trials()}) == 2            # both workers took trials
+    # each worker samples with its own seed: two workers do not propose the same settings
+    assert len({tuple(sorted(t.params.items())) for t in study.get_trials()}) == 4
 
 
 def test_a_worker_killed_mid_trial_has_its_trial_retried(tmp_path, postgres):
