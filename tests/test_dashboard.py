@@ -728,3 +728,12 @@ def test_trials_of_a_sweep_are_not_what_the_pages_open_on(sweep_store):
     table = runs.runs_table(found)
     assert set(table["sweep"]) == {"tiny #0", "tiny #1", "tiny #2"}
     assert "val_robust_balanced_accuracy" in table
+
+
+def test_tuning_page_in_viewer_mode_shows_the_demo_sweep_without_server_paths(monkeypatch):
+    monkeypatch.setenv("DPAAT_VIEWER", "1")
+    at = _page(APP.parents[1] / "checkpoints", monkeypatch, "tuning")
+    assert at.selectbox[0].value == "demo-eps" and len(at.get("plotly_chart")) == 4
+    captions = " ".join(c.value for c in at.caption)
+    assert "npz:ham10000_28.npz" in captions and "shared/data" not in captions
+    assert not at.text_input and not at.get("form")                   # no storage box, no sweep to start

@@ -33,10 +33,14 @@ if names:
     study = _study(name, url, str(path))
     spec = sweep.spec_from_study(study)
     base = spec.get("base", {})
+    data_spec = base.get("data", {}).get("spec", "?")
+    if viewer_mode():   # a visitor sees the data's name, not where it lies on the server
+        kind, _, where = data_spec.partition(":")
+        data_spec = f"{kind}:{where.replace(chr(92), '/').rsplit('/', 1)[-1]}" if where else data_spec
     st.caption(f"Method **{base.get('method', {}).get('name', '?')}** · space `{spec.get('space', '?')}` · "
                f"objectives {', '.join(spec.get('objectives', []))} · scored at eps {spec.get('eval_eps', '?')} "
                f"({base.get('attack', {}).get('norm', '?')}) · {base.get('train', {}).get('epochs', '?')} epochs · "
-               f"data `{base.get('data', {}).get('spec', '?')}` at {base.get('data', {}).get('image_size', '?')} px")
+               f"data `{data_spec}` at {base.get('data', {}).get('image_size', '?')} px")
     trials = sweep.trials_frame(study)
     c = sweep.counts(study)
     st.caption(f"{c['complete']} complete, {c['pruned']} pruned, {c['running']} running, {c['fail']} failed")
