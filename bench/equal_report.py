@@ -66,7 +66,7 @@ def differences(eq: pd.DataFrame, base: str = "pgd_at") -> str:
             if m not in eq:
                 continue
             d = rep.paired_difference(eq, variant, base, m, "equal28")
-            row[label] = "" if d["n"] < 2 else f"{d['mean']:+.1f} [{d['ci_low']:+.1f}, {d['ci_high']:+.1f}] (n={d['n']})"
+            row[label] = "" if d["n"] < 2 or d["mean"] != d["mean"] else f"{d['mean']:+.1f} [{d['ci_low']:+.1f}, {d['ci_high']:+.1f}] (n={d['n']})"
         rows.append(row)
     return md(pd.DataFrame(rows))
 
@@ -142,6 +142,7 @@ def main(argv=None) -> int:
            "DPAAT rows from long28 (same 40 epochs, no per-image outcomes): " + (", ".join(ref) or "none") + "\n",
            "## Mean ± std over seeds (test split; the last column on validation)\n", summary_table(eq), "",
            "## Minus PGD-AT, paired by seed (points, 95% t interval)\n", differences(eq), "",
+           "## Minus DPAAT, paired by seed (points, 95% t interval)\n", differences(eq, "dpaat"), "",
            "## Test PGD-20 accuracy per class (%, 95% bootstrap CI over seeds and images)\n",
            robust_per_class(per_image, eq, args.boot), "",
            "## Per class against PGD-AT, on test, validation and both\n", *per_class(per_image, eq, n_boot=args.boot),
