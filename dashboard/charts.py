@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from dpaat_core.plots import (NO_DATA, PALETTE, _finite, empty_figure,  # noqa: F401 (robustness_chart: charts.*)
-                               robustness_chart)
+                               per_class_chart, robustness_chart)
 
 FRAGILE, STABLE = "#D55E00", "#0072B2"  # vermillion, blue
 SPLIT_COLOURS = {"fragile": FRAGILE, "stable": STABLE}

@@ -430,11 +430,16 @@ def _live(run_dir: str, mtime: int, key: str, _x, _y, perturbation: tuple) -> di
             _, attack, norm, eps = perturbation
             x_adv = perturb(net, _x, _y, attack, norm, eps, DEFAULT_STEPS[attack])    # one attack, seeded
         with torch.no_grad(), attack_mode(net):
-            clean, adv = net(_x).argmax(1), net(x_adv).argmax(1)
+            logits = net(_x)
+            clean, adv = logits.argmax(1), net(x_adv).argmax(1)
     correct, robust = clean == _y, (clean == _y) & (adv == _y)
+    from dpaat_core.validation import balanced_accuracy
+    y = _y.numpy()
     return {"accuracy": float(correct.float().mean()), "robust_accuracy": float(robust.float().mean()),
+            "robust_balanced_accuracy": balanced_accuracy(y, torch.where(robust, _y, -1).numpy(), logits.shape[1]),
             "flipped": int((correct & ~robust).sum()), "x": _x[:4].numpy(), "x_adv": x_adv[:4].numpy(),
-            "y": _y[:4].numpy(), "pred": clean[:4].numpy(), "pred_adv": adv[:4].numpy()}
+            "y": _y[:4].numpy(), "pred": clean[:4].numpy(), "pred_adv": adv[:4].numpy(),
+            "labels": y, "correct": correct.numpy(), "robust": robust.numpy()}
 
 
 def _live_batch(run: runs.Run, data, n: int, perturbation: tuple) -> dict | None:
@@ -446,9 +451,45 @@ def _live_batch(run: runs.Run, data, n: int, perturbation: tuple) -> dict | None
 
 
 def live_attack(run: runs.Run, data, n: int, attack: str, norm: str, eps: float) -> dict | None:
-    """Attack the first ``n`` images of ``data`` once at ``eps`` (the protocol's steps) and return clean and robust
-    accuracy, how many flipped, and the first four clean and attacked images with labels and predictions; cached."""
+    """Attack the first ``n`` images of ``data`` once at ``eps`` (the protocol's steps) and return clean, robust and
+    robust balanced accuracy, how many flipped, each image's label and outcome (``labels``, ``correct``, ``robust``),
+    and the first four clean and attacked images with labels and predictions; cached."""
     return _live_batch(run, data, n, ("attack", attack, norm, float(eps)))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _audit_tables(run_dir: str, stamps: tuple, split: str, spec: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from dpaat_core.audit import read_per_class, read_protocol
+    return (runs.select(read_protocol(run_dir), split=split, data=spec),
+            runs.select(read_per_class(run_dir), split=split, data=spec))
+
+
+def class_robustness(run: runs.Run, curves: pd.DataFrame, attack: str, norm: str, eps: float,
+                     live: dict | None = None, data=None) -> tuple[pd.DataFrame, str]:
+    """Each class's clean and robust accuracy of ``run`` on its test split against ``attack`` (the protocol's steps)
+    in ``norm`` at ``eps``, and where they come from: the run's saved tables for the data spec typed in the sidebar,
+    else its own (the audit's per_class.csv, else its curve at this eps among ``curves``, the page's rows), else
+    ``live`` (a :func:`live_attack` result of this run on ``data``); (empty, "") when none has them. The labels of
+    ``data``, when it is that spec's, give an older curve its class counts (``class_robustness.from_curve``)."""
+    from dpaat_core import class_robustness as by_class
+    from dpaat_core.attacks import DEFAULT_STEPS
+    from dpaat_core.audit import PER_CLASS_FILE, PROTOCOL_FILE
+    spec = st.session_state.get("data_spec", "").strip() or (run.config.get("data") or {}).get("spec")
+    stamps = tuple(_mtime(run.path / name) for name in (PROTOCOL_FILE, PER_CLASS_FILE))
+    try:
+        protocol, per_class = _audit_tables(str(run.path), stamps, "test", spec)
+    except runs.RunError as exc:
+        unreadable(f"{run.run_id}: the audit's tables", exc)
+        protocol = per_class = pd.DataFrame(columns=["preset"])
+    mine = runs.select(curves[curves["run"] == run.run_id], split="test", data=spec) if len(curves) else curves
+    same = data is not None and data.source.spec == spec
+    table, source = by_class.saved(protocol, per_class, mine, attack, norm, DEFAULT_STEPS[attack], eps,
+                                   run.config["dataset"]["classes"], data.labels.numpy() if same else None,
+                                   int((run.config.get("train") or {}).get("seed") or 0))
+    if not len(table) and live is not None and data is not None:
+        table = by_class.from_outcomes(live["labels"], live["correct"], live["robust"], data.classes)
+        source = f"this batch ({len(live['labels'])} images)"
+    return table, source
 
 
 def live_corruption(run: runs.Run, data, n: int, corruption: str, severity: int) -> dict | None:

@@ -30,7 +30,8 @@ def corruption_grid(model: nn.Module, dataset: ImageDataset, names: Sequence[str
                     progress: bool = False, amp: bool = False) -> pd.DataFrame:
     """Accuracy of ``model`` on ``dataset`` under each corruption at each severity, and clean.
 
-    Columns: corruption, severity (0 for the clean row), n, accuracy, balanced_accuracy, ``accuracy:<class>``.
+    Columns: corruption, severity (0 for the clean row), n, accuracy, balanced_accuracy, ``accuracy:<class>``,
+    ``n:<class>``.
     """
     cells = [(n, s) for n in names for s in severities]
     for n, s in cells:

@@ -219,7 +219,7 @@ def robustness_curve(model: nn.Module, dataset: ImageDataset, eps_grid: Sequence
     """Accuracy against eps: a tidy frame, one row per eps (ascending).
 
     Columns: eps, eps_rms (per-pixel RMS change at the input size), attack, norm, steps,
-    monotone, n, accuracy, balanced_accuracy, then ``accuracy:<class>`` per class.
+    monotone, n, accuracy, balanced_accuracy, then ``accuracy:<class>`` and ``n:<class>`` per class.
 
     ``monotone=True`` (default) counts a sample as robust at eps only if it also is at every
     smaller eps of the grid: an adversarial image found at a smaller eps lies inside the larger
@@ -269,10 +269,12 @@ def robustness_curve(model: nn.Module, dataset: ImageDataset, eps_grid: Sequence
 
 
 def accuracy_row(y: np.ndarray, pred: np.ndarray, dataset: ImageDataset) -> dict:
-    """n, accuracy, balanced accuracy and ``accuracy:<class>`` of predictions ``pred`` (-1: counted wrong)."""
-    row = {"n": len(y), "accuracy": float((pred == y).mean()),
-           "balanced_accuracy": balanced_accuracy(y, pred, dataset.num_classes)}
-    return row | {f"accuracy:{c}": a for c, a in zip(dataset.classes, per_class_accuracy(y, pred, dataset.num_classes))}
+    """n, accuracy, balanced accuracy, ``accuracy:<class>`` and ``n:<class>`` (the images of each class) of
+    predictions ``pred`` (-1: counted wrong)."""
+    k = dataset.num_classes
+    row = {"n": len(y), "accuracy": float((pred == y).mean()), "balanced_accuracy": balanced_accuracy(y, pred, k)}
+    row |= {f"accuracy:{c}": a for c, a in zip(dataset.classes, per_class_accuracy(y, pred, k))}
+    return row | {f"n:{c}": int(m) for c, m in zip(dataset.classes, np.bincount(y, minlength=k))}
 
 
 def _curve_frame(robust, y, dataset, eps_grid, attack, norm, steps, monotone) -> pd.DataFrame:

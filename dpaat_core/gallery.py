@@ -97,6 +97,16 @@ def off_lesion_summary(table: pd.DataFrame, classes: Sequence[str], threshold: f
     return pd.DataFrame(rows)
 
 
+def class_outcomes(table: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
+    """Per true class: images (``n``), clean accuracy and robust accuracy under the gallery's attack (right on the
+    clean image and on the attacked one), from the rows' label and both predictions
+    (:func:`dpaat_core.class_robustness.from_outcomes`)."""
+    from .class_robustness import from_outcomes
+    label = table["label"].to_numpy()
+    right, held = table["pred_clean"].to_numpy() == label, table["pred_adv"].to_numpy() == label
+    return from_outcomes(label, right, held, classes)
+
+
 def compare(a: pd.DataFrame, b: pd.DataFrame, threshold: float = OFF_LESION) -> dict:
     """Which images run ``a`` looks at on the lesion (``energy_clean`` >= ``threshold``) and run ``b`` does not,
     and the other way round, over the images both have numbers for: index lists and the counts of both/neither."""

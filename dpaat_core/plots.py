@@ -137,3 +137,50 @@ def certified_chart(certified: pd.DataFrame, curves: pd.DataFrame | None = None)
     fig.update_yaxes(title_text="accuracy", range=[0, 1.02])
     fig.update_layout(title=title, template="plotly_white", legend={"orientation": "h", "y": -0.25})
     return fig
+
+
+def _tint(hex_colour: str, alpha: float) -> str:
+    r, g, b = (int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def _class_labels(frame: pd.DataFrame, classes: list) -> dict:
+    """Each class's axis label with its image count, ``akiec (n=55)``; where runs were measured on other images,
+    each count (``akiec (n=55/10)``); the bare name when no count is known."""
+    labels = {}
+    for c in classes:
+        counts = pd.to_numeric(frame.loc[frame["class"] == c, "n"], errors="coerce").dropna()
+        counts = list(dict.fromkeys(int(v) for v in counts))
+        labels[c] = html.escape(c) + (f" (n={'/'.join(map(str, counts))})" if counts else "")
+    return labels
+
+
+def per_class_chart(table: pd.DataFrame, title: str = "Accuracy per class, clean and under attack") -> go.Figure:
+    """Each class's robust accuracy (solid bar) inside its clean accuracy (outlined bar), one colour per run, so a
+    rare class the attack takes stands out beside the common one. ``table``: class, n, accuracy, robust_accuracy and
+    ``run`` (several runs concatenated; without it one unnamed run), classes in their order of first appearance; the
+    x axis names each class with its image count."""
+    needed = {"class", "n", "accuracy", "robust_accuracy"}
+    if table is None or not len(table) or needed - set(table.columns):
+        return empty_figure(title)
+    numbers = {c: pd.to_numeric(table[c], errors="coerce") for c in ("accuracy", "robust_accuracy")}
+    frame = table.assign(**{"class": table["class"].astype(str),
+                            "run": table["run"].astype(str) if "run" in table else "", **numbers})
+    classes = list(dict.fromkeys(frame["class"]))
+    labels = _class_labels(frame, classes)
+    fig = go.Figure()
+    for k, run in enumerate(dict.fromkeys(frame["run"])):
+        mine = frame[frame["run"] == run].set_index("class").reindex(classes)
+        colour, name = PALETTE[k % len(PALETTE)], html.escape(run)          # a folder's name, shown as text
+        x = [labels[c] for c in classes]
+        for what, column, marker in (("clean", "accuracy", {"color": _tint(colour, 0.12),
+                                                            "line": {"color": colour, "width": 2}}),
+                                     ("robust", "robust_accuracy", {"color": colour})):
+            fig.add_trace(go.Bar(x=x, y=mine[column], name=" · ".join(filter(None, (name, what))), marker=marker,
+                                 offsetgroup=run, legendgroup=run,
+                                 hovertemplate=f"{name + ' · ' if name else ''}%{{x}}<br>{what} accuracy "
+                                               "%{y:.3f}<extra></extra>"))
+    fig.update_yaxes(range=[0, 1.02], title_text="accuracy (solid: robust, outline: clean)")
+    fig.update_layout(title=title, template="plotly_white", barmode="group", bargroupgap=0.05,
+                      legend={"orientation": "h", "y": -0.25})
+    return fig

@@ -2,7 +2,8 @@
 file, plotly's script and every image inside it, that opens offline and sends no request.
 
 For each run: where the model comes from, clean / balanced / robust accuracy and mAP with per-class figures (the
-audit's ``protocol.csv`` and ``per_class.csv``), the robustness curves, the APGD check, the attribution numbers and
+audit's ``protocol.csv`` and ``per_class.csv``, else the saved curve at the run's eps) and the class where its
+robustness stops, the robustness curves, the APGD check, the attribution numbers and
 a grid of example test images (clean and attacked, the map of each, the prediction of each); for several runs, the
 comparison first. Randomized smoothing's certified radii (``certified.csv``) sit beside the attack curves. A part the run
 has not computed yet says which command computes it. Everything taken from a run
@@ -25,8 +26,9 @@ import plotly.graph_objects as go
 from . import runs
 from .audit import apgd_norm, has_gradcam, read_apgd, read_per_class, read_protocol
 from .certify import fullest, per_class as certified_per_class, summary as certified_summary
+from .class_robustness import saved as saved_by_class, weakest_sentence
 from .evaluate import reference_eps
-from .plots import PALETTE, certified_chart, robustness_chart
+from .plots import PALETTE, certified_chart, per_class_chart, robustness_chart
 
 HOW_TO_READ = """
 <p><b>Clean accuracy</b> is the share of the split's images the model gets right; <b>balanced accuracy</b> averages the
@@ -35,7 +37,10 @@ common one. <b>Robust accuracy</b> is the share it still gets right when an atta
 by at most <i>eps</i> in l2 (the length of the whole change, in [0, 1] pixel units) or in linf (the most any one pixel
 may move). PGD-20 and I-FGSM are the attacks of the DPAAT paper; the <b>APGD check</b> attacks the images PGD-20 left
 standing again with a stronger attack: a large gap between the two means PGD-20 overstated the robustness.
-<b>mAP</b> is the mean over classes of the average precision of the clean scores (ranking quality, 1 is perfect).</p>
+<b>mAP</b> is the mean over classes of the average precision of the clean scores (ranking quality, 1 is perfect).
+The <b>per-class</b> figure draws each class's robust accuracy (solid) inside its clean accuracy (outlined), with the
+class's image count; the <b>weakest class</b> line names the class where the robustness stops, against the most
+common class: a model whose robustness holds only for the common class fails the patients with the rare ones.</p>
 <p>The <b>curves</b> show robust accuracy as the attacker's budget grows; a curve that stays high for longer is the
 more robust model. The <b>attribution numbers</b> ask whether the model looks at the same place before and after the
 attack: <i>spearman</i> is the rank agreement of the two maps (1: the same ranking of pixels), <i>topk_iou</i> the
@@ -57,6 +62,7 @@ th{background:#f4f6f8} td:first-child,th:first-child{text-align:left}
 .examples td{text-align:center;vertical-align:top;font-size:.85em} .examples img{width:112px;height:112px;
 image-rendering:auto;display:block;margin:auto}
 .meta td{text-align:left}
+.side{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start} .side>div{flex:1 1 420px;min-width:0}
 """
 
 #: the attribution metrics the report shows, in order (those the data has)
@@ -134,18 +140,32 @@ class _Run:
         self.curves = runs.select(runs.read_robustness(self.path), **where)
         self.attribution = runs.select(runs.read_attribution(self.path), norm=self.norm, **where)
         self.certified = fullest(runs.read_certified(self.path, **where))
+        #: each class's clean and robust accuracy (PGD-20 in the run's norm at its eps) and where they come from
+        self.by_class, self.by_class_source = self._by_class()
+        if len(self.by_class) and self.by_class["n"].isna().all():   # a curve saved before curves kept their counts
+            try:
+                from . import loading
+                labels = loading.load_run_data(self.path, split, self.data).labels.numpy()
+            except Exception:  # noqa: BLE001 - the data is not on this machine: the classes go without counts
+                labels = None
+            if labels is not None:
+                self.by_class, self.by_class_source = self._by_class(labels)
         #: attribution means, metric x method
         self.means = (self.attribution.pivot_table(index="metric", columns="method", values="mean")
                       if len(self.attribution) else pd.DataFrame())
 
+    def _by_class(self, labels=None) -> tuple[pd.DataFrame, str]:
+        return saved_by_class(self.protocol, self.per_class, self.curves, "pgd", self.norm, 20, self.eps[self.norm],
+                              self.classes, labels, int((self.config.get("train") or {}).get("seed") or 0))
+
     def headline(self) -> dict:
-        """Clean, balanced, PGD-20 (both norms), APGD and mAP, and the map's agreement and share on the lesion (of
-        Grad-CAM, else saliency); NaN where not computed."""
+        """Clean, balanced, PGD-20 (both norms; l2 also balanced), APGD and mAP, and the map's agreement and share on
+        the lesion (of Grad-CAM, else saliency); NaN where not computed."""
         p = self.protocol.set_index("preset")
         first = p.index[0] if len(p) else None
 
         def get(preset, column):
-            return float(p.at[preset, column]) if preset in p.index else np.nan
+            return float(p.at[preset, column]) if preset in p.index and column in p.columns else np.nan
         method = "gradcam" if "gradcam" in self.means.columns else "saliency"
 
         def mean(metric):
@@ -155,7 +175,9 @@ class _Run:
             zero = self.curves[pd.to_numeric(self.curves["eps"], errors="coerce") == 0]["accuracy"]
             clean = float(zero.iloc[0]) if len(zero) else np.nan
         return {"run": self.id, "clean": clean, "balanced": get(first, "balanced_accuracy"),
-                "PGD-20 l2": get("pgd20_l2", "robust_accuracy"), "PGD-20 linf": get("pgd20_linf", "robust_accuracy"),
+                "PGD-20 l2": get("pgd20_l2", "robust_accuracy"),
+                "PGD-20 l2 balanced": get("pgd20_l2", "robust_balanced_accuracy"),
+                "PGD-20 linf": get("pgd20_linf", "robust_accuracy"),
                 "APGD": float(self.apgd["robust_accuracy"].iloc[0]) if len(self.apgd) else np.nan,
                 "mAP": get(first, "mean_average_precision"), f"{MAP_NAMES[method]} agreement": mean("spearman"),
                 "map on lesion": mean("energy_clean")}
@@ -168,7 +190,27 @@ def _missing(what: str, run: "_Run") -> str:
             f'dpaat_core audit {_esc(run.path)}{_esc(flags)}</code>.</p>')
 
 
-def _run_section(run: _Run, examples: str) -> str:
+def _weakest(run: _Run) -> str:
+    return f"<p><b>Weakest class</b>: {_esc(weakest_sentence(run.id, run.by_class))}.</p>"
+
+
+def _per_class_section(run: _Run, figure: bool) -> str:
+    """Each class's clean and robust accuracy: the table, the bar figure beside it (``figure``; a comparison draws
+    every run in one) and the weakest class."""
+    audited = run.per_class[run.per_class.preset == f"pgd20_{run.norm}"] if len(run.per_class) else run.per_class
+    if not len(audited) and not len(run.by_class):
+        return ""
+    table = (audited.sort_values("class_index")[["class", "n", "accuracy", "robust_accuracy", "average_precision"]]
+             if len(audited) else run.by_class.assign(n=pd.to_numeric(run.by_class["n"]).astype("Int64")))
+    drawn = figure and len(run.by_class)
+    side = [_table(table)] + ([_figure(per_class_chart(run.by_class.assign(run=run.id)))] if drawn else [])
+    source = run.by_class_source or "the audit (per_class.csv)"
+    return (f"<h3>Per class (robust: PGD-20 {_esc(run.norm)} at eps {run.eps[run.norm]:g}; from {_esc(source)})</h3>"
+            + '<div class="side">' + "".join(f"<div>{p}</div>" for p in side) + "</div>"
+            + (_weakest(run) if len(run.by_class) else ""))
+
+
+def _run_section(run: _Run, examples: str, figure: bool = True) -> str:
     parts = [f'<h2 id="{_esc(run.id)}">{_esc(run.id)}</h2>',
              '<table class="meta">'
              f"<tr><td>origin</td><td>{_esc(describe_origin(run.config))}</td></tr>"
@@ -184,12 +226,7 @@ def _run_section(run: _Run, examples: str) -> str:
                                    "robust_balanced_accuracy", "mean_average_precision"]], 4))
     else:
         parts.append(_missing("protocol", run))
-    preset = f"pgd20_{run.norm}"
-    per_class = run.per_class[run.per_class.preset == preset] if len(run.per_class) else run.per_class
-    if len(per_class):
-        parts.append(f"<h3>Per class (robust: PGD-20 {_esc(run.norm)} at eps {run.eps[run.norm]:g})</h3>")
-        parts.append(_table(per_class.sort_values("class_index")[["class", "n", "accuracy", "robust_accuracy",
-                                                                   "average_precision"]]))
+    parts.append(_per_class_section(run, figure))
     parts.append("<h3>APGD check</h3>")
     if len(run.apgd):
         a = run.apgd.iloc[0]
@@ -300,6 +337,12 @@ def _comparison(items: list[_Run]) -> str:
                        ignore_index=True) if any(len(r.curves) for r in items) else pd.DataFrame()
     if len(curves):
         parts.append(_figure(robustness_chart(curves)))
+    by_class = [r for r in items if len(r.by_class)]
+    if by_class:
+        parts.append("<h3>Per class (robust: PGD-20 in each run's norm at its eps)</h3>")
+        parts.append(_figure(per_class_chart(pd.concat([r.by_class.assign(run=r.id) for r in by_class],
+                                                       ignore_index=True))))
+        parts.extend(_weakest(r) for r in by_class)
     return "\n".join(parts)
 
 
@@ -324,7 +367,7 @@ def report_html(run_dirs: Sequence, data: Optional[str] = None, split: str = "te
             examples = _examples(run, *picks[key], device, seed) if n_examples > 0 else ""
         except Exception as exc:  # noqa: BLE001 - the data is not on this machine, ...: the examples are optional
             examples = f'<p class="note">No example images: {_esc(str(exc).splitlines()[0] if str(exc) else exc)}</p>'
-        sections.append(_run_section(run, examples))
+        sections.append(_run_section(run, examples, figure=len(items) == 1))
     title = "DPAAT Lab audit: " + ", ".join(r.id for r in items)
     body = [f"<h1>{_esc(title)}</h1>",
             f"<p class='note'>{_esc(split)} split; made by <code>python -m dpaat_core report</code>. Every number below "

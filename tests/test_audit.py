@@ -145,6 +145,38 @@ def test_the_report_compares_runs_and_says_what_is_missing(audited, tmp_path):
     assert [r[0] for r in rows] == ["small", "bare"] and rows[0][column] == f"{robust:.3f}" and rows[1][column] == "–"
 
 
+def test_the_report_draws_each_classs_robust_accuracy_and_names_the_weakest_class(audited, tmp_path):
+    """Beside the per-class table: the bar figure (the classes with their counts) and the weakest class in one line;
+    several runs: one figure with all of them."""
+    import html
+
+    from dpaat_core.class_robustness import weakest_sentence
+    run, _, _ = audited
+    hand = _copy(run, tmp_path, "hand")                       # the audit's per_class.csv with numbers chosen here
+    per_class = read_per_class(hand)
+    pgd = per_class.preset == "pgd20_l2"
+    per_class.loc[pgd, "n"] = per_class.loc[pgd, "class_index"].map({0: 40, 1: 25, 2: 5})
+    per_class.loc[pgd, "robust_accuracy"] = per_class.loc[pgd, "class_index"].map({0: 0.71, 1: 0.5, 2: 0.12})
+    per_class.to_csv(hand / "per_class.csv", index=False)
+    classes = list(per_class[pgd].sort_values("class_index")["class"])
+    markup = _tags(report_html([hand], n_examples=0))
+    title = "Accuracy per class, clean and under attack"
+    assert markup.count(title) == 1 and '<div class="side">' in markup
+    part = markup[markup.index("<h3>Per class"):markup.index("<h3>APGD check")]
+    assert title in part and "plotly-graph-div" in part                            # the figure beside the table
+    for name, n in zip(classes, (40, 25, 5)):
+        assert f"{name} (n={n})" in part
+    sentence = f"hand: robust accuracy 0.12 on {classes[2]} against 0.71 on {classes[0]}"
+    assert weakest_sentence("hand", per_class[pgd]) == sentence
+    assert f"<p><b>Weakest class</b>: {html.escape(sentence)}.</p>" in part
+    copy = _copy(run, tmp_path, "other")
+    both = _tags(report_html([run, copy], n_examples=0))
+    comparison = both[both.index("<h2>Comparison</h2>"):both.index('<h2 id="small">')]
+    assert both.count(title) == 1 and title in comparison                           # one figure, every run in it
+    assert '"name":"small · robust"' in comparison and '"name":"other · robust"' in comparison
+    assert both.count("<b>Weakest class</b>") == 4                                  # the comparison and each run's
+
+
 def test_the_report_escapes_what_it_reads_from_a_run_folder(audited, tmp_path):
     """Names from config.json and the CSVs are shown as text: a hostile run folder runs no script of its own, and
     the page's policy would not run one (only the scripts it wrote, by hash)."""

@@ -111,7 +111,8 @@ def test_robustness_page_computes_saves_and_draws_curves(store, monkeypatch):
     assert at.title[0].value == "Robustness"
     view = at.radio(key="robustness-view")
     assert view.options == ["Adversarial attacks", "Natural corruptions"]
-    assert [m.label for m in at.metric] == ["clean accuracy", "robust accuracy", "per-pixel RMS"]
+    assert [m.label for m in at.metric] == ["clean accuracy", "robust accuracy", "robust balanced accuracy",
+                                            "per-pixel RMS"]
     view.set_value("Natural corruptions").run()               # only the view on show runs
     assert [m.label for m in at.metric] == ["clean accuracy", "accuracy under the corruption"]
     at.radio(key="robustness-view").set_value("Adversarial attacks").run()
@@ -134,10 +135,73 @@ def test_robustness_page_computes_saves_and_draws_curves(store, monkeypatch):
     saved = runs.read_robustness(store / "small-dpaat")
     assert len(saved) == 8 and (saved.attack == "pgd").all()
     assert "wrote" in (store / ".logs" / "small-dpaat.evaluate.log").read_text()
-    assert len(at.get("plotly_chart")) == 1 and not [b for b in at.button if "Compute the PGD" in b.label]
+    assert _titles(at) == ["Accuracy under attack", PER_CLASS]
+    assert not [b for b in at.button if "Compute the PGD" in b.label]
+    assert any("small-dpaat: the saved curve (robustness.csv, " in c.value for c in at.caption)   # at the curve's eps
+    counts = [int(re.search(r"n=(\d+)", x).group(1)) for x in _per_class(at)[0].x]             # the curve's own counts
+    assert sum(counts) == saved.n.max()
     at.slider[0].set_value(0.0).run()                        # eps 0: nothing changes
     assert at.metric[1].value == at.metric[0].value
     assert len(at.get("image")) == 12                         # 4 clean, 4 perturbed, 4 perturbations
+
+
+PER_CLASS = "Accuracy per class, clean and under attack"
+
+
+def _titles(at) -> list:
+    import plotly.io
+    return [plotly.io.from_json(c.proto.spec).layout.title.text for c in at.get("plotly_chart")]
+
+
+def _per_class(at):
+    """The traces of the page's per-class chart."""
+    import plotly.io
+    return next(f for f in (plotly.io.from_json(c.proto.spec) for c in at.get("plotly_chart"))
+                if f.layout.title.text == PER_CLASS).data
+
+
+def test_robustness_page_draws_each_classs_robust_accuracy_and_names_the_weakest(store, tmp_path, monkeypatch):
+    """Nothing saved: the chart holds the live batch's numbers (the metrics above it, class by class); with an audit
+    at the slider's eps: the audit's per_class.csv, its counts on the axis and its weakest class in the caption."""
+    import shutil
+
+    import pandas as pd
+
+    from dpaat_core import audit, loading, runs
+    from dpaat_core.evaluate import reference_eps
+    own = tmp_path / "store"
+    shutil.copytree(store / "small-dpaat", own / "small-dpaat", ignore=shutil.ignore_patterns("*.csv"))
+    at = _page(own, monkeypatch, "robustness")
+    at.multiselect[0].set_value(["small-dpaat"]).run()
+    assert PER_CLASS in _titles(at)
+    clean, robust = _per_class(at)
+    n = np.array([int(re.search(r"n=(\d+)", x).group(1)) for x in clean.x])
+    assert n.sum() == min(16, len(loading.load_run_data(own / "small-dpaat", "test")))       # the live batch
+    metric = {m.label: m.value for m in at.metric}
+    assert metric["clean accuracy"] == f"{np.nansum(n * _array(clean.y)) / n.sum():.2f}"       # a class not in the
+    assert metric["robust accuracy"] == f"{np.nansum(n * _array(robust.y)) / n.sum():.2f}"     # batch has no bar
+    assert metric["robust balanced accuracy"] == f"{np.nanmean(_array(robust.y)[n > 0]):.2f}"
+    assert any(c.value.startswith("Figures from small-dpaat: this batch") for c in at.caption)
+
+    config = runs.read_config(own / "small-dpaat")
+    classes, where = config["dataset"]["classes"], dict(split="test", data=config["data"]["spec"])
+    per_class = pd.DataFrame({"class": classes, "n": [40, 25, 5], "accuracy": [0.9, 0.8, 0.6],
+                              "robust_accuracy": [0.71, 0.5, 0.12], "average_precision": 0.5, "preset": "pgd20_l2",
+                              "class_index": [0, 1, 2], **where})
+    protocol = pd.DataFrame([{"preset": "pgd20_l2", "eps": reference_eps(config, "l2"), "accuracy": 0.84,
+                              "robust_accuracy": 0.6, **where}])
+    audit.save_protocol(own / "small-dpaat", protocol, per_class)
+    at.run()
+    assert not at.exception
+    clean, robust = _per_class(at)
+    assert list(clean.x) == [f"{classes[0]} (n=40)", f"{classes[1]} (n=25)", f"{classes[2]} (n=5)"]
+    np.testing.assert_allclose(_array(robust.y), [0.71, 0.5, 0.12])
+    np.testing.assert_allclose(_array(clean.y), [0.9, 0.8, 0.6])
+    text = " ".join(c.value for c in at.caption)
+    assert f"small-dpaat: robust accuracy 0.12 on {classes[2]} against 0.71 on {classes[0]}" in text
+    assert "Figures from small-dpaat: the audit (per_class.csv, 70 images)" in text
+    at.slider[0].set_value(0.0).run()                         # an eps the audit did not run at: the live batch again
+    assert any(c.value.startswith("Figures from small-dpaat: this batch") for c in at.caption)
 
 
 def test_attribution_explorer_explains_a_test_image_and_compares_runs(store, monkeypatch):
@@ -458,6 +522,11 @@ def test_gallery_shows_every_test_image_worst_first_and_opens_one_in_the_explore
     model = loading.load_model(store / "small-dpaat")
     numbers = gallery.image_numbers(model, test, 0.3, "gradcam", steps=10, batch_size=64)
     assert off.value == f"{int((numbers.energy_clean < 0.5).sum())} of {int(numbers.energy_clean.notna().sum())}"
+    by_class = next(d.value for d in at.dataframe if "robust_accuracy" in d.value)          # per class, robust too
+    expected = gallery.class_outcomes(numbers, test.classes)
+    np.testing.assert_allclose(by_class.robust_accuracy, expected.robust_accuracy)
+    assert list(by_class.n) == list(test.class_counts) and (expected.robust_accuracy <= expected.accuracy).all()
+    assert any("**Weakest class** · small-dpaat: robust accuracy" in c.value for c in at.caption)
     first = gallery.order(numbers, "looks away from the lesion")["index"].tolist()
     tiles = [int(b.key.split("-")[1]) for b in at.button]                   # column by column: 4 columns, row-major
     assert tiles == [first[k] for c in range(4) for k in range(c, len(first), 4)]   # lowest lesion share first

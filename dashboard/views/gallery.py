@@ -3,9 +3,10 @@ import numpy as np
 import streamlit as st
 
 from dashboard import charts
-from dashboard.state import (EXPLORER_STEPS, certified, comparable_runs, data_spec_input, gallery_maps, gallery_numbers,
-                             model, run_data, run_picker, training_split_filter)
+from dashboard.state import (EXPLORER_STEPS, certified, comparable_runs, data_spec_input, gallery_eps, gallery_maps,
+                             gallery_numbers, model, run_data, run_picker, training_split_filter)
 from dpaat_core import gallery
+from dpaat_core.class_robustness import balanced, weakest_sentence
 from dpaat_core.attribution import overlay
 
 st.title("Gallery")
@@ -50,6 +51,15 @@ if len(summary):
     st.plotly_chart(charts.off_lesion_chart(summary[summary["class"] != "all"]), key="off-lesion")
 else:
     st.info("These images have no lesion masks: the lesion-share sort and summary are not available.")
+by_class = gallery.class_outcomes(numbers, classes)
+if len(summary):
+    by_class = by_class.merge(summary[["class", "off_lesion_share"]], on="class", how="left")
+labels = {"accuracy": "clean accuracy", "robust_accuracy": "robust accuracy", "off_lesion_share": "maps off the lesion"}
+percent = {c: st.column_config.NumberColumn(label, format="percent") for c, label in labels.items()}
+st.dataframe(by_class, hide_index=True, width="stretch", key="per-class", column_config={"n": "images", **percent})
+st.caption(f"Robust: right on the clean image and on the attacked one (PGD-{EXPLORER_STEPS}, l2, eps "
+           f"{gallery_eps(run):g}); robust balanced accuracy {balanced(by_class):.2f}. **Weakest class** · "
+           f"{weakest_sentence(run.run_id, by_class)}.")
 only = "all"
 if numbers_b is not None and "energy_clean" in numbers and "energy_clean" in numbers_b:
     diff = gallery.compare(numbers, numbers_b)

@@ -1,14 +1,15 @@
 """Robustness: accuracy against epsilon for the selected runs, the certified accuracy of their smoothed models
-against l2 radius beside it, and a live attack on a small batch; accuracy under natural corruptions in a second view
-(``dashboard.corruption_panel``)."""
+against l2 radius beside it, a live attack on a small batch and each class's clean and robust accuracy at its eps;
+accuracy under natural corruptions in a second view (``dashboard.corruption_panel``)."""
 import pandas as pd
 import streamlit as st
 import torch
 
 from dashboard import charts, corruption_panel
-from dashboard.state import (certified, compute_buttons, data_spec_input, eps_slider, live_attack, model, robustness,
-                             run_data, run_picker)
+from dashboard.state import (certified, class_robustness, compute_buttons, data_spec_input, eps_slider, live_attack,
+                             model, robustness, run_data, run_picker)
 from dpaat_core import plots
+from dpaat_core.class_robustness import weakest_sentence
 from dpaat_core.certify import summary
 from dpaat_core.attribution import perturbation_image
 from dpaat_core.evaluate import eps_rms, reference_eps
@@ -36,6 +37,29 @@ def certified_section(selected: list, curves: pd.DataFrame) -> None:
                  column_config={"abstain_rate": st.column_config.NumberColumn("abstains", format="percent"),
                                 "median_radius_correct": st.column_config.NumberColumn("median radius (right)",
                                                                                        format="%.3f"), **radii})
+
+
+def per_class_section(selected: list, curves: pd.DataFrame, live_run, live: dict | None, data, attack: str,
+                      norm: str, eps: float) -> None:
+    """Each selected run's clean and robust accuracy per class at this attack and eps (saved figures where the run has
+    them, else the live batch of the run attacked here; ``data``: the images on show), and the class where each
+    one's robustness stops."""
+    st.markdown(f"**Per class at eps {eps:g}** ({attack.upper()}-{DEFAULT_STEPS[attack]}, {norm})")
+    tables, sources, missing = [], [], []
+    for r in selected:
+        table, source = class_robustness(r, curves, attack, norm, eps, live if r is live_run else None, data)
+        if len(table):
+            tables.append(table.assign(run=r.run_id))
+            sources.append(f"{r.run_id}: {source}")
+        else:
+            missing.append(r.run_id)
+    if tables:
+        st.plotly_chart(charts.per_class_chart(pd.concat(tables, ignore_index=True)), key="per-class")
+        st.caption("**Weakest class** · " + " · ".join(weakest_sentence(t.run.iloc[0], t) for t in tables))
+        st.caption("Figures from " + "; ".join(sources) + ".")
+    if missing:
+        st.caption(f"No per-class figures at this eps for {', '.join(missing)}: pick an eps of a saved curve, audit "
+                   "the run (`python -m dpaat_core audit RUN`), or pick it under Run above to attack a batch of it.")
 
 
 st.title("Robustness")
@@ -68,16 +92,21 @@ if view == VIEWS[0]:
     eps0 = reference_eps(run.config, norm)
     eps = eps_slider(st, eps0)
     data = run_data(run, "test") if model(run) is not None else None
-    if data is not None:
-        live = live_attack(run, data, int(n), attack, norm, eps)     # one seeded attack, cached on its inputs
+    live = live_attack(run, data, int(n), attack, norm, eps) if data is not None else None   # seeded, cached
+    if live is not None:
         shape = tuple(data.images.shape[1:])
-        m1, m2, m3 = st.columns(3)
+        m1, m2, m3, m4 = st.columns(4)
         m1.metric("clean accuracy", f"{live['accuracy']:.2f}")
         m2.metric("robust accuracy", f"{live['robust_accuracy']:.2f}", delta=f"{live['robust_accuracy'] - live['accuracy']:+.2f}")
-        m3.metric("per-pixel RMS", f"{eps_rms(eps, norm, shape):.2e}",
+        m3.metric("robust balanced accuracy", f"{live['robust_balanced_accuracy']:.2f}",
+                  help="the mean of the classes' robust accuracies (the classes in this batch): a rare class counts "
+                       "as much as the common one")
+        m4.metric("per-pixel RMS", f"{eps_rms(eps, norm, shape):.2e}",
                   help=f"eps {eps:.4g} ({norm}) at {shape[1]}x{shape[2]} pixels")
         st.caption(f"{live['flipped']} of {min(int(n), len(data))} images changed prediction under the attack "
                    f"({attack.upper()}-{DEFAULT_STEPS[attack]}, the evaluation protocol's steps)")
+    per_class_section(selected, curves, run, live, data, attack, norm, eps)
+    if live is not None:
         x, x_adv = torch.from_numpy(live["x"]), torch.from_numpy(live["x_adv"])
         for title, images in (("clean", x), ("perturbed", x_adv), ("perturbation, amplified", perturbation_image(x, x_adv))):
             st.caption(title)
