@@ -28,12 +28,7 @@ METRICS = (("clean_accuracy", "clean"), ("balanced_accuracy", "balanced"), ("auc
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 
 
-def md(frame: pd.DataFrame) -> str:
-    if not len(frame):
-        return "(no runs yet)"
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
+md = rep.markdown_table
 
 
 def equal_results(results: pd.DataFrame) -> pd.DataFrame:

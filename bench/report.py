@@ -29,14 +29,7 @@ MAIN_METHODS = ("erm", "pgd_at", "trades", "dpaat", "dpaat_nosync", "dpaat_fixed
 BASELINES = ("pgd_at", "trades")
 
 
-def md(frame: pd.DataFrame) -> str:
-    """A GitHub markdown table (floats to 3 decimals)."""
-    if not len(frame):
-        return "(no runs yet)"
-    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
+md = rep.markdown_table
 
 
 def ordered(frame: pd.DataFrame, order) -> pd.DataFrame:

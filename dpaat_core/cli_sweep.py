@@ -6,13 +6,15 @@ import argparse
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from .cli_train import add_run_arguments, config_from_args
+from .config import ConfigError
+from .sweep import (Every, SweepError, SweepSpec, check_name, check_space, counts, default_storage, open_storage,
+                    open_study, parse_objectives, parse_space, trials_frame, work)
 
 
 def add_sweep_parser(sub) -> None:
@@ -57,10 +59,7 @@ def add_sweep_parser(sub) -> None:
 
 
 def build_spec(args: argparse.Namespace):
-    from .config import ConfigError
-    from .sweep import NAME, SweepError, SweepSpec, check_space, parse_objectives, parse_space
-    if not NAME.match(args.study):
-        raise SweepError(f"sweep name {args.study!r}: letters, digits, '.', '_' and '-' only, at most 64")
+    check_name(args.study)
     if args.trials < 1:
         raise SweepError(f"--trials {args.trials}: need at least 1")
     if args.workers < 1:
@@ -86,18 +85,13 @@ def build_spec(args: argparse.Namespace):
 class _Monitor:
     """A bar over the study's finished trials with the best so far, read from the storage every second."""
 
-    def __init__(self, spec, storage_url, store, n_trials):
-        from .sweep import open_storage
-        import optuna
-        self.study = optuna.load_study(study_name=spec.name, storage=open_storage(storage_url, store))
-        self.spec, self.n = spec, n_trials
-        self.stop = threading.Event()
+    def __init__(self, study, spec, n_trials):
+        self.study, self.spec, self.n = study, spec, n_trials
         self.bar = tqdm(total=n_trials, desc=f"sweep {spec.name}", unit="trial", file=sys.stderr, dynamic_ncols=True)
-        self.thread = threading.Thread(target=self._loop, daemon=True, name="dpaat-sweep-monitor")
+        self.ticker = Every(1.0, self.refresh, "dpaat-sweep-monitor")
 
     def refresh(self, force: bool = False):
         """Redraw when something changed (every second on a terminal, where the clock moves on)."""
-        from .sweep import counts
         c = counts(self.study)
         text = f"running {c['running']}  failed {c['fail']}  {self.best()}"
         done = min(self.n, c["complete"] + c["pruned"])
@@ -117,20 +111,12 @@ class _Monitor:
             return f"best {self.spec.objectives[0]} {best[0].values[0]:.3f} (trial {best[0].number})"
         return f"Pareto front {len(best)} trials"
 
-    def _loop(self):
-        while not self.stop.wait(1.0):
-            try:
-                self.refresh()
-            except Exception:   # a storage hiccup: next second
-                pass
-
     def __enter__(self):
-        self.thread.start()
+        self.ticker.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(timeout=5)
+        self.ticker.__exit__(*exc)
         try:
             self.refresh(force=True)
         finally:
@@ -139,7 +125,6 @@ class _Monitor:
 
 def _worker_commands(argv: list[str], workers: int, threads: int | None) -> list[tuple[list[str], dict]]:
     """One command and environment per local worker: a GPU each when there are several, else CPU threads."""
-    import torch
     gpus = torch.cuda.device_count()
     cores = os.cpu_count() or 1
     per = threads or max(1, cores // workers)
@@ -170,28 +155,26 @@ def _strip(argv: list[str], flags: tuple[str, ...]) -> list[str]:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    import torch
-
-    from .sweep import default_storage, open_storage, open_study, trials_frame, work
     spec = build_spec(args)
     store = Path(args.store)
     store.mkdir(parents=True, exist_ok=True)
     url = args.storage or default_storage(store)
-    study = open_study(spec, open_storage(url, store, args.heartbeat, args.grace))
+    storage = open_storage(url, store, args.heartbeat, args.grace)
+    study = open_study(spec, storage)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
-        work(spec, args.trials, store, url, args.device, args.heartbeat, args.grace)
+        work(spec, args.trials, store, url, args.device, args.heartbeat, args.grace, storage=storage)
         return 0
     if args.workers == 1:
-        with _Monitor(spec, url, store, args.trials):
-            work(spec, args.trials, store, url, args.device, args.heartbeat, args.grace)
+        with _Monitor(study, spec, args.trials):
+            work(spec, args.trials, store, url, args.device, args.heartbeat, args.grace, storage=storage)
     else:
         argv = _strip(args.argv, ("--workers", "--threads"))
         procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                  for cmd, env in _worker_commands(argv, args.workers, args.threads)]
         try:
-            with _Monitor(spec, url, store, args.trials):
+            with _Monitor(study, spec, args.trials):
                 errors = [p.communicate()[1] for p in procs]
         except KeyboardInterrupt:
             for p in procs:

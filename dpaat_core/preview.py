@@ -11,6 +11,8 @@ import pandas as pd
 import torch
 
 from .config import RunConfig
+from .models import build_model
+from .objectives import MethodState, training_step
 
 
 def eps_band(eps0: float, gamma: float, floor_ratio: float, cap_ratio: float, epochs: int) -> pd.DataFrame:
@@ -37,8 +39,6 @@ def epochs_to_bound(gamma: float, ratio: float) -> float:
 def step_seconds(config: RunConfig, num_classes: int = 7, repeats: int = 3) -> float:
     """Seconds of one training step (attack, forward, backward, update) of ``config``'s model, method and batch at
     its image size, measured here on the CPU with random images: the median of ``repeats`` after one warm-up."""
-    from .models import build_model
-    from .objectives import MethodState, training_step
     torch.manual_seed(0)
     size, b = config.data.image_size, config.train.batch_size
     model = build_model(config.model.name, num_classes).train()

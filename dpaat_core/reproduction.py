@@ -54,6 +54,16 @@ def format_table(summary: pd.DataFrame, by=("study", "variant"), metrics=METRICS
     return out
 
 
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub markdown table (floats to 3 decimals); ``(no runs yet)`` for an empty frame."""
+    if not len(frame):
+        return "(no runs yet)"
+    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
 def paired_difference(frame: pd.DataFrame, a: str, b: str, metric: str, study: str) -> dict:
     """``a`` minus ``b`` on ``metric`` (percent points), paired by seed: mean, std, n and a 95% t interval."""
     from scipy import stats

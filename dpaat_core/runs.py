@@ -302,6 +302,7 @@ class Run:
     config: dict | None
     status: dict
     metrics: pd.DataFrame
+    sweep: str | None = None   # ``<study> #<trial>`` for a sweep's trial (its ``sweep.json``), read once with the run
 
     def _get(self, section: str, key: str):
         return ((self.config or {}).get(section) or {}).get(key)
@@ -334,15 +335,6 @@ class Run:
         return m.iloc[-1].to_dict() if len(m) else {}
 
     @property
-    def sweep(self) -> str | None:
-        """``<study> #<trial>`` for a sweep's trial (its ``sweep.json``), else None."""
-        try:
-            tag = json.loads((self.path / "sweep.json").read_text())
-            return f"{tag['study']} #{tag['trial']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    @property
     def modified(self) -> float:
         """Latest mtime (unix seconds) of the folder and its entries; an entry may vanish while we look."""
         times = []
@@ -354,12 +346,20 @@ class Run:
         return max(times, default=0.0)
 
 
+def _sweep_tag(path: Path) -> str | None:
+    try:
+        tag = json.loads((path / "sweep.json").read_text())
+        return f"{tag['study']} #{tag['trial']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_run(path) -> Run:
     """Read a run folder; a bad one gives state ``incomplete``/``corrupt`` and a ``problem``, never an exception."""
     path = Path(path)
     if not path.is_dir():
         raise RunError(f"{path}: not a run folder")
-    run = Run(path, path.name, "incomplete", None, None, {}, _no_metrics())
+    run = Run(path, path.name, "incomplete", None, None, {}, _no_metrics(), _sweep_tag(path))
     corrupt = []
     for name, attr, read in (("config.json", "config", read_config), ("status.json", "status", read_status),
                              ("metrics.jsonl", "metrics", read_metrics)):

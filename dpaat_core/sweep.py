@@ -17,18 +17,28 @@ running or waiting.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import importlib.util
 import json
 import math
 import os
 import re
+import socket
 import threading
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import pandas as pd
+
+from . import loading
 from .config import METHODS, ConfigError, RunConfig
+from .evaluate import evaluate
+from .runs import atomic_write_json, read_config
+from .train import Stopped, resolve_device, train
 
 #: what a trial's run may vary: space name -> (config section, field); ``beta`` is TRADES' name for lam
 PARAMS = {
@@ -54,6 +64,13 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 class SweepError(ConfigError):
     """A sweep that cannot run as asked (bad space, objective, storage or name): one line saying why."""
+
+
+def check_name(name: str) -> str:
+    """``name`` if it can name a sweep (and its runs' folders), else a :class:`SweepError` saying why."""
+    if not NAME.match(name or ""):
+        raise SweepError(f"sweep name {name!r}: letters, digits, '.', '_' and '-' only, at most 64")
+    return name
 
 
 @dataclass(frozen=True)
@@ -170,7 +187,6 @@ def public_url(url: str) -> str:
 def _engine_url(url: str) -> str:
     """``postgresql://`` through psycopg 3 (the driver we pin) unless psycopg2 is there."""
     if url.startswith("postgresql://") or url.startswith("postgres://"):
-        import importlib.util
         if importlib.util.find_spec("psycopg2") is None:
             return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
@@ -193,8 +209,12 @@ def open_storage(url: Optional[str], store: Path, heartbeat: int = 10, grace: in
     else:
         engine = {"connect_args": {"connect_timeout": connect_timeout}, "pool_pre_ping": True}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # two processes making a new SQLite file at once both create its tables and one fails: one at a time (an existing
+    # file needs no lock, and a read-only store, as a viewer may serve, could not hold one)
+    new_file = scheme == "sqlite" and not db.exists()
+    guard = _file_lock(db.with_suffix(".lock")) if new_file else contextlib.nullcontext()
     try:
-        with warnings.catch_warnings():   # heartbeats are "experimental" in Optuna 5 and the documented way to retry
+        with guard, warnings.catch_warnings():   # heartbeats: "experimental" in Optuna 5, the documented way to retry
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(_engine_url(url), engine_kwargs=engine, heartbeat_interval=heartbeat,
                               grace_period=grace, heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
@@ -207,23 +227,26 @@ def open_storage(url: Optional[str], store: Path, heartbeat: int = 10, grace: in
 
 
 @contextlib.contextmanager
-def budget_lock(storage, url: Optional[str], store: Path, study_name: str):
+def _file_lock(path: Path):
+    """An exclusive ``flock`` on ``path`` (created if needed) for the ``with`` block."""
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def budget_lock(storage, study_name: str):
     """Held while a worker counts the trials and takes a new one: a file lock beside an SQLite file, an advisory
     lock on a PostgreSQL or MySQL server (so workers on several machines agree)."""
     engine = storage.engine
     dialect = engine.dialect.name
     if dialect == "sqlite":
-        import fcntl
-        path = Path(engine.url.database).with_suffix(".lock")
-        with open(path, "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with _file_lock(Path(engine.url.database).with_suffix(".lock")):
+            yield
         return
-    import zlib
-
     from sqlalchemy import text
     key = zlib.crc32(f"dpaat-sweep:{study_name}".encode())
     with engine.connect() as conn:
@@ -288,8 +311,6 @@ def _pruner(spec: SweepSpec):
 def worker_seed(base: int) -> int:
     """The sampler seed of this process: the sweep's seed mixed with the host and process, so that workers sharing a
     study do not propose the same settings (with one seed each would draw the same random trials)."""
-    import socket
-    import zlib
     return zlib.crc32(f"{base}:{socket.gethostname()}:{os.getpid()}".encode())
 
 
@@ -354,29 +375,28 @@ def _check_store_owner(run_dir: Path, spec: SweepSpec, storage: str) -> None:
 
 def score(run_dir: Path, objectives, eval_eps: float, eval_steps: int, device: str = "cpu") -> dict[str, float]:
     """The objectives of one finished run: its best checkpoint on its validation split."""
-    from . import loading
-    from .evaluate import evaluate
     model = loading.load_model(run_dir, device=device)
     val = loading.load_run_data(run_dir, "val")
-    norm = json.loads((run_dir / "config.json").read_text())["attack"]["norm"]
+    norm = read_config(run_dir)["attack"]["norm"]
     ev = evaluate(model, val, "pgd", norm, eval_eps, eval_steps, device=device)
     figures = {"pgd20_balanced": ev.robust_balanced_accuracy, "pgd20": ev.robust_accuracy,
                "balanced_accuracy": ev.balanced_accuracy, "accuracy": ev.accuracy, "auc": ev.auc}
     return {name: float(figures[name]) for name in objectives}
 
 
-class _Heartbeat:
-    """Beats the trial's heartbeat in a thread while it runs (what ``study.optimize`` does for its own trials)."""
+class Every:
+    """Calls ``fn`` every ``interval`` seconds in a daemon thread while the ``with`` block runs (first call at once);
+    an exception in one call is dropped and the next comes on time. A trial's heartbeat, the sweep's progress bar."""
 
-    def __init__(self, storage, trial_id: int, interval: float):
-        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+    def __init__(self, interval: float, fn: Callable[[], None], name: str):
+        self.interval, self.fn = interval, fn
         self.done = threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True, name="dpaat-sweep-heartbeat")
+        self.thread = threading.Thread(target=self._loop, daemon=True, name=name)
 
-    def _beat(self):
+    def _loop(self):
         while not self.done.is_set():
             with contextlib.suppress(Exception):
-                self.storage.record_heartbeat(self.trial_id)
+                self.fn()
             self.done.wait(self.interval)
 
     def __enter__(self):
@@ -391,8 +411,6 @@ class _Heartbeat:
 def run_trial(study, trial, spec: SweepSpec, store: Path, storage_url: str, device: Optional[str] = None) -> str:
     """Train and score one trial; returns its final state name. Pruned runs stop between batches."""
     from optuna.trial import TrialState
-
-    from .train import Stopped, train
     params = {}
     for p in spec.space.values():
         if p.choices:
@@ -418,7 +436,7 @@ def run_trial(study, trial, spec: SweepSpec, store: Path, storage_url: str, devi
     def progress(p):
         if p.phase == "epoch_end":
             if not (run_dir / "sweep.json").is_file():
-                _write_json(run_dir / "sweep.json", tag | {"state": "running"})
+                atomic_write_json(run_dir / "sweep.json", tag | {"state": "running"})
             if spec.prune != "none":
                 trial.report(float(p.metrics.get(report, math.nan)), p.epoch)
                 if p.epoch < p.epochs and trial.should_prune():
@@ -427,44 +445,39 @@ def run_trial(study, trial, spec: SweepSpec, store: Path, storage_url: str, devi
     try:
         train(config, store=store, run_id=rid, progress=progress, should_stop=pruned.is_set)
     except Stopped:
-        _write_json(run_dir / "sweep.json", tag | {"state": "pruned"})
+        atomic_write_json(run_dir / "sweep.json", tag | {"state": "pruned"})
         study.tell(trial, state=TrialState.PRUNED)
         return "pruned"
     except Exception as exc:
         if run_dir.is_dir():
-            _write_json(run_dir / "sweep.json", tag | {"state": "failed", "message": str(exc)[:300]})
+            atomic_write_json(run_dir / "sweep.json", tag | {"state": "failed", "message": str(exc)[:300]})
         trial.set_user_attr("error", f"{exc.__class__.__name__}: {exc}"[:300])
         study.tell(trial, state=TrialState.FAIL)
         raise
     values = score(run_dir, spec.objectives, spec.eval_eps, spec.eval_steps,
-                   device=config.train.device if config.train.device != "auto" else "cpu")
-    _write_json(run_dir / "sweep.json", tag | {"state": "complete", "values": values})
+                   device=resolve_device(config.train.device))   # where the run trained: its GPU under auto
+    atomic_write_json(run_dir / "sweep.json", tag | {"state": "complete", "values": values})
     study.tell(trial, [values[o] for o in spec.objectives])
     return "complete"
 
 
-def _write_json(path: Path, data: dict) -> None:
-    from .runs import atomic_write_json
-    atomic_write_json(path, data)
-
-
 def work(spec: SweepSpec, n_trials: int, store: Path, storage_url: Optional[str] = None, device: Optional[str] = None,
          heartbeat: int = 10, grace: int = 30, poll: float = 1.0,
-         on_trial: Optional[Callable[[str], None]] = None) -> int:
+         on_trial: Optional[Callable[[str], None]] = None, storage=None) -> int:
     """One worker: take trials while the study has fewer than ``n_trials`` finished (complete or pruned), running or
     waiting; wait while the rest run elsewhere (a dead worker's trial comes back once its heartbeat is stale).
-    Returns the number of trials this worker finished. A bad config or data stops the worker with its error."""
+    Returns the number of trials this worker finished. A bad config or data stops the worker with its error.
+    ``storage``: one already open on ``storage_url`` (else it is opened here)."""
     import optuna
-    from optuna.trial import TrialState
     url = storage_url or default_storage(store)
-    storage = open_storage(url, store, heartbeat, grace)
+    storage = storage or open_storage(url, store, heartbeat, grace)
     study = open_study(spec, storage, seed=worker_seed(spec.base.train.seed))
     mine = 0
     while True:
         with warnings.catch_warnings():   # "experimental since 2.9": the documented way to retry dead workers' trials
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
-        with budget_lock(storage, url, store, spec.name):
+        with budget_lock(storage, spec.name):
             c = counts(study)
             done = c["complete"] + c["pruned"]
             busy = c["running"] + c["waiting"]
@@ -476,10 +489,7 @@ def work(spec: SweepSpec, n_trials: int, store: Path, storage_url: Optional[str]
                 return mine
             time.sleep(poll)   # the last trials run in other workers: wait for them or for their heartbeat to stop
             continue
-        frozen = study._storage.get_trial(trial._trial_id)
-        if frozen.state != TrialState.RUNNING:   # pragma: no cover - ask() always returns a running trial
-            continue
-        with _Heartbeat(storage, trial._trial_id, heartbeat):
+        with Every(heartbeat, lambda: storage.record_heartbeat(trial._trial_id), "dpaat-sweep-heartbeat"):
             state = run_trial(study, trial, spec, store, url, device)
         mine += 1
         if on_trial:
@@ -488,7 +498,6 @@ def work(spec: SweepSpec, n_trials: int, store: Path, storage_url: Optional[str]
 
 def trials_frame(study):
     """The study's trials as a table: number, state, run, parameters, objective values, seconds."""
-    import pandas as pd
     names = spec_from_study(study).get("objectives") or ["value"]
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -550,4 +559,4 @@ def list_sweeps(store: Path, storage_url: Optional[str] = None) -> list[str]:
 
 __all__ = ["PARAMS", "OBJECTIVES", "SweepError", "SweepSpec", "Param", "parse_space", "parse_objectives",
            "check_space", "apply_params", "open_storage", "open_study", "work", "score", "trials_frame",
-           "list_sweeps", "run_id_of", "counts", "subset", "figures", "storage_tag"]
+           "list_sweeps", "run_id_of", "counts", "subset", "figures", "storage_tag", "check_name", "Every"]

@@ -8,6 +8,7 @@ from dashboard.state import ROOT, list_runs, refuse_in_viewer_mode, store
 from dpaat_core import launch, preview, runs
 from dpaat_core.config import (METHODS, AttackConfig, ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig,
                                method_config)
+from dpaat_core.data import load_dataset
 from dpaat_core.models import MODEL_NAMES
 
 refuse_in_viewer_mode("Training")
@@ -92,7 +93,6 @@ def _step_seconds(model: str, size: int, batch: int, k: int, method_name: str, n
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def _train_size(spec: str, size: int, max_n: int) -> int:
-    from dpaat_core.data import load_dataset
     n = len(load_dataset(spec, "train", size))
     return min(n, max_n) if max_n else n
 

@@ -4,7 +4,7 @@ import math
 import streamlit as st
 
 from dashboard.state import list_runs, store, viewer_mode
-from dpaat_core import sweep
+from dpaat_core import launch, sweep
 
 st.title("Tuning")
 path = store()
@@ -119,16 +119,13 @@ if not viewer_mode():
             objectives = st.text_input("Objectives", "pgd20_balanced,balanced_accuracy", key="sweep-objectives")
             go = st.form_submit_button("Start the sweep", type="primary")
         if go:
-            from dpaat_core import launch
             argv = ["--data", data, "--method", method, "--image-size", str(int(size)), "--epochs", str(int(epochs)),
                     "--space", space, "--objectives", objectives, "--trials", str(int(n)),
                     "--workers", str(int(workers))] + (["--storage", url] if url else [])
-            from dpaat_core.sweep import NAME, parse_objectives, parse_space
             try:
-                if not NAME.match(new):
-                    raise sweep.SweepError(f"sweep name {new!r}: letters, digits, '.', '_' and '-' only")
-                parse_space(space)
-                parse_objectives(objectives)
+                sweep.check_name(new)
+                sweep.parse_space(space)
+                sweep.parse_objectives(objectives)
             except sweep.SweepError as exc:
                 st.error(str(exc))
             else:
