@@ -17,7 +17,7 @@ from .models import MODEL_NAMES
 
 #: flags that describe a run; ``--resume`` takes them from the run's config.json instead.
 _RUN_FLAGS = ("config", "data", "model", "method", "epochs", "batch_size", "image_size", "norm", "eps", "alpha_ratio", "steps",
-              "gamma", "threshold", "sync", "beta_clean", "lam", "memoryless", "sigma", "lr", "weight_decay", "schedule",
+              "gamma", "threshold", "sync", "beta_clean", "lam", "memoryless", "class_renorm", "sigma", "lr", "weight_decay", "schedule",
               "imbalance", "early_stop", "patience", "augment", "seed", "max_samples", "root", "pretrained", "init_from", "name")
 
 
@@ -70,6 +70,9 @@ def add_run_arguments(t) -> None:
     mth.add_argument("--lam", type=float, help="weight of the synchronisation loss (default: the method's)")
     mth.add_argument("--memoryless", action="store_const", const=True,
                      help="no eps memory: split each batch with a probe attack at eps0 (two attacks per batch)")
+    mth.add_argument("--class-renorm", action="store_const", const=True,
+                     help="rescale the eps memory so that each class's mean eps stays at eps0 (dpaat_cnorm's rule; "
+                          "docs/CLASS_AWARE.md)")
     mth.add_argument("--sigma", type=float, help="gaussian method: std of the training noise per pixel in [0, 1] "
                                                   "units (default 0.25); certify the run at the same sigma")
     opt = t.add_argument_group("optimisation")
@@ -125,7 +128,7 @@ def _source_data(run_dir) -> dict:
     return {**(config.get("data") or {}), "seed": (config.get("train") or {}).get("seed")}
 
 
-_METHOD_FLAGS = ("gamma", "threshold", "sync", "beta_clean", "lam", "memoryless", "sigma")
+_METHOD_FLAGS = ("gamma", "threshold", "sync", "beta_clean", "lam", "memoryless", "class_renorm", "sigma")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:

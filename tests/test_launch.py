@@ -32,9 +32,10 @@ def _everything_off_default(pretrained=False, init_from=None) -> RunConfig:
                           seed=3, device="cpu", compile=False, max_minutes=30.0))
 
 
-#: filled in by the trainer from ``model.init_from`` (the source run's), not settings a config gives; and the noise's
-#: sigma, which a dpaat config cannot set (the gaussian method's alone: test_the_command_line_carries_gaussian_sigma)
-DERIVED = {("model", "normalization"), ("model", "gradcam_layer"), ("method", "sigma")}
+#: filled in by the trainer from ``model.init_from`` (the source run's), not settings a config gives; the noise's
+#: sigma, which a dpaat config cannot set (the gaussian method's alone: test_the_command_line_carries_gaussian_sigma);
+#: and class_renorm, which excludes the memoryless dpaat above (test_the_command_line_carries_class_renorm)
+DERIVED = {("model", "normalization"), ("model", "gradcam_layer"), ("method", "sigma"), ("method", "class_renorm")}
 
 
 def _off_default(cfg: RunConfig, skip=()) -> list[str]:
@@ -63,6 +64,18 @@ def test_the_command_line_carries_gaussian_sigma(tmp_path):
     runs.atomic_write_json(file, cfg.to_dict())
     args = build_parser().parse_args(launch.train_argv(file, tmp_path, "x")[3:])
     assert config_from_args(args) == cfg and config_from_args(args).method.sigma == 0.4
+
+
+def test_the_command_line_carries_class_renorm(tmp_path):
+    cfg = _everything_off_default().replace(method=method_config("dpaat", class_renorm=True, threshold="class_mean"))
+    file = launch.config_path(tmp_path, "x")
+    file.parent.mkdir(parents=True)
+    runs.atomic_write_json(file, cfg.to_dict())
+    args = build_parser().parse_args(launch.train_argv(file, tmp_path, "x")[3:])
+    assert config_from_args(args) == cfg and config_from_args(args).method.class_renorm is True
+    flags = build_parser().parse_args(["train", "--data", "synthetic", "--model", "resnet8", "--method", "dpaat",
+                                       "--epochs", "1", "--class-renorm"])
+    assert config_from_args(flags).method.class_renorm is True
 
 
 @pytest.mark.slow
