@@ -2,6 +2,7 @@
 bench/results/ (study.csv, epochs.csv, corruptions_runs.csv) and must read exactly as written."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -125,3 +126,81 @@ def test_the_run_count_the_apgd_gap_and_the_corruption_lead(results):
     corr = pd.read_csv(RESULTS / "corruptions_runs.csv").rename(columns={"group": "study", "method": "variant"})
     d = diff(corr, "dpaat", "pgd_at", "mean_corrupted")
     assert f"minus PGD-AT is {num(d['mean'])} {ci(d)}: not a measurable lead" in TEXT
+
+
+# ------------------------------------------------------------------------------------ third round: equal28
+
+FLAT = " ".join(TEXT.split())
+
+
+def flat(text: str) -> str:
+    """Text with its line breaks and indents as single spaces (the prose wraps where it likes)."""
+    return " ".join(text.split())
+
+
+def _equal(results):
+    return results[results["study"] == "equal28"]
+
+
+def claim(frame, a, b, metric, study="equal28") -> str:
+    d = diff(frame, a, b, metric, study)
+    return f"{num(d['mean'])} {ci(d)}"
+
+
+def test_the_equal_length_headline(results):
+    eq = _equal(results)
+    pgd = rep.paired_difference(eq, "dpaat", "pgd_at", "pgd20", "equal28")
+    means = eq.groupby("variant")["pgd20"].agg(["mean", "std"]) * 100
+    claims = [
+        f"PGD-20 **{num(pgd['mean'])}** {ci(pgd)}, {means.loc['dpaat', 'mean']:.1f} ± {means.loc['dpaat', 'std']:.1f}% "
+        f"against {means.loc['pgd_at', 'mean']:.1f} ± {means.loc['pgd_at', 'std']:.1f}%",
+        "APGD's worst case\n  " + claim(eq, "dpaat", "pgd_at", "apgd"),
+    ]
+    clean = diff(eq, "dpaat", "pgd_at", "clean_accuracy", "equal28")
+    claims.append(f"Clean accuracy **{num(clean['mean'])}** {ci(clean)} and AUC "
+                  + claim(eq, "dpaat", "pgd_at", "auc"))
+    claims.append("balanced\n  accuracy " + claim(eq, "dpaat", "pgd_at", "balanced_accuracy"))
+    test = diff(eq, "dpaat", "pgd_at", "pgd20_balanced", "equal28")
+    val = diff(eq, "dpaat", "pgd_at", "val_pgd20_balanced", "equal28")
+    claims.append(f"Robust balanced accuracy **{num(test['mean'])}** {ci(test)} on test and **{num(val['mean'])}** "
+                  f"{ci(val)}\n  on validation")
+    claims.append(f"the robustness gain over PGD-AT disappears (PGD-20 {num(pgd['mean'])}, CI {num(pgd['ci_low'])} "
+                  f"to {num(pgd['ci_high'])}) and the\nrare-class cost stays (robust balanced {num(test['mean'])} on "
+                  f"test, {num(val['mean'])} on validation)")
+    for text in claims:
+        assert flat(text) in FLAT, text
+
+
+def test_the_class_aware_variants_against_dpaat_and_pgd_at(results):
+    eq = _equal(results)
+    c = lambda a, b, m: claim(eq, a, b, m)  # noqa: E731
+    claims = [
+        f"robust balanced accuracy **{c('dpaat_cthr', 'dpaat', 'pgd20_balanced').replace(' (', '** (', 1)} on test "
+        f"and {c('dpaat_cthr', 'dpaat', 'val_pgd20_balanced')} on validation, PGD-20 "
+        f"{c('dpaat_cthr', 'dpaat', 'pgd20')}, clean {c('dpaat_cthr', 'dpaat', 'clean_accuracy')}",
+        f"robust balanced {c('dpaat_cthr', 'pgd_at', 'pgd20_balanced')} on test and "
+        f"{c('dpaat_cthr', 'pgd_at', 'val_pgd20_balanced')}\n    on validation; PGD-20 {c('dpaat_cthr', 'pgd_at', 'pgd20')}, "
+        f"clean {c('dpaat_cthr', 'pgd_at', 'clean_accuracy')}, AUC {c('dpaat_cthr', 'pgd_at', 'auc')}",
+        f"robust balanced **{c('dpaat_cnorm', 'dpaat', 'pgd20_balanced').replace(' (', '** (', 1)} on test, "
+        f"{c('dpaat_cnorm', 'dpaat', 'val_pgd20_balanced')} on\n    validation; PGD-20 {c('dpaat_cnorm', 'dpaat', 'pgd20')}",
+        f"Against PGD-AT: robust balanced {c('dpaat_cnorm', 'pgd_at', 'pgd20_balanced')}, PGD-20 "
+        f"{c('dpaat_cnorm', 'pgd_at', 'pgd20')}",
+    ]
+    for text in claims:
+        assert flat(text) in FLAT, text
+
+
+def test_the_per_class_figures_are_the_bootstrap_tables_of_equal28_md():
+    """The per-class intervals in the text are the pooled (test + val) column of bench/results/equal28.md."""
+    report = (RESULTS / "equal28.md").read_text()
+
+    def pooled(variant: str, cls: str) -> tuple[str, str, str]:
+        block = report.split(f"#### {variant} minus pgd_at")[1].split("####")[0]
+        row = next(line for line in block.splitlines() if line.startswith(f"| {cls} |"))
+        m = re.findall(r"([+-]\d+\.\d) \[([+-]\d+\.\d), ([+-]\d+\.\d)\]", row)[-1]
+        return tuple(v.replace("-", "−") for v in m)
+
+    for variant, cls in (("dpaat", "akiec"), ("dpaat", "bcc"), ("dpaat", "bkl"), ("dpaat", "nv"),
+                         ("dpaat_cthr", "akiec")):
+        mean, lo, hi = pooled(variant, cls)
+        assert f"{cls} {mean}" in TEXT and f"(CI {lo} to {hi}" in TEXT, (variant, cls, mean, lo, hi)
