@@ -45,6 +45,8 @@ def _warm_imports() -> None:
 
 
 st.set_page_config(page_title="DPAAT Lab", layout="wide")
+if viewer_mode():   # no Deploy button, and no "Clear cache" that would make every visitor wait for the recomputes
+    st.set_option("client.toolbarMode", "minimal")
 _warm_imports()
 pages = [
     st.Page(home, title="Home", icon=":material/home:"),

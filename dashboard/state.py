@@ -327,7 +327,7 @@ def predictions(run: runs.Run, data, split: str) -> pd.DataFrame:
 @st.cache_data(show_spinner=False, max_entries=8)
 def _report(run_dirs: tuple, stamps: tuple) -> str:
     from dpaat_core.report import report_html
-    return report_html(list(run_dirs))
+    return report_html(list(run_dirs), viewer=viewer_mode())   # a viewer's download shows no server path
 
 
 def _report_or_problem(run_dirs: tuple, stamps: tuple) -> str:
@@ -337,8 +337,9 @@ def _report_or_problem(run_dirs: tuple, stamps: tuple) -> str:
     try:
         return _report(run_dirs, stamps)
     except Exception as exc:  # noqa: BLE001 - any failure becomes the downloaded page's one line
+        why = "one of the runs' saved tables could not be read" if viewer_mode() else _first_line(exc)
         return (f"<!DOCTYPE html><meta charset='utf-8'><title>No report</title><p>The report could not be made: "
-                f"{html.escape(_first_line(exc))}</p>")
+                f"{html.escape(why)}</p>")
 
 
 def report_download(selected) -> Callable[[], str]:

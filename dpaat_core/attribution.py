@@ -197,13 +197,20 @@ def topk_iou(a, b, k: float = 0.1):
 def ssim(a, b):
     """SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5) of the maps min-max scaled to [0, 1].
 
-    Scaling first compares the maps' shapes, not their units. A constant map scales to zeros.
-    Maps must be at least 11 px on a side.
+    Scaling first compares the maps' shapes, not their units. A constant map scales to zeros. Maps under 11 px on a
+    side (8 px images) use the largest odd uniform window that fits (3 px at least); smaller maps give NaN.
     """
     a, b, batched = _pair(a, b)
     unit = lambda v: (v - v.min()) / (v.max() - v.min()) if v.max() > v.min() else np.zeros_like(v)  # noqa: E731
-    values = [structural_similarity(unit(p), unit(q), data_range=1.0, gaussian_weights=True, sigma=1.5,
-                                    use_sample_covariance=False) for p, q in zip(a, b)]
+    side = min(a.shape[-2:])
+    if side >= 11:
+        window = {"gaussian_weights": True, "sigma": 1.5}
+    elif side >= 3:
+        window = {"win_size": side if side % 2 else side - 1}
+    else:
+        return _result(np.full(len(a), np.nan), batched)
+    values = [structural_similarity(unit(p), unit(q), data_range=1.0, use_sample_covariance=False, **window)
+              for p, q in zip(a, b)]
     return _result(np.array(values, dtype=np.float64), batched)
 
 

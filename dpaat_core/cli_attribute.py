@@ -89,6 +89,8 @@ def _attribute(args: argparse.Namespace) -> int:
         raise ConfigError(f"--n must be >= 1 and --steps from 1 to {MAX_STEPS}, got {args.n} and {args.steps}")
     if args.eps is not None and not 0 < args.eps <= 1000:
         raise ConfigError(f"--eps must be a number > 0, got {args.eps}")
+    runs.check_not_training(args.run_dir, "attribute")
+    runs.check_writable(args.run_dir, "attribute")
     table, images = attribution_table(args.run_dir, methods, args.n, args.split, args.data, args.eps, args.norm,
                                       args.steps, args.seed, resolve_device(args.device))
     path, images_path = runs.save_attribution(args.run_dir, table, images)

@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import runs
 from .attacks import MAX_STEPS
 from .config import ConfigError
 
@@ -52,6 +53,8 @@ def _audit(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-samples must be >= 1, got {args.max_samples}")
     if (args.attribution_images is not None and args.attribution_images < 1) or args.batch_size < 1 or not 1 <= args.apgd_steps <= MAX_STEPS:
         raise ConfigError(f"--attribution-images and --batch-size must be >= 1 and --apgd-steps from 1 to {MAX_STEPS}")
+    runs.check_not_training(args.run_dir, "audit")
+    runs.check_writable(args.run_dir, "audit")
     device = resolve_device(args.device)
     audit(args.run_dir, args.data, args.split, args.max_samples, args.attribution_images, args.apgd_steps,
           args.batch_size, device, args.seed, log=lambda line: print(line, file=sys.stderr))

@@ -45,6 +45,7 @@ def _certify(args: argparse.Namespace) -> int:
         check_settings(args.sigma, args.n0, args.n, args.alpha, args.batch_size)
     except ValueError as exc:
         raise ConfigError(f"--{str(exc).replace('_', '-')}") from None
+    runs.check_not_training(args.run_dir, "certify")
     device = resolve_device(args.device)
     config = runs.read_config(args.run_dir)
     model = loading.load_model(args.run_dir, device=device)

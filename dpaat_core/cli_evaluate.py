@@ -121,6 +121,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         if clash:   # a grid is always on the whole split, so that its cells stay comparable
             raise ConfigError(f"{', '.join(clash)} do(es) not apply to --corruptions (an attack's settings; the "
                               "corruption grid always covers the whole split)")
+    runs.check_not_training(args.run_dir, "evaluate")
     device = resolve_device(args.device)
     config = runs.read_config(args.run_dir)
     model = loading.load_model(args.run_dir, device=device)
@@ -192,9 +193,17 @@ def _corruptions(args: argparse.Namespace, model, dataset, config: dict, device)
     summary = corruption_error(grids, "reference" if reference is not None else None).set_index("run")
     line = f"\nmean corrupted accuracy {summary.loc['this run', 'mean_corrupted']:.4g}"
     if reference is not None:
-        line += (f"; mCE {summary.loc['this run', 'mce']:.1f} and relative mCE "
-                 f"{summary.loc['this run', 'relative_mce']:.1f} against {args.reference} (100 = as the reference, "
-                 f"over {summary.loc['this run', 'cells']} cells)")
+        row = summary.loc["this run"]
+        severities = set(grid.severity[grid.corruption != CLEAN])
+        cells = reference[(reference.corruption != CLEAN) & reference.severity.isin(severities)]
+        perfect = sorted(c for c, acc in cells.groupby("corruption").accuracy.min().items() if acc >= 1)
+        mce = (f"mCE {row['mce']:.1f}" if math.isfinite(row["mce"]) else
+               f"mCE undefined (the reference makes no error under {', '.join(perfect) or 'a corruption'}: an error "
+               "ratio needs one)")
+        relative = (f"relative mCE {row['relative_mce']:.1f}" if math.isfinite(row["relative_mce"]) else
+                    "relative mCE undefined (no corruption lowers the reference's accuracy)")
+        line += (f"; {mce} and {relative} against {args.reference} (100 = as the reference, "
+                 f"over {row['cells']} cells)")
     print(line)
     print(f"wrote {path}", file=sys.stderr)
     return 0

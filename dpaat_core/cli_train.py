@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .config import METHODS, ConfigError, RunConfig, method_config
+from .config import METHODS, SECTIONS, ConfigError, RunConfig, method_config
 from .models import MODEL_NAMES
 
 #: flags that describe a run; ``--resume`` takes them from the run's config.json instead.
@@ -102,6 +102,11 @@ def add_runs_parser(sub) -> None:
     r.set_defaults(run=_runs)
 
 
+#: what a run's config.json holds beside the sections: written by the store, ignored when read back
+RECORD_KEYS = ("format", "dataset", "versions", "init", "run_id")
+CONFIG_KEYS = (*SECTIONS, *RECORD_KEYS)
+
+
 def read_config_file(path: str) -> RunConfig:
     """A :class:`RunConfig` from a JSON file in ``config.json`` format (partial: defaults fill the rest)."""
     import json
@@ -111,6 +116,12 @@ def read_config_file(path: str) -> RunConfig:
         raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
     except ValueError as exc:
         raise ConfigError(f"--config {path}: not JSON ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"--config {path}: nested too deeply to be a run config") from None
+    unknown = sorted(set(data) - set(CONFIG_KEYS)) if isinstance(data, dict) else []
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown section(s) {', '.join(map(repr, unknown))}; a run config has "
+                          f"{', '.join(SECTIONS)} (and the {', '.join(RECORD_KEYS)} a run's config.json adds)")
     try:
         return RunConfig.from_dict(data)
     except (TypeError, ConfigError) as exc:
@@ -118,13 +129,16 @@ def read_config_file(path: str) -> RunConfig:
 
 
 def _source_data(run_dir) -> dict:
-    """The data spec, image size, root and split seed of the run ``--init-from`` names ({} when it cannot be read:
-    the start checks it then)."""
+    """The data spec, image size, root and split seed of the run ``--init-from`` names; a source that is not a
+    readable run folder is a ConfigError that names it (not "train needs --data")."""
     from . import runs
+    if not Path(run_dir).is_dir():
+        what = "no such folder" if not Path(run_dir).exists() else "a file, not a run folder"
+        raise ConfigError(f"--init-from {run_dir}: {what}; give the run folder whose weights training starts from")
     try:
         config = runs.read_config(run_dir)
-    except runs.RunError:
-        return {}
+    except runs.RunError as exc:
+        raise ConfigError(f"--init-from {run_dir}: not a run to start from ({exc})") from None
     return {**(config.get("data") or {}), "seed": (config.get("train") or {}).get("seed")}
 
 

@@ -101,6 +101,27 @@ def parse_threshold(rule: str) -> tuple[str, Optional[float]]:
     return kind, None
 
 
+#: bounds on a model's own normalisation, in [0, 1] pixel units: beyond them (x - mean) / std overflows or is noise
+MEAN_LIMIT, STD_RANGE = 1e3, (1e-4, 1e3)
+
+
+def check_normalization(what: str, values, channels: Optional[int] = None) -> tuple[float, ...]:
+    """``values`` as a tuple of finite floats for ``what`` ("mean" or "std", one per channel when ``channels`` is
+    given): a mean within +-MEAN_LIMIT, a std within STD_RANGE; else a ConfigError that names the value."""
+    try:
+        values = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a list of numbers, one per channel, got {values!r}") from None
+    if not values or (channels is not None and len(values) != channels):
+        raise ConfigError(f"{what} needs {channels or 'one or more'} number(s), one per channel, got {list(values)}")
+    if not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"{what} must be finite numbers, got {list(values)}")
+    lo, hi = (-MEAN_LIMIT, MEAN_LIMIT) if what.endswith("mean") else STD_RANGE
+    if not all(lo <= v <= hi for v in values):
+        raise ConfigError(f"{what} values must lie in [{lo:g}, {hi:g}] (pixels in [0, 1]), got {list(values)}")
+    return values
+
+
 @dataclass(frozen=True)
 class DataConfig(_Section):
     spec: str = "synthetic"
@@ -136,6 +157,11 @@ class ModelConfig(_Section):
             _fail("model", "init_from", self.init_from, "a run folder")
         if self.init_from is not None and self.pretrained:
             raise ConfigError("model: pretrained and init_from both set; a run starts from one set of weights")
+        if self.normalization is not None:
+            if not isinstance(self.normalization, dict) or set(self.normalization) != {"mean", "std"}:
+                _fail("model", "normalization", self.normalization, "an object with a mean and a std list")
+            mean = check_normalization("model.normalization.mean", self.normalization["mean"])
+            check_normalization("model.normalization.std", self.normalization["std"], len(mean))
 
 
 @dataclass(frozen=True)
@@ -262,6 +288,7 @@ class TrainConfig(_Section):
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "attack": AttackConfig, "method": MethodConfig,
              "train": TrainConfig}
+SECTIONS = tuple(_SECTIONS)
 
 
 @dataclass(frozen=True)

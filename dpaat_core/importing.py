@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .config import ConfigError, check_normalization
 from .models import ARCHS, Classifier, _adapt_first_conv, build_model, default_normalization
 from .runs import RunError
 
@@ -103,6 +104,10 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     unpickled beyond plain tensors and containers), unwrapped from ``state_dict``/``model`` and ``module.``."""
     from .runs import load_checkpoint, load_weights
     path = Path(path)
+    if path.is_dir():
+        raise ImportProblem(f"{path}: a folder, not a weights file")
+    if path.exists() and not path.is_file():
+        raise ImportProblem(f"{path}: not a regular file (a device, a pipe or a socket); give a weights file")
     if not path.is_file():
         raise ImportProblem(f"{path}: no such file")
     try:
@@ -119,6 +124,11 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
                             "model)")
     if all(k.startswith("module.") for k in tensors):
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    broken = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise ImportProblem(f"{path}: {broken[0]} holds NaN or infinite values"
+                            + (f" (and {len(broken) - 1} more tensors)" if len(broken) > 1 else "")
+                            + "; these weights cannot give a prediction")
     return tensors
 
 
@@ -149,14 +159,31 @@ def _fit(backbone: nn.Module, state: dict, arch: str, num_classes: int, path: Pa
 def _channels(values: Optional[Sequence[float]], in_channels: int, what: str, default) -> tuple:
     if values is None:
         return tuple(default)
-    values = tuple(float(v) for v in values)
-    if len(values) == 1:
-        values = values * in_channels
-    if len(values) != in_channels or any(v != v for v in values):
-        raise ImportProblem(f"--{what} needs {in_channels} number(s), one per channel, got {list(values)}")
-    if what == "std" and any(v <= 0 for v in values):
-        raise ImportProblem(f"--std values must be > 0, got {list(values)}")
-    return values
+    values = tuple(values)
+    try:
+        return check_normalization(f"--{what}", values * in_channels if len(values) == 1 else values, in_channels)
+    except ConfigError as exc:
+        raise ImportProblem(str(exc)) from None
+
+
+def _check_gradcam_layer(model: Classifier, path: str, arch: str, image_size: int, in_channels: int) -> None:
+    """Refuse a Grad-CAM layer that does not exist or does not give a feature map ``(N, C, H, W)``."""
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        raise ImportProblem(f"--gradcam-layer {path.removeprefix('backbone.')}: {arch} has no such module") from None
+    shapes = []
+    hook = module.register_forward_hook(lambda _m, _i, out: shapes.append(getattr(out, "shape", None)))
+    try:
+        with torch.no_grad():
+            model.eval()(torch.rand(1, in_channels, image_size, image_size))
+    finally:
+        hook.remove()
+    shape = shapes[-1] if shapes else None
+    if shape is None or len(shape) != 4:
+        what = "never runs in the forward pass" if not shapes else f"gives {tuple(shape) if shape else 'no tensor'}"
+        raise ImportProblem(f"--gradcam-layer {path.removeprefix('backbone.')}: a {type(module).__name__} that "
+                            f"{what}, not a feature map (N, C, H, W); leave the flag out to find the last one")
 
 
 def import_model(arch: str, weights: str | Path, image_size: int, classes: Sequence[str], store: str | Path,
@@ -181,10 +208,7 @@ def import_model(arch: str, weights: str | Path, image_size: int, classes: Seque
     model = Classifier(arch, backbone, len(classes), in_channels, mean, std)
     if gradcam_layer is not None:
         path = gradcam_layer if gradcam_layer.startswith("backbone.") else f"backbone.{gradcam_layer}"
-        try:
-            model.get_submodule(path)
-        except AttributeError:
-            raise ImportProblem(f"--gradcam-layer {gradcam_layer}: {arch} has no such module") from None
+        _check_gradcam_layer(model, path, arch, image_size, in_channels)
     else:
         path = find_gradcam_layer(model, image_size, in_channels)
     digest = file_sha256(weights)
@@ -223,5 +247,9 @@ def build_classifier(model: dict, num_classes: int, in_channels: int = 3) -> Cla
     """The classifier a config's ``model`` section describes with its own normalisation and Grad-CAM layer (an
     imported run, or one started from it), freshly initialised."""
     norm = model.get("normalization") or {}
+    if norm:
+        mean = check_normalization("model.normalization.mean", norm.get("mean"), in_channels)
+        check_normalization("model.normalization.std", norm.get("std"), in_channels)
+        norm = {"mean": mean, "std": tuple(norm["std"])}
     return Classifier(model["name"], build_backbone(model["name"], num_classes, in_channels), num_classes,
                       in_channels, norm.get("mean"), norm.get("std"), model.get("gradcam_layer"))

@@ -41,6 +41,10 @@ def load_model(run_dir, device="cpu", weights: str = "best") -> torch.nn.Module:
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise RunError(f"{file}: weights do not fit a {name} with {num_classes} classes: {'; '.join(problems[:3])}{more}")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise RunError(f"{file}: {broken[0]} holds NaN or infinite values (training diverged, or the file was made "
+                       "so); these weights cannot give a prediction")
     model.load_state_dict(state, strict=True)  # copy_ casts to the model's dtypes: float16 files load into float32
     return model.to(device).eval()
 

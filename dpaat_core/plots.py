@@ -50,7 +50,8 @@ def robustness_chart(curves: pd.DataFrame, x: str = "eps") -> go.Figure:
     frame = frame[frame[x].notna() & frame["accuracy"].notna()]
     if not len(frame):
         return empty_figure(title)
-    frame = frame.assign(norm=frame["norm"].fillna("?").astype(str), attack=frame["attack"].fillna("?").astype(str))
+    frame = frame.assign(norm=frame["norm"].fillna("?").astype(str).map(html.escape),   # a CSV's text: titles,
+                         attack=frame["attack"].fillna("?").astype(str))                # axes and hover show it
     has_run = "run" in frame
     if has_run:
         frame = frame.assign(run=frame["run"].fillna("?").astype(str))

@@ -12,6 +12,7 @@ folder (names, classes, paths) is escaped: a report of a hostile run folder runs
 from __future__ import annotations
 
 import base64
+import contextvars
 import hashlib
 import html
 import io
@@ -27,6 +28,7 @@ from . import runs
 from .audit import apgd_norm, has_gradcam, read_apgd, read_per_class, read_protocol
 from .certify import fullest, per_class as certified_per_class, summary as certified_summary
 from .class_robustness import saved as saved_by_class, weakest_sentence
+from .data import display_name
 from .evaluate import reference_eps
 from .plots import PALETTE, certified_chart, per_class_chart, robustness_chart
 
@@ -95,9 +97,21 @@ def _png(array: np.ndarray) -> str:
     return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
+#: the scripts this report writes (each figure's): only these are allowed to run, by their hashes
+_OWN_SCRIPTS: contextvars.ContextVar[list] = contextvars.ContextVar("own_scripts")
+
+
+def _script_hash(code: str) -> str:
+    return f"'sha256-{base64.b64encode(hashlib.sha256(code.encode()).digest()).decode()}'"
+
+
 def _figure(fig: go.Figure) -> str:
     fig.update_layout(height=420, margin={"t": 60, "b": 40})
-    return fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False, "responsive": True})
+    text = fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False, "responsive": True})
+    own = _OWN_SCRIPTS.get(None)
+    if own is not None:   # plotly writes the figure's data escaped (no "</script>" in it): one script, ours
+        own.extend(re.findall(r"<script[^>]*>(.*?)</script>", text, flags=re.S))
+    return text
 
 
 def describe_origin(config: dict) -> str:
@@ -124,8 +138,8 @@ def describe_origin(config: dict) -> str:
 class _Run:
     """One run's tables for the report, read once (only the rows of ``split`` and ``data``)."""
 
-    def __init__(self, run_dir, split: str, data: Optional[str]):
-        self.path, self.split = Path(run_dir), split
+    def __init__(self, run_dir, split: str, data: Optional[str], viewer: bool = False):
+        self.path, self.split, self.viewer = Path(run_dir), split, viewer
         self.id = self.path.name
         self.config = runs.read_config(self.path)
         self.data = data or (self.config.get("data") or {}).get("spec")
@@ -183,11 +197,19 @@ class _Run:
                 "map on lesion": mean("energy_clean")}
 
 
-def _missing(what: str, run: "_Run") -> str:
+def _command(run: "_Run", command: str, extra: str = "") -> str:
+    """The command that fills a missing table, as ``<code>``: in a viewer's report, with the run named in the store
+    and without the data's path (who reads it cannot run it there)."""
+    if run.viewer:
+        return f"<code>python -m dpaat_core {command} &lt;store&gt;/{_esc(run.id)}{_esc(extra)}</code>"
     flags = (f" --split {run.split}" if run.split != "test" else "") + (
         f" --data {run.data}" if run.data != (run.config.get("data") or {}).get("spec") else "")
-    return (f'<p class="note">No {what} for the {_esc(run.split)} split of this data yet: run <code>python -m '
-            f'dpaat_core audit {_esc(run.path)}{_esc(flags)}</code>.</p>')
+    return f"<code>python -m dpaat_core {command} {_esc(run.path)}{_esc(extra + flags)}</code>"
+
+
+def _missing(what: str, run: "_Run") -> str:
+    return (f'<p class="note">No {what} for the {_esc(run.split)} split of this data yet: '
+            f'{"whoever keeps the runs can fill it with" if run.viewer else "run"} {_command(run, "audit")}.</p>')
 
 
 def _weakest(run: _Run) -> str:
@@ -215,7 +237,7 @@ def _run_section(run: _Run, examples: str, figure: bool = True) -> str:
              '<table class="meta">'
              f"<tr><td>origin</td><td>{_esc(describe_origin(run.config))}</td></tr>"
              f"<tr><td>architecture</td><td>{_esc((run.config.get('model') or {}).get('name'))}</td></tr>"
-             f"<tr><td>data</td><td>{_esc(run.data)}</td></tr>"
+             f"<tr><td>data</td><td>{_esc(display_name(run.data) if run.viewer else run.data)}</td></tr>"
              f"<tr><td>classes</td><td>{_esc(', '.join(map(str, run.classes)))}</td></tr>"
              f"<tr><td>eps judged at</td><td>l2 {run.eps['l2']:g}, linf {run.eps['linf'] * 255:.3g}/255</td></tr>"
              "</table>"]
@@ -263,9 +285,9 @@ def _certified_section(run: _Run) -> str:
     class, and the certified curve on the PGD curve's axis."""
     parts = ["<h3>Certified robustness (randomized smoothing)</h3>"]
     if not len(run.certified):
-        flags = f" --split {run.split}" if run.split != "test" else ""
-        return parts[0] + (f'<p class="note">No certified radii for the {_esc(run.split)} split of this data yet: run '
-                           f'<code>python -m dpaat_core certify {_esc(run.path)} --sigma 0.25{_esc(flags)}</code>.</p>')
+        return parts[0] + (f'<p class="note">No certified radii for the {_esc(run.split)} split of this data yet: '
+                           f'{"whoever keeps the runs can fill it with" if run.viewer else "run"} '
+                           f'{_command(run, "certify", " --sigma 0.25")}.</p>')
     parts.append("<p class='note'>An attack only shows that one attack failed. A certified radius is a guarantee: no "
                  "change of the image with an l2 norm below it can alter the smoothed model's answer (the class that "
                  "Gaussian noise of std σ leaves on top), each with probability 1 − alpha.</p>")
@@ -347,12 +369,21 @@ def _comparison(items: list[_Run]) -> str:
 
 
 def report_html(run_dirs: Sequence, data: Optional[str] = None, split: str = "test", n_examples: int = 6,
-                device="cpu", seed: int = 0) -> str:
-    """The report of ``run_dirs`` (one page; several runs are compared first) as an HTML string."""
+                device="cpu", seed: int = 0, viewer: bool = False) -> str:
+    """The report of ``run_dirs`` (one page; several runs are compared first) as an HTML string; ``viewer``: for
+    people who only look (no path of the server in it: data by its name, commands without the store's path)."""
     import plotly.offline
     if not run_dirs:
         raise ValueError("a report needs at least one run")
-    items = [_Run(r, split, data) for r in run_dirs]
+    own = _OWN_SCRIPTS.set([])
+    try:
+        return _report_html(run_dirs, data, split, n_examples, device, seed, viewer, plotly.offline.get_plotlyjs())
+    finally:
+        _OWN_SCRIPTS.reset(own)
+
+
+def _report_html(run_dirs, data, split, n_examples, device, seed, viewer: bool, plotly_js: str) -> str:
+    items = [_Run(r, split, data, viewer) for r in run_dirs]
     sections = []
     picks: dict = {}      # the same images for every run of the same data, size and split seed
     for run in items:
@@ -366,7 +397,8 @@ def report_html(run_dirs: Sequence, data: Optional[str] = None, split: str = "te
                     picks[key] = dataset, example_index(dataset, n_examples, seed)
             examples = _examples(run, *picks[key], device, seed) if n_examples > 0 else ""
         except Exception as exc:  # noqa: BLE001 - the data is not on this machine, ...: the examples are optional
-            examples = f'<p class="note">No example images: {_esc(str(exc).splitlines()[0] if str(exc) else exc)}</p>'
+            why = "the data could not be read here" if viewer else (str(exc).splitlines()[0] if str(exc) else exc)
+            examples = f'<p class="note">No example images: {_esc(why)}</p>'
         sections.append(_run_section(run, examples, figure=len(items) == 1))
     title = "DPAAT Lab audit: " + ", ".join(r.id for r in items)
     body = [f"<h1>{_esc(title)}</h1>",
@@ -379,10 +411,10 @@ def report_html(run_dirs: Sequence, data: Optional[str] = None, split: str = "te
         body.append("<h2>Headline</h2>" + _table(pd.DataFrame([items[0].headline()])))
     body.extend(sections)
     body = "".join(body)
-    script = f"<script>{plotly.offline.get_plotlyjs()}</script>" if "plotly-graph-div" in body else ""
-    # Only the scripts written here may run (by hash: an injected one would not), and nothing may be fetched.
-    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(code.encode()).digest()).decode()}'"
-                      for code in re.findall(r"<script[^>]*>(.*?)</script>", script + body, flags=re.S))
+    figures = _OWN_SCRIPTS.get()
+    script = f"<script>{plotly_js}</script>" if figures else ""
+    # Only the scripts written here may run (by hash: one that slipped into the body would not), nothing is fetched.
+    hashes = " ".join(_script_hash(code) for code in dict.fromkeys(([plotly_js] if figures else []) + figures))
     policy = (f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src {hashes or NO_SCRIPT}; "
               "base-uri 'none'; form-action 'none'")
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
@@ -393,6 +425,21 @@ def report_html(run_dirs: Sequence, data: Optional[str] = None, split: str = "te
 def write_report(run_dirs: Sequence, out, **options) -> Path:
     """:func:`report_html` written atomically to ``out``."""
     out = Path(out)
+    check_output(out)
     text = report_html(run_dirs, **options)
-    runs.atomic_write_text(out, text)
+    try:
+        runs.atomic_write_text(out, text)
+    except OSError as exc:
+        raise runs.RunError(f"{out}: cannot write the report there ({exc.strerror or exc})") from None
     return out
+
+
+def check_output(out: Path) -> None:
+    """Refuse, before any work, a report path whose folder is missing or is a file, or that is a folder."""
+    folder = out.parent
+    if not folder.exists():
+        raise runs.RunError(f"{out}: its folder {folder} does not exist")
+    if not folder.is_dir():
+        raise runs.RunError(f"{out}: {folder} is a file, not a folder")
+    if out.is_dir():
+        raise runs.RunError(f"{out}: a folder; name the report's file, e.g. {out / 'report.html'}")

@@ -385,6 +385,27 @@ def load_run(path) -> Run:
     return run
 
 
+def check_writable(run_dir, command: str) -> None:
+    """Refuse, before any work, a run folder this process cannot write into: ``command`` saves its tables there."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-check.", dir=run_dir)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise RunError(f"{run_dir}: cannot write into this run folder ({exc.strerror or exc}); {command} saves its "
+                       "tables there, so nothing was computed") from None
+
+
+def check_not_training(run_dir, command: str) -> None:
+    """Refuse to measure a run while it trains: its weights change under the measurement, and the saved figures would
+    not say which epoch they are of. A stopped, interrupted or finished run is measured at its best epoch."""
+    run = load_run(run_dir)
+    if run.state == "running":
+        raise RunError(f"{run.run_id} is still training (epoch {run.epochs_done}/{run.epochs or '?'}): {command} "
+                       "measures a finished run's weights; wait for it, or stop it (a stopped run is measured at its "
+                       "best epoch so far)")
+
+
 def _unreadable_files(run_dir: Path) -> str | None:
     """A cheap look at the weights and the resume state (headers only): what is wrong with them, or None."""
     weights, resume = run_dir / "weights.safetensors", run_dir / "last.pt"
@@ -454,7 +475,8 @@ def merge_table(run_dir, name: str, frame: pd.DataFrame, keys: Sequence[str], or
 def save_robustness(run_dir, frame: pd.DataFrame) -> Path:
     """Merge robustness-curve rows into ``robustness.csv``: rows of the same curve (same attack, norm, steps,
     monotone, split and data) are replaced, others kept (see :func:`merge_table`)."""
-    return merge_table(run_dir, "robustness.csv", frame, ROBUSTNESS_KEYS, ["eps"], read_robustness)
+    return merge_table(run_dir, "robustness.csv", frame, [*ROBUSTNESS_KEYS, "n"], ["eps"],
+                       lambda d: read_robustness(d, fullest=False))
 
 
 def save_corruptions(run_dir, frame: pd.DataFrame) -> Path:
@@ -476,12 +498,47 @@ def read_table(path, columns, missing_ok: bool = True) -> pd.DataFrame:
     missing = set(columns) - set(frame.columns)
     if missing:
         raise RunError(f"{path}: missing columns {', '.join(sorted(missing))}")
+    return _numeric_columns(frame, path)
+
+
+#: the columns of the store's tables that hold numbers (and ``accuracy:<class>``, ``n:<class>``): a cell that is not
+#: one is a RunError naming the file, its row and its column, never a crash further on
+NUMERIC_COLUMNS = frozenset((
+    "eps", "eps_rms", "accuracy", "balanced_accuracy", "robust_accuracy", "robust_balanced_accuracy",
+    "mean_average_precision", "auc", "steps", "alpha_ratio", "n", "average_precision", "class_index", "pgd20",
+    "severity", "mean", "std", "median", "index", "label", "pred_clean", "pred_adv", "confidence_clean",
+    "confidence_adv", "spearman", "topk_iou", "ssim", "mask_fraction", "energy_clean", "energy_adv",
+    "energy_other_mask", "pointing_clean", "pointing_adv", "seed", "pa_lower", "radius", "sigma", "n0", "alpha",
+    "count"))
+
+
+def _numeric_columns(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    for column in frame.columns:
+        if column in NUMERIC_COLUMNS or str(column).startswith(("accuracy:", "n:")):
+            if pd.api.types.is_numeric_dtype(frame[column]):
+                continue
+            values = pd.to_numeric(frame[column], errors="coerce")
+            bad = values.isna() & frame[column].notna() & frame[column].astype(str).str.strip().ne("")
+            if bad.any():
+                row = int(bad.to_numpy().argmax())
+                raise RunError(f"{path}: column {column}, row {row + 2} holds {str(frame[column].iloc[row])[:40]!r}, "
+                               "not a number (a damaged or edited file)")
+            frame[column] = values
     return frame
 
 
-def read_robustness(run_dir) -> pd.DataFrame:
-    """The run's ``robustness.csv`` (empty frame if none); an unreadable file is a :class:`RunError`."""
-    return read_table(Path(run_dir) / "robustness.csv", [*ROBUSTNESS_KEYS, "eps", "accuracy"])
+def read_robustness(run_dir, fullest: bool = True) -> pd.DataFrame:
+    """The run's ``robustness.csv`` (empty frame if none); an unreadable file is a :class:`RunError`. A curve measured
+    on several sample counts (``n``: a quick look beside a full curve) is kept for each; ``fullest`` gives each
+    curve's rows of its largest ``n`` only, as the pages and reports show it."""
+    frame = read_table(Path(run_dir) / "robustness.csv", [*ROBUSTNESS_KEYS, "eps", "accuracy"])
+    if "n" not in frame:                       # a file from before curves kept their sample count
+        frame["n"] = math.nan
+    if not fullest or not len(frame):
+        return frame
+    keys = list(ROBUSTNESS_KEYS)
+    top = frame.groupby(keys, dropna=False)["n"].transform(lambda n: n.max() if n.notna().any() else math.nan)
+    return frame[(frame["n"] == top) | top.isna()].reset_index(drop=True)
 
 
 def read_corruptions(run_dir, split: str | None = None, data: str | None = None) -> pd.DataFrame:

@@ -51,7 +51,7 @@ ProgressFn = Callable[[Progress], None]
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device is 'cuda' but no CUDA device is available; use --device cpu or auto")
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available; use --device cpu or auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)

@@ -27,7 +27,7 @@ SOURCES = ("npz", "medmnist", "ham10000", "folder", "synthetic")
 
 __all__ = [
     "SPLITS", "SOURCES", "DataError", "DataNotFoundError", "DataWarning", "ImageDataset", "HAM10000_CLASSES",
-    "load_dataset", "parse_spec", "data_root", "cap_samples", "sample_indices",
+    "load_dataset", "parse_spec", "display_name", "data_root", "cap_samples", "sample_indices",
 ]
 
 
@@ -41,6 +41,18 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if kind not in ("synthetic",) and not arg:
         raise DataError(f"data spec {spec!r} needs a {'flag' if kind == 'medmnist' else 'path'} after '{kind}:'")
     return kind, arg
+
+
+def display_name(spec) -> str:
+    """A data spec as a page may show it to anyone: the source and the file's or folder's own name, never the path
+    on the server (``npz:/srv/data/derma.npz`` is ``npz derma.npz``); a spec that does not parse is "unnamed data"."""
+    try:
+        kind, arg = parse_spec(spec)
+    except DataError:
+        return "unnamed data"
+    if kind in ("synthetic", "medmnist"):
+        return spec.strip()
+    return f"{kind} {Path(arg.rstrip('/')).name or arg}"
 
 
 def load_dataset(

@@ -31,6 +31,12 @@ DEFAULTS = {"n": 512, "classes": 4, "seed": 0}
 NATIVE_SIZE = 64
 
 
+#: the largest synthetic set: images are made in memory, about 16 bytes a pixel while they are drawn
+MAX_N = 100_000
+#: the most memory one synthetic split may take while it is drawn
+MAX_BYTES = 4 * 2**30
+
+
 def parse_options(arg: str) -> dict[str, int]:
     options = dict(DEFAULTS)
     for item in filter(None, (part.strip() for part in arg.split(","))):
@@ -43,6 +49,8 @@ def parse_options(arg: str) -> dict[str, int]:
             raise DataError(f"synthetic option {key} must be an integer, got {value!r}") from None
     if not 2 <= options["classes"] <= len(PROTOTYPES):
         raise DataError(f"synthetic classes must be 2-{len(PROTOTYPES)}, got {options['classes']}")
+    if options["n"] > MAX_N:
+        raise DataError(f"synthetic n must be at most {MAX_N:,} (a demo set made in memory), got {options['n']:,}")
     if options["n"] < max(4, options["classes"]):
         raise DataError(f"synthetic n must be at least 4 and at least the number of classes ({options['classes']}), got {options['n']}")
     return options
@@ -110,6 +118,11 @@ def load_synthetic(arg: str, split: str, image_size: Optional[int]) -> ImageData
     options = parse_options(arg)
     size = image_size or NATIVE_SIZE
     n = options["n"] if split == "train" else max(options["classes"], options["n"] // 4)
+    need = 16 * 3 * n * size * size
+    if need > MAX_BYTES:
+        fit = max(1, MAX_BYTES // (16 * 3 * size * size))
+        raise DataError(f"synthetic n={n:,} at {size} px would take about {need / 2**30:.0f} GiB to draw; use n at "
+                        f"most {fit:,} at this size")
     seed = options["seed"] * 1000 + SPLITS.index(split)
     images, labels, masks = generate(n, options["classes"], size, seed)
     spec = "synthetic" + (f":{arg}" if arg else "")
