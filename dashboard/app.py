@@ -16,19 +16,48 @@ HERE = Path(__file__).resolve().parent
 
 
 def home() -> None:
+    from dashboard.state import default_runs, list_runs, trust_notice
     st.title("DPAAT Lab")
-    st.caption(f"dpaat_core {__version__}")
-    st.write(
-        "Robust medical image classification with Dynamic Perturbation-Adaptive Adversarial "
-        "Training. **Runs** lists the trained models in the run store with their headline "
-        "metrics; **Training dynamics** shows each sample's loss change and the fragile/stable "
-        "split epoch by epoch; **Robustness** compares accuracy against epsilon across runs, "
-        "attacks a batch live and shows accuracy under natural corruptions (blur, noise, lighting, "
-        "the dermatoscope's black corner); the **Attribution explorer** shows what a model looks at "
-        "on a lesion image, clean and perturbed; the **Gallery** shows a whole test split's maps at "
-        "once, the images that need a look first; **Tuning** shows the eps sweeps and their robustness trade-off" + ("." if viewer_mode() else
-                                                  "; **Train** launches and watches a training run.")
-    )
+    st.caption(f"dpaat_core {__version__} · robust medical image classification with Dynamic Perturbation-Adaptive "
+               "Adversarial Training: train, measure robustness, and see what a model looks at.")
+    found = list_runs()
+    done = [r for r in found if r.state == "done" and r.sweep is None]
+    m1, m2, m3, m4 = st.columns(4)
+    m1.metric("runs in the store", len([r for r in found if r.sweep is None]))
+    m2.metric("finished models", len(done))
+    m3.metric("methods", len({r.method for r in done}) or "–")
+    m4.metric("sweep trials", len([r for r in found if r.sweep is not None]))
+    first = default_runs(found)
+    by_id = {r.run_id: r for r in found}
+    if first and first[0] in by_id:
+        run = by_id[first[0]]
+        st.markdown(f"**Pages open on {run.run_id}** ({run.method} · {run.model}): the store's best finished model "
+                    + ("unless its keeper chose another." if viewer_mode() else
+                       "unless its keeper chose another (`python -m dpaat_core runs --set-default RUN`)."))
+        trust_notice(run)
+    else:
+        st.info("No finished model in the store yet.")
+    clinic, research = st.columns(2)
+    with clinic:
+        st.subheader("Clinicians: start here")
+        st.write("See what a model looks at on a lesion, and whether an attack or a blurry photo changes its answer. "
+                 "Each map says how far to trust it.")
+        st.page_link(str(HERE / "views" / "gallery.py"), label="Gallery: a whole test set, the images that need a "
+                                                               "look first", icon=":material/grid_view:")
+        st.page_link(str(HERE / "views" / "attribution.py"), label="Attribution explorer: one image, clean and "
+                                                                   "perturbed, or your own", icon=":material/visibility:")
+    with research:
+        st.subheader("Researchers: start here")
+        st.write("Compare methods on robustness per class, follow DPAAT's per-sample eps, and tune it.")
+        for page, label, icon in (("runs.py", "Runs: every run, its headline figures and its report", "table"),
+                                  ("robustness.py", "Robustness: the methods compared under attack and corruption",
+                                   "shield"),
+                                  ("dynamics.py", "Training dynamics: the fragile/stable split, epoch by epoch",
+                                   "timeline"),
+                                  ("tuning.py", "Tuning: eps sweeps and their trade-off", "tune"),
+                                  *(() if viewer_mode() else (("train.py", "Train: launch and watch a run",
+                                                               "play_arrow"),))):
+            st.page_link(str(HERE / "views" / page), label=label, icon=f":material/{icon}:")
     if viewer_mode():
         st.caption("Viewer: the runs can be looked at, not changed. Uploaded images stay in memory.")
 

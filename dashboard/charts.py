@@ -3,6 +3,7 @@
 No Streamlit here, so each chart is tested on its own; colours are Okabe-Ito (colour-blind safe)."""
 from __future__ import annotations
 
+import html
 import math
 
 import numpy as np
@@ -216,8 +217,9 @@ def sample_trajectory_chart(history: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def probability_chart(classes: list[str], prob_clean, prob_adv) -> go.Figure:
-    """Grouped horizontal bars of the predicted class probabilities, clean against perturbed.
+def probability_chart(classes: list[str], prob_clean, prob_adv, after: str = "perturbed") -> go.Figure:
+    """Grouped horizontal bars of the predicted class probabilities, clean against perturbed (``after``: the second
+    bars' name, "corrupted" for a natural corruption).
 
     ``prob_clean``/``prob_adv``: sequences (or arrays/CPU tensors) of ``len(classes)`` numbers in [0,1];
     ``prob_adv`` None shows the clean bars only. A length that differs from ``classes`` is a ValueError."""
@@ -226,14 +228,15 @@ def probability_chart(classes: list[str], prob_clean, prob_adv) -> go.Figure:
     if not classes or prob_clean is None:
         return empty_figure(title)
     fig = go.Figure()
-    for name, probs, colour in (("clean", prob_clean, STABLE), ("perturbed", prob_adv, FRAGILE)):
+    for name, probs, colour in (("clean", prob_clean, STABLE), (after, prob_adv, FRAGILE)):
         if probs is None:
             continue
         probs = np.asarray(probs, dtype=float).ravel()
         if len(probs) != len(classes):
             raise ValueError(f"{len(probs)} {name} probabilities for {len(classes)} classes")
         fig.add_trace(go.Bar(x=probs, y=classes, name=name, orientation="h", marker_color=colour,
-                             text=[f"{p:.2f}" if math.isfinite(p) else "" for p in probs], textposition="auto"))
+                             text=[f"{p:.0%}" if math.isfinite(p) else "" for p in probs], textposition="outside",
+                             textfont={"size": 13}, cliponaxis=False))
     fig.update_layout(title=title, barmode="group", template="plotly_white", xaxis_title="probability",
                       xaxis_range=[0, 1], yaxis_title="class", yaxis_autorange="reversed")
     return fig
@@ -260,6 +263,66 @@ def metrics_chart(metrics: pd.DataFrame) -> go.Figure:
     if len(best):
         fig.add_vline(x=float(best.iloc[-1]), line_dash="dot", line_color="black",
                       annotation_text=f"best epoch {int(best.iloc[-1])}", annotation_position="top left")
+    return fig
+
+
+def loss_trace_chart(trace, epochs: int) -> go.Figure:
+    """The training loss as it goes (``trace``: [epochs done as a fraction, the epoch's running mean loss] pairs from
+    the run's status), over the whole run's length so the x axis does not move."""
+    title = "Training loss, live"
+    points = [(float(t), float(v)) for t, v in trace or () if math.isfinite(float(v))]
+    if not points:
+        return empty_figure(title, "no batch finished yet")
+    x, y = zip(*points)
+    fig = go.Figure(go.Scatter(x=x, y=y, mode="lines", line={"color": FRAGILE},
+                               hovertemplate="epoch %{x:.2f}<br>loss %{y:.4f}<extra></extra>"))
+    fig.update_layout(title=title, template="plotly_white", xaxis_title="epoch", yaxis_title="mean loss in the epoch",
+                      xaxis_range=[0, max(epochs, max(x))], height=320, margin={"t": 50, "b": 40})
+    return fig
+
+
+#: the validation series a comparison of runs can show, by column
+VAL_SERIES = {"val_balanced_accuracy": "balanced accuracy", "val_accuracy": "accuracy",
+              "val_robust_balanced_accuracy": "robust balanced accuracy", "val_robust_accuracy": "robust accuracy"}
+
+
+def short_label(run) -> str:
+    """A run's legend label: method · model · seed (a run id can be 60 characters)."""
+    seed = ((run.config or {}).get("train") or {}).get("seed")
+    return " · ".join(str(p) for p in (run.method, run.model, f"seed {seed}" if seed is not None else None) if p)
+
+
+def short_labels(selected) -> dict:
+    """Run id -> :func:`short_label`, the run id added where two runs would read the same."""
+    labels = {r.run_id: short_label(r) for r in selected}
+    repeated = {lab for lab in labels.values() if list(labels.values()).count(lab) > 1}
+    return {rid: f"{lab} · {rid}" if lab in repeated else lab for rid, lab in labels.items()}
+
+
+def compare_metrics_chart(runs_metrics: dict, column: str = "val_balanced_accuracy") -> go.Figure:
+    """One line per run of a validation ``column`` over epochs, in one chart (``runs_metrics``: legend label ->
+    the run's metrics), each run's best epoch marked; the legend under the plot, so long names take no width."""
+    name = VAL_SERIES.get(column, column)
+    title = f"Validation {name} per epoch"
+    fig = go.Figure()
+    for k, (label, metrics) in enumerate(runs_metrics.items()):
+        frame = _by_epoch(metrics)
+        if column not in frame or not len(frame):
+            continue
+        colour, label = PALETTE[k % len(PALETTE)], html.escape(str(label))
+        y = pd.to_numeric(frame[column], errors="coerce")
+        fig.add_trace(go.Scatter(x=frame["epoch"], y=y, name=label, mode="lines+markers", line={"color": colour},
+                                 hovertemplate=f"{label}<br>epoch %{{x}}<br>{name} %{{y:.3f}}<extra></extra>"))
+        best = frame["is_best"].eq(True) if "is_best" in frame else pd.Series(False, index=frame.index)
+        if best.any():
+            at = best[best].index[-1]
+            fig.add_trace(go.Scatter(x=[frame.loc[at, "epoch"]], y=[y.loc[at]], mode="markers", showlegend=False,
+                                     marker={"color": colour, "size": 13, "symbol": "star"},
+                                     hovertemplate=f"{label}: best epoch %{{x}}<extra></extra>"))
+    if not fig.data:
+        return empty_figure(title)
+    fig.update_layout(title=title, template="plotly_white", xaxis_title="epoch", yaxis_title=name,
+                      yaxis_range=[0, 1.02], legend={"orientation": "h", "y": -0.2})
     return fig
 
 

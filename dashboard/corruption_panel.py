@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
-import torch
 
 from dashboard import charts
+from dashboard.grid import batch_grid
 from dashboard.state import compute_buttons, corruptions, live_corruption, model, run_data
 from dpaat_core import runs
 from dpaat_core.corruption_eval import corruption_error
@@ -45,7 +45,21 @@ def show(selected: list[runs.Run]) -> None:
                                           "reference, lower is better. Relative mCE does the same with the drop from "
                                           "the clean error.")
             table = corruption_error({r: frame[frame["run"] == r] for r in names}, reference)
-            st.dataframe(table.set_index("run").round(3), width="stretch")
+            st.dataframe(table.set_index("run").round(3), width="stretch", column_config={
+                "clean": st.column_config.NumberColumn("clean accuracy", format="%.3f"),
+                "mean_corrupted": st.column_config.NumberColumn("mean corrupted accuracy", format="%.3f"),
+                "mce": st.column_config.NumberColumn("mCE", format="%.1f", help="100 = as the reference; lower is "
+                                                     "better"),
+                "relative_mce": st.column_config.NumberColumn(
+                    "relative mCE", format="%.1f", help="the drop from the run's own clean error, against the "
+                    "reference's drop; below 0 when corruption costs this run less than nothing on average (it "
+                    "gains accuracy on some) while it costs the reference"),
+                "cells": st.column_config.NumberColumn("corruption × severity cells"),
+                "relative_corruptions": st.column_config.NumberColumn("corruptions that cost the reference")})
+            st.caption("mCE: each corruption's errors summed over severities, divided by the reference's, averaged "
+                       "over corruptions (100 = as the reference). Relative mCE does the same with how much each "
+                       "corruption adds to the clean error; a negative value means the corruptions, on average, "
+                       "cost this run nothing while they cost the reference.")
     _live(selected)
 
 
@@ -69,11 +83,6 @@ def _live(selected: list[runs.Run]) -> None:
     m1.metric("clean accuracy", f"{live['accuracy']:.2f}")
     m2.metric("accuracy under the corruption", f"{live['robust_accuracy']:.2f}",
               delta=f"{live['robust_accuracy'] - live['accuracy']:+.2f}")
-    st.caption(f"{describe(name, int(severity), data.image_size)} · {live['flipped']} of {min(int(n), len(data))} "
-               "correctly classified images changed prediction")
-    x, x_c = torch.from_numpy(live["x"]), torch.from_numpy(live["x_adv"])
-    for title, images, pred in (("clean", x, live["pred"]), ("corrupted", x_c, live["pred_adv"])):
-        cols = st.columns(len(images))
-        for col, img, y, p in zip(cols, images, live["y"], pred):
-            col.image(img.permute(1, 2, 0).numpy(), width="stretch", clamp=True,
-                      caption=f"{title}: {classes[p]}{' ✓' if p == y else ' ✗ (' + classes[y] + ')'}")
+    st.caption(f"{describe(name, int(severity), data.image_size)} · {live['flipped']} of {len(live['labels'])} "
+               "images went from right to wrong under it. Clean (left) and corrupted (right):")
+    batch_grid(live, classes, f"{name.replace('_', ' ')} {int(severity)}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -16,12 +17,21 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from dpaat_core import loading, runs  # noqa: E402
+from dpaat_core.data import display_name  # noqa: E402
 
 
 def viewer_mode() -> bool:
     """``DPAAT_VIEWER=1``: the dashboard as a clinic serves it to people who only look. No Train page and no control
     that reads a server path, starts a process or writes a file (uploads stay in memory)."""
     return os.environ.get("DPAAT_VIEWER", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hide_paths(text):
+    """``text`` with every absolute path replaced by its last part, in viewer mode (a message as it may be shown to
+    anyone); unchanged otherwise, and for what is not text."""
+    if not viewer_mode() or not isinstance(text, str):
+        return text
+    return re.sub(r"(?<![\w.~])(/[^\s:;,'\"()]+)", lambda m: "…/" + Path(m.group(1)).name, text)
 
 
 def refuse_in_viewer_mode(what: str) -> None:
@@ -62,23 +72,33 @@ def list_runs() -> list[runs.Run]:
     return _listing(str(path), store_signature(path))
 
 
-def default_runs(found: list[runs.Run]) -> list[str]:
-    """What a page opens on: the most recent DPAAT run (by its last status update, a checkout's file times being
-    all alike), else the most recent readable run; a sweep's trials only when there is nothing else."""
-    readable = [r for r in found if r.config is not None and r.sweep is None]   # a sweep's trials: on Tuning
-    readable = readable or [r for r in found if r.config is not None]
-    recent = lambda r: r.status.get("updated") if isinstance(r.status.get("updated"), (int, float)) else r.modified  # noqa: E731
-    for pool in ([r for r in readable if r.method == "dpaat"], readable):
-        if pool:
-            return [max(pool, key=recent).run_id]
-    return []
+@st.cache_data(show_spinner=False, max_entries=32)
+def _defaults(path: str, signature: tuple, _found: tuple, compare: bool) -> list[str]:
+    from dpaat_core import defaults
+    if compare:
+        return defaults.comparison(_found, path)
+    first = defaults.default_run(_found, path)
+    return [first] if first else []
 
 
-def run_picker(label: str = "Runs", multi: bool = True) -> list[runs.Run]:
-    """The sidebar's run selection, shared by the pages through ``st.session_state["runs"]``."""
+def default_runs(found: list[runs.Run], compare: bool = False) -> list[str]:
+    """What a page opens on (``dpaat_core.defaults``): the store's default, else its best finished model; with
+    ``compare``, that run and the best finished run of each other method on the same data. With nothing finished
+    (a fresh store), the most recent readable run, so that a page still shows something."""
+    path = store()
+    chosen = _defaults(str(path), store_signature(path), tuple(found), compare)
+    if chosen:
+        return chosen
+    readable = [r for r in found if r.config is not None and r.sweep is None] or [r for r in found if r.config]
+    return [max(readable, key=lambda r: r.modified).run_id] if readable else []
+
+
+def run_picker(label: str = "Runs", multi: bool = True, compare: bool = False) -> list[runs.Run]:
+    """The sidebar's run selection, shared by the pages through ``st.session_state["runs"]``; ``compare``: with
+    nothing picked yet, open on the comparison of the methods (:func:`default_runs`)."""
     found = list_runs()
     usable = [r.run_id for r in found if r.config is not None]
-    chosen = [r for r in st.session_state.get("runs", []) if r in usable] or default_runs(found)
+    chosen = [r for r in st.session_state.get("runs", []) if r in usable] or default_runs(found, compare and multi)
     with st.sidebar:
         if multi:
             chosen = st.multiselect(label, usable, default=chosen, key="run_picker_multi")
@@ -87,6 +107,19 @@ def run_picker(label: str = "Runs", multi: bool = True) -> list[runs.Run]:
     st.session_state["runs"] = chosen
     by_id = {r.run_id: r for r in found}
     return [by_id[r] for r in chosen]
+
+
+#: the pages a run can be opened in, from another page (the run becomes the picked one there)
+RUN_PAGES = (("views/runs.py", "Runs"), ("views/robustness.py", "Robustness"),
+             ("views/dynamics.py", "Training dynamics"))
+
+
+def open_run_buttons(run_id: str, key: str, where=None) -> None:
+    """One button per page in RUN_PAGES that opens it on ``run_id``."""
+    for column, (page, label) in zip((where or st).columns(len(RUN_PAGES)), RUN_PAGES):
+        if column.button(f"Open in {label}", key=f"{key}-{label}"):
+            st.session_state["runs"] = [run_id]
+            st.switch_page(page)
 
 
 def _mtime(path: Path) -> int:
@@ -134,7 +167,7 @@ def data_sources(run: runs.Run) -> list[tuple[str | None, str | None, str]]:
     own = (run.config or {}).get("data", {}).get("spec", "")
     typed = st.session_state.get("data_spec", "").strip()
     sources = [(typed, None, f"the data spec you entered ({typed})")] if typed else []
-    sources.append((None, None, f"the run's own data ({own})"))
+    sources.append((None, None, f"the run's own data ({display_name(own) if viewer_mode() else own})"))
     env = os.environ.get("DPAAT_DATA_ROOT")
     kind, _, arg = own.partition(":")
     if env and kind in ("npz", "ham10000", "folder") and arg:
@@ -163,10 +196,11 @@ def run_data(run: runs.Run, split: str):
             failed[key] = f"{what}: {_first_line(exc)}"
             problems.append(failed[key])
             continue
-        (st.caption if not problems else st.info)(f"Images from {what}, {split} split."
-                                                  + (" Not found: " + "; ".join(problems) if problems else ""))
+        (st.caption if not problems else st.info)(hide_paths(f"Images from {what}, {split} split."
+                                                             + (" Not found: " + "; ".join(problems) if problems
+                                                                else "")))
         return data
-    st.warning("No images could be loaded for this run: " + "; ".join(problems))
+    st.warning(hide_paths("No images could be loaded for this run: " + "; ".join(problems)))
     return None
 
 
@@ -432,15 +466,16 @@ def _live(run_dir: str, mtime: int, key: str, _x, _y, perturbation: tuple) -> di
             x_adv = perturb(net, _x, _y, attack, norm, eps, DEFAULT_STEPS[attack])    # one attack, seeded
         with torch.no_grad(), attack_mode(net):
             logits = net(_x)
-            clean, adv = logits.argmax(1), net(x_adv).argmax(1)
+            p_clean, p_adv = logits.softmax(1), net(x_adv).softmax(1)
+            (conf, clean), (conf_adv, adv) = p_clean.max(1), p_adv.max(1)
     correct, robust = clean == _y, (clean == _y) & (adv == _y)
     from dpaat_core.validation import balanced_accuracy
     y = _y.numpy()
     return {"accuracy": float(correct.float().mean()), "robust_accuracy": float(robust.float().mean()),
             "robust_balanced_accuracy": balanced_accuracy(y, torch.where(robust, _y, -1).numpy(), logits.shape[1]),
-            "flipped": int((correct & ~robust).sum()), "x": _x[:4].numpy(), "x_adv": x_adv[:4].numpy(),
-            "y": _y[:4].numpy(), "pred": clean[:4].numpy(), "pred_adv": adv[:4].numpy(),
-            "labels": y, "correct": correct.numpy(), "robust": robust.numpy()}
+            "flipped": int((correct & ~robust).sum()), "x": _x.numpy(), "x_adv": x_adv.numpy(),
+            "y": y, "pred": clean.numpy(), "pred_adv": adv.numpy(), "confidence": conf.numpy(),
+            "confidence_adv": conf_adv.numpy(), "labels": y, "correct": correct.numpy(), "robust": robust.numpy()}
 
 
 def _live_batch(run: runs.Run, data, n: int, perturbation: tuple) -> dict | None:
@@ -502,12 +537,28 @@ def live_corruption(run: runs.Run, data, n: int, corruption: str, severity: int)
 GALLERY_NORM = "l2"
 
 
-@st.cache_data(show_spinner="Explaining every image of the split (once per run, data and method)…", max_entries=16)
-def _image_numbers(run_dir: str, mtime: int, spec: str, split: str, method: str, eps: float, _data) -> pd.DataFrame:
+@st.cache_resource(show_spinner=False, max_entries=1)
+def _numbers_store() -> dict:
+    """The gallery's computed numbers, shared by the sessions (key: run, weights, data, split, method, eps)."""
+    return {}
+
+
+def _image_numbers(run_dir: str, mtime: int, spec: str, split: str, method: str, eps: float, data) -> pd.DataFrame:
+    """Every image's numbers, computed once per key with a progress bar that counts the images (24 at a time)."""
     from dpaat_core.gallery import image_numbers
-    net = _model(run_dir, mtime)
-    return image_numbers(net, _data, eps, method, norm=GALLERY_NORM, steps=EXPLORER_STEPS, batch_size=64,
-                         around=lambda: model_lock(run_dir))
+    store_, key = _numbers_store(), (run_dir, mtime, spec, split, method, eps)
+    if key not in store_:
+        bar = st.progress(0.0, text=f"Explaining every image of the split: 0 of {len(data)} (once per run, data and "
+                                    "method)")
+        table = image_numbers(_model(run_dir, mtime), data, eps, method, norm=GALLERY_NORM, steps=EXPLORER_STEPS,
+                              batch_size=24, around=lambda: model_lock(run_dir),
+                              callback=lambda done, total: bar.progress(
+                                  done / total, text=f"Explaining every image of the split: {done} of {total}"))
+        bar.empty()
+        if len(store_) >= 16:
+            store_.pop(next(iter(store_)))
+        store_[key] = table
+    return store_[key]
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -561,3 +612,43 @@ def gallery_maps(run: runs.Run, data, split: str, index, method: str) -> dict | 
         return None
     return _page_maps(*_weights_key(run), data.source.spec, split,
                       tuple(int(i) for i in index), method, gallery_eps(run), data)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _accuracy(run_dir: str, stamps: tuple, _config: dict, _best: dict) -> tuple:
+    from dpaat_core import trust
+    return trust.accuracy(run_dir, _config, _best)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _localisation(run_dir: str, stamp: int, method: str, _config: dict):
+    from dpaat_core import trust
+    return trust.saved_localisation(run_dir, _config, method)
+
+
+def _accuracy_of(run: runs.Run) -> tuple:
+    stamps = tuple(_mtime(run.path / f) for f in ("protocol.csv", "robustness.csv", "metrics.jsonl"))
+    return _accuracy(str(run.path), stamps, run.config, run.best)
+
+
+def test_balanced_accuracy(run: runs.Run) -> float:
+    """The run's balanced accuracy on the test split (audit, else a saved curve's clean point); NaN if not measured:
+    the figure an imported model, without training metrics, is listed by."""
+    if run.config is None:
+        return float("nan")
+    value, source = _accuracy_of(run)
+    return value if value is not None and source.startswith("test") else float("nan")
+
+
+def trust_notice(run: runs.Run, method: str = "gradcam", numbers: pd.DataFrame | None = None) -> None:
+    """How far to trust this run's maps, beside them: its balanced accuracy and its maps' localisation against
+    chance (from ``numbers``, the per-image rows on show, else the saved test-split rows), with a plain warning when
+    either is weak."""
+    from dpaat_core import trust
+    balanced, source = _accuracy_of(run)
+    found = trust.localisation(numbers, method) if numbers is not None else None
+    if found is None:
+        found = _localisation(str(run.path), _mtime(run.path / runs.ATTRIBUTION_IMAGES_FILE), method, run.config)
+    level, text = trust.trust_line(balanced, source, found)
+    {"trust": st.info, "doubt": st.warning, "unknown": st.info}[level](text, icon=":material/verified:" if
+                                                                      level == "trust" else None)

@@ -302,14 +302,38 @@ def perturbation_image(x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
     return (0.5 + delta / (2 * delta.abs().max().clamp(min=1e-12))).clamp(0, 1)
 
 
-def overlay(image, attribution, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
-    """The map as a heatmap blended over the image: uint8 ``[H, W, 3]``.
+#: the maps' colour scale: perceptually uniform (equal steps look equal, and it reads in grey), dark = low
+CMAP = "inferno"
+#: the lesion outline's colour (cyan: apart from every colour of CMAP and of skin)
+OUTLINE = (0.0, 1.0, 1.0)
+#: names for people, by method
+METHOD_LABELS = {"gradcam": "Grad-CAM", "saliency": "Saliency", "integrated_gradients": "Integrated Gradients",
+                 "occlusion": "Occlusion"}
+
+
+def method_label(method: str) -> str:
+    return METHOD_LABELS.get(method, method.replace("_", " "))
+
+
+def outline(mask) -> np.ndarray:
+    """The one-pixel boundary of a lesion mask (``[H, W]``, nonzero = lesion) as a bool ``[H, W]``."""
+    m = (mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)) > 0
+    padded = np.pad(m, 1, mode="edge")
+    inner = padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return m & ~inner
+
+
+def overlay(image, attribution, alpha: float = 0.5, cmap: str = CMAP, mask=None) -> np.ndarray:
+    """The map as a heatmap blended over the image: uint8 ``[H, W, 3]``; with ``mask`` (``[H, W]``, 1 = lesion) the
+    lesion's outline drawn on top in :data:`OUTLINE`.
 
     ``image``: float ``[C, H, W]`` in [0, 1] (C = 1 or 3, tensor or array) or uint8 ``[H, W, 3]``/``[H, W]``.
     ``attribution``: ``[H, W]`` or ``[1, H, W]``. The map is scaled from its minimum (0) to its 99th
     percentile (1) and clipped, so a few extreme pixels do not wash the rest out; a constant map leaves
-    the image as it is.
+    the image as it is. ``alpha``: the map's opacity, 0 (the image alone) to 1 (the map alone).
     """
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha is the map's opacity, from 0 to 1, got {alpha}")
     img = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if img.dtype == np.uint8:
         rgb = (img[..., None] if img.ndim == 2 else img).astype(np.float64) / 255
@@ -329,4 +353,40 @@ def overlay(image, attribution, alpha: float = 0.5, cmap: str = "jet") -> np.nda
     if hi > lo:
         heat = matplotlib.colormaps[cmap](np.clip((a - lo) / (hi - lo), 0, 1))[..., :3]
         rgb = (1 - alpha) * rgb + alpha * heat
+    if mask is not None:
+        edge = outline(mask)
+        if edge.shape != rgb.shape[:2]:
+            raise ValueError(f"the mask {edge.shape} does not match the image {rgb.shape[:2]}")
+        rgb[edge] = OUTLINE
     return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
+
+
+def colour_bar(width: int = 256, height: int = 12, cmap: str = CMAP) -> np.ndarray:
+    """The maps' colour scale as a uint8 ``[height, width, 3]`` strip, low (left) to high (right)."""
+    ramp = matplotlib.colormaps[cmap](np.linspace(0, 1, width))[None, :, :3]
+    return np.round(np.repeat(ramp, height, axis=0) * 255).astype(np.uint8)
+
+
+def prediction_words(classes, pred: int, confidence: float, label=None, pred_after=None, confidence_after=None,
+                     after: str = "") -> str:
+    """The prediction in words: "Predicted akiec 42% ✗ (true df) → bkl 28% under PGD eps 0.3 ✗, changed": the clean
+    top class and its probability, right (✓) or wrong (✗) when the truth is known, and with ``pred_after`` the answer
+    on the perturbed image (``after`` names the perturbation) and whether the perturbation changed it."""
+    def mark(k):
+        return "" if label is None else (" ✓" if int(k) == int(label) else " ✗")
+    out = f"Predicted {classes[int(pred)]} {confidence:.0%}{mark(pred)}" + (
+        f" (true {classes[int(label)]})" if label is not None and int(pred) != int(label) else "")
+    if pred_after is not None:
+        out += (f" → {classes[int(pred_after)]} {confidence_after:.0%}{(' under ' + after) if after else ''}"
+                f"{mark(pred_after)}, {'changed' if int(pred_after) != int(pred) else 'unchanged'}")
+    return out
+
+
+def prediction_sentence(classes, prob_clean, label=None, prob_after=None, after: str = "") -> str:
+    """:func:`prediction_words` from the class probabilities, clean and (``prob_after``) perturbed."""
+    def top(p):
+        p = np.asarray(p.detach().cpu() if isinstance(p, torch.Tensor) else p, dtype=float).reshape(-1)
+        return int(p.argmax()), float(p.max())
+    pred, conf = top(prob_clean)
+    pred_after, conf_after = top(prob_after) if prob_after is not None else (None, None)
+    return prediction_words(classes, pred, conf, label, pred_after, conf_after, after)

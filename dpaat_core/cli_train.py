@@ -99,6 +99,10 @@ def add_run_arguments(t) -> None:
 def add_runs_parser(sub) -> None:
     r = sub.add_parser("runs", help="list the runs in the store with their status and headline metrics")
     r.add_argument("--store", default="checkpoints", help="run store folder (default checkpoints)")
+    choose = r.add_mutually_exclusive_group()
+    choose.add_argument("--set-default", metavar="RUN_ID", help="the run every dashboard page opens on (a finished "
+                                                                "run with weights; written to STORE/default.json)")
+    choose.add_argument("--clear-default", action="store_true", help="open on the best finished run again")
     r.set_defaults(run=_runs)
 
 
@@ -243,6 +247,14 @@ def _runs(args: argparse.Namespace) -> int:
     from .runs import RunError, list_runs, runs_table
     if Path(args.store).exists() and not Path(args.store).is_dir():
         raise RunError(f"{args.store}: the run store must be a folder, and this is a file")
+    from . import defaults
+    if args.set_default:
+        print(f"{args.set_default} is the default of {args.store} ({defaults.set_default(args.store, args.set_default)})")
+        return 0
+    if args.clear_default:
+        cleared = defaults.clear_default(args.store)
+        print(f"{args.store} opens on its best finished run" + ("" if cleared else " (it had no default)"))
+        return 0
     found = list_runs(args.store)
     if not found:
         print(f"no runs in {args.store}")
@@ -253,6 +265,10 @@ def _runs(args: argparse.Namespace) -> int:
     import pandas as pd
     with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_colwidth", 60):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    first = defaults.default_run(found, args.store)
+    named = defaults.read_default(args.store) == first
+    print(f"\npages open on: {first or 'none (no finished run yet)'}"
+          + (" (set with --set-default)" if first and named else " (the best finished run)" if first else ""))
     return 0
 
 

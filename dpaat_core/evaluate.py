@@ -127,8 +127,8 @@ class _Attacker:
         """Whether each sample ``index[j]`` is still classified correctly when attacked at ``eps[j]``."""
         out = np.zeros(len(index), dtype=bool)
         self.total += len(index)
-        if bar is not None:
-            bar.total += len(index)
+        if bar is not None and bar.n + len(index) > bar.total:   # the total is planned up front; grow it only past that
+            bar.total = bar.n + len(index)
             bar.refresh()
         for start in range(0, len(index), batch_size):
             i = torch.from_numpy(np.asarray(index[start:start + batch_size], dtype=np.int64))
@@ -242,7 +242,10 @@ def robustness_curve(model: nn.Module, dataset: ImageDataset, eps_grid: Sequence
     y = dataset.labels.numpy()
     correct0 = clean_logits(model, dataset, batch_size, device, amp).argmax(1).numpy() == y
     hit = np.zeros((len(eps_grid), len(dataset)), dtype=bool)      # still correct after the attack at that eps
-    with tqdm(total=0, desc=f"{attack} {norm} curve", unit="img", disable=not progress) as bar:
+    # a total fixed up front (every image at every eps, or every clean-correct one with ``fast``): the bar's total does
+    # not jump as each eps shows how many survive; the images a monotone curve need not attack again count as done
+    planned = sum(len(dataset) if not fast else int(correct0.sum()) for e in eps_grid if e > 0 or not fast)
+    with tqdm(total=planned, desc=f"{attack} {norm} curve", unit="img", disable=not progress) as bar:
         atk.callback = callback
         if fast and not monotone:
             # Every (sample, eps) pair is independent: stream them all, with a per-sample eps tensor.
@@ -261,6 +264,8 @@ def robustness_curve(model: nn.Module, dataset: ImageDataset, eps_grid: Sequence
                 else:
                     targets = np.flatnonzero(alive if monotone else correct0)
                 hit[k, targets] = atk.still_correct(targets, np.full(len(targets), e), batch_size, bar)
+                if fast and monotone:
+                    bar.update(int(correct0.sum()) - len(targets))   # fallen at a smaller eps: settled, not attacked
                 alive &= hit[k]
     robust = hit & correct0[None, :]
     if monotone:

@@ -30,17 +30,22 @@ SORTS = {
 
 
 def image_numbers(model, dataset, eps: float, method: str = "gradcam", norm: str = "l2", steps: int = 10,
-                  batch_size: int = 64, seed: int = 0, device="cpu", around=None) -> pd.DataFrame:
+                  batch_size: int = 64, seed: int = 0, device="cpu", around=None, callback=None) -> pd.DataFrame:
     """Every image's row of :func:`attribution_report`, in index order (as ``attribute --n all`` saves them).
     ``around``: a context manager factory entered for each batch (the dashboard's lock on its shared model, so
-    other sessions take turns between batches rather than wait for the whole split)."""
+    other sessions take turns between batches rather than wait for the whole split); ``callback(done, total)``
+    after each batch."""
     n = len(dataset)
     frames = []
     for chunk in torch.arange(n).split(batch_size):
+        if callback is not None and frames:
+            callback(sum(len(f) for f in frames), n)
         with (around() if around is not None else contextlib.nullcontext()):
             frames.append(attribution_report(model, dataset, eps, method, norm=norm, steps=steps,
                                              batch_size=batch_size, seed=seed, device=device, index=chunk.tolist(),
                                              other_index=((chunk + 1) % n).tolist()))
+    if callback is not None:
+        callback(n, n)
     return pd.concat(frames, ignore_index=True)
 
 

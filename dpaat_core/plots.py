@@ -80,7 +80,8 @@ def robustness_chart(curves: pd.DataFrame, x: str = "eps") -> go.Figure:
                                      else f"{x} (per-pixel RMS change, [0,1] pixels)"), row=1, col=col)
     fig.update_yaxes(range=[0, 1.02])
     fig.update_yaxes(title_text="accuracy", row=1, col=1)
-    fig.update_layout(title=title, template="plotly_white", legend_title_text="run · attack" if has_run else "attack")
+    fig.update_layout(title=title, template="plotly_white", legend_title_text="run · attack" if has_run else "attack",
+                      legend={"orientation": "h", "y": -0.22})       # below: long run names take no plot width
     return fig
 
 

@@ -348,6 +348,11 @@ def _examples(run: _Run, dataset, index: Sequence[int], device, seed: int) -> st
 def _comparison(items: list[_Run]) -> str:
     head = pd.DataFrame([r.headline() for r in items])
     parts = ["<h2>Comparison</h2>", _table(head)]
+    unaudited = [r for r in items if not len(r.protocol)]
+    if unaudited:   # their rows are mostly "–": say why, and what fills them
+        parts.append(f'<p class="note">Not audited yet, so most of their figures are "–": '
+                     f'{", ".join(_esc(r.id) for r in unaudited)}. '
+                     + " ".join(_command(r, "audit") for r in unaudited) + "</p>")
     bars = go.Figure()
     metrics = [c for c in head.columns if c != "run" and head[c].notna().any()]
     for k, row in head.iterrows():

@@ -443,11 +443,30 @@ def runs_table(runs: list[Run]) -> pd.DataFrame:
     numbers (robust balanced accuracy among them: where robustness stops at the common class), and the sweep trial
     it is, if any."""
     scores = ("val_accuracy", "val_balanced_accuracy", "val_robust_accuracy", "val_robust_balanced_accuracy")
-    columns = ["run_id", "state", "origin", "method", "model", "data", "norm", "eps", "epochs", *scores, "sweep",
-               "problem"]
-    rows = [[r.run_id, r.state, r.origin, r.method, r.model, r.data, r.norm, r.eps, f"{r.epochs_done}/{r.epochs or '?'}",
-             *(r.best.get(s, math.nan) for s in scores), r.sweep, r.problem] for r in runs]
+    columns = ["run_id", "state", "method", "model", *scores, "epochs", "norm", "eps", "origin", "sweep", "problem",
+               "data"]   # the headline figures first, the long data spec last
+    rows = [[r.run_id, r.state, r.method, r.model, *(r.best.get(s, math.nan) for s in scores),
+             f"{r.epochs_done}/{r.epochs or '?'}", r.norm, r.eps, r.origin, r.sweep, r.problem, r.data] for r in runs]
     return pd.DataFrame(rows, columns=columns)
+
+
+def public_config(config: dict | None) -> dict | None:
+    """A run's config as anyone may see it: no path of the server (the data spec by its file's name, no data root,
+    the weights file and the start run by their names)."""
+    from .data import display_name
+    if config is None:
+        return None
+    out = json.loads(json.dumps(config))
+    data = out.get("data") or {}
+    if data.get("spec") is not None:
+        data["spec"] = display_name(data["spec"])
+    if data.get("root") is not None:
+        data["root"] = "(set on the server)"
+    for section, key in (("source", "file"), ("model", "init_from"), ("init", "run")):
+        part = out.get(section) or {}
+        if part.get(key):
+            part[key] = Path(str(part[key])).name
+    return out
 
 
 ROBUSTNESS_KEYS = ("attack", "norm", "steps", "monotone", "split", "data")
@@ -462,14 +481,27 @@ def merge_table(run_dir, name: str, frame: pd.DataFrame, keys: Sequence[str], or
     from .locks import merge_lock
     path = Path(run_dir) / name
     keys = list(keys)
+    frame = frame.assign(**{k: math.nan for k in keys if k not in frame})   # a key the rows lack: empty, as in a file
     with merge_lock(run_dir):   # two evaluate processes finishing at once must not lose each other's rows
         remove_temp_files(run_dir, f".{name}.*.tmp")   # left by a killed writer: none can be live now
         old = read(run_dir)
         if len(old):
-            same = old[keys].apply(tuple, axis=1).isin(set(frame[keys].apply(tuple, axis=1)))
+            same = _key_tuples(old, keys).isin(set(_key_tuples(frame, keys)))
             frame = pd.concat([old[~same], frame], ignore_index=True)
         atomic_write_text(path, frame.sort_values([*keys, *order]).to_csv(index=False))
     return path
+
+
+def _key_tuples(frame: pd.DataFrame, keys: list) -> pd.Series:
+    """Each row's key as comparable text: numbers as floats (64 read back from a CSV equals 64.0), empty as "nan"."""
+    def text(column: pd.Series) -> pd.Series:
+        numbers = pd.to_numeric(column, errors="coerce")
+        if (numbers.notna() | column.isna()).all() and column.map(lambda v: not isinstance(v, bool)).all():
+            return numbers.astype(float).astype(str)
+        return column.astype(str)
+    if not len(frame):
+        return pd.Series([], dtype=object)
+    return pd.concat([text(frame[k]) for k in keys], axis=1).apply(tuple, axis=1)
 
 
 def save_robustness(run_dir, frame: pd.DataFrame) -> Path:

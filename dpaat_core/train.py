@@ -375,7 +375,7 @@ def _train_loop(config, device, world, progress, should_stop, store, run_id, run
                 loss_sum += step.loss.detach() * len(idx)
                 seen += len(idx)
                 parts.append(_step_stats(step, idx, y))
-                status.batch(epoch, b, len(batches), "train")
+                status.batch(epoch, b, len(batches), "train", loss=lambda: loss_sum / seen)
                 if progress:
                     progress(Progress(run_dir, epoch, tc.epochs, b, len(batches), "train", loss_sum / seen))
             status.batch(epoch, len(batches), len(batches), "val")
@@ -502,6 +502,8 @@ class _StatusWriter:
         self.run_dir, self.main, self.epochs, self.every = run_dir, world.is_main, epochs, every
         self.last = 0.0
         self.best_epoch = None
+        self.started = time.time()
+        self.trace: list = []        # (epochs done as a fraction, mean training loss so far in the epoch), for a live curve
         self._payload = None
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -519,17 +521,29 @@ class _StatusWriter:
 
     def _write(self, state, message=None, **fields):
         if self.main:
-            fields = dict(epochs=self.epochs, best_epoch=self.best_epoch, **fields)
+            fields = dict(epochs=self.epochs, best_epoch=self.best_epoch, elapsed=round(time.time() - self.started, 1),
+                          trace=self.trace, **fields)
             with self._lock:
                 self._payload = (state, message, fields)
                 runs.write_status(self.run_dir, state, message, **fields)
             if state != "running":
                 self._stopped.set()
 
-    def batch(self, epoch, batch, batches, phase):
+    #: the most points of the live loss curve kept in status.json (older ones are thinned out)
+    TRACE = 240
+
+    def batch(self, epoch, batch, batches, phase, loss=None):
+        """A progress write (at most every ``every`` seconds); ``loss``: a callable giving the epoch's running mean
+        training loss, read only when the status is written (a device sync on a GPU)."""
         now = time.monotonic()
         if now - self.last >= self.every or batch == batches:
             self.last = now
+            if loss is not None and batch > 0 and self.main:
+                value = float(loss())
+                if math.isfinite(value):
+                    self.trace.append([round(epoch - 1 + batch / batches, 4), round(value, 5)])
+                    if len(self.trace) > self.TRACE:
+                        self.trace = self.trace[::2]
             self._write("running", epoch=epoch, batch=batch, batches=batches, phase=phase)
 
     def epoch_end(self, epoch, best_epoch):

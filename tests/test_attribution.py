@@ -351,8 +351,36 @@ def test_overlay_blends_the_colormap_over_the_image():
     hot, cold = np.round(np.array(jet(1.0)[:3]) * 255), np.round(np.array(jet(0.0)[:3]) * 255)
     np.testing.assert_array_equal(out[2, 3], hot)
     np.testing.assert_array_equal(out[10, 10], cold)
-    half = overlay(image, attribution, alpha=0.5)
+    half = overlay(image, attribution, alpha=0.5, cmap="jet")
     np.testing.assert_allclose(half[2, 3], 0.5 * image[:, 2, 3].numpy() * 255 + 0.5 * hot, atol=1)
+    default = overlay(image, attribution, alpha=1.0)                   # a perceptually uniform scale, not a rainbow
+    inferno = matplotlib.colormaps["inferno"]
+    np.testing.assert_array_equal(default[2, 3], np.round(np.array(inferno(1.0)[:3]) * 255))
+    with pytest.raises(ValueError, match="opacity"):
+        overlay(image, attribution, alpha=1.5)
+
+
+def test_overlay_draws_the_lesions_outline():
+    from dpaat_core.attribution import OUTLINE, outline
+    image = torch.full((3, 16, 16), 0.5)
+    mask = torch.zeros(16, 16, dtype=torch.uint8)
+    mask[4:12, 4:12] = 1
+    edge = outline(mask)
+    assert edge.sum() == 4 * 8 - 4 and edge[4, 4] and edge[11, 7] and not edge[7, 7] and not edge[2, 2]
+    out = overlay(image, torch.rand(16, 16), mask=mask)
+    np.testing.assert_array_equal(out[4, 6], np.round(np.array(OUTLINE) * 255))
+    assert not np.array_equal(out[7, 7], np.round(np.array(OUTLINE) * 255))
+    with pytest.raises(ValueError, match="does not match"):
+        overlay(image, torch.rand(16, 16), mask=torch.ones(8, 8))
+
+
+def test_the_prediction_in_words():
+    from dpaat_core.attribution import prediction_sentence, prediction_words
+    classes = ["akiec", "bkl", "df"]
+    assert (prediction_sentence(classes, [0.42, 0.3, 0.28], 2, [0.2, 0.52, 0.28], "PGD eps 0.3")
+            == "Predicted akiec 42% ✗ (true df) → bkl 52% under PGD eps 0.3 ✗, changed")
+    assert prediction_words(classes, 1, 0.9, 1, 1, 0.8, "attack") == "Predicted bkl 90% ✓ → bkl 80% under attack ✓, unchanged"
+    assert prediction_words(classes, 0, 0.5) == "Predicted akiec 50%"
 
 
 def test_overlay_takes_grey_and_uint8_images():

@@ -143,6 +143,8 @@ def test_the_report_compares_runs_and_says_what_is_missing(audited, tmp_path):
     column = header.index("PGD-20 l2")
     robust = read_protocol(run).set_index("preset").loc["pgd20_l2", "robust_accuracy"]
     assert [r[0] for r in rows] == ["small", "bare"] and rows[0][column] == f"{robust:.3f}" and rows[1][column] == "–"
+    note = markup[markup.index("<h2>Comparison</h2>"):].split("</table>")[1].split("</p>")[0]
+    assert "Not audited yet" in note and f"python -m dpaat_core audit {bare}" in note and "small" not in note
 
 
 def test_the_report_draws_each_classs_robust_accuracy_and_names_the_weakest_class(audited, tmp_path):

@@ -35,10 +35,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(store: Path):
-    """``streamlit run dashboard/app.py`` on a free port over ``store``: the process and its address, once healthy."""
+def _serve(store: Path, viewer: bool = False):
+    """``streamlit run dashboard/app.py`` on a free port over ``store`` (in viewer mode: ``DPAAT_VIEWER=1``): the
+    process and its address, once healthy."""
     port = _free_port()
-    env = dict(os.environ, DPAAT_STORE=str(store))
+    env = dict(os.environ, DPAAT_STORE=str(store), **({"DPAAT_VIEWER": "1"} if viewer else {}))
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port", str(port),
                              "--server.headless", "true", "--browser.gatherUsageStats", "false"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -184,6 +185,44 @@ def test_the_shipped_demo_runs_in_the_browser(tmp_path, shared_data):
     proc, url = _serve(store)
     try:
         _report("the demo runs", _walk(url, Path(os.environ.get("DPAAT_SCREENSHOTS") or tmp_path / "shots")))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+#: text that gives a server's file system away: an absolute path of two or more folders
+PATH_LIKE = re.compile(r"(?<![\w.:/])/(?:[\w.-]+/){2,}[\w.-]*")
+
+
+def test_viewer_mode_shows_no_server_path_on_any_page(tmp_path, shared_data):
+    """Every page of the shipped demo store served in viewer mode, read as a visitor sees it: no path of the server
+    (store, data, run folders), no Deploy button, no main menu with "Clear cache", and no Train page."""
+    import shutil
+    from playwright.sync_api import sync_playwright
+    _need_browser()
+    store = tmp_path / "srv" / "clinic" / "checkpoints"
+    shutil.copytree(ROOT / "checkpoints", store)
+    proc, url = _serve(store, viewer=True)
+    shots = Path(os.environ.get("DPAAT_SCREENSHOTS") or tmp_path / "shots")
+    shots.mkdir(parents=True, exist_ok=True)
+    forbidden = (str(tmp_path), str(ROOT), "/srv/clinic", "../shared", "source_path")
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            _settled(page, "DPAAT Lab")
+            for link, title in [("Home", "DPAAT Lab"), *[(lk, t) for lk, t in PAGES if t != "Train"]]:
+                page.get_by_role("link", name=link, exact=True).first.click()
+                _settled(page, title)
+                text = page.inner_text("body")
+                page.screenshot(path=str(shots / f"viewer-{title.lower().replace(' ', '-')}.png"), full_page=True)
+                assert not [f for f in forbidden if f in text], (title, [f for f in forbidden if f in text])
+                assert not PATH_LIKE.findall(text), (title, PATH_LIKE.findall(text))
+                assert page.locator('[data-testid="stAppDeployButton"]').count() == 0, title
+                assert page.locator('[data-testid="stMainMenu"]').count() == 0, title
+            assert page.get_by_role("link", name="Train", exact=True).count() == 0
+            browser.close()
     finally:
         proc.terminate()
         proc.wait(timeout=20)

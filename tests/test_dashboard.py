@@ -29,7 +29,7 @@ def store(tmp_path_factory):
     """A store with one finished DPAAT run, one corrupt folder and one incomplete one."""
     path = tmp_path_factory.mktemp("store")
     cfg = RunConfig().replace(data={"spec": "synthetic:n=32,classes=3", "image_size": 16}, attack={"steps": 1},
-                              method=method_config("dpaat"), train={"epochs": 2, "batch_size": 16, "device": "cpu"})
+                              method=method_config("dpaat"), train={"epochs": 3, "batch_size": 16, "device": "cpu"})
     train(cfg, store=path, run_id="small-dpaat")
     train(cfg.replace(method=method_config("pgd_at")), store=path, run_id="small-pgd")
     (path / "broken").mkdir()
@@ -53,14 +53,32 @@ def test_runs_page_lists_good_and_bad_runs(store, monkeypatch):
     table = at.dataframe[0].value
     assert set(table.run_id) == {"small-dpaat", "small-pgd", "broken", "empty"}
     good = table.set_index("run_id").loc["small-dpaat"]
-    assert good.state == "done" and good.method == "dpaat" and good.epochs == "2/2"
+    assert good.state == "done" and good.method == "dpaat" and good.epochs == "3/3"
     warnings = " ".join(w.value for w in at.warning)
     assert "broken** is corrupt" in warnings and "config.json" in warnings and "empty** is incomplete" in warnings
     assert sorted(at.multiselect[0].options) == ["small-dpaat", "small-pgd"]   # only readable runs are offered
-    assert at.multiselect[0].value == ["small-dpaat"] and len(at.get("plotly_chart")) == 1   # opens on the DPAAT run
-    at.multiselect[0].set_value(["small-dpaat", "small-pgd"]).run()           # compare two runs
-    assert not at.exception and len(at.get("plotly_chart")) == 2
-    assert sorted(e.label.split(" · ")[0] for e in at.expander) == ["small-dpaat", "small-pgd"]
+    scores = table.set_index("run_id")["val_balanced_accuracy"]
+    opened = at.multiselect[0].value
+    assert len(opened) == 1 and scores[opened[0]] == scores[["small-dpaat", "small-pgd"]].max()   # the better model
+    assert len(at.get("plotly_chart")) == 1
+    at.multiselect[0].set_value(["small-dpaat", "small-pgd"]).run()           # compare two runs: one chart
+    assert not at.exception and len(at.get("plotly_chart")) == 1
+    import json
+    figure = json.loads(at.get("plotly_chart")[0].proto.spec)
+    names = {t["name"] for t in figure["data"] if t.get("showlegend", True) is not False}
+    assert names == {"dpaat · resnet8 · seed 0", "pgd_at · resnet8 · seed 0"}      # short labels, legend below
+    assert figure["layout"]["legend"]["orientation"] == "h"
+    assert sorted(e.label.split(" · ")[0] for e in at.expander) == ["Settings of small-dpaat", "Settings of small-pgd"]
+
+
+def test_home_summarises_the_store_and_says_where_each_kind_of_user_starts(store, monkeypatch):
+    monkeypatch.setenv("DPAAT_STORE", str(store))
+    at = AppTest.from_file(str(APP), default_timeout=60).run()
+    assert not at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["finished models"] == "2" and metrics["methods"] == "2" and metrics["runs in the store"] == "4"
+    assert [h.value for h in at.subheader] == ["Clinicians: start here", "Researchers: start here"]
+    assert any(w.value.startswith("Balanced accuracy") for w in [*at.warning, *at.info])   # the trust line
 
 
 def test_runs_page_shows_the_reproduction_study_table(tmp_path, store, monkeypatch):
@@ -95,7 +113,7 @@ def test_dynamics_page_shows_the_selected_epoch(store, monkeypatch):
     at = _page(store, monkeypatch, "dynamics")
     at.selectbox(key="run_picker_one").set_value("small-dpaat").run()
     assert at.title[0].value == "Training dynamics" and at.selectbox[0].value == "small-dpaat"
-    assert at.select_slider[0].value == 2
+    assert at.select_slider[0].value == 3                                    # opens on the last epoch
     charts = at.get("plotly_chart")
     assert len(charts) == 5                      # histogram, fragile fraction, eps, transition heat map, trajectory
     at.select_slider[0].set_value(1).run()
@@ -142,7 +160,13 @@ def test_robustness_page_computes_saves_and_draws_curves(store, monkeypatch):
     assert sum(counts) == saved.n.max()
     at.slider[0].set_value(0.0).run()                        # eps 0: nothing changes
     assert at.metric[1].value == at.metric[0].value
-    assert len(at.get("image")) == 12                         # 4 clean, 4 perturbed, 4 perturbations
+    from dpaat_core import loading
+    batch = min(16, len(loading.load_run_data(store / "small-dpaat", "test")))   # the page's 16, or the whole split
+    tiles = at.get("image")
+    assert len(tiles) == batch                                 # every image attacked, clean beside attacked
+    captions = [c for t in tiles for c in t.captions]
+    assert sorted(int(c.split(" · ")[0][1:]) for c in captions) == list(range(batch))   # (laid out column by column)
+    assert all(" · Predicted " in c and ("changed" in c or "unchanged" in c) for c in captions)
 
 
 PER_CLASS = "Accuracy per class, clean and under attack"
@@ -209,7 +233,7 @@ def test_attribution_explorer_explains_a_test_image_and_compares_runs(store, mon
     at.selectbox(key="run_picker_one").set_value("small-dpaat").run()
     assert at.title[0].value == "Attribution explorer"
     images = len(at.get("image"))
-    assert images == 3 + 2 * 2                      # clean, perturbed, perturbation + 2 maps x (clean, perturbed)
+    assert images == 1 + 3 + 2 * 2                  # colour bar; clean, perturbed, perturbation; 2 maps x 2
     rho = [m for m in at.metric if m.label.startswith("rank agreement")]
     assert len(rho) == 2 and all(-1 <= float(m.value) <= 1 for m in rho)
     at.slider[0].set_value(0.0).run()               # eps 0: the perturbed map is the clean map
@@ -217,13 +241,13 @@ def test_attribution_explorer_explains_a_test_image_and_compares_runs(store, mon
     compare = next(s for s in at.selectbox if s.label.startswith("Compare with another run"))
     other = next(o for o in compare.options if o != "none")
     compare.set_value(other).run()                  # a second run on the same image, side by side
-    assert not at.exception and len(at.get("image")) == 2 * (3 + 2 * 2)
-    assert other in [h.value for h in at.subheader]
+    assert not at.exception and len(at.get("image")) == 1 + 2 * (3 + 2 * 2)
+    assert any(h.value.startswith(f"{other} · ") for h in at.subheader)
     at.radio[1].set_value("wrong").run()
     assert not at.exception
     at.radio[0].set_value("Training split (fragile or stable in training)").run()
     from dpaat_core import runs
-    last = runs.load_dynamics(store / "small-dpaat", 2)
+    last = runs.load_dynamics(store / "small-dpaat", 3)
     fragile = set(last["index"][last["fragile"]].tolist())
     for split in ("fragile", "stable"):
         at.radio[2].set_value(split).run()
@@ -248,6 +272,16 @@ def test_attribution_explorer_shows_the_runs_attribution_numbers(tmp_path, store
     (tmp_path / "small-dpaat" / "attribution.csv").write_text("method\ngradcam\n")
     at = _page(tmp_path, monkeypatch, "attribution")
     assert any("attribution numbers cannot be read" in w.value for w in at.warning)
+
+
+def test_every_map_page_says_how_far_to_trust_the_maps(store, monkeypatch):
+    """A two-epoch model on the synthetic set: the explorer and the gallery both say, in words, not to read its maps
+    as its reasons (its accuracy is low), with the figures that say why."""
+    for page in ("attribution", "gallery"):
+        at = _page(store, monkeypatch, page)
+        lines = [w.value for w in at.warning if w.value.startswith("Balanced accuracy")]
+        assert len(lines) == 1 and "**Do not read these maps as the model's reasons:**" in lines[0], (page, lines)
+    assert "by chance" in lines[0]                           # the gallery's live numbers give the localisation
 
 
 def test_attribution_explorer_refuses_a_bad_upload(store, monkeypatch):
@@ -277,10 +311,30 @@ def test_train_page_launches_a_run_that_the_other_pages_see(tmp_path, monkeypatc
                and runs.read_status(tmp_path / "from-the-page")["state"] == "done"):
         assert time.time() < deadline
         time.sleep(0.2)
+    at.run()                                                      # the finished launch, with where to look
+    assert any(m.value.startswith("from-the-page is done after 1/1 epochs") for m in at.success), at.success
+    assert {b.label for b in at.button} >= {"Open in Runs", "Open in Robustness", "Open in Training dynamics"}
     at.switch_page("views/runs.py").run()
     assert "from-the-page" in set(at.dataframe[0].value.run_id)
     config = runs.read_config(tmp_path / "from-the-page")         # the sliders' values are the run's
     assert (config["attack"]["steps"], config["method"]["gamma"], config["method"]["eps_max_ratio"]) == (1, 0.2, 3.0)
+
+
+def test_train_page_keeps_a_typed_name_and_its_suggestion_follows_the_method(tmp_path, monkeypatch):
+    import time
+    at = _page(tmp_path, monkeypatch, "train")
+    suggested = at.text_input(key="train-name").value
+    assert suggested.startswith("dpaat-resnet8-")
+    time.sleep(1.1)                                               # a suggestion stamped per rerun would move now
+    at.number_input(key="train-epochs").set_value(2).run()
+    assert at.text_input(key="train-name").value == suggested
+    at.selectbox(key="train-method").set_value("pgd_at").run()   # untouched: it follows the method
+    assert at.text_input(key="train-name").value == suggested.replace("dpaat-", "pgd_at-", 1)
+    at.text_input(key="train-name").set_value("my-run").run()
+    time.sleep(1.1)
+    at.selectbox(key="train-method").set_value("trades").run()   # typed: kept through every change
+    at.number_input(key="train-epochs").set_value(3).run()
+    assert at.text_input(key="train-name").value == "my-run" and not at.exception
 
 
 def test_train_page_previews_what_the_eps_settings_imply(tmp_path, monkeypatch):
@@ -500,7 +554,7 @@ def test_attribution_explorer_explains_under_a_natural_corruption(store, monkeyp
     assert not at.exception
     assert any("gaussian noise, noise std 0.26" in c.value for c in at.caption)
     rho = [float(m.value) for m in at.metric if m.label.startswith("rank agreement")]
-    assert len(at.get("image")) == 3 + 2 * 2
+    assert len(at.get("image")) == 1 + 3 + 2 * 2
     from dpaat_core import loading
     from dpaat_core.attribution import clean_and_corrupted, spearman
     index = int(next(s for s in at.selectbox if s.label == "Image").value)
@@ -517,7 +571,7 @@ def test_gallery_shows_every_test_image_worst_first_and_opens_one_in_the_explore
     at.selectbox(key="run_picker_one").set_value("small-dpaat").run()
     assert at.title[0].value == "Gallery" and not at.exception
     test = loading.load_run_data(store / "small-dpaat", "test")
-    assert len(at.get("image")) == len(test)                                 # one tile per image (one page)
+    assert len(at.get("image")) == 1 + len(test)                 # the colour bar, and one tile per image (one page)
     off = next(m for m in at.metric if m.label == "maps mostly off the lesion")
     model = loading.load_model(store / "small-dpaat")
     numbers = gallery.image_numbers(model, test, 0.3, "gradcam", steps=10, batch_size=64)

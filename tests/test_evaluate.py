@@ -174,6 +174,15 @@ def test_curve_reports_its_progress(trained):
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
 
 
+def test_the_curves_progress_bar_has_one_total_from_start_to_end(trained, capsys):
+    """What the dashboard reads from the log: "k/N" with the same N throughout, ending at N."""
+    import re
+    _, model, ds = trained
+    robustness_curve(model, ds, [0, 0.3, 1.0, 3.0], steps=1, batch_size=4, progress=True)
+    counts = [(int(a), int(b)) for a, b in re.findall(r"(\d+)/(\d+) \[", capsys.readouterr().err)]
+    assert counts and len({total for _, total in counts}) == 1 and counts[-1][0] == counts[-1][1] > 0
+
+
 @pytest.mark.device
 def test_perturb_uses_the_protocol_settings(trained):
     from dpaat_core.attacks import pgd

@@ -28,7 +28,11 @@ def test_every_image_has_its_row_and_a_page_redraws_its_maps(setting):
     np.testing.assert_allclose(spearman(maps["map_clean"], maps["map_adv"]), rows["spearman"], atol=1e-5)
     np.testing.assert_allclose(energy_in_mask(maps["map_clean"], data.masks[page]), rows["energy_clean"], atol=1e-5)
     np.testing.assert_allclose(energy_in_mask(maps["map_adv"], data.masks[page]), rows["energy_adv"], atol=1e-5)
-    whole = gallery.image_numbers(model, data, 0.3, "gradcam", steps=2, batch_size=7)   # other batches, same rows
+    seen = []
+    whole = gallery.image_numbers(model, data, 0.3, "gradcam", steps=2, batch_size=7,   # other batches, same rows
+                                  callback=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (len(data), len(data)) and {t for _, t in seen} == {len(data)}       # one total, counted up
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[0][0] > 0
     np.testing.assert_allclose(whole["energy_other_mask"], table["energy_other_mask"], atol=1e-6)
     assert maps["x"].shape == (4, 3, 16, 16) and maps["map_clean"].shape == (4, 16, 16)
 

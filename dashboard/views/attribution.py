@@ -5,11 +5,12 @@ import torch
 from dashboard import charts
 from dashboard.state import (EXPLORER_STEPS, certificate_text, comparable_runs, corrupted_explanation, data_spec_input,
                              eps_slider, explanation, image_certificate, model, predictions, run_data, run_picker,
-                             training_split_filter, unreadable)
+                             training_split_filter, trust_notice, unreadable)
 from dpaat_core import runs
 from dpaat_core.attacks import ATTACKS
 from dpaat_core.corruptions import NAMES, SEVERITIES, describe
-from dpaat_core.attribution import METHODS, overlay, perturbation_image, spearman, ssim, topk_iou
+from dpaat_core.attribution import (METHODS, colour_bar, method_label, overlay, perturbation_image,
+                                    prediction_sentence, spearman, ssim, topk_iou)
 from dpaat_core.data import DataError
 from dpaat_core.data.images import decode_upload
 from dpaat_core.evaluate import reference_eps
@@ -32,12 +33,13 @@ run = usable[0]
 if model(run) is None:   # unreadable weights: the warning says which run, the rest of the app works
     st.stop()
 classes = run.config["dataset"]["classes"]
+trust_notice(run)
 size, channels = run.config["dataset"]["image_size"], run.config["dataset"]["in_channels"]
 
 SOURCES = ["Test split", "Training split (fragile or stable in training)", "Upload a JPEG or PNG"]
 source = st.radio("Image", SOURCES, horizontal=True, key=f"source{fresh}",
                   index=1 if picked_image.get("split") == "train" else 0)
-x, label, image_index = None, None, 0   # an upload is corrupted with index 0's draw
+x, label, image_index, data = None, None, 0, None   # an upload is corrupted with index 0's draw
 if source == SOURCES[2]:
     upload = st.file_uploader("Lesion image (read in memory only: never saved or sent anywhere)", type=["jpg", "jpeg", "png"])
     if upload is not None:
@@ -92,45 +94,53 @@ else:
         c3.caption("green: the image's certified l2 radius; line: the eps above (orange when outside it)")
     st.caption(f"{attack.upper()} at eps {eps:.4f} ({norm}) with {EXPLORER_STEPS if attack != 'fgsm' else 1} step(s), "
                "as `python -m dpaat_core attribute` uses for the run's attribution.csv.")
-methods = st.multiselect("Attribution maps", list(METHODS), default=["gradcam", "saliency"])
+methods = st.multiselect("Attribution maps", list(METHODS), default=["gradcam", "saliency"], format_func=method_label)
 candidates = comparable_runs(run)
-compare = st.selectbox("Compare with another run (same classes)", ["none", *candidates])
+v1, v2, v3 = st.columns([2, 1, 1])
+compare = v1.selectbox("Compare with another run (same classes), side by side", ["none", *candidates])
+alpha = v2.slider("Map opacity", 0.0, 1.0, 0.5, 0.05, key="map-opacity",
+                  help="0: the image alone; 1: the map alone")
+mask = data.mask(image_index) if source != SOURCES[2] and data is not None else None
+outlined = v3.toggle("Lesion outline", value=mask is not None, disabled=mask is None, key="map-outline",
+                     help="the lesion mask's edge in cyan" if mask is not None else "this image has no lesion mask")
+v3.image(colour_bar(), caption="map: low → high", width="stretch")
+after = (f"{corruption.replace('_', ' ')} at severity {severity}" if kind == "natural corruption"
+         else f"{attack.upper()} eps {eps:.3g}")
 
 
-def explain(r) -> None:
-    """Clean, perturbed and perturbation images, probabilities and maps with agreement, for run ``r``."""
+def explain(r, where) -> None:
+    """Clean, perturbed and perturbation images, the prediction in words and as bars, and the maps with their
+    agreement, for run ``r`` in the container ``where`` (a column when two runs are compared)."""
     out = (corrupted_explanation(r, x, image_index, corruption, severity, methods) if kind == "natural corruption"
            else explanation(r, x, label, attack, norm, eps, methods, image_index if source != SOURCES[2] else None))
     if out is None:
         return
+    where.markdown(f"**{prediction_sentence(classes, out['prob_clean'], label, out['prob_adv'], after)}**")
     x_adv = torch.from_numpy(out["x_adv"])
-    images, probs = st.columns([3, 2])
-    cols = images.columns(3)
-    for col, img, cap in zip(cols, (x, x_adv, perturbation_image(x, x_adv)),
-                             ("clean", f"{corruption.replace('_', ' ')} at severity {severity}"
-                              if kind == "natural corruption" else f"perturbed at eps {eps:.4f}",
+    for col, img, cap in zip(where.columns(3), (x, x_adv, perturbation_image(x, x_adv)),
+                             ("clean", after if kind == "natural corruption" else f"perturbed at eps {eps:.4f}",
                               "change (amplified)")):
         col.image(img[0].permute(1, 2, 0).numpy(), caption=cap, width="stretch", clamp=True)
-    probs.plotly_chart(charts.probability_chart(classes, out["prob_clean"], out["prob_adv"]), key=f"p-{r.run_id}")
+    where.plotly_chart(charts.probability_chart(classes, out["prob_clean"], out["prob_adv"],
+                                                "corrupted" if kind == "natural corruption" else "perturbed"),
+                       key=f"p-{r.run_id}")
+    edge = mask if outlined else None
     for method, (a, b) in out["maps"].items():                      # both maps explain the clean prediction
-        cols = st.columns([1, 1, 1])
-        cols[0].image(overlay(x[0], a), caption=f"{method}: clean", width="stretch")
-        cols[1].image(overlay(x_adv[0], b), caption=f"{method}: {'corrupted' if kind == 'natural corruption' else 'perturbed'}",
-                      width="stretch")
+        cols = where.columns([1, 1, 1])
+        cols[0].image(overlay(x[0], a, alpha, mask=edge), caption=f"{method_label(method)}: clean", width="stretch")
+        cols[1].image(overlay(x_adv[0], b, alpha, mask=edge), width="stretch",
+                      caption=f"{method_label(method)}: {'corrupted' if kind == 'natural corruption' else 'perturbed'}")
         cols[2].metric("rank agreement (Spearman)", f"{spearman(a, b):.2f}")
         cols[2].caption(f"top-10% overlap {topk_iou(a, b):.2f} · SSIM {ssim(a, b):.2f}"
                         if min(a.shape) >= 11 else f"top-10% overlap {topk_iou(a, b):.2f}")
 
 
-st.subheader(f"{run.run_id} · {run.method}")
-if label is not None:
-    st.caption(f"true class: {classes[label]}")
 if certificate is not None:
     st.markdown(certificate_text(certificate, classes))
-explain(run)
-if compare != "none":
-    st.subheader(compare)
-    explain(candidates[compare])
+panes = st.columns(2) if compare != "none" else [st.container()]
+for pane, shown in zip(panes, [run, *([candidates[compare]] if compare != "none" else [])]):
+    pane.subheader(f"{shown.run_id} · {shown.method}")
+    explain(shown, pane)
 
 try:
     summary = runs.read_attribution(run.path)
@@ -142,6 +152,6 @@ else:
             st.dataframe(summary.pivot_table(index="metric", columns="method", values="mean", sort=False),
                          width="stretch", column_config=None)
             st.caption(f"Means over {int(summary['n'].max())} test images, clean vs {summary['norm'].iloc[0] if 'norm' in summary else 'l2'} "
-                       "PGD at the training eps. energy_*: share of the map on the lesion mask; energy_other_mask: "
-                       "the same map on another image's mask (the centre-bias baseline); pointing_*: the map's peak "
+                       "PGD at the training eps. `energy_*`: share of the map on the lesion mask; `energy_other_mask`: "
+                       "the same map on another image's mask (the centre-bias baseline); `pointing_*`: the map's peak "
                        "lies on the lesion.")

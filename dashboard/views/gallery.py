@@ -4,10 +4,10 @@ import streamlit as st
 
 from dashboard import charts
 from dashboard.state import (EXPLORER_STEPS, certified, comparable_runs, data_spec_input, gallery_eps, gallery_maps,
-                             gallery_numbers, model, run_data, run_picker, training_split_filter)
+                             gallery_numbers, model, run_data, run_picker, training_split_filter, trust_notice)
 from dpaat_core import gallery
 from dpaat_core.class_robustness import balanced, weakest_sentence
-from dpaat_core.attribution import overlay
+from dpaat_core.attribution import colour_bar, method_label, overlay, prediction_words
 
 st.title("Gallery")
 data_spec_input()
@@ -24,7 +24,8 @@ st.caption("Every image of a split with its map on the clean image and on the at
 
 c1, c2, c3 = st.columns(3)
 split = "test" if c1.radio("Images", ["Test split", "Training split"], horizontal=True) == "Test split" else "train"
-method = c2.selectbox("Map", ["gradcam", "saliency"], help="Grad-CAM: fast and coarse; saliency: pixel gradients")
+method = c2.selectbox("Map", ["gradcam", "saliency"], format_func=method_label,
+                      help="Grad-CAM: fast and coarse; saliency: pixel gradients")
 others = comparable_runs(run)
 compare_id = c3.selectbox("Compare with (same images, same order)", ["none", *others])
 data = run_data(run, split)
@@ -34,6 +35,7 @@ numbers, source = gallery_numbers(run, data, split, method)
 if numbers is None:
     st.stop()
 st.caption(f"Numbers {source}.")
+trust_notice(run, method, numbers)
 other = others.get(compare_id)
 numbers_b = gallery_numbers(other, data, split, method)[0] if other is not None else None
 
@@ -86,12 +88,17 @@ if only != "all":
 if rows.empty:
     st.info("No image matches these filters.")
     st.stop()
-p1, p2 = st.columns([1, 3])
+p1, p2, p3, p4 = st.columns([1, 1, 1, 2])
 per_page = 24
 pages = (len(rows) + per_page - 1) // per_page
 page = p1.number_input(f"Page (of {pages})", 1, pages, 1)
-p2.caption(f"{len(rows)} images · {per_page} per page · left: clean, right: attacked"
-           + (f" · top: {run.run_id}, bottom: {compare_id}" if other is not None else ""))
+alpha = p2.slider("Map opacity", 0.0, 1.0, 0.5, 0.05, key="gallery-opacity")
+outlined = p3.toggle("Lesion outline", value=data.masks is not None, disabled=data.masks is None,
+                     key="gallery-outline")
+p4.image(colour_bar(), caption=f"{method_label(method)}: low → high", width="stretch")
+st.caption(f"{len(rows)} images · {per_page} per page · left: clean, right: attacked"
+           + (f" · top: {run.run_id}, bottom: {compare_id}" if other is not None else "")
+           + (" · cyan: the lesion's outline" if outlined else ""))
 shown = rows.iloc[(page - 1) * per_page: page * per_page]
 
 # --- the grid --------------------------------------------------------------------------------------------------
@@ -105,10 +112,11 @@ def certificate_caption(row) -> str:
     return f" · r {row.radius:.2f} ({classes[int(row.certified_prediction)]})"
 
 
-def pair(maps: dict, k: int) -> np.ndarray:
+def pair(maps: dict, k: int, index: int) -> np.ndarray:
     gap = np.full((maps["x"].shape[-2], 2, 3), 255, np.uint8)
-    return np.concatenate([overlay(maps["x"][k], maps["map_clean"][k]), gap,
-                           overlay(maps["x_adv"][k], maps["map_adv"][k])], axis=1)
+    edge = data.mask(index) if outlined else None
+    return np.concatenate([overlay(maps["x"][k], maps["map_clean"][k], alpha, mask=edge), gap,
+                           overlay(maps["x_adv"][k], maps["map_adv"][k], alpha, mask=edge)], axis=1)
 
 
 maps = gallery_maps(run, data, split, shown["index"].tolist(), method)
@@ -116,13 +124,14 @@ maps_b = gallery_maps(other, data, split, shown["index"].tolist(), method) if ot
 by_index_b = numbers_b.set_index("index") if numbers_b is not None else None
 cols = st.columns(4)
 for k, row in enumerate(shown.itertuples(index=False)):
-    tile = pair(maps, k)
+    tile = pair(maps, k, int(row.index))
     if maps_b is not None:
-        tile = np.concatenate([tile, np.full((2, tile.shape[1], 3), 255, np.uint8), pair(maps_b, k)], axis=0)
-    truth, pred = classes[row.label], classes[row.pred_clean]
+        tile = np.concatenate([tile, np.full((2, tile.shape[1], 3), 255, np.uint8), pair(maps_b, k, int(row.index))],
+                              axis=0)
     lesion = f" · lesion {row.energy_clean:.0%}" if hasattr(row, "energy_clean") and row.energy_clean == row.energy_clean else ""
-    caption = (f"#{row.index} · {truth} → {pred} ({row.confidence_clean:.0%}){' ✓' if truth == pred else ' ✗'}"
-               f"{lesion} · ρ {row.spearman:.2f}{certificate_caption(row)}")
+    said = prediction_words(classes, row.pred_clean, row.confidence_clean, row.label, row.pred_adv,
+                            row.confidence_adv, "attack")
+    caption = f"#{row.index} · {said}{lesion} · ρ {row.spearman:.2f}{certificate_caption(row)}"
     if by_index_b is not None and row.index in by_index_b.index:
         b = by_index_b.loc[row.index]
         caption += f" | {classes[int(b.pred_clean)]} ({b.confidence_clean:.0%})" + (

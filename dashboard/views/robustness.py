@@ -3,15 +3,16 @@ against l2 radius beside it, a live attack on a small batch and each class's cle
 accuracy under natural corruptions in a second view (``dashboard.corruption_panel``)."""
 import pandas as pd
 import streamlit as st
-import torch
+from scipy.stats import binomtest
 
 from dashboard import charts, corruption_panel
+from dashboard.grid import batch_grid
+from dashboard.charts import short_labels
 from dashboard.state import (certified, class_robustness, compute_buttons, data_spec_input, eps_slider, live_attack,
                              model, robustness, run_data, run_picker)
 from dpaat_core import plots
 from dpaat_core.class_robustness import weakest_sentence
 from dpaat_core.certify import summary
-from dpaat_core.attribution import perturbation_image
 from dpaat_core.evaluate import eps_rms, reference_eps
 from dpaat_core.attacks import ATTACKS, DEFAULT_STEPS
 
@@ -64,7 +65,7 @@ def per_class_section(selected: list, curves: pd.DataFrame, live_run, live: dict
 
 st.title("Robustness")
 data_spec_input()
-selected = [r for r in run_picker("Runs") if r.has_weights]
+selected = [r for r in run_picker("Runs", compare=True) if r.has_weights]
 if not selected:
     st.info("Pick a run with trained weights in the sidebar.")
     st.stop()
@@ -79,7 +80,8 @@ if view == VIEWS[0]:
                     max_samples=256)
     if len(curves):
         x = "eps_rms" if st.toggle("Per-pixel RMS on the x axis", value=False) else "eps"
-        st.plotly_chart(charts.robustness_chart(curves, x=x), key="curves")
+        labels = short_labels(selected)
+        st.plotly_chart(charts.robustness_chart(curves.assign(run=curves["run"].map(labels)), x=x), key="curves")
     certified_section(selected, curves)
 
     st.subheader("Attack a batch live")
@@ -103,15 +105,15 @@ if view == VIEWS[0]:
                        "as much as the common one")
         m4.metric("per-pixel RMS", f"{eps_rms(eps, norm, shape):.2e}",
                   help=f"eps {eps:.4g} ({norm}) at {shape[1]}x{shape[2]} pixels")
-        st.caption(f"{live['flipped']} of {min(int(n), len(data))} images changed prediction under the attack "
-                   f"({attack.upper()}-{DEFAULT_STEPS[attack]}, the evaluation protocol's steps)")
+        shown_n = len(live["labels"])
+        low, high = binomtest(int(live["robust"].sum()), shown_n).proportion_ci(method="wilson")
+        st.caption(f"{live['flipped']} of {shown_n} images went from right to wrong under the attack "
+                   f"({attack.upper()}-{DEFAULT_STEPS[attack]}, the evaluation protocol's steps). On {shown_n} images "
+                   f"each one moves accuracy by {1 / shown_n:.2f}: robust accuracy {live['robust_accuracy']:.2f} "
+                   f"has a 95% interval of {low:.2f}–{high:.2f}. Saved curves on the whole split are firmer.")
     per_class_section(selected, curves, run, live, data, attack, norm, eps)
     if live is not None:
-        x, x_adv = torch.from_numpy(live["x"]), torch.from_numpy(live["x_adv"])
-        for title, images in (("clean", x), ("perturbed", x_adv), ("perturbation, amplified", perturbation_image(x, x_adv))):
-            st.caption(title)
-            cols = st.columns(len(x))
-            for col, img in zip(cols, images):
-                col.image(img.permute(1, 2, 0).numpy(), width="stretch", clamp=True)
+        st.caption("Every image of the batch: clean (left) and attacked (right), with the prediction in words.")
+        batch_grid(live, run.config["dataset"]["classes"], f"{attack.upper()} eps {eps:.3g}")
 else:
     corruption_panel.show(selected)

@@ -4,7 +4,7 @@ import time
 import streamlit as st
 
 from dashboard import charts
-from dashboard.state import ROOT, list_runs, refuse_in_viewer_mode, store
+from dashboard.state import ROOT, list_runs, open_run_buttons, refuse_in_viewer_mode, store
 from dpaat_core import launch, preview, runs
 from dpaat_core.config import (METHODS, AttackConfig, ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig,
                                method_config)
@@ -106,7 +106,12 @@ if st.button("Time an epoch on this machine", key="train-time"):
                 f"{batches} batches of {int(batch_size)}, {n} training images); validation adds a little.")
     except Exception as exc:   # noqa: BLE001 - an unreadable data spec or an unknown model: say which
         st.error(f"Cannot time it: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-name = st.text_input("Run name", f"{method}-{model_name}-{time.strftime('%Y%m%d-%H%M%S')}", key="train-name")
+# The name suggested follows the method and model until it is typed over; a typed name is kept on every rerun.
+auto = f"{method}-{model_name}-{st.session_state.setdefault('train-stamp', time.strftime('%Y%m%d-%H%M%S'))}"
+if st.session_state.get("train-name") in (None, st.session_state.get("train-name-auto")):
+    st.session_state["train-name"] = auto
+st.session_state["train-name-auto"] = auto
+name = st.text_input("Run name", key="train-name")
 submitted = st.button("Launch", type="primary", key="train-launch")
 
 if submitted:
@@ -114,9 +119,15 @@ if submitted:
         cfg = _config()
         pid = launch.launch(cfg, store(), name)
         st.session_state.setdefault("launched", []).append(name)
+        st.session_state.pop("train-stamp", None)          # the next suggestion gets a fresh time
         st.success(f"Launched {name} (process {pid}).")
     except (ConfigError, runs.RunError) as exc:
         st.error(str(exc))
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min" if seconds >= 90 else \
+        f"{seconds:.0f} s"
 
 
 @st.fragment(run_every=2.0)
@@ -129,19 +140,36 @@ def watch() -> None:
             text = log.read_text(errors="replace").strip() if log.is_file() else ""
             if text:   # the process ended before making its run folder: say why
                 st.error(f"{name} did not start: {text.splitlines()[-1]}")
+    finished = [r for r in list_runs() if r.run_id in st.session_state.get("launched", []) and r.state != "running"]
+    for run in finished:   # this session's launches that ended: what they reached, and where to look at them
+        best = run.best.get("val_balanced_accuracy")
+        st.success(f"{run.run_id} is {run.state} after {run.epochs_done}/{run.epochs or '?'} epochs"
+                   + (f" (best validation balanced accuracy {best:.3f})" if best == best and best is not None else ""))
+        open_run_buttons(run.run_id, f"finished-{run.run_id}")
     if not active:
         st.info("No run is training right now.")
         return
     for run in active.values():
         s = run.status
         epochs, epoch = s.get("epochs") or 1, s.get("epoch") or 0
-        batch, batches = s.get("batch") or 0, s.get("batches") or 1
-        done = min(((epoch - 1) + batch / batches) / epochs, 1.0) if epoch else 0.0
-        st.progress(done, text=f"{run.run_id}: epoch {epoch}/{epochs}, batch {batch}/{batches} ({s.get('phase', '')})")
-        cols = st.columns([4, 1])
+        batch, batches = s.get("batch") or 0, s.get("batches")
+        if not epoch or not batches:      # before the first batch: loading data, building, compiling
+            st.progress(0.0, text=f"{run.run_id}: starting (reading the data and building the model)…")
+        else:
+            done = min(((epoch - 1) + batch / batches) / epochs, 1.0)
+            elapsed = s.get("elapsed")
+            left = (f", about {_duration(elapsed / done * (1 - done))} left" if elapsed and done > 0.02 else "")
+            phase = {"train": "training", "val": "validating"}.get(s.get("phase"), s.get("phase") or "")
+            st.progress(done, text=f"{run.run_id}: {done:.0%} · epoch {epoch} of {epochs}, batch {batch} of {batches} "
+                                   f"({phase}){left}")
+        cols = st.columns([2, 2, 1])
+        if s.get("trace"):
+            cols[0].plotly_chart(charts.loss_trace_chart(s["trace"], epochs), key=f"loss-{run.run_id}")
         if len(run.metrics):
-            cols[0].plotly_chart(charts.metrics_chart(run.metrics), key=f"live-{run.run_id}")
-        if cols[1].button("Stop", key=f"stop-{run.run_id}"):
+            cols[1].plotly_chart(charts.metrics_chart(run.metrics), key=f"live-{run.run_id}")
+        elif epoch:
+            cols[1].caption("Validation accuracy appears here when the first epoch ends.")
+        if cols[2].button("Stop", key=f"stop-{run.run_id}"):
             cols[1].write("stopping…" if launch.stop(run.path) else "not running on this machine")
 
 

@@ -3,7 +3,7 @@ import math
 
 import streamlit as st
 
-from dashboard.state import list_runs, store, viewer_mode
+from dashboard.state import list_runs, open_run_buttons, store, viewer_mode
 from dpaat_core import launch, sweep
 
 st.title("Tuning")
@@ -89,13 +89,7 @@ if names:
     if openable:
         c1, c2 = st.columns([2, 3])
         run_id = c1.selectbox("Open a trial's run in the other pages", openable, key=f"open-trial-{name}")
-        with c2:
-            b1, b2, b3 = st.columns(3)
-            for button, page, label in ((b1, "views/runs.py", "Runs"), (b2, "views/robustness.py", "Robustness"),
-                                        (b3, "views/dynamics.py", "Training dynamics")):
-                if button.button(f"Open in {label}", key=f"open-{label}"):
-                    st.session_state["runs"] = [run_id]
-                    st.switch_page(page)
+        open_run_buttons(run_id, "open", c2)
     elif len(table):
         st.caption("The trials' runs are not in this run store (trials of another machine, or still starting).")
 else:
