@@ -209,10 +209,10 @@ def open_storage(url: Optional[str], store: Path, heartbeat: int = 10, grace: in
     else:
         engine = {"connect_args": {"connect_timeout": connect_timeout}, "pool_pre_ping": True}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # two processes making a new SQLite file at once both create its tables and one fails: one at a time (an existing
-    # file needs no lock, and a read-only store, as a viewer may serve, could not hold one)
-    new_file = scheme == "sqlite" and not db.exists()
-    guard = _file_lock(db.with_suffix(".lock")) if new_file else contextlib.nullcontext()
+    # two processes opening a new SQLite file at once both create its tables and one fails: one at a time. The file
+    # appears the moment the first connects, before its tables exist, so every opening takes the lock; a read-only
+    # store (as a viewer may serve) cannot hold one, and has its tables already
+    guard = _file_lock(db.with_suffix(".lock"), optional=True) if scheme == "sqlite" else contextlib.nullcontext()
     try:
         with guard, warnings.catch_warnings():   # heartbeats: "experimental" in Optuna 5, the documented way to retry
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -227,9 +227,17 @@ def open_storage(url: Optional[str], store: Path, heartbeat: int = 10, grace: in
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
-    """An exclusive ``flock`` on ``path`` (created if needed) for the ``with`` block."""
-    with open(path, "a") as fh:
+def _file_lock(path: Path, optional: bool = False):
+    """An exclusive ``flock`` on ``path`` (created if needed) for the ``with`` block; with ``optional``, none where
+    ``path`` cannot be opened for writing (a read-only store)."""
+    try:
+        fh = open(path, "a")
+    except OSError:
+        if not optional:
+            raise
+        yield
+        return
+    with fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

@@ -239,7 +239,8 @@ def test_a_gallery_tile_opens_its_image_in_the_explorer(dashboard):
         page.get_by_role("link", name="Gallery", exact=True).first.click()
         _settled(page, "Gallery")
         _check_page(page, "Gallery")
-        tiles = [t.inner_text() for t in page.locator('[data-testid="stImage"]').all()]   # "#12 · mel → nv ..."
+        tiles = [t.inner_text() for t in page.locator('[data-testid="stImage"]').all()]
+        tiles = [t for t in tiles if t.startswith("#")]          # "#12 · Predicted nv ..." (not the colour bar)
         k, first = next((k, t) for k, t in enumerate(tiles) if not t.startswith("#0 "))   # not the default image
         index = int(first.split(" ")[0].lstrip("#"))
         page.get_by_role("button", name="Open in the explorer").nth(k).click()
@@ -280,9 +281,9 @@ def test_the_corruption_view_of_the_demo_runs(tmp_path, shared_data):
         _settled(page, "Robustness")
         start = time.perf_counter()
         page.get_by_text("Natural corruptions", exact=True).first.click()
-        page.get_by_text("correctly classified images changed prediction", exact=False).first.wait_for(timeout=60_000)
+        page.get_by_text("images went from right to wrong under it", exact=False).first.wait_for(timeout=60_000)
         _settled(page, "Robustness")
-        page.wait_for_function("() => document.querySelectorAll('[data-testid=\"stImage\"]').length == 8",
+        page.wait_for_function("() => document.querySelectorAll('[data-testid=\"stImage\"]').length == 16",
                                timeout=30_000)   # the attack view's images are gone once the run has ended
         seconds = time.perf_counter() - start
         assert page.locator('[data-testid="stException"]').count() == 0
@@ -290,7 +291,9 @@ def test_the_corruption_view_of_the_demo_runs(tmp_path, shared_data):
         heat = page.locator('[data-testid="stPlotlyChart"]').first
         assert "accuracy under natural corruptions" in heat.inner_text()
         assert page.locator('[data-testid="stMetric"]').count() == 2
-        assert page.locator('[data-testid="stImage"]').count() == 8
+        images = page.locator('[data-testid="stImage"]')
+        assert images.count() == 16                            # every image of the batch, clean beside corrupted
+        assert all(" · Predicted " in t.inner_text() for t in images.all())
         page.screenshot(path=str(Path(os.environ.get("DPAAT_SCREENSHOTS") or tmp_path) / "3b-corruptions.png"))
     print(f"latency (s), the corruption view of a demo run: {seconds:.2f}")
 
