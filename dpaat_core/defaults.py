@@ -60,24 +60,32 @@ def score(run: runs.Run) -> tuple:
     return (source.startswith("test"), value if value is not None else -1.0)
 
 
-def default_run(found: Sequence[runs.Run], store) -> Optional[str]:
+def _ranked(found: Sequence[runs.Run]) -> list[runs.Run]:
+    """The showable runs, best first (each run's figures read once)."""
+    scores = {r.run_id: score(r) for r in found if showable(r)}
+    return sorted((r for r in found if r.run_id in scores), key=lambda r: scores[r.run_id], reverse=True)
+
+
+def default_run(found: Sequence[runs.Run], store, ranked: Optional[list] = None) -> Optional[str]:
     """The run id to open on (see the module's docstring), or None when no run is showable."""
     by_id = {r.run_id: r for r in found}
     named = read_default(store)
     if named in by_id and by_id[named].has_weights and by_id[named].config is not None:
         return named
-    pool = [r for r in found if showable(r)]
-    return max(pool, key=score).run_id if pool else None
+    ranked = _ranked(found) if ranked is None else ranked
+    return ranked[0].run_id if ranked else None
 
 
 def comparison(found: Sequence[runs.Run], store) -> list[str]:
     """The default run and the best showable run of each other method on the same data and image size."""
-    first = default_run(found, store)
+    ranked = _ranked(found)
+    first = default_run(found, store, ranked)
     if first is None:
         return []
     by_id = {r.run_id: r for r in found}
     key = lambda r: ((r.config.get("data") or {}).get("spec"), (r.config.get("dataset") or {}).get("image_size"))  # noqa: E731
     best: dict = {by_id[first].method: first}
-    for run in sorted((r for r in found if showable(r) and key(r) == key(by_id[first])), key=score, reverse=True):
-        best.setdefault(run.method, run.run_id)
+    for run in ranked:
+        if key(run) == key(by_id[first]):
+            best.setdefault(run.method, run.run_id)
     return list(best.values())

@@ -244,7 +244,8 @@ def robustness_curve(model: nn.Module, dataset: ImageDataset, eps_grid: Sequence
     hit = np.zeros((len(eps_grid), len(dataset)), dtype=bool)      # still correct after the attack at that eps
     # a total fixed up front (every image at every eps, or every clean-correct one with ``fast``): the bar's total does
     # not jump as each eps shows how many survive; the images a monotone curve need not attack again count as done
-    planned = sum(len(dataset) if not fast else int(correct0.sum()) for e in eps_grid if e > 0 or not fast)
+    attacked = [e for e in eps_grid if e > 0 or not fast]
+    planned = len(attacked) * (int(correct0.sum()) if fast else len(dataset))
     with tqdm(total=planned, desc=f"{attack} {norm} curve", unit="img", disable=not progress) as bar:
         atk.callback = callback
         if fast and not monotone:

@@ -248,8 +248,7 @@ def build_classifier(model: dict, num_classes: int, in_channels: int = 3) -> Cla
     imported run, or one started from it), freshly initialised."""
     norm = model.get("normalization") or {}
     if norm:
-        mean = check_normalization("model.normalization.mean", norm.get("mean"), in_channels)
-        check_normalization("model.normalization.std", norm.get("std"), in_channels)
-        norm = {"mean": mean, "std": tuple(norm["std"])}
+        norm = {"mean": check_normalization("model.normalization.mean", norm.get("mean"), in_channels),
+                "std": check_normalization("model.normalization.std", norm.get("std"), in_channels)}
     return Classifier(model["name"], build_backbone(model["name"], num_classes, in_channels), num_classes,
                       in_channels, norm.get("mean"), norm.get("std"), model.get("gradcam_layer"))

@@ -26,8 +26,6 @@ from . import runs
 WEAK_ACCURACY = 0.6
 #: maps whose lesion share exceeds chance by less than this (lower end of the 95% interval) look no better than chance
 LOCALISATION_MARGIN = 0.02
-MAP_NAMES = {"gradcam": "Grad-CAM", "saliency": "saliency", "integrated_gradients": "integrated gradients",
-             "occlusion": "occlusion"}
 
 
 @dataclass(frozen=True)
@@ -64,7 +62,7 @@ def localisation(numbers: pd.DataFrame, method: str) -> Optional[Localisation]:
 
 def accuracy(run_dir, config: dict, best: dict) -> tuple[Optional[float], str]:
     """The run's balanced accuracy and where it comes from (test audit, test curve, else validation)."""
-    from .audit import read_protocol
+    from .audit import read_protocol   # here: audit pulls in the attacks and Captum, ~2 s of a runs listing's start-up
     spec = (config.get("data") or {}).get("spec")
     try:
         protocol = runs.select(read_protocol(run_dir), split="test", data=spec)
@@ -113,9 +111,10 @@ def verdict(balanced: Optional[float], where: Optional[Localisation]) -> tuple[s
 
 def trust_line(balanced: Optional[float], source: str, where: Optional[Localisation]) -> tuple[str, str]:
     """The level ("trust", "doubt" or "unknown") and the sentence shown beside a map."""
+    from .attribution import method_label   # here, as read_protocol above: Captum is not needed to list runs
     parts = [f"Balanced accuracy {balanced:.2f} ({source})" if balanced is not None else "Accuracy not measured"]
     if where is not None:
-        parts.append(f"{MAP_NAMES.get(where.method, where.method)} maps put {where.on_lesion:.0%} of their mass on "
+        parts.append(f"{method_label(where.method)} maps put {where.on_lesion:.0%} of their mass on "
                      f"the lesion against {where.chance:.0%} by chance ({where.above_chance * 100:+.0f} points, 95% "
                      f"CI {where.low * 100:+.0f} to {where.high * 100:+.0f}; {where.images} images)")
     level, reasons = verdict(balanced, where)
