@@ -19,7 +19,10 @@ from scipy.stats import rankdata
 from skimage.metrics import structural_similarity
 from tqdm.auto import tqdm
 
+from . import loading, runs
 from .attacks import attack_mode, perturb
+from .corruptions import corrupt
+from .evaluate import reference_eps
 from .models import gradcam_layer
 
 METHODS = ("gradcam", "integrated_gradients", "saliency", "occlusion", "guided_gradcam")
@@ -123,7 +126,6 @@ def clean_and_corrupted(model, x, corruption: str, severity: int, seed: int = 0,
                         target=None, methods=None, **options) -> dict:
     """:func:`clean_and_adversarial` with a natural corruption (:func:`dpaat_core.corruptions.corrupt`, seeded by
     ``seed`` and each image's ``index``) in place of the attack: the same keys, ``x_adv`` the corrupted images."""
-    from .corruptions import corrupt
     _check_images(x)
     return explain_pair(model, x, corrupt(x, corruption, severity, seed, index), method, target, methods, **options)
 
@@ -390,3 +392,29 @@ def prediction_sentence(classes, prob_clean, label=None, prob_after=None, after:
     pred, conf = top(prob_clean)
     pred_after, conf_after = top(prob_after) if prob_after is not None else (None, None)
     return prediction_words(classes, pred, conf, label, pred_after, conf_after, after)
+
+
+# --- a run's attribution table: what ``attribute`` and ``audit`` save -----------------------------------------
+
+def attribution_table(run_dir, methods, n=256, split="test", data=None, eps=None, norm="l2", steps=10, seed=0,
+                      device="cpu", progress=True, model=None, dataset=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The means (one row per attribution method and metric: mean, std, median, n) and the per-image rows of
+    :func:`attribution_report` (a ``method`` column added), with the settings as columns. ``n``:
+    a seeded draw of that many images, or None for every image in index order. ``model`` and ``dataset``: the
+    run's, already loaded (on ``device``; the ``split`` of ``data``), instead of reading them again."""
+    config = runs.read_config(run_dir)
+    eps = reference_eps(config, norm) if eps is None else eps
+    model = loading.load_model(run_dir, device=device) if model is None else model
+    dataset = loading.load_run_data(run_dir, split, data) if dataset is None else dataset
+    settings = dict(eps=eps, norm=norm, steps=steps, split=split, data=data or config["data"]["spec"])
+    means, images = [], []
+    for method in methods:
+        report = attribution_report(model, dataset, eps, method=method, norm=norm, steps=steps,
+                                    n=n, seed=seed, device=device, progress=progress,
+                                    index=range(len(dataset)) if n is None else None)   # all, in index order
+        summary = summarize_report(report).rename_axis("metric").reset_index()
+        means.append(summary.assign(method=method, **settings))
+        images.append(report.assign(method=method, seed=seed, **settings))
+    summary = pd.concat(means, ignore_index=True)[["method", "metric", "mean", "std", "median", "n", "eps", "norm",
+                                                   "steps", "split", "data"]]
+    return summary, pd.concat(images, ignore_index=True)

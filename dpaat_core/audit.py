@@ -23,8 +23,11 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import runs
+from . import loading, runs
+from .attribution import attribution_table
 from .evaluate import PRESETS, default_grid, protocol_evaluations, reference_eps, robustness_curve
+from .models import NoGradCamLayer, gradcam_layer
+from .strong import strong_robustness
 
 PROTOCOL_FILE, PER_CLASS_FILE, APGD_FILE = "protocol.csv", "per_class.csv", "apgd.csv"
 PROTOCOL_KEYS = ("preset", "split", "data")
@@ -85,7 +88,6 @@ def apgd_norm(config: dict) -> str:
 
 def has_gradcam(model) -> bool:
     """Whether Grad-CAM can explain ``model`` (a ViT has no 4-D feature map to weigh)."""
-    from .models import NoGradCamLayer, gradcam_layer
     try:
         gradcam_layer(model)
     except NoGradCamLayer:
@@ -100,10 +102,6 @@ def audit(run_dir, data: Optional[str] = None, split: str = "test", max_samples:
     each part's tables merged into the run as soon as it is done. ``data``: a data spec (default the run's own);
     ``n_attribution``: images explained (a seeded draw; None: all, which the dashboard's gallery sorts); ``log``: where each part's one-line result goes.
     Returns ``{"protocol", "per_class", "curves", "apgd", "attribution", "skipped"}``."""
-    from . import loading
-    from .cli_attribute import attribution_table
-    from .strong import strong_robustness
-
     config = runs.read_config(run_dir)
     spec = data or (config.get("data") or {}).get("spec")
     if not spec:

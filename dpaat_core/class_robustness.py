@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from .data.dataset import sample_indices
 from .evaluate import PRESETS
 from .validation import per_class_accuracy
 
@@ -43,7 +44,6 @@ def balanced(table: pd.DataFrame, column: str = "robust_accuracy") -> float:
 def drawn_counts(labels, num_classes: int, n: int, seed: int = 0) -> np.ndarray:
     """Images per class in the seeded draw of ``n`` of ``labels`` that ``--max-samples n`` measures (all of them when
     ``n`` is not smaller): the counts behind a curve saved before curves kept their own."""
-    from .data.dataset import sample_indices
     y = np.asarray(labels, dtype=np.int64)[sample_indices(len(labels), int(n), seed).numpy()]
     return np.bincount(y, minlength=num_classes)[:num_classes]
 

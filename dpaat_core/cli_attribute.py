@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import pandas as pd
-
 from .attacks import MAX_STEPS
 from .config import ConfigError
 
@@ -48,37 +46,9 @@ def add_attribute_parser(sub) -> None:
     a.set_defaults(run=_attribute)
 
 
-def attribution_table(run_dir, methods, n=256, split="test", data=None, eps=None, norm="l2", steps=10, seed=0,
-                      device="cpu", progress=True, model=None, dataset=None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The means (one row per attribution method and metric: mean, std, median, n) and the per-image rows of
-    :func:`attribution.attribution_report` (a ``method`` column added), with the settings as columns. ``n``:
-    a seeded draw of that many images, or None for every image in index order. ``model`` and ``dataset``: the
-    run's, already loaded (on ``device``; the ``split`` of ``data``), instead of reading them again."""
-    from . import loading, runs
-    from .attribution import attribution_report, summarize_report
-    from .evaluate import reference_eps
-
-    config = runs.read_config(run_dir)
-    eps = reference_eps(config, norm) if eps is None else eps
-    model = loading.load_model(run_dir, device=device) if model is None else model
-    dataset = loading.load_run_data(run_dir, split, data) if dataset is None else dataset
-    settings = dict(eps=eps, norm=norm, steps=steps, split=split, data=data or config["data"]["spec"])
-    means, images = [], []
-    for method in methods:
-        report = attribution_report(model, dataset, eps, method=method, norm=norm, steps=steps,
-                                    n=n, seed=seed, device=device, progress=progress,
-                                    index=range(len(dataset)) if n is None else None)   # all, in index order
-        summary = summarize_report(report).rename_axis("metric").reset_index()
-        means.append(summary.assign(method=method, **settings))
-        images.append(report.assign(method=method, seed=seed, **settings))
-    summary = pd.concat(means, ignore_index=True)[["method", "metric", "mean", "std", "median", "n", "eps", "norm",
-                                                   "steps", "split", "data"]]
-    return summary, pd.concat(images, ignore_index=True)
-
-
 def _attribute(args: argparse.Namespace) -> int:
     from . import runs
-    from .attribution import METHODS
+    from .attribution import METHODS, attribution_table
     from .train import resolve_device
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
-from .models import MODEL_NAMES
+from .errors import ConfigError
+from .models import MODEL_NAMES, check_normalization
 
 NORMS = ("l2", "linf")
 SYNC_LOSSES = ("sym_kl", "js", "l1_logprob", "kl")
@@ -22,10 +23,6 @@ SCHEDULES = ("none", "cosine")
 IMBALANCE = ("none", "class_weights", "balanced_sampler")
 EARLY_STOP = ("balanced_accuracy", "robust_accuracy", "none")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class ConfigError(ValueError):
-    """A configuration value is out of range; the message names the field."""
 
 
 class _Section:
@@ -102,26 +99,6 @@ def parse_threshold(rule: str) -> tuple[str, Optional[float]]:
 
 
 #: bounds on a model's own normalisation, in [0, 1] pixel units: beyond them (x - mean) / std overflows or is noise
-MEAN_LIMIT, STD_RANGE = 1e3, (1e-4, 1e3)
-
-
-def check_normalization(what: str, values, channels: Optional[int] = None) -> tuple[float, ...]:
-    """``values`` as a tuple of finite floats for ``what`` ("mean" or "std", one per channel when ``channels`` is
-    given): a mean within +-MEAN_LIMIT, a std within STD_RANGE; else a ConfigError that names the value."""
-    try:
-        values = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be a list of numbers, one per channel, got {values!r}") from None
-    if not values or (channels is not None and len(values) != channels):
-        raise ConfigError(f"{what} needs {channels or 'one or more'} number(s), one per channel, got {list(values)}")
-    if not all(math.isfinite(v) for v in values):
-        raise ConfigError(f"{what} must be finite numbers, got {list(values)}")
-    lo, hi = (-MEAN_LIMIT, MEAN_LIMIT) if what.endswith("mean") else STD_RANGE
-    if not all(lo <= v <= hi for v in values):
-        raise ConfigError(f"{what} values must lie in [{lo:g}, {hi:g}] (pixels in [0, 1]), got {list(values)}")
-    return values
-
-
 @dataclass(frozen=True)
 class DataConfig(_Section):
     spec: str = "synthetic"

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from .attribution import attribution_report, clean_and_adversarial
+from .class_robustness import from_outcomes
 
 #: the share of a map's positive mass on the lesion below which the map "looks away from the lesion"
 OFF_LESION = 0.5
@@ -106,7 +107,6 @@ def class_outcomes(table: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
     """Per true class: images (``n``), clean accuracy and robust accuracy under the gallery's attack (right on the
     clean image and on the attacked one), from the rows' label and both predictions
     (:func:`dpaat_core.class_robustness.from_outcomes`)."""
-    from .class_robustness import from_outcomes
     label = table["label"].to_numpy()
     right, held = table["pred_clean"].to_numpy() == label, table["pred_adv"].to_numpy() == label
     return from_outcomes(label, right, held, classes)

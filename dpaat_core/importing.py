@@ -13,7 +13,6 @@ saliency, integrated gradients and occlusion only.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,88 +20,16 @@ import torch
 import torch.nn as nn
 
 from .config import ConfigError, check_normalization
-from .models import ARCHS, Classifier, _adapt_first_conv, build_model, default_normalization
-from .runs import RunError
+from . import runs
+from .errors import ImportProblem, RunError
+from .models import Classifier, build_backbone, default_normalization, find_gradcam_layer, state_mismatch
 
 ORIGIN = "imported"
-
-
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file, read in chunks (weights files can be large)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-class ImportProblem(RunError):
-    """The architecture, the weights file or a setting does not fit: the message names the problem."""
-
-
-def _torchvision_names() -> list[str]:
-    import torchvision.models as tvm
-    return tvm.list_models(module=tvm)
-
-
-def build_backbone(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
-    """A freshly initialised ``arch`` with a ``num_classes`` head (no weights downloaded)."""
-    if arch in ARCHS:
-        return build_model(arch, num_classes, in_channels).backbone
-    if arch.startswith("timm:"):
-        try:
-            import timm
-        except ImportError:
-            raise ImportProblem(f"{arch}: timm is not installed (python -m pip install timm)") from None
-        try:
-            return timm.create_model(arch[5:], pretrained=False, num_classes=num_classes, in_chans=in_channels)
-        except Exception as exc:  # noqa: BLE001 - timm's unknown-model error types vary by version
-            raise ImportProblem(f"{arch}: timm cannot build it ({str(exc).splitlines()[0]})") from None
-    if arch not in _torchvision_names():
-        raise ImportProblem(f"unknown architecture {arch!r}: give a torchvision classification model's name "
-                            "(resnet50, efficientnet_b0, convnext_tiny, vit_b_16, ...) or timm:<name>")
-    import torchvision.models as tvm
-    model = tvm.get_model(arch, weights=None, num_classes=num_classes)
-    if in_channels != 3:
-        first = next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
-        if first is None:
-            raise ImportProblem(f"{arch}: no first convolution to give {in_channels} input channel(s)")
-        _adapt_first_conv(model, first, in_channels)
-    return model
-
-
-def find_gradcam_layer(model: nn.Module, image_size: int, in_channels: int = 3) -> Optional[str]:
-    """The dotted path (under ``model``) of Grad-CAM's layer by the module docstring's rule, or None."""
-    finished: list[tuple[str, int, int]] = []      # (name, ndim, pixels) in the order the modules finish
-    hooks = []
-    for name, module in model.named_modules():
-        if not name:
-            continue
-
-        def record(_m, _inp, out, name=name):
-            if isinstance(out, torch.Tensor):
-                pixels = out.shape[-1] * out.shape[-2] if out.dim() == 4 else 0
-                finished.append((name, out.dim(), pixels))
-        hooks.append(module.register_forward_hook(record))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.rand(1, in_channels, image_size, image_size))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    last = None
-    for k, (name, ndim, pixels) in enumerate(finished):
-        if ndim == 4 and pixels > 1:
-            last = k
-    if last is None or any(ndim == 3 for _, ndim, _ in finished[last + 1:]):
-        return None
-    return finished[last][0]
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of ``path``: safetensors, or a PyTorch checkpoint read with ``weights_only=True`` (never
     unpickled beyond plain tensors and containers), unwrapped from ``state_dict``/``model`` and ``module.``."""
-    from .runs import load_checkpoint, load_weights
     path = Path(path)
     if path.is_dir():
         raise ImportProblem(f"{path}: a folder, not a weights file")
@@ -111,7 +38,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ImportProblem(f"{path}: no such file")
     try:
-        state = load_weights(path) if path.suffix == ".safetensors" else load_checkpoint(path)
+        state = runs.load_weights(path) if path.suffix == ".safetensors" else runs.load_checkpoint(path)
     except RunError as exc:
         raise ImportProblem(str(exc)) from None
     for key in ("state_dict", "model", "model_state_dict"):
@@ -133,7 +60,6 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _fit(backbone: nn.Module, state: dict, arch: str, num_classes: int, path: Path) -> None:
-    from .loading import state_mismatch
     missing, unexpected, shapes = state_mismatch(backbone.state_dict(), state)
     heads = [(k, f, e) for k, f, e in shapes if len(e) >= 1 and e[0] == num_classes and f[0] != num_classes
              and e[1:] == f[1:]]
@@ -190,7 +116,6 @@ def import_model(arch: str, weights: str | Path, image_size: int, classes: Seque
                  name: Optional[str] = None, mean=None, std=None, in_channels: int = 3,
                  gradcam_layer: Optional[str] = None, data_spec: Optional[str] = None) -> Path:
     """Check everything, then write the run folder of origin ``imported`` (config, weights, status ``done``)."""
-    from . import runs
     weights = Path(weights)
     classes = [str(c) for c in classes]
     if len(classes) < 2 or len(set(classes)) != len(classes):
@@ -211,7 +136,7 @@ def import_model(arch: str, weights: str | Path, image_size: int, classes: Seque
         _check_gradcam_layer(model, path, arch, image_size, in_channels)
     else:
         path = find_gradcam_layer(model, image_size, in_channels)
-    digest = file_sha256(weights)
+    digest = runs.file_sha256(weights)
     config = {
         "origin": ORIGIN,
         "source": {"file": str(weights), "sha256": digest},
@@ -231,24 +156,3 @@ def import_model(arch: str, weights: str | Path, image_size: int, classes: Seque
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
     return run_dir
-
-
-def model_from_config(model: dict, num_classes: int, in_channels: int = 3, pretrained: bool = False) -> nn.Module:
-    """The freshly initialised classifier a config's ``model`` section describes: with its own normalisation (an
-    imported run, or one started from it: any torchvision/timm architecture) :func:`build_classifier`, else the
-    registry's :func:`~dpaat_core.models.build_model`."""
-    if model.get("normalization"):
-        return build_classifier(model, num_classes, in_channels)
-    from .models import build_model
-    return build_model(model["name"], num_classes, in_channels, pretrained)
-
-
-def build_classifier(model: dict, num_classes: int, in_channels: int = 3) -> Classifier:
-    """The classifier a config's ``model`` section describes with its own normalisation and Grad-CAM layer (an
-    imported run, or one started from it), freshly initialised."""
-    norm = model.get("normalization") or {}
-    if norm:
-        norm = {"mean": check_normalization("model.normalization.mean", norm.get("mean"), in_channels),
-                "std": check_normalization("model.normalization.std", norm.get("std"), in_channels)}
-    return Classifier(model["name"], build_backbone(model["name"], num_classes, in_channels), num_classes,
-                      in_channels, norm.get("mean"), norm.get("std"), model.get("gradcam_layer"))

@@ -12,6 +12,8 @@ import socket
 import time
 from pathlib import Path
 
+from .locks import writer_alive
+
 STALE_SECONDS = 5 * 60  # a "running" run that has not refreshed status.json for this long (heartbeat: 30 s) is presumed dead
 
 
@@ -65,7 +67,6 @@ def writer_gone(status: dict, run_dir) -> str | None:
     On this machine a run proves it is alive by holding its writer lock (``locks.WriterLock``); a run written
     before that lock existed, by a pid that still exists and started when the status says it did. A run on
     another machine proves it by its heartbeat: ``updated`` refreshed within ``STALE_SECONDS``."""
-    from .locks import writer_alive
     pid, host, updated = status.get("pid"), status.get("host"), status.get("updated")
     if host == socket.gethostname() and os.name == "posix":
         alive = writer_alive(run_dir)

@@ -6,17 +6,9 @@ from pathlib import Path
 
 import torch
 
-from .runs import RunError, load_checkpoint, load_weights, read_config
-
-
-def state_mismatch(expected: dict, state: dict) -> tuple[list[str], list[str], list[tuple[str, list, list]]]:
-    """How ``state`` fails to fit a model whose state dict is ``expected``: its missing keys, unexpected keys and
-    (key, found shape, expected shape) of each mismatch; all empty when it fits."""
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [(k, list(state[k].shape), list(v.shape)) for k, v in expected.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    return missing, unexpected, shapes
+from .errors import RunError
+from .models import model_from_config, state_mismatch
+from .runs import load_checkpoint, load_weights, read_config
 
 
 def load_model(run_dir, device="cpu", weights: str = "best") -> torch.nn.Module:
@@ -25,7 +17,6 @@ def load_model(run_dir, device="cpu", weights: str = "best") -> torch.nn.Module:
     config = read_config(run_dir)
     name, num_classes = config["model"].get("name"), config["dataset"].get("num_classes")
     try:
-        from .importing import model_from_config
         model = model_from_config(config["model"], num_classes, config["dataset"].get("in_channels", 3))
     except (ValueError, KeyError, TypeError, RunError) as exc:
         raise RunError(f"{run_dir / 'config.json'}: cannot build the model ({exc})") from None

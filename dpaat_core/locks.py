@@ -19,7 +19,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None
 
-from .runs import RunError
+from .errors import RunError
 
 WRITER_LOCK = ".writer.lock"
 MERGE_LOCK = ".merge.lock"

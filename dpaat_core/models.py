@@ -7,6 +7,7 @@ never a silent random initialisation.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ import torch
 import torch.nn as nn
 import torchvision.models as tvm
 from torchvision.models.resnet import BasicBlock
+
+from .errors import ConfigError, ImportProblem
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -189,7 +192,7 @@ class NoGradCamLayer(TypeError):
 
 def gradcam_layer(model: nn.Module) -> nn.Module:
     """The layer Grad-CAM should use: the last convolutional stage of the backbone (for an imported architecture,
-    the layer :func:`dpaat_core.importing.find_gradcam_layer` found or the user named)."""
+    the layer :func:`find_gradcam_layer` found or the user named)."""
     model = getattr(model, "module", model)  # DDP / DataParallel
     model = getattr(model, "_orig_mod", model)  # torch.compile
     if not isinstance(model, Classifier):
@@ -204,3 +207,115 @@ def gradcam_layer(model: nn.Module) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+MEAN_LIMIT, STD_RANGE = 1e3, (1e-4, 1e3)
+
+
+def check_normalization(what: str, values, channels: Optional[int] = None) -> tuple[float, ...]:
+    """``values`` as a tuple of finite floats for ``what`` ("mean" or "std", one per channel when ``channels`` is
+    given): a mean within +-MEAN_LIMIT, a std within STD_RANGE; else a ConfigError that names the value."""
+    try:
+        values = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a list of numbers, one per channel, got {values!r}") from None
+    if not values or (channels is not None and len(values) != channels):
+        raise ConfigError(f"{what} needs {channels or 'one or more'} number(s), one per channel, got {list(values)}")
+    if not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"{what} must be finite numbers, got {list(values)}")
+    lo, hi = (-MEAN_LIMIT, MEAN_LIMIT) if what.endswith("mean") else STD_RANGE
+    if not all(lo <= v <= hi for v in values):
+        raise ConfigError(f"{what} values must lie in [{lo:g}, {hi:g}] (pixels in [0, 1]), got {list(values)}")
+    return values
+
+
+# --- any torchvision/timm architecture, for imported runs and runs started from them ---------------------------
+
+def _torchvision_names() -> list[str]:
+    return tvm.list_models(module=tvm)
+
+
+def build_backbone(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """A freshly initialised ``arch`` with a ``num_classes`` head (no weights downloaded)."""
+    if arch in ARCHS:
+        return build_model(arch, num_classes, in_channels).backbone
+    if arch.startswith("timm:"):
+        try:
+            import timm
+        except ImportError:
+            raise ImportProblem(f"{arch}: timm is not installed (python -m pip install timm)") from None
+        try:
+            return timm.create_model(arch[5:], pretrained=False, num_classes=num_classes, in_chans=in_channels)
+        except Exception as exc:  # noqa: BLE001 - timm's unknown-model error types vary by version
+            raise ImportProblem(f"{arch}: timm cannot build it ({str(exc).splitlines()[0]})") from None
+    if arch not in _torchvision_names():
+        raise ImportProblem(f"unknown architecture {arch!r}: give a torchvision classification model's name "
+                            "(resnet50, efficientnet_b0, convnext_tiny, vit_b_16, ...) or timm:<name>")
+    model = tvm.get_model(arch, weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        first = next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+        if first is None:
+            raise ImportProblem(f"{arch}: no first convolution to give {in_channels} input channel(s)")
+        _adapt_first_conv(model, first, in_channels)
+    return model
+
+
+def find_gradcam_layer(model: nn.Module, image_size: int, in_channels: int = 3) -> Optional[str]:
+    """The dotted path (under ``model``) of Grad-CAM's layer by the module docstring's rule, or None."""
+    finished: list[tuple[str, int, int]] = []      # (name, ndim, pixels) in the order the modules finish
+    hooks = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+
+        def record(_m, _inp, out, name=name):
+            if isinstance(out, torch.Tensor):
+                pixels = out.shape[-1] * out.shape[-2] if out.dim() == 4 else 0
+                finished.append((name, out.dim(), pixels))
+        hooks.append(module.register_forward_hook(record))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.rand(1, in_channels, image_size, image_size))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    last = None
+    for k, (name, ndim, pixels) in enumerate(finished):
+        if ndim == 4 and pixels > 1:
+            last = k
+    if last is None or any(ndim == 3 for _, ndim, _ in finished[last + 1:]):
+        return None
+    return finished[last][0]
+
+
+def state_mismatch(expected: dict, state: dict) -> tuple[list[str], list[str], list[tuple[str, list, list]]]:
+    """How ``state`` fails to fit a model whose state dict is ``expected``: its missing keys, unexpected keys and
+    (key, found shape, expected shape) of each mismatch; all empty when it fits."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [(k, list(state[k].shape), list(v.shape)) for k, v in expected.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    return missing, unexpected, shapes
+
+
+def model_from_config(model: dict, num_classes: int, in_channels: int = 3, pretrained: bool = False) -> nn.Module:
+    """The freshly initialised classifier a config's ``model`` section describes: with its own normalisation (an
+    imported run, or one started from it: any torchvision/timm architecture) :func:`build_classifier`, else the
+    registry's :func:`build_model`."""
+    if model.get("normalization"):
+        return build_classifier(model, num_classes, in_channels)
+    return build_model(model["name"], num_classes, in_channels, pretrained)
+
+
+def build_classifier(model: dict, num_classes: int, in_channels: int = 3) -> Classifier:
+    """The classifier a config's ``model`` section describes with its own normalisation and Grad-CAM layer (an
+    imported run, or one started from it), freshly initialised."""
+    norm = model.get("normalization") or {}
+    if norm:
+        norm = {"mean": check_normalization("model.normalization.mean", norm.get("mean"), in_channels),
+                "std": check_normalization("model.normalization.std", norm.get("std"), in_channels)}
+    return Classifier(model["name"], build_backbone(model["name"], num_classes, in_channels), num_classes,
+                      in_channels, norm.get("mean"), norm.get("std"), model.get("gradcam_layer"))

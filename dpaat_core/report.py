@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from . import runs
+from . import loading, runs
+from .attribution import clean_and_adversarial, overlay
 from .audit import apgd_norm, has_gradcam, read_apgd, read_per_class, read_protocol
 from .certify import fullest, per_class as certified_per_class, summary as certified_summary
 from .class_robustness import saved as saved_by_class, weakest_sentence
@@ -158,7 +159,6 @@ class _Run:
         self.by_class, self.by_class_source = self._by_class()
         if len(self.by_class) and self.by_class["n"].isna().all():   # a curve saved before curves kept their counts
             try:
-                from . import loading
                 labels = loading.load_run_data(self.path, split, self.data).labels.numpy()
             except Exception:  # noqa: BLE001 - the data is not on this machine: the classes go without counts
                 labels = None
@@ -319,8 +319,6 @@ def example_index(dataset, n: int, seed: int = 0) -> list[int]:
 
 def _examples(run: _Run, dataset, index: Sequence[int], device, seed: int) -> str:
     """The example grid: for each image, clean and attacked, the map of each, and each prediction."""
-    from . import loading
-    from .attribution import clean_and_adversarial, overlay
     model = loading.load_model(run.path, device=device)
     method = "gradcam" if has_gradcam(model) else "saliency"
     x, y = dataset.batch(index, device)
@@ -394,7 +392,6 @@ def _report_html(run_dirs, data, split, n_examples, device, seed, viewer: bool, 
     for run in items:
         try:
             if n_examples > 0:
-                from . import loading
                 key = (run.data, (run.config.get("data") or {}).get("image_size"),
                        (run.config.get("train") or {}).get("seed", 0))
                 if key not in picks:

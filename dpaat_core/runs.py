@@ -2,6 +2,7 @@
 every file written atomically and read back without ever executing code from it."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -19,7 +20,9 @@ import pandas as pd
 import safetensors.torch
 import torch
 
+from .errors import RunError
 from .liveness import own_identity, writer_gone
+from .locks import merge_lock
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 STATES = ("running", "done", "failed", "stopped")
@@ -30,8 +33,10 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: mkstemp makes 0600 files, but a shared run store should get the usual permissions
 
 
-class RunError(ValueError):
-    """A run folder or one of its files is missing, corrupt or refused; the message names the file and the problem."""
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file, read in chunks (weights files can be large)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -453,7 +458,7 @@ def runs_table(runs: list[Run]) -> pd.DataFrame:
 def public_config(config: dict | None) -> dict | None:
     """A run's config as anyone may see it: no path of the server (the data spec by its file's name, no data root,
     the weights file and the start run by their names)."""
-    from .data import display_name
+    from .data import display_name   # here, not at the top: listing runs (the Runs page) need not load torchvision
     if config is None:
         return None
     out = json.loads(json.dumps(config))
@@ -478,7 +483,6 @@ def merge_table(run_dir, name: str, frame: pd.DataFrame, keys: Sequence[str], or
                  read) -> Path:
     """Merge ``frame`` into the run's table ``name``: old rows with the same ``keys`` are replaced, others kept.
     Atomic, and under the run's merge lock (``locks.merge_lock``), so concurrent merges each keep the other's rows."""
-    from .locks import merge_lock
     path = Path(run_dir) / name
     keys = list(keys)
     frame = frame.assign(**{k: math.nan for k in keys if k not in frame})   # a key the rows lack: empty, as in a file

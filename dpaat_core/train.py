@@ -25,9 +25,10 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
-from . import __version__, distributed, locks, runs
+from . import __version__, distributed, loading, locks, runs
 from .config import ConfigError, ModelConfig, RunConfig
 from .data import ImageDataset, load_dataset
+from .models import model_from_config   # with a normalisation: started from another run's architecture
 from .objectives import MethodState, training_step
 from .validation import validate
 
@@ -178,8 +179,6 @@ def init_source(config: RunConfig, train_set: ImageDataset) -> tuple[RunConfig, 
     """For ``model.init_from``: the source run's weights, checked against this run's data and architecture, and
     the config with the source's architecture, normalisation and Grad-CAM layer filled in. A mismatch is a
     :class:`ConfigError` naming both sides."""
-    from . import loading
-    from .importing import file_sha256
     source = Path(config.model.init_from)
     if not (source / "weights.safetensors").is_file():
         raise ConfigError(f"model.init_from: {source} is not a run with weights (no weights.safetensors)")
@@ -198,7 +197,7 @@ def init_source(config: RunConfig, train_set: ImageDataset) -> tuple[RunConfig, 
     if raw["model"].get("normalization"):   # imported, or started from an imported run: its own normalisation
         changes |= {"normalization": raw["model"]["normalization"], "gradcam_layer": raw["model"].get("gradcam_layer")}
     record = {"run": str(source), "run_id": raw.get("run_id", source.name), "origin": raw.get("origin", "trained"),
-              "weights_sha256": file_sha256(source / "weights.safetensors")}
+              "weights_sha256": runs.file_sha256(source / "weights.safetensors")}
     return config.replace(model=changes), {"state": model.state_dict(), "record": record}
 
 
@@ -309,7 +308,6 @@ def _train_loop(config, device, world, progress, should_stop, store, run_id, run
     run_dir = Path(_broadcast(str(run_dir) if run_dir is not None else None, world))
 
     torch.manual_seed(tc.seed)
-    from .importing import model_from_config   # (with a normalisation: started from another run's architecture)
     bare = model_from_config(asdict(config.model), train_set.num_classes, train_set.in_channels,
                              config.model.pretrained)
     if init is not None:

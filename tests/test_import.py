@@ -10,7 +10,7 @@ import torchvision
 
 from dpaat_core import loading, runs
 from dpaat_core.__main__ import main
-from dpaat_core.importing import find_gradcam_layer
+from dpaat_core.models import find_gradcam_layer
 from dpaat_core.models import Classifier, NoGradCamLayer, gradcam_layer
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
