@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dpaat_core.attacks import pgd  # noqa: E402
-from dpaat_core.models import build_model  # noqa: E402
+from dpaat_core.attack.attacks import pgd
+from dpaat_core.models import build_model
 
 
 def main() -> None:

@@ -7,17 +7,15 @@ DPAAT-hardened run, from the tables ``audit`` wrote into each run (nothing is re
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dpaat_core.report import _Run  # noqa: E402
+from dpaat_core.report import RunTables
 
 COLUMNS = ("clean", "balanced", "PGD-20 l2", "PGD-20 linf", "APGD l2", "Grad-CAM agreement", "saliency agreement",
            "saliency on lesion", "same map, other lesion", "saliency peak on lesion")
@@ -25,7 +23,7 @@ COLUMNS = ("clean", "balanced", "PGD-20 l2", "PGD-20 linf", "APGD l2", "Grad-CAM
 
 def figures(run_dir) -> dict:
     """The run's figures on its own test data, read as the report reads them (rows of that split, data and norm)."""
-    run = _Run(run_dir, "test", None)
+    run = RunTables(run_dir, "test", None)
     protocol, means = run.protocol.set_index("preset"), run.means
     return dict(zip(COLUMNS, (protocol.loc["pgd20_l2", "accuracy"], protocol.loc["pgd20_l2", "balanced_accuracy"],
                               protocol.loc["pgd20_l2", "robust_accuracy"], protocol.loc["pgd20_linf", "robust_accuracy"],

@@ -11,9 +11,8 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.demo_runs import halve_if_lossless  # noqa: E402
-from dpaat_core import runs  # noqa: E402
+from demo_runs import halve_if_lossless
+from dpaat_core.store import runs
 
 DEST = Path(__file__).resolve().parents[1] / "checkpoints"
 

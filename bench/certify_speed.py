@@ -1,4 +1,4 @@
-"""Certification speed: ``dpaat_core.certify`` against the reference implementation's loop, timed alternately in one
+"""Certification speed: ``dpaat_core.evaluate.certify`` against the reference implementation's loop, timed alternately in one
 process on the same model and images.
 
     python bench/certify_speed.py                          # a demo run (resnet8, 64 px), n 10,000, 2 images, CPU
@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dpaat_core import loading  # noqa: E402
-from dpaat_core.certify import certify  # noqa: E402
-from dpaat_core.models import build_model  # noqa: E402
+from dpaat_core.store import loading
+from dpaat_core.evaluate.certify import certify
+from dpaat_core.models import build_model
 
 
 def reference_counts(model, x: torch.Tensor, num: int, sigma: float, num_classes: int, batch: int) -> np.ndarray:
@@ -77,10 +74,10 @@ def main() -> None:
     def ours():
         return certify(model, x, args.sigma, num_classes, n0=args.n0, n=args.n)
 
-    times = {"peer (locuslab loop)": [], "dpaat_core.certify": []}
+    times = {"peer (locuslab loop)": [], "dpaat_core.evaluate.certify": []}
     results = {}
     for _ in range(args.rounds):
-        for name, fn in (("peer (locuslab loop)", peer), ("dpaat_core.certify", ours)):
+        for name, fn in (("peer (locuslab loop)", peer), ("dpaat_core.evaluate.certify", ours)):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -90,7 +87,7 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     counts, top = results["peer (locuslab loop)"]
     share_peer = counts[np.arange(len(x)), top] / args.n
-    share_ours = results["dpaat_core.certify"]["count"].to_numpy() / args.n
+    share_ours = results["dpaat_core.evaluate.certify"]["count"].to_numpy() / args.n
     print(f"{what}: {len(x)} images {tuple(x.shape[1:])}, sigma {args.sigma}, n0 {args.n0}, n {args.n}, "
           f"{device.type} ({torch.get_num_threads()} threads), torch {torch.__version__}, median of {args.rounds} "
           "alternated rounds")
@@ -100,7 +97,7 @@ def main() -> None:
         per_image = statistics.median(ts) / len(x)
         rate[name] = 1 / per_image
         print(f"{name:22s} {per_image:9.2f} {rate[name]:9.3f} {draws * rate[name]:9.0f}")
-    print(f"speed-up: {rate['dpaat_core.certify'] / rate['peer (locuslab loop)']:.2f}x; top-class share per image, "
+    print(f"speed-up: {rate['dpaat_core.evaluate.certify'] / rate['peer (locuslab loop)']:.2f}x; top-class share per image, "
           f"peer {np.round(share_peer, 3).tolist()} ours {np.round(share_ours, 3).tolist()} (different noise: they "
           f"agree to about {3 / np.sqrt(args.n):.3f})")
 

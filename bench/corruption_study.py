@@ -4,7 +4,7 @@
     python bench/corruption_study.py collect            # -> bench/results/corruptions*.{csv,md}, figures/*.png
 
 ``run`` evaluates each run's best weights on its own test split under MedMNIST-C's dermoscopy corruptions at
-severities 1-5 (``dpaat_core.corruption_eval``, seed 0) and merges the grid into the run's ``corruptions.csv``; a run
+severities 1-5 (``dpaat_core.evaluate.corruption_eval``, seed 0) and merges the grid into the run's ``corruptions.csv``; a run
 that has its full grid is skipped, so the command can be re-run after a kill. The runs are the six demo runs in
 ``checkpoints/`` (64 px, one seed) and the 28 px study runs of 40 epochs: ``long28-{dpaat,pgd_at}`` and
 ``long28x-{erm,trades}``, seeds 0-2 (``bench/study.py run long28`` / ``run long28x --variants erm trades``).
@@ -14,7 +14,6 @@ ERM of the same seed) and each method minus ERM per corruption, paired by seed w
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -22,16 +21,14 @@ import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from dpaat_core import runs  # noqa: E402
-from dpaat_core.__main__ import main as cli  # noqa: E402
-from dpaat_core import reproduction as rep  # noqa: E402
-from dpaat_core.corruption_eval import CLEAN, corruption_error  # noqa: E402
-from dpaat_core.corruptions import CORRUPTIONS, NAMES, SEVERITIES  # noqa: E402
+from dpaat_core.store import runs
+from dpaat_core.__main__ import main as cli
+from dpaat_core.evaluate import reproduction as rep
+from dpaat_core.evaluate.corruption_eval import CLEAN, corruption_error
+from dpaat_core.evaluate.corruptions import CORRUPTIONS, NAMES, SEVERITIES
 
-sys.path.insert(0, str(ROOT / "bench"))
-from report import MAIN_METHODS, md  # noqa: E402  - bench/report.py's method order and Markdown tables
+from report import MAIN_METHODS, md  # bench/report.py's method order and Markdown tables
 
 STUDY = {"dpaat": "long28-dpaat", "pgd_at": "long28-pgd_at", "erm": "long28x-erm", "trades": "long28x-trades"}
 METHOD_ORDER = tuple(m for m in MAIN_METHODS if m in STUDY)

@@ -23,18 +23,16 @@ import argparse
 import copy
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from dpaat_core import loading, runs  # noqa: E402
-from dpaat_core.__main__ import main as cli  # noqa: E402
-from dpaat_core.audit import apgd_norm  # noqa: E402
-from dpaat_core.evaluate import clean_logits, evaluate, reference_eps  # noqa: E402
+from dpaat_core.store import loading, runs
+from dpaat_core.__main__ import main as cli
+from dpaat_core.evaluate.audit import apgd_norm
+from dpaat_core.evaluate.robustness import clean_logits, evaluate, reference_eps
 
 METHODS = ("erm", "pgd_at", "trades", "dpaat", "dpaat_nosync", "dpaat_fixed", "gaussian")
 #: the study run each demo is made from (bench/study.py)

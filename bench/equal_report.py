@@ -11,15 +11,13 @@ the per-image outcomes, so the per-class intervals use equal28's runs only).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from dpaat_core import reproduction as rep  # noqa: E402
+from dpaat_core.evaluate import reproduction as rep
 
 ORDER = ("pgd_at", "dpaat", "dpaat_cthr", "dpaat_cnorm", "dpaat_fixed", "trades")
 METRICS = (("clean_accuracy", "clean"), ("balanced_accuracy", "balanced"), ("auc", "AUC"), ("pgd20", "PGD-20"),

@@ -3,7 +3,7 @@
 #   .whl/          captum and torchattacks wheels for Python 3.12 (a stock image with torch 2.11 lacks them)
 #   .device-data/  the HAM10000 folder's JPEGs and HAM10000_metadata.csv (about 50 MB; no lesion masks)
 # Then, on the GPU machine, from the checkout's root:
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 #   python3 bench/gpu_check.py --data .device-data/ham10000_200x150 --out "$OUT"
 set -euo pipefail
 cd "$(dirname "$0")/.."

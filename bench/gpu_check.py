@@ -42,8 +42,6 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 STAGES = ("env", "tests", "speed", "pair", "archive")
 #: seconds per stage: on a GPU (the sum stays under 8.5 minutes) and in --quick mode on a CPU
@@ -69,7 +67,7 @@ def read_results(out: Path) -> dict:
 
 def record(out: Path, stage: str, **fields) -> dict:
     """Merge ``fields`` into ``stage``'s entry of results.json (atomic), then rewrite report.md."""
-    from dpaat_core.runs import atomic_write_json
+    from dpaat_core.store.runs import atomic_write_json
     results = read_results(out)
     results[stage] = results.get(stage, {}) | fields
     atomic_write_json(_results_file(out), results)
@@ -200,7 +198,7 @@ def stage_pair(args) -> dict:
     second for as many epochs as the first completed (the first epoch, which pays for data loading and compiling,
     is the first run's alone). Then the protocol on both, then the APGD check on both while time is left; every
     figure is recorded as soon as it exists."""
-    from dpaat_core.train import Stopped, train
+    from dpaat_core.train.loop import Stopped, train
     deadline, store = args.stage_deadline, Path(args.store)
     reserve = EVAL_RESERVE["cuda" if args.device == "cuda" else "cpu"]
     done, trained = {}, {}
@@ -261,7 +259,7 @@ def stage_pair(args) -> dict:
 
 
 def run_summary(run_dir: Path, wall: float) -> dict:
-    from dpaat_core import runs
+    from dpaat_core.store import runs
     config, status, metrics = runs.read_config(run_dir), runs.read_status(run_dir), runs.read_metrics(run_dir)
     n = len(metrics)
     return {"run": run_dir.name, "method": config["method"]["name"], "model": config["model"]["name"],
@@ -277,7 +275,7 @@ def run_summary(run_dir: Path, wall: float) -> dict:
 
 
 def _loaded(run_dir: Path, device: str):
-    from dpaat_core import loading, runs
+    from dpaat_core.store import loading, runs
     config = runs.read_config(run_dir)
     return (loading.load_model(run_dir, device=device), loading.load_run_data(run_dir, "test"), config["attack"]["norm"],
             float(config["attack"]["eps"]))
@@ -286,7 +284,7 @@ def _loaded(run_dir: Path, device: str):
 def protocol(run_dir: Path, device: str) -> tuple[dict, object]:
     """The paper's protocol on the whole test split at the run's eps: clean, balanced, mAP, PGD-20 and I-FGSM;
     with PGD-20's robust mask for the APGD check."""
-    from dpaat_core.evaluate import evaluate
+    from dpaat_core.evaluate.robustness import evaluate
     model, test, norm, eps = _loaded(run_dir, device)
     t0 = time.time()
     pgd = evaluate(model, test, "pgd", norm, eps, 20)
@@ -303,7 +301,7 @@ def protocol(run_dir: Path, device: str) -> tuple[dict, object]:
 
 def apgd_check(run_dir: Path, device: str, survivors) -> dict:
     """APGD-CE then APGD-DLR (50 steps) on PGD-20's survivors: the worst case per sample."""
-    from dpaat_core.strong import strong_robustness
+    from dpaat_core.evaluate.strong import strong_robustness
     model, test, norm, eps = _loaded(run_dir, device)
     t0 = time.time()
     strong = strong_robustness(model, test, norm, eps, steps=50, survivors=survivors)
@@ -313,7 +311,7 @@ def apgd_check(run_dir: Path, device: str, survivors) -> dict:
 
 def runs_json(run_dir: Path, figures: dict) -> None:
     """The run's figures beside it, as ``study.json`` (what ``bench/study.py collect`` reads)."""
-    from dpaat_core import runs
+    from dpaat_core.store import runs
     runs.atomic_write_json(run_dir / "study.json", figures)
 
 
@@ -541,7 +539,7 @@ SECTION = {"env": _env_lines, "tests": _tests_lines, "speed": _speed_lines, "pai
 
 
 def write_report(out: Path, results: dict) -> None:
-    from dpaat_core.runs import atomic_write_text
+    from dpaat_core.store.runs import atomic_write_text
     check = results.get("check", {})
     lines = ["# GPU check", "",
              f"`python bench/gpu_check.py --device {check.get('device')}{' --quick' if check.get('quick') else ''}`"

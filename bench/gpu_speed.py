@@ -27,18 +27,16 @@ import csv
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dpaat_core.config import AttackConfig, method_config  # noqa: E402
-from dpaat_core.attacks import perturb  # noqa: E402
-from dpaat_core.models import build_model  # noqa: E402
-from dpaat_core.objectives import MethodState, training_step  # noqa: E402
-from dpaat_core.train import compile_enabled, compile_model, make_batch  # noqa: E402
+from dpaat_core.config import AttackConfig, method_config
+from dpaat_core.attack.attacks import perturb
+from dpaat_core.models import build_model
+from dpaat_core.train.objectives import MethodState, training_step
+from dpaat_core.train.loop import compile_enabled, compile_model, make_batch
 
 GRID = ("resnet34:224:32", "resnet34:224:128", "resnet18:64:32", "resnet18:64:512")
 QUICK = ("resnet8:32:16",)

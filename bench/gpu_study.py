@@ -28,10 +28,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-from dpaat_core import runs  # noqa: E402
+from dpaat_core.store import runs
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ham10000_200x150"
 QUICK_DATA = ROOT.parent / "shared" / "data" / "ham10000_images"
@@ -60,7 +58,7 @@ def run_id(method: str, seed: int, quick: bool) -> str:
 
 def worker(args) -> int:
     """Train the run one epoch, wait for the study's length, resume to it, evaluate (``study.json``)."""
-    from dpaat_core.train import resume, train
+    from dpaat_core.train.loop import resume, train
     from study import evaluate_run
     method, seed = args.worker.rsplit(":", 1)
     store, out = Path(args.store), Path(args.out)
@@ -79,7 +77,7 @@ def worker(args) -> int:
 
 def solo(args) -> int:
     """One run alone for one epoch: the throughput the study is compared with."""
-    from dpaat_core.train import train
+    from dpaat_core.train.loop import train
     train(run_config(args.methods[0], 0, args, 1), store=Path(args.store) / ".solo", run_id="solo")
     return 0
 

@@ -12,18 +12,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from dashboard import charts  # noqa: E402
-from dpaat_core import reproduction as rep  # noqa: E402
-from dpaat_core import runs  # noqa: E402
-from dpaat_core.eps_dynamics import run_memory  # noqa: E402
+from dashboard import charts
+from dpaat_core.evaluate import reproduction as rep
+from dpaat_core.store import runs
+from dpaat_core.evaluate.eps_dynamics import run_memory
 
 MAIN_METHODS = ("erm", "pgd_at", "trades", "dpaat", "dpaat_nosync", "dpaat_fixed")
 BASELINES = ("pgd_at", "trades")

@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pandas as pd  # noqa: E402
+import pandas as pd
 
-from dpaat_core import loading, runs  # noqa: E402
-from dpaat_core.evaluate import robustness_curve  # noqa: E402
+from dpaat_core.store import loading, runs
+from dpaat_core.evaluate.robustness import robustness_curve
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -23,14 +22,13 @@ import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from dpaat_core import loading, runs  # noqa: E402
-from dpaat_core.config import AttackConfig, DataConfig, ModelConfig, RunConfig, TrainConfig, method_config  # noqa: E402
-from dpaat_core.eps_dynamics import eps_bounds, per_class  # noqa: E402
-from dpaat_core.evaluate import evaluate  # noqa: E402
-from dpaat_core.strong import strong_robustness  # noqa: E402
-from dpaat_core.train import resume, train  # noqa: E402
+from dpaat_core.store import loading, runs
+from dpaat_core.config import AttackConfig, DataConfig, ModelConfig, RunConfig, TrainConfig, method_config
+from dpaat_core.evaluate.eps_dynamics import eps_bounds, per_class
+from dpaat_core.evaluate.robustness import evaluate
+from dpaat_core.evaluate.strong import strong_robustness
+from dpaat_core.train.loop import resume, train
 
 SAMPLE = "npz:../shared/data/ham10000_sample.npz"
 HAM28 = "npz:../shared/data/ham10000_28.npz"

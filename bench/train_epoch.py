@@ -15,11 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpaat_core import runs  # noqa: E402
-from dpaat_core.config import RunConfig, method_config  # noqa: E402
-from dpaat_core.train import train  # noqa: E402
+from dpaat_core.store import runs
+from dpaat_core.config import RunConfig, method_config
+from dpaat_core.train.loop import train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000_sample.npz"
 METHODS = ("erm", "pgd_at", "dpaat")

@@ -4,13 +4,11 @@ The folder is not called ``pages/``: Streamlit would also serve files there as p
 (without this navigation) to anyone who opens a page's address directly.
 """
 from pathlib import Path
-import sys
 
 import streamlit as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dashboard.state import viewer_mode  # noqa: E402
-from dpaat_core import __version__  # noqa: E402
+from dashboard.state import viewer_mode
+from dpaat_core import __version__
 
 HERE = Path(__file__).resolve().parent
 
@@ -68,8 +66,8 @@ def _warm_imports() -> None:
     a visitor reads the first page, so the first page that loads a model does not wait for it."""
     import importlib
     import threading
-    threading.Thread(target=lambda: [importlib.import_module(m) for m in ("dpaat_core.models", "dpaat_core.attacks",
-                                                                          "dpaat_core.loading")],
+    threading.Thread(target=lambda: [importlib.import_module(m) for m in ("dpaat_core.models", "dpaat_core.attack.attacks",
+                                                                          "dpaat_core.store.loading")],
                      daemon=True, name="dpaat-warm-imports").start()
 
 

@@ -328,7 +328,7 @@ def compare_metrics_chart(runs_metrics: dict, column: str = "val_balanced_accura
 
 def study_chart(summary: pd.DataFrame, metrics, x: str = "variant", title: str = "Reproduction study") -> go.Figure:
     """Grouped bars of mean ± std (percent) per ``x`` group, one bar colour per metric; ``summary`` is
-    :func:`dpaat_core.reproduction.summarize` output and ``metrics`` its ``(column, label)`` pairs."""
+    :func:`dpaat_core.evaluate.reproduction.summarize` output and ``metrics`` its ``(column, label)`` pairs."""
     metrics = [(m, label) for m, label in metrics if f"{m}_mean" in (summary.columns if summary is not None else ())]
     if summary is None or not len(summary) or x not in summary or not metrics:
         return empty_figure(title)
@@ -349,7 +349,7 @@ def eps_spread_chart(by_epoch: pd.DataFrame, eps_min: float | None = None, eps_m
                      title: str = "Per-sample eps over epochs (median, 25–75% and 5–95% of samples)") -> go.Figure:
     """One colour per ``run``: the median eps as a line, the 25–75% and 5–95% quantiles as bands, the memory's
     bounds as dashed lines. ``by_epoch`` needs ``run``, ``epoch`` and ``q05``, ``q25``, ``q50``, ``q75``, ``q95``
-    (``dpaat_core.eps_dynamics.run_memory``'s ``by_epoch``, one per run, concatenated)."""
+    (``dpaat_core.evaluate.eps_dynamics.run_memory``'s ``by_epoch``, one per run, concatenated)."""
     need = {"run", "epoch", "q05", "q25", "q50", "q75", "q95"}
     if by_epoch is None or not len(by_epoch) or not need <= set(by_epoch.columns):
         return empty_figure(title)
@@ -380,7 +380,7 @@ def transition_rate_chart(rates: pd.DataFrame,
                           title: str = "Does a fragile sample stay fragile? P(fragile | the previous epoch's split)") -> go.Figure:
     """Per ``run`` (one colour): P(fragile | fragile before) as a solid line and P(fragile | stable before) as a
     dashed one, over epochs. ``rates`` needs ``run``, ``epoch``, ``stay_fragile`` and ``become_fragile``
-    (``dpaat_core.eps_dynamics.transition_rates``). Lines far apart: fragility lasts; together: redrawn."""
+    (``dpaat_core.evaluate.eps_dynamics.transition_rates``). Lines far apart: fragility lasts; together: redrawn."""
     need = {"run", "epoch", "stay_fragile", "become_fragile"}
     if rates is None or not len(rates) or not need <= set(rates.columns):
         return empty_figure(title)
@@ -473,7 +473,7 @@ def corruption_comparison_chart(frame: pd.DataFrame, metric: str = "accuracy") -
 
 def off_lesion_chart(summary: pd.DataFrame) -> go.Figure:
     """Per class: the share of images whose map is mostly off the lesion, beside the share at chance (each map
-    scored on another image's mask); ``summary`` is :func:`dpaat_core.gallery.off_lesion_summary`."""
+    scored on another image's mask); ``summary`` is :func:`dpaat_core.evaluate.gallery.off_lesion_summary`."""
     title = "Maps mostly off the lesion, per class"
     if summary is None or not len(summary):
         return empty_figure(title, "no lesion masks for these images")

@@ -9,9 +9,9 @@ import streamlit as st
 from dashboard import charts
 from dashboard.grid import batch_grid
 from dashboard.state import compute_buttons, corruptions, live_corruption, model, run_data
-from dpaat_core import runs
-from dpaat_core.corruption_eval import corruption_error
-from dpaat_core.corruptions import NAMES, SEVERITIES, describe
+from dpaat_core.store import runs
+from dpaat_core.evaluate.corruption_eval import corruption_error
+from dpaat_core.evaluate.corruptions import NAMES, SEVERITIES, describe
 
 
 def _saved_grids(selected: list[runs.Run]) -> pd.DataFrame:

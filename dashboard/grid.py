@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from dpaat_core.attribution import prediction_words
+from dpaat_core.evaluate.attribution import prediction_words
 
 
 def batch_grid(live: dict, classes: list, after: str, columns: int = 4) -> None:

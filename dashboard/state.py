@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import sys
 import threading
 from pathlib import Path
 from typing import Callable
@@ -13,11 +12,9 @@ import pandas as pd
 import streamlit as st
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from dpaat_core import loading, runs  # noqa: E402
-from dpaat_core.data import display_name  # noqa: E402
+from dpaat_core.store import loading, runs
+from dpaat_core.data import display_name
 
 
 def viewer_mode() -> bool:
@@ -74,7 +71,7 @@ def list_runs() -> list[runs.Run]:
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _defaults(path: str, signature: tuple, _found: tuple, compare: bool) -> list[str]:
-    from dpaat_core import defaults
+    from dpaat_core.evaluate import defaults
     if compare:
         return defaults.comparison(_found, path)
     first = defaults.default_run(_found, path)
@@ -82,7 +79,7 @@ def _defaults(path: str, signature: tuple, _found: tuple, compare: bool) -> list
 
 
 def default_runs(found: list[runs.Run], compare: bool = False) -> list[str]:
-    """What a page opens on (``dpaat_core.defaults``): the store's default, else its best finished model; with
+    """What a page opens on (``dpaat_core.evaluate.defaults``): the store's default, else its best finished model; with
     ``compare``, that run and the best finished run of each other method on the same data. With nothing finished
     (a fresh store), the most recent readable run, so that a page still shows something."""
     path = store()
@@ -239,7 +236,7 @@ def model(run: runs.Run):
 def evaluation_progress(waiting: dict) -> None:
     """Progress of the ``evaluate`` processes started from a page (``{run_id: run_dir}``); the page re-runs, and
     reads what was written, when one ends."""
-    from dpaat_core import launch
+    from dpaat_core.cli import launch
     jobs = {rid: job for rid, path in waiting.items() if (job := launch.evaluating(path)) is not None}
     for rid, job in jobs.items():
         argv = job.get("argv", [])
@@ -260,7 +257,7 @@ def compute_buttons(selected: list, saved: pd.DataFrame, label, key: str, starte
     """A button per run of ``selected`` with no rows in ``saved`` (a table with a ``run`` column; ``label(run_id)``
     on the button) that starts ``launch.<starter>(run, **start)`` (``start_evaluate`` or ``start_certify``) as a
     process of its own, and the progress of those started; nothing in viewer mode (it writes the store)."""
-    from dpaat_core import launch
+    from dpaat_core.cli import launch
     if viewer_mode():
         return
     done = set(saved.get("run", []))
@@ -311,7 +308,7 @@ def robustness(run: runs.Run) -> pd.DataFrame:
 def certified(run: runs.Run, split: str | None = "test", data: str | None = None) -> pd.DataFrame:
     """The run's certificates (``certified.csv``) of ``split`` and ``data`` (default: the run's own data) with a
     ``run`` column, one setting per sigma (the fullest: ``certify.fullest``); empty if none, a warning if unreadable."""
-    from dpaat_core.certify import fullest
+    from dpaat_core.evaluate.certify import fullest
     spec = data or run.config["data"]["spec"]
     return fullest(_table(run, lambda path: runs.read_certified(path, split, spec)))
 
@@ -346,7 +343,7 @@ def corruptions(run: runs.Run) -> pd.DataFrame:
 
 @st.cache_data(show_spinner="Classifying the images…", max_entries=16)
 def _predictions(run_dir: str, mtime: int, spec: str, split: str, _data) -> pd.DataFrame:
-    from dpaat_core.evaluate import clean_logits
+    from dpaat_core.evaluate.robustness import clean_logits
     with model_lock(run_dir):     # clean_logits switches the shared model to eval mode and back
         pred = clean_logits(_model(run_dir, mtime), _data, batch_size=256).argmax(1)
     return pd.DataFrame({"index": range(len(_data)), "label": _data.labels.numpy(), "pred": pred.numpy(),
@@ -412,7 +409,7 @@ def image_key(x) -> str:
 def _explanation(run_dir: str, mtime: int, key: str, _x, label, perturbation: tuple, methods: tuple) -> dict:
     import torch
 
-    from dpaat_core.attribution import clean_and_adversarial, clean_and_corrupted
+    from dpaat_core.evaluate.attribution import clean_and_adversarial, clean_and_corrupted
     net = _model(run_dir, mtime)
     with model_lock(run_dir):
         if perturbation[0] == "corruption":
@@ -455,8 +452,8 @@ def corrupted_explanation(run: runs.Run, x, index: int, corruption: str, severit
 def _live(run_dir: str, mtime: int, key: str, _x, _y, perturbation: tuple) -> dict:
     import torch
 
-    from dpaat_core.attacks import DEFAULT_STEPS, attack_mode, perturb
-    from dpaat_core.corruptions import corrupt
+    from dpaat_core.attack.attacks import DEFAULT_STEPS, attack_mode, perturb
+    from dpaat_core.evaluate.corruptions import corrupt
     net = _model(run_dir, mtime)
     with model_lock(run_dir):
         if perturbation[0] == "corruption":
@@ -469,7 +466,7 @@ def _live(run_dir: str, mtime: int, key: str, _x, _y, perturbation: tuple) -> di
             p_clean, p_adv = logits.softmax(1), net(x_adv).softmax(1)
             (conf, clean), (conf_adv, adv) = p_clean.max(1), p_adv.max(1)
     correct, robust = clean == _y, (clean == _y) & (adv == _y)
-    from dpaat_core.validation import balanced_accuracy
+    from dpaat_core.train.validation import balanced_accuracy
     y = _y.numpy()
     return {"accuracy": float(correct.float().mean()), "robust_accuracy": float(robust.float().mean()),
             "robust_balanced_accuracy": balanced_accuracy(y, torch.where(robust, _y, -1).numpy(), logits.shape[1]),
@@ -495,7 +492,7 @@ def live_attack(run: runs.Run, data, n: int, attack: str, norm: str, eps: float)
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _audit_tables(run_dir: str, stamps: tuple, split: str, spec: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from dpaat_core.audit import read_per_class, read_protocol
+    from dpaat_core.evaluate.audit import read_per_class, read_protocol
     return (runs.select(read_protocol(run_dir), split=split, data=spec),
             runs.select(read_per_class(run_dir), split=split, data=spec))
 
@@ -507,9 +504,9 @@ def class_robustness(run: runs.Run, curves: pd.DataFrame, attack: str, norm: str
     else its own (the audit's per_class.csv, else its curve at this eps among ``curves``, the page's rows), else
     ``live`` (a :func:`live_attack` result of this run on ``data``); (empty, "") when none has them. The labels of
     ``data``, when it is that spec's, give an older curve its class counts (``class_robustness.from_curve``)."""
-    from dpaat_core import class_robustness as by_class
-    from dpaat_core.attacks import DEFAULT_STEPS
-    from dpaat_core.audit import PER_CLASS_FILE, PROTOCOL_FILE
+    from dpaat_core.evaluate import class_robustness as by_class
+    from dpaat_core.attack.attacks import DEFAULT_STEPS
+    from dpaat_core.evaluate.audit import PER_CLASS_FILE, PROTOCOL_FILE
     spec = st.session_state.get("data_spec", "").strip() or (run.config.get("data") or {}).get("spec")
     stamps = tuple(_mtime(run.path / name) for name in (PROTOCOL_FILE, PER_CLASS_FILE))
     try:
@@ -545,7 +542,7 @@ def _numbers_store() -> dict:
 
 def _image_numbers(run_dir: str, mtime: int, spec: str, split: str, method: str, eps: float, data) -> pd.DataFrame:
     """Every image's numbers, computed once per key with a progress bar that counts the images (24 at a time)."""
-    from dpaat_core.gallery import image_numbers
+    from dpaat_core.evaluate.gallery import image_numbers
     store_, key = _numbers_store(), (run_dir, mtime, spec, split, method, eps)
     if key not in store_:
         bar = st.progress(0.0, text=f"Explaining every image of the split: 0 of {len(data)} (once per run, data and "
@@ -573,7 +570,7 @@ def _saved_numbers(run_dir: str, mtime: int, method: str, split: str, spec: str,
 
 def gallery_eps(run: runs.Run) -> float:
     """The eps the gallery attacks at: the run's reference eps in :data:`GALLERY_NORM`."""
-    from dpaat_core.evaluate import reference_eps
+    from dpaat_core.evaluate.robustness import reference_eps
     return float(reference_eps(run.config, GALLERY_NORM))
 
 
@@ -600,7 +597,7 @@ def gallery_numbers(run: runs.Run, data, split: str, method: str) -> tuple[pd.Da
 @st.cache_data(show_spinner="Drawing the maps of this page…", max_entries=64)
 def _page_maps(run_dir: str, mtime: int, spec: str, split: str, index: tuple, method: str, eps: float,
                _data) -> dict:
-    from dpaat_core.gallery import page_maps
+    from dpaat_core.evaluate.gallery import page_maps
     net = _model(run_dir, mtime)
     with model_lock(run_dir):
         return page_maps(net, _data, index, eps, method, GALLERY_NORM, EXPLORER_STEPS)
@@ -616,13 +613,13 @@ def gallery_maps(run: runs.Run, data, split: str, index, method: str) -> dict | 
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def _accuracy(run_dir: str, stamps: tuple, _config: dict, _best: dict) -> tuple:
-    from dpaat_core import trust
+    from dpaat_core.evaluate import trust
     return trust.accuracy(run_dir, _config, _best)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _localisation(run_dir: str, stamp: int, method: str, _config: dict):
-    from dpaat_core import trust
+    from dpaat_core.evaluate import trust
     return trust.saved_localisation(run_dir, _config, method)
 
 
@@ -644,7 +641,7 @@ def trust_notice(run: runs.Run, method: str = "gradcam", numbers: pd.DataFrame |
     """How far to trust this run's maps, beside them: its balanced accuracy and its maps' localisation against
     chance (from ``numbers``, the per-image rows on show, else the saved test-split rows), with a plain warning when
     either is weak."""
-    from dpaat_core import trust
+    from dpaat_core.evaluate import trust
     balanced, source = _accuracy_of(run)
     found = trust.localisation(numbers, method) if numbers is not None else None
     if found is None:

@@ -15,16 +15,16 @@ import argparse
 import sys
 import warnings
 
-from .cli_attribute import add_attribute_parser
-from .cli_audit import add_audit_parsers
-from .cli_certify import add_certify_parser
-from .cli_import import add_import_parser
-from .cli_evaluate import add_evaluate_parser
-from .cli_sweep import add_sweep_parser
-from .cli_train import add_runs_parser, add_train_parser
-from .config import ConfigError
-from .data import SOURCES, SPLITS, DataError, DataWarning, load_dataset
-from .runs import RunError
+from dpaat_core.cli.attribute import add_attribute_parser
+from dpaat_core.cli.audit import add_audit_parsers
+from dpaat_core.cli.certify import add_certify_parser
+from dpaat_core.cli.import_model import add_import_parser
+from dpaat_core.cli.evaluate import add_evaluate_parser
+from dpaat_core.cli.sweep import add_sweep_parser
+from dpaat_core.cli.train import add_runs_parser, add_train_parser
+from dpaat_core.config import ConfigError
+from dpaat_core.data import SOURCES, SPLITS, DataError, DataWarning, load_dataset
+from dpaat_core.store.runs import RunError
 
 
 def _data(args: argparse.Namespace) -> int:

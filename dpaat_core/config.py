@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
-from .errors import ConfigError
-from .models import MODEL_NAMES, check_normalization
+from dpaat_core.errors import ConfigError
+from dpaat_core.models import MODEL_NAMES, check_normalization
 
 NORMS = ("l2", "linf")
 SYNC_LOSSES = ("sym_kl", "js", "l1_logprob", "kl")

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torchvision.models as tvm
 from torchvision.models.resnet import BasicBlock
 
-from .errors import ConfigError, ImportProblem
+from dpaat_core.errors import ConfigError, ImportProblem
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

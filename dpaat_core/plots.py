@@ -94,7 +94,7 @@ def certified_chart(certified: pd.DataFrame, curves: pd.DataFrame | None = None)
     robust accuracy); colour = run. ``certified``: per-image certificates with ``run``, ``sigma``, ``n``, ``radius``
     and ``correct`` (``runs.read_certified`` rows, one setting per sigma); ``curves``: robustness rows with ``run``
     (only PGD in l2 is drawn)."""
-    from .certify import certified_curve   # scipy: only where a certified chart is drawn
+    from dpaat_core.evaluate.certify import certified_curve   # scipy: only where a certified chart is drawn
 
     title = "Certified against attacked accuracy (l2)"
     needed = {"run", "sigma", "radius", "correct", "n"}

@@ -10,9 +10,9 @@ import time
 import pandas as pd
 import torch
 
-from .config import RunConfig
-from .models import build_model
-from .objectives import MethodState, training_step
+from dpaat_core.config import RunConfig
+from dpaat_core.models import build_model
+from dpaat_core.train.objectives import MethodState, training_step
 
 
 def eps_band(eps0: float, gamma: float, floor_ratio: float, cap_ratio: float, epochs: int) -> pd.DataFrame:

@@ -24,14 +24,14 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from . import loading, runs
-from .attribution import clean_and_adversarial, overlay
-from .audit import apgd_norm, has_gradcam, read_apgd, read_per_class, read_protocol
-from .certify import fullest, per_class as certified_per_class, summary as certified_summary
-from .class_robustness import saved as saved_by_class, weakest_sentence
-from .data import display_name
-from .evaluate import reference_eps
-from .plots import PALETTE, certified_chart, per_class_chart, robustness_chart
+from dpaat_core.store import loading, runs
+from dpaat_core.evaluate.attribution import clean_and_adversarial, overlay
+from dpaat_core.evaluate.audit import apgd_norm, has_gradcam, read_apgd, read_per_class, read_protocol
+from dpaat_core.evaluate.certify import fullest, per_class as certified_per_class, summary as certified_summary
+from dpaat_core.evaluate.class_robustness import saved as saved_by_class, weakest_sentence
+from dpaat_core.data import display_name
+from dpaat_core.evaluate.robustness import reference_eps
+from dpaat_core.plots import PALETTE, certified_chart, per_class_chart, robustness_chart
 
 HOW_TO_READ = """
 <p><b>Clean accuracy</b> is the share of the split's images the model gets right; <b>balanced accuracy</b> averages the
@@ -136,7 +136,7 @@ def describe_origin(config: dict) -> str:
                    + (" (an imported model)" if init.get("origin") == "imported" else ""))
 
 
-class _Run:
+class RunTables:
     """One run's tables for the report, read once (only the rows of ``split`` and ``data``)."""
 
     def __init__(self, run_dir, split: str, data: Optional[str], viewer: bool = False):
@@ -197,7 +197,7 @@ class _Run:
                 "map on lesion": mean("energy_clean")}
 
 
-def _command(run: "_Run", command: str, extra: str = "") -> str:
+def _command(run: "RunTables", command: str, extra: str = "") -> str:
     """The command that fills a missing table, as ``<code>``: in a viewer's report, with the run named in the store
     and without the data's path (who reads it cannot run it there)."""
     if run.viewer:
@@ -207,16 +207,16 @@ def _command(run: "_Run", command: str, extra: str = "") -> str:
     return f"<code>python -m dpaat_core {command} {_esc(run.path)}{_esc(extra + flags)}</code>"
 
 
-def _missing(what: str, run: "_Run") -> str:
+def _missing(what: str, run: "RunTables") -> str:
     return (f'<p class="note">No {what} for the {_esc(run.split)} split of this data yet: '
             f'{"whoever keeps the runs can fill it with" if run.viewer else "run"} {_command(run, "audit")}.</p>')
 
 
-def _weakest(run: _Run) -> str:
+def _weakest(run: RunTables) -> str:
     return f"<p><b>Weakest class</b>: {_esc(weakest_sentence(run.id, run.by_class))}.</p>"
 
 
-def _per_class_section(run: _Run, figure: bool) -> str:
+def _per_class_section(run: RunTables, figure: bool) -> str:
     """Each class's clean and robust accuracy: the table, the bar figure beside it (``figure``; a comparison draws
     every run in one) and the weakest class."""
     audited = run.per_class[run.per_class.preset == f"pgd20_{run.norm}"] if len(run.per_class) else run.per_class
@@ -232,7 +232,7 @@ def _per_class_section(run: _Run, figure: bool) -> str:
             + (_weakest(run) if len(run.by_class) else ""))
 
 
-def _run_section(run: _Run, examples: str, figure: bool = True) -> str:
+def _run_section(run: RunTables, examples: str, figure: bool = True) -> str:
     parts = [f'<h2 id="{_esc(run.id)}">{_esc(run.id)}</h2>',
              '<table class="meta">'
              f"<tr><td>origin</td><td>{_esc(describe_origin(run.config))}</td></tr>"
@@ -280,7 +280,7 @@ def _run_section(run: _Run, examples: str, figure: bool = True) -> str:
     return "\n".join(parts)
 
 
-def _certified_section(run: _Run) -> str:
+def _certified_section(run: RunTables) -> str:
     """Randomized smoothing's guarantee beside the attacks: each sigma's certified accuracy at the summary radii, per
     class, and the certified curve on the PGD curve's axis."""
     parts = ["<h3>Certified robustness (randomized smoothing)</h3>"]
@@ -317,7 +317,7 @@ def example_index(dataset, n: int, seed: int = 0) -> list[int]:
     return out
 
 
-def _examples(run: _Run, dataset, index: Sequence[int], device, seed: int) -> str:
+def _examples(run: RunTables, dataset, index: Sequence[int], device, seed: int) -> str:
     """The example grid: for each image, clean and attacked, the map of each, and each prediction."""
     model = loading.load_model(run.path, device=device)
     method = "gradcam" if has_gradcam(model) else "saliency"
@@ -343,7 +343,7 @@ def _examples(run: _Run, dataset, index: Sequence[int], device, seed: int) -> st
     return "\n".join(rows) + "</table>"
 
 
-def _comparison(items: list[_Run]) -> str:
+def _comparison(items: list[RunTables]) -> str:
     head = pd.DataFrame([r.headline() for r in items])
     parts = ["<h2>Comparison</h2>", _table(head)]
     unaudited = [r for r in items if not len(r.protocol)]
@@ -386,7 +386,7 @@ def report_html(run_dirs: Sequence, data: Optional[str] = None, split: str = "te
 
 
 def _report_html(run_dirs, data, split, n_examples, device, seed, viewer: bool, plotly_js: str) -> str:
-    items = [_Run(r, split, data, viewer) for r in run_dirs]
+    items = [RunTables(r, split, data, viewer) for r in run_dirs]
     sections = []
     picks: dict = {}      # the same images for every run of the same data, size and split seed
     for run in items:

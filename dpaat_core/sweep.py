@@ -34,11 +34,11 @@ from typing import Callable, Optional
 
 import pandas as pd
 
-from . import loading
-from .config import METHODS, ConfigError, RunConfig
-from .evaluate import evaluate
-from .runs import atomic_write_json, read_config
-from .train import Stopped, resolve_device, train
+from dpaat_core.store import loading
+from dpaat_core.config import METHODS, ConfigError, RunConfig
+from dpaat_core.evaluate.robustness import evaluate
+from dpaat_core.store.runs import atomic_write_json, read_config
+from dpaat_core.train.loop import Stopped, resolve_device, train
 
 #: what a trial's run may vary: space name -> (config section, field); ``beta`` is TRADES' name for lam
 PARAMS = {

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 torchattacks = pytest.importorskip("torchattacks")
 
-from dpaat_core.attacks import ATTACKS, attack_mode, fgsm, ifgsm, pgd  # noqa: E402
+from dpaat_core.attack.attacks import ATTACKS, attack_mode, fgsm, ifgsm, pgd  # noqa: E402
 from dpaat_core.models import build_model  # noqa: E402
 from conftest import TEST_DEVICE, on_device  # noqa: E402
 

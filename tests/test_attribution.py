@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from captum.attr import LayerGradCam
 
-from dpaat_core import attacks
-from dpaat_core.attribution import (
+from dpaat_core.attack import attacks
+from dpaat_core.evaluate.attribution import (
     METHODS, attribute, attribution_report, clean_and_adversarial, energy_in_mask, overlay, pointing_game, spearman,
     ssim, summarize_report, topk_iou,
 )
@@ -307,7 +307,7 @@ def test_attribution_report_on_real_ham10000(shared_data):
         assert len(values) and values.between(lo, hi).all(), column
     assert set(df["pointing_clean"].dropna()) <= {0.0, 1.0}
     # energy_other_mask scores each clean map on the next drawn image's mask
-    from dpaat_core.attribution import attribute
+    from dpaat_core.evaluate.attribution import attribute
     x = on_device(data.images[df["index"]].float() / 255)
     maps = attribute(model, x, on_device(torch.tensor(df["pred_clean"].to_numpy())), "gradcam")
     np.testing.assert_allclose(df["energy_other_mask"], energy_in_mask(maps, data.masks[np.roll(df["index"], -1)]),
@@ -361,7 +361,7 @@ def test_overlay_blends_the_colormap_over_the_image():
 
 
 def test_overlay_draws_the_lesions_outline():
-    from dpaat_core.attribution import OUTLINE, outline
+    from dpaat_core.evaluate.attribution import OUTLINE, outline
     image = torch.full((3, 16, 16), 0.5)
     mask = torch.zeros(16, 16, dtype=torch.uint8)
     mask[4:12, 4:12] = 1
@@ -375,7 +375,7 @@ def test_overlay_draws_the_lesions_outline():
 
 
 def test_the_prediction_in_words():
-    from dpaat_core.attribution import prediction_sentence, prediction_words
+    from dpaat_core.evaluate.attribution import prediction_sentence, prediction_words
     classes = ["akiec", "bkl", "df"]
     assert (prediction_sentence(classes, [0.42, 0.3, 0.28], 2, [0.2, 0.52, 0.28], "PGD eps 0.3")
             == "Predicted akiec 42% ✗ (true df) → bkl 52% under PGD eps 0.3 ✗, changed")

@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
-from dpaat_core import loading, runs
+from dpaat_core.store import loading, runs
 from dpaat_core.__main__ import main
-from dpaat_core.audit import audit, has_gradcam, read_apgd, read_per_class, read_protocol
+from dpaat_core.evaluate.audit import audit, has_gradcam, read_apgd, read_per_class, read_protocol
 from dpaat_core.config import RunConfig, method_config
-from dpaat_core.evaluate import evaluate
+from dpaat_core.evaluate.robustness import evaluate
 from dpaat_core.report import example_index, report_html
-from dpaat_core.train import train
+from dpaat_core.train.loop import train
 
 DATA = "synthetic:n=48,classes=3"
 
@@ -152,7 +152,7 @@ def test_the_report_draws_each_classs_robust_accuracy_and_names_the_weakest_clas
     several runs: one figure with all of them."""
     import html
 
-    from dpaat_core.class_robustness import weakest_sentence
+    from dpaat_core.evaluate.class_robustness import weakest_sentence
     run, _, _ = audited
     hand = _copy(run, tmp_path, "hand")                       # the audit's per_class.csv with numbers chosen here
     per_class = read_per_class(hand)
@@ -222,7 +222,7 @@ def test_a_model_without_a_gradcam_layer_is_audited_and_reported_with_saliency(t
     """An imported model whose config names no Grad-CAM layer (what importing a ViT records): the audit measures
     saliency only and says why, and the report's examples use saliency."""
     import torchvision
-    from dpaat_core.importing import import_model
+    from dpaat_core.store.importing import import_model
     torch.manual_seed(0)
     net = torchvision.models.squeezenet1_1(num_classes=3)
     torch.save(net.state_dict(), tmp_path / "squeeze.pt")
@@ -254,7 +254,7 @@ def test_a_model_without_a_feature_map_has_no_gradcam():
 
 def test_the_shipped_imported_and_hardened_demo_runs_hold_their_audit(shared_data):
     """The README's before/after figures come from these two runs' tables; the models still give them."""
-    from dpaat_core.evaluate import clean_logits
+    from dpaat_core.evaluate.robustness import clean_logits
     store = Path(__file__).resolve().parents[1] / "checkpoints"
     imported, hardened = (store / f"demo-{k}-mobilenet_v3_small-ham10000" for k in ("imported", "hardened"))
     config = runs.read_config(hardened)

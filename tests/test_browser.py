@@ -18,7 +18,7 @@ import pytest
 
 from dpaat_core.__main__ import main
 from dpaat_core.config import RunConfig, method_config
-from dpaat_core.train import train
+from dpaat_core.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -337,9 +337,9 @@ def test_two_sessions_explain_the_same_run_at_once(dashboard):
     alone: the cached model is shared, and the attack and Captum's hooks change it while they run."""
     from playwright.sync_api import sync_playwright
 
-    from dpaat_core import loading
-    from dpaat_core.attacks import index_noise
-    from dpaat_core.attribution import clean_and_adversarial, spearman
+    from dpaat_core.store import loading
+    from dpaat_core.attack.attacks import index_noise
+    from dpaat_core.evaluate.attribution import clean_and_adversarial, spearman
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         pages = [browser.new_context(viewport={"width": 1400, "height": 1000}).new_page() for _ in range(2)]

@@ -1,4 +1,4 @@
-"""Randomized smoothing (dpaat_core.certify) against closed forms.
+"""Randomized smoothing (dpaat_core.evaluate.certify) against closed forms.
 
 A linear classifier's smoothed class probabilities are known exactly: for ``f(x) = [w.x + b > 0]`` under
 ``N(0, sigma^2 I)`` noise, ``P(f = 1) = Phi((w.x + b) / (sigma |w|))``, so the true certified radius is the distance to
@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 from scipy.stats import binomtest, norm
 
-from dpaat_core import runs
-from dpaat_core.attacks import pgd
-from dpaat_core.certify import (ABSTAIN, certified_accuracy, certified_radius, certify, certify_dataset, fullest,
+from dpaat_core.store import runs
+from dpaat_core.attack.attacks import pgd
+from dpaat_core.evaluate.certify import (ABSTAIN, certified_accuracy, certified_radius, certify, certify_dataset, fullest,
                                 lower_confidence_bound, noise_counts, predict, summary)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +166,7 @@ def test_certify_command_merges_rows_and_a_quick_look_never_replaces_a_fuller_ru
     table = runs.read_certified(run_dir)
     assert len(table) == test_size + 3 + 4, "every setting's rows are kept"
     # --max-samples draws the images evaluate --max-samples draws (the run's split seed), by their split index
-    from dpaat_core.loading import load_run_data
+    from dpaat_core.store.loading import load_run_data
     small, whole = load_run_data(run_dir, "test", max_samples=3), load_run_data(run_dir, "test")
     quick_rows = table[(table.n == 50) & (table.sigma == 0.25)]
     assert [whole.source_ids[i] for i in quick_rows["index"]] == list(small.source_ids)
@@ -240,7 +240,7 @@ def test_a_report_of_an_uncertified_run_names_the_command(tmp_path):
 
 
 def test_the_gallery_puts_abstentions_first_then_the_smallest_radius_and_uncertified_images_last():
-    from dpaat_core import gallery
+    from dpaat_core.evaluate import gallery
     numbers = pd.DataFrame({"index": range(6), "label": 0, "pred_clean": 0, "spearman": 0.5,
                             "confidence_clean": 0.9})
     certified = pd.DataFrame({"index": [0, 1, 2, 3, 4], "sigma": 0.25, "prediction": [0, ABSTAIN, 0, 1, ABSTAIN],

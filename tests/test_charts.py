@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 import pytest
 
 from dashboard import charts
-from dpaat_core import runs
+from dpaat_core.store import runs
 
 CLASSES = ["nevus", "melanoma", "vascular"]
 
@@ -218,7 +218,7 @@ def test_probability_chart_and_metrics_chart():
 def real_run(tmp_path_factory):
     from dpaat_core.__main__ import main
     from dpaat_core.config import RunConfig, method_config
-    from dpaat_core.train import train
+    from dpaat_core.train.loop import train
 
     cfg = RunConfig().replace(data={"spec": "synthetic:n=48,classes=3", "image_size": 16}, attack={"steps": 1},
                               method=method_config("dpaat"), train={"epochs": 3, "batch_size": 16, "device": "cpu"})

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from dpaat_core import runs
+from dpaat_core.store import runs
 from dpaat_core.data import load_dataset
 from dpaat_core.config import ConfigError, RunConfig, method_config
-from dpaat_core.dpaat import EpsMemory, Threshold
-from dpaat_core.objectives import MethodState
-from dpaat_core.train import train
+from dpaat_core.train.dpaat import EpsMemory, Threshold
+from dpaat_core.train.objectives import MethodState
+from dpaat_core.train.loop import train
 
 
 def _reference_class_means(batches, k, momentum):

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dpaat_core import class_robustness as by_class
-from dpaat_core.evaluate import accuracy_row
+from dpaat_core.evaluate import class_robustness as by_class
+from dpaat_core.evaluate.robustness import accuracy_row
 from dpaat_core.plots import per_class_chart
 
 CLASSES = ["nv", "mel", "df"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from dpaat_core import loading, runs
+from dpaat_core.store import loading, runs
 from dpaat_core.__main__ import main
 from dpaat_core.config import RunConfig, method_config
-from dpaat_core.train import train
+from dpaat_core.train.loop import train
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance
 
-from dpaat_core import corruptions as C
-from dpaat_core import runs
-from dpaat_core.corruption_eval import corruption_error, corruption_grid
+from dpaat_core.evaluate import corruptions as C
+from dpaat_core.store import runs
+from dpaat_core.evaluate.corruption_eval import corruption_error, corruption_grid
 from dpaat_core.data import load_dataset
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -219,7 +219,7 @@ def test_corruption_error_is_100_for_the_reference_and_scales_with_errors():
 
 def _tiny_run(store):
     from dpaat_core.config import RunConfig, method_config
-    from dpaat_core.train import train
+    from dpaat_core.train.loop import train
     cfg = RunConfig().replace(data={"spec": "synthetic:n=40,classes=3", "image_size": 16}, attack={"steps": 1},
                               method=method_config("erm"), train={"epochs": 1, "batch_size": 16, "device": "cpu"})
     return train(cfg, store=store, run_id="erm")
@@ -272,8 +272,8 @@ def test_a_reference_without_the_data_is_refused_before_the_work(tmp_path):
 
 
 def test_explaining_under_a_corruption_uses_the_corrupted_images(tmp_path):
-    from dpaat_core import loading
-    from dpaat_core.attribution import clean_and_corrupted, explain_pair
+    from dpaat_core.store import loading
+    from dpaat_core.evaluate.attribution import clean_and_corrupted, explain_pair
     run = _tiny_run(tmp_path)
     model, data = loading.load_model(run), loading.load_run_data(run, "test")
     x, _ = data.batch([0, 1])

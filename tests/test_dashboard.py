@@ -7,7 +7,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from dpaat_core.config import RunConfig, method_config
-from dpaat_core.train import train
+from dpaat_core.train.loop import train
 
 APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
 
@@ -86,7 +86,7 @@ def test_runs_page_shows_the_reproduction_study_table(tmp_path, store, monkeypat
 
     import pandas as pd
 
-    from dpaat_core import reproduction
+    from dpaat_core.evaluate import reproduction
 
     study = tmp_path / "store"
     shutil.copytree(store / "small-dpaat", study / "small-dpaat")
@@ -123,7 +123,7 @@ def test_dynamics_page_shows_the_selected_epoch(store, monkeypatch):
 
 
 def test_robustness_page_computes_saves_and_draws_curves(store, monkeypatch):
-    from dpaat_core import runs
+    from dpaat_core.store import runs
     at = _page(store, monkeypatch, "robustness")
     at.multiselect[0].set_value(["small-dpaat"]).run()
     assert at.title[0].value == "Robustness"
@@ -137,7 +137,7 @@ def test_robustness_page_computes_saves_and_draws_curves(store, monkeypatch):
     import os
     import time
 
-    from dpaat_core import launch
+    from dpaat_core.cli import launch
     button = next(b for b in at.button if "Compute the PGD-20 l2 curve of small-dpaat" in b.label)
     button.click().run()
     assert not at.exception, at.exception
@@ -160,7 +160,7 @@ def test_robustness_page_computes_saves_and_draws_curves(store, monkeypatch):
     assert sum(counts) == saved.n.max()
     at.slider[0].set_value(0.0).run()                        # eps 0: nothing changes
     assert at.metric[1].value == at.metric[0].value
-    from dpaat_core import loading
+    from dpaat_core.store import loading
     batch = min(16, len(loading.load_run_data(store / "small-dpaat", "test")))   # the page's 16, or the whole split
     tiles = at.get("image")
     assert len(tiles) == batch                                 # every image attacked, clean beside attacked
@@ -191,8 +191,9 @@ def test_robustness_page_draws_each_classs_robust_accuracy_and_names_the_weakest
 
     import pandas as pd
 
-    from dpaat_core import audit, loading, runs
-    from dpaat_core.evaluate import reference_eps
+    from dpaat_core.evaluate import audit
+    from dpaat_core.store import loading, runs
+    from dpaat_core.evaluate.robustness import reference_eps
     own = tmp_path / "store"
     shutil.copytree(store / "small-dpaat", own / "small-dpaat", ignore=shutil.ignore_patterns("*.csv"))
     at = _page(own, monkeypatch, "robustness")
@@ -246,7 +247,7 @@ def test_attribution_explorer_explains_a_test_image_and_compares_runs(store, mon
     at.radio[1].set_value("wrong").run()
     assert not at.exception
     at.radio[0].set_value("Training split (fragile or stable in training)").run()
-    from dpaat_core import runs
+    from dpaat_core.store import runs
     last = runs.load_dynamics(store / "small-dpaat", 3)
     fragile = set(last["index"][last["fragile"]].tolist())
     for split in ("fragile", "stable"):
@@ -292,7 +293,7 @@ def test_attribution_explorer_refuses_a_bad_upload(store, monkeypatch):
 
 def test_train_page_launches_a_run_that_the_other_pages_see(tmp_path, monkeypatch):
     import time
-    from dpaat_core import runs
+    from dpaat_core.store import runs
     at = _page(tmp_path, monkeypatch, "train")
     assert "No run is training right now." in [i.value for i in at.info]
     at.text_input(key="train-data").set_value("synthetic:n=24,classes=3")
@@ -373,7 +374,7 @@ def test_train_page_refuses_a_bad_config_with_a_message(tmp_path, monkeypatch):
 
 def test_pages_fall_back_to_the_synthetic_set_and_say_so(store, tmp_path, monkeypatch):
     import shutil
-    from dpaat_core import runs
+    from dpaat_core.store import runs
     moved = tmp_path / "moved-store"
     shutil.copytree(store / "small-dpaat", moved / "small-dpaat")
     config = runs.read_config(moved / "small-dpaat")
@@ -403,7 +404,7 @@ def test_the_shipped_demo_runs_show_on_every_page(page, shared_data, monkeypatch
     """What a fresh clone shows: the six demo runs in checkpoints/, on their real HAM10000 data."""
     import pandas as pd
 
-    from dpaat_core import runs
+    from dpaat_core.store import runs
 
     store = APP.parents[1] / "checkpoints"
     demo = {f"demo-{m}-resnet8-ham10000" for m in DEMO_METHODS}
@@ -471,8 +472,8 @@ def test_sessions_sharing_a_cached_model_get_the_maps_each_would_get_alone(store
     import torch
 
     from dashboard import state
-    from dpaat_core import loading, runs
-    from dpaat_core.attribution import clean_and_adversarial
+    from dpaat_core.store import loading, runs
+    from dpaat_core.evaluate.attribution import clean_and_adversarial
 
     run = runs.load_run(store / "small-dpaat")
     data = loading.load_run_data(run.path, "test")
@@ -510,7 +511,8 @@ def test_robustness_page_computes_and_compares_corruption_grids(store, tmp_path,
     import shutil
     import time
 
-    from dpaat_core import launch, runs
+    from dpaat_core.cli import launch
+    from dpaat_core.store import runs
     from dpaat_core.__main__ import main
     own = tmp_path / "store"
     shutil.copytree(store, own, ignore=shutil.ignore_patterns("broken", "empty"))
@@ -534,7 +536,7 @@ def test_robustness_page_computes_and_compares_corruption_grids(store, tmp_path,
     table = tab.dataframe[0].value                           # corruption error over the cells both runs have
     assert list(table.index) == ["small-dpaat", "small-pgd"] and table.loc["small-dpaat", "mce"] == 100
     assert table.loc["small-pgd", "cells"] == 15 * 2
-    from dpaat_core.corruption_eval import corruption_error
+    from dpaat_core.evaluate.corruption_eval import corruption_error
     expected = corruption_error({r: runs.read_corruptions(own / r) for r in ("small-dpaat", "small-pgd")})
     assert table.loc["small-pgd", "mce"] == pytest.approx(expected.set_index("run").loc["small-pgd", "mce"], abs=1e-3)
     live = next(s for s in tab.selectbox if s.label == "Corruption")
@@ -555,8 +557,8 @@ def test_attribution_explorer_explains_under_a_natural_corruption(store, monkeyp
     assert any("gaussian noise, noise std 0.26" in c.value for c in at.caption)
     rho = [float(m.value) for m in at.metric if m.label.startswith("rank agreement")]
     assert len(at.get("image")) == 1 + 3 + 2 * 2
-    from dpaat_core import loading
-    from dpaat_core.attribution import clean_and_corrupted, spearman
+    from dpaat_core.store import loading
+    from dpaat_core.evaluate.attribution import clean_and_corrupted, spearman
     index = int(next(s for s in at.selectbox if s.label == "Image").value)
     x, _ = loading.load_run_data(store / "small-dpaat", "test").batch([index])
     out = clean_and_corrupted(loading.load_model(store / "small-dpaat"), x, "gaussian_noise", 5, index=[index],
@@ -566,7 +568,8 @@ def test_attribution_explorer_explains_under_a_natural_corruption(store, monkeyp
 
 
 def test_gallery_shows_every_test_image_worst_first_and_opens_one_in_the_explorer(store, monkeypatch):
-    from dpaat_core import gallery, loading
+    from dpaat_core.evaluate import gallery
+    from dpaat_core.store import loading
     at = _page(store, monkeypatch, "gallery")
     at.selectbox(key="run_picker_one").set_value("small-dpaat").run()
     assert at.title[0].value == "Gallery" and not at.exception
@@ -631,7 +634,7 @@ def test_train_page_starts_a_run_from_another_runs_weights(store, tmp_path, monk
     import shutil
     import time
 
-    from dpaat_core import runs
+    from dpaat_core.store import runs
     own = tmp_path / "store"
     shutil.copytree(store, own, ignore=shutil.ignore_patterns("broken", "empty"))
     at = _page(own, monkeypatch, "train")
@@ -672,8 +675,8 @@ def certified_store(store, tmp_path_factory):
     """A copy of ``store``'s small-dpaat run with certificates of its whole test split (sigma 0.25, n 200)."""
     import shutil
 
-    from dpaat_core import loading, runs
-    from dpaat_core.certify import certify_dataset
+    from dpaat_core.store import loading, runs
+    from dpaat_core.evaluate.certify import certify_dataset
     path = tmp_path_factory.mktemp("certified")
     shutil.copytree(store / "small-dpaat", path / "small-dpaat", ignore=shutil.ignore_patterns("*.csv"))
     run_dir = path / "small-dpaat"
@@ -694,8 +697,8 @@ def _array(values) -> np.ndarray:
 def test_robustness_page_draws_certified_accuracy_beside_the_attacks(certified_store, monkeypatch):
     import plotly.io
 
-    from dpaat_core import runs
-    from dpaat_core.certify import certified_accuracy
+    from dpaat_core.store import runs
+    from dpaat_core.evaluate.certify import certified_accuracy
     at = _page(certified_store, monkeypatch, "robustness")
     at.multiselect[0].set_value(["small-dpaat"]).run()
     assert not at.exception
@@ -716,7 +719,8 @@ def test_robustness_page_starts_a_certify_process_for_a_run_without_radii(tmp_pa
     import shutil
     import time
 
-    from dpaat_core import launch, runs
+    from dpaat_core.cli import launch
+    from dpaat_core.store import runs
     shutil.copytree(store / "small-pgd", tmp_path / "small-pgd")
     at = _page(tmp_path, monkeypatch, "robustness")
     at.multiselect[0].set_value(["small-pgd"]).run()
@@ -733,7 +737,7 @@ def test_robustness_page_starts_a_certify_process_for_a_run_without_radii(tmp_pa
 
 
 def test_explorer_shows_the_images_certified_radius_and_marks_it_on_the_slider(certified_store, monkeypatch):
-    from dpaat_core import runs
+    from dpaat_core.store import runs
     at = _page(certified_store, monkeypatch, "attribution")
     at.selectbox(key="run_picker_one").set_value("small-dpaat").run()
     index = next(s for s in at.selectbox if s.label == "Image").value
@@ -750,7 +754,7 @@ def test_explorer_shows_the_images_certified_radius_and_marks_it_on_the_slider(c
 
 
 def test_gallery_sorts_by_the_smallest_certified_radius(certified_store, monkeypatch):
-    from dpaat_core import runs
+    from dpaat_core.store import runs
     at = _page(certified_store, monkeypatch, "gallery")
     at.selectbox(key="run_picker_one").set_value("small-dpaat").run()
     sort = next(s for s in at.selectbox if s.label == "Sort")
@@ -844,7 +848,7 @@ def test_tuning_page_refuses_a_malformed_space_before_starting_anything(tmp_path
 
 def test_trials_of_a_sweep_are_not_what_the_pages_open_on(sweep_store):
     from dashboard.state import default_runs
-    from dpaat_core import runs
+    from dpaat_core.store import runs
     found = runs.list_runs(sweep_store)
     assert all(r.sweep and r.sweep.startswith("tiny #") for r in found)
     assert default_runs(found) != []                               # only trials: the newest of them

@@ -4,10 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from dpaat_core import defaults, runs
+from dpaat_core.evaluate import defaults
+from dpaat_core.store import runs
 from dpaat_core.__main__ import main
 from dpaat_core.config import RunConfig, method_config
-from dpaat_core.train import train
+from dpaat_core.train.loop import train
 
 
 def _run(store: Path, name: str, method: str, epochs: int, seed: int = 0) -> Path:

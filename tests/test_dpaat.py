@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from scipy.spatial.distance import jensenshannon
 
 from dpaat_core.config import ConfigError
-from dpaat_core.dpaat import EpsMemory, Threshold, delta_loss, memoryless_eps, sync_loss
+from dpaat_core.train.dpaat import EpsMemory, Threshold, delta_loss, memoryless_eps, sync_loss
 from references import kl, softmax
 
 B, K = 6, 5

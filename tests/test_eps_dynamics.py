@@ -4,10 +4,10 @@ import pandas as pd
 import pytest
 
 from dashboard import charts
-from dpaat_core import runs
+from dpaat_core.store import runs
 from dpaat_core.config import RunConfig, method_config
-from dpaat_core.eps_dynamics import eps_bounds, per_class, run_memory, spread, transition_rates
-from dpaat_core.train import train
+from dpaat_core.evaluate.eps_dynamics import eps_bounds, per_class, run_memory, spread, transition_rates
+from dpaat_core.train.loop import train
 
 
 def test_spread_counts_the_samples_pinned_at_each_bound():

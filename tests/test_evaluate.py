@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
-from dpaat_core import loading, runs
+from dpaat_core.store import loading, runs
 from dpaat_core.__main__ import main
 from dpaat_core.config import RunConfig, method_config
 from dpaat_core.data import load_dataset
-from dpaat_core.attacks import perturb
-from dpaat_core.evaluate import average_precision, eps_rms, roc_auc, evaluate, protocol, robustness_curve
+from dpaat_core.attack.attacks import perturb
+from dpaat_core.evaluate.robustness import average_precision, eps_rms, roc_auc, evaluate, protocol, robustness_curve
 from dpaat_core.models import build_model
-from dpaat_core.train import train
+from dpaat_core.train.loop import train
 from conftest import TEST_DEVICE, TRAIN_COMPILE, on_device
 
 GRID = [0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2]
@@ -185,7 +185,7 @@ def test_the_curves_progress_bar_has_one_total_from_start_to_end(trained, capsys
 
 @pytest.mark.device
 def test_perturb_uses_the_protocol_settings(trained):
-    from dpaat_core.attacks import pgd
+    from dpaat_core.attack.attacks import pgd
     _, model, ds = trained
     x, y = on_device(ds.images[:4].float() / 255, ds.labels[:4])
     x_adv = perturb(model, x, y, "pgd", "l2", 0.5, steps=3)

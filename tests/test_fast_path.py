@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from dpaat_core import runs
+from dpaat_core.store import runs
 from dpaat_core.__main__ import build_parser
-from dpaat_core.cli_train import config_from_args
+from dpaat_core.cli.train import config_from_args
 from dpaat_core.config import ConfigError, RunConfig, method_config
 from dpaat_core.data import load_dataset
-from dpaat_core.evaluate import evaluate, robustness_curve
-from dpaat_core.folding import folded_eval_view
+from dpaat_core.evaluate.robustness import evaluate, robustness_curve
+from dpaat_core.attack.folding import folded_eval_view
 from dpaat_core.models import build_model
-from dpaat_core.train import COMPILE_BACKEND_ENV, compile_enabled, make_batch, resident_split, train
+from dpaat_core.train.loop import COMPILE_BACKEND_ENV, compile_enabled, make_batch, resident_split, train
 from test_evaluate import trained  # noqa: F401  (the module's trained resnet8 and its test split)
 from conftest import EXACT, TEST_DEVICE
 
@@ -183,7 +183,7 @@ def test_resuming_a_run_from_before_the_switch_keeps_every_batch(tmp_path, compi
     an explicit ``compile=True`` still compiles and drops the last incomplete batch."""
     import json
 
-    from dpaat_core.train import resume, resume_config
+    from dpaat_core.train.loop import resume, resume_config
     cfg = run_config(40, compile=None, epochs=3, device="cpu")
     cfg = cfg.replace(train={"max_minutes": 1e-6})               # one epoch per call
     run = train(cfg, store=tmp_path, run_id="old")
@@ -200,7 +200,7 @@ def test_resuming_a_run_from_before_the_switch_keeps_every_batch(tmp_path, compi
 
 
 def test_evaluate_command_passes_amp_to_the_curves(trained, monkeypatch, capsys):  # noqa: F811
-    from dpaat_core import cli_evaluate
+    from dpaat_core.cli import evaluate as cli_evaluate
     from dpaat_core.__main__ import main
 
     run, _, _ = trained

@@ -17,10 +17,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dpaat_core import launch, liveness, locks, runs
+from dpaat_core.cli import launch
+from dpaat_core.store import liveness, locks, runs
 from dpaat_core.config import RunConfig, method_config
-from dpaat_core.train import _StatusWriter, train
-from dpaat_core.distributed import World
+from dpaat_core.train.loop import _StatusWriter, train
+from dpaat_core.train.distributed import World
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +95,7 @@ def test_the_heartbeat_refreshes_a_running_status_and_stops_with_the_run(tmp_pat
 MERGER = textwrap.dedent("""
     import sys, time
     import pandas as pd
-    from dpaat_core import runs
+    from dpaat_core.store import runs
     run, who, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     for k in range(10):
         while time.time() < start + 0.4 * k:      # both processes merge at the same instant, ten times

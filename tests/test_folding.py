@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dpaat_core import folding
-from dpaat_core.attacks import pgd
-from dpaat_core.folding import FoldedConvBN, folded_eval_view
+from dpaat_core.attack import folding
+from dpaat_core.attack.attacks import pgd
+from dpaat_core.attack.folding import FoldedConvBN, folded_eval_view
 from dpaat_core.models import build_model
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dpaat_core import gallery
-from dpaat_core.attribution import energy_in_mask, spearman
+from dpaat_core.evaluate import gallery
+from dpaat_core.evaluate.attribution import energy_in_mask, spearman
 from dpaat_core.data import load_dataset
 from dpaat_core.models import build_model
 

@@ -112,7 +112,6 @@ def test_a_missing_shared_file_skips_the_test_that_needs_it(tmp_path):
 
 
 def test_a_study_fits_as_many_epochs_as_the_slowest_first_epoch_allows():
-    sys.path.insert(0, str(ROOT / "bench"))
     from gpu_study import pick_epochs
     assert pick_epochs([10.0, 12.0], 100.0, 50) == 1 + 8      # the slowest first epoch sets the pace
     assert pick_epochs([10.0], 1000.0, 50) == 50             # never past the most asked for
@@ -145,7 +144,7 @@ def test_study_rehearsal_trains_every_run_at_once_for_the_same_length_and_writes
 
 
 def runs_state(run_dir):
-    from dpaat_core import runs
+    from dpaat_core.store import runs
     return runs.read_status(run_dir)["state"]
 
 

@@ -19,10 +19,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from dpaat_core import launch, plots, runs
+from dpaat_core import plots
+from dpaat_core.cli import launch
+from dpaat_core.store import runs
 from dpaat_core.config import RunConfig, method_config
 from dpaat_core.report import report_html
-from dpaat_core.train import train
+from dpaat_core.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from dpaat_core import loading, runs
+from dpaat_core.store import loading, runs
 from dpaat_core.__main__ import main
 from dpaat_core.models import find_gradcam_layer
 from dpaat_core.models import Classifier, NoGradCamLayer, gradcam_layer
@@ -88,7 +88,7 @@ def test_a_model_of_tokens_has_no_gradcam_layer_and_says_why():
     assert model.gradcam is None
     with pytest.raises(NoGradCamLayer, match="Grad-CAM does not apply; saliency, integrated gradients and occlusion"):
         gradcam_layer(model)
-    from dpaat_core.attribution import attribute
+    from dpaat_core.evaluate.attribution import attribute
     assert attribute(model, torch.rand(2, 3, 16, 16), torch.tensor([0, 1]), "saliency").shape == (2, 1, 16, 16)
 
 

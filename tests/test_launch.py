@@ -3,9 +3,10 @@ import time
 
 import pytest
 
-from dpaat_core import launch, runs
+from dpaat_core.cli import launch
+from dpaat_core.store import runs
 from dpaat_core.__main__ import build_parser
-from dpaat_core.cli_train import config_from_args
+from dpaat_core.cli.train import config_from_args
 from dpaat_core.config import AttackConfig, DataConfig, ModelConfig, RunConfig, TrainConfig, method_config
 
 
@@ -80,7 +81,7 @@ def test_the_command_line_carries_class_renorm(tmp_path):
 
 @pytest.mark.slow
 def test_a_launched_run_trains_with_every_field_of_its_config(tmp_path):
-    from dpaat_core.train import train
+    from dpaat_core.train.loop import train
     source = train(RunConfig().replace(data={"spec": "synthetic:n=24,classes=3", "image_size": 16},
                                        model={"name": "resnet18"}, method=method_config("erm"),
                                        train={"epochs": 1, "batch_size": 8, "device": "cpu"}),

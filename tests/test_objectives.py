@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dpaat_core.objectives as objectives
+import dpaat_core.train.objectives as objectives
 from dpaat_core.config import AttackConfig, method_config
 from dpaat_core.data import load_dataset
 from dpaat_core.models import build_model
-from dpaat_core.objectives import MethodState, StepResult, training_step
+from dpaat_core.train.objectives import MethodState, StepResult, training_step
 from conftest import TEST_DEVICE, on_device
 from references import kl, softmax
 

@@ -9,8 +9,8 @@ import pytest
 from scipy import stats
 
 from dashboard import charts
-from dpaat_core import reproduction as rep
-from dpaat_core.runs import RunError
+from dpaat_core.evaluate import reproduction as rep
+from dpaat_core.store.runs import RunError
 
 
 def _frame():

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from dpaat_core import runs
+from dpaat_core.store import runs
 from dpaat_core.models import build_model
-from dpaat_core.loading import load_model
-from dpaat_core.runs import (
+from dpaat_core.store.loading import load_model
+from dpaat_core.store.runs import (
     RUN_ID_PATTERN, RunError, append_metrics, atomic_write_bytes, atomic_write_json, create_run, default_run_id,
     dynamics_epochs, list_runs, load_checkpoint, load_dynamics, load_run, load_weights, read_config,
     read_metrics, read_status, runs_table, save_checkpoint, save_dynamics, save_weights, truncate_metrics,

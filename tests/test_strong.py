@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpaat_core.evaluate import evaluate
-from dpaat_core.strong import apgd, strong_robustness
+from dpaat_core.evaluate.robustness import evaluate
+from dpaat_core.evaluate.strong import apgd, strong_robustness
 from test_evaluate import trained  # noqa: F401  (a resnet8 trained briefly on the synthetic set, and its test split)
 from conftest import on_device
 

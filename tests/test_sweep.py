@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dpaat_core import runs
+from dpaat_core.store import runs
 from dpaat_core.config import RunConfig, method_config
 from dpaat_core.sweep import SweepError, apply_params, check_space, parse_objectives, parse_space
 

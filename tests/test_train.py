@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from dpaat_core import loading, runs
+from dpaat_core.store import loading, runs
 from dpaat_core.config import ConfigError, RunConfig, method_config
 from dpaat_core.data import load_dataset
-from dpaat_core.distributed import World
-from dpaat_core.train import class_weights, epoch_order, resume, train
+from dpaat_core.train.distributed import World
+from dpaat_core.train.loop import class_weights, epoch_order, resume, train
 from conftest import EXACT, TEST_DEVICE, TRAIN_COMPILE, TRAINED_TOLERANCE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +138,7 @@ def test_every_method_trains_end_to_end(tmp_path):
 
 
 def test_a_failure_is_recorded_in_the_status(tmp_path, monkeypatch):
-    import dpaat_core.train as trainer
+    import dpaat_core.train.loop as trainer
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of cheese")
@@ -250,7 +250,7 @@ def test_sigterm_stops_a_run_cleanly_and_it_can_resume(tmp_path):
 
 
 def test_should_stop_ends_a_run_between_batches(tmp_path):
-    from dpaat_core.train import Stopped
+    from dpaat_core.train.loop import Stopped
     asked = []
 
     def stop_in_epoch_two():

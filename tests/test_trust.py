@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dpaat_core import runs, trust
+from dpaat_core.store import runs
+from dpaat_core.evaluate import trust
 
 
 def _numbers(on_lesion, chance, n=200, seed=0, method="gradcam") -> pd.DataFrame:

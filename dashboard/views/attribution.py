@@ -6,14 +6,14 @@ from dashboard import charts
 from dashboard.state import (EXPLORER_STEPS, certificate_text, comparable_runs, corrupted_explanation, data_spec_input,
                              eps_slider, explanation, image_certificate, model, predictions, run_data, run_picker,
                              training_split_filter, trust_notice, unreadable)
-from dpaat_core import runs
-from dpaat_core.attacks import ATTACKS
-from dpaat_core.corruptions import NAMES, SEVERITIES, describe
-from dpaat_core.attribution import (METHODS, colour_bar, method_label, overlay, perturbation_image,
+from dpaat_core.store import runs
+from dpaat_core.attack.attacks import ATTACKS
+from dpaat_core.evaluate.corruptions import NAMES, SEVERITIES, describe
+from dpaat_core.evaluate.attribution import (METHODS, colour_bar, method_label, overlay, perturbation_image,
                                     prediction_sentence, spearman, ssim, topk_iou)
 from dpaat_core.data import DataError
 from dpaat_core.data.images import decode_upload
-from dpaat_core.evaluate import reference_eps
+from dpaat_core.evaluate.robustness import reference_eps
 
 st.title("Attribution explorer")
 data_spec_input()

@@ -6,7 +6,7 @@ import streamlit as st
 
 from dashboard import charts
 from dashboard.state import data_spec_input, dynamics, run_data, run_picker
-from dpaat_core import runs
+from dpaat_core.store import runs
 
 st.title("Training dynamics")
 data_spec_input()

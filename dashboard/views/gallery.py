@@ -5,9 +5,9 @@ import streamlit as st
 from dashboard import charts
 from dashboard.state import (EXPLORER_STEPS, certified, comparable_runs, data_spec_input, gallery_eps, gallery_maps,
                              gallery_numbers, model, run_data, run_picker, training_split_filter, trust_notice)
-from dpaat_core import gallery
-from dpaat_core.class_robustness import balanced, weakest_sentence
-from dpaat_core.attribution import colour_bar, method_label, overlay, prediction_words
+from dpaat_core.evaluate import gallery
+from dpaat_core.evaluate.class_robustness import balanced, weakest_sentence
+from dpaat_core.evaluate.attribution import colour_bar, method_label, overlay, prediction_words
 
 st.title("Gallery")
 data_spec_input()

@@ -11,10 +11,10 @@ from dashboard.charts import short_labels
 from dashboard.state import (certified, class_robustness, compute_buttons, data_spec_input, eps_slider, live_attack,
                              model, robustness, run_data, run_picker)
 from dpaat_core import plots
-from dpaat_core.class_robustness import weakest_sentence
-from dpaat_core.certify import summary
-from dpaat_core.evaluate import eps_rms, reference_eps
-from dpaat_core.attacks import ATTACKS, DEFAULT_STEPS
+from dpaat_core.evaluate.class_robustness import weakest_sentence
+from dpaat_core.evaluate.certify import summary
+from dpaat_core.evaluate.robustness import eps_rms, reference_eps
+from dpaat_core.attack.attacks import ATTACKS, DEFAULT_STEPS
 
 
 def certified_section(selected: list, curves: pd.DataFrame) -> None:

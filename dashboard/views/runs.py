@@ -4,7 +4,8 @@ import streamlit as st
 from dashboard import charts
 from dashboard.state import (hide_paths, list_runs, report_download, run_picker, store, test_balanced_accuracy,
                              unreadable, viewer_mode)
-from dpaat_core import reproduction, runs
+from dpaat_core.evaluate import reproduction
+from dpaat_core.store import runs
 from dpaat_core.data import display_name
 
 st.title("Runs")

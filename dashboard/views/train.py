@@ -5,7 +5,9 @@ import streamlit as st
 
 from dashboard import charts
 from dashboard.state import ROOT, list_runs, open_run_buttons, refuse_in_viewer_mode, store
-from dpaat_core import launch, preview, runs
+from dpaat_core import preview
+from dpaat_core.cli import launch
+from dpaat_core.store import runs
 from dpaat_core.config import (METHODS, AttackConfig, ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig,
                                method_config)
 from dpaat_core.data import load_dataset

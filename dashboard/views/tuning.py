@@ -4,7 +4,8 @@ import math
 import streamlit as st
 
 from dashboard.state import list_runs, open_run_buttons, store, viewer_mode
-from dpaat_core import launch, sweep
+from dpaat_core import sweep
+from dpaat_core.cli import launch
 
 st.title("Tuning")
 path = store()

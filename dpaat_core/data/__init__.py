@@ -17,11 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .dataset import SPLITS, DataError, DataNotFoundError, DataWarning, ImageDataset, cap_samples, sample_indices
-from .ham10000 import HAM10000_CLASSES, load_ham10000
-from .folder import load_folder
-from .npz import data_root, load_medmnist, load_npz
-from .synthetic import load_synthetic
+from dpaat_core.data.dataset import SPLITS, DataError, DataNotFoundError, DataWarning, ImageDataset, cap_samples, sample_indices
+from dpaat_core.data.ham10000 import HAM10000_CLASSES, load_ham10000
+from dpaat_core.data.folder import load_folder
+from dpaat_core.data.npz import data_root, load_medmnist, load_npz
+from dpaat_core.data.synthetic import load_synthetic
 
 SOURCES = ("npz", "medmnist", "ham10000", "folder", "synthetic")
 

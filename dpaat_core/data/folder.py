@@ -14,9 +14,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .dataset import SPLITS, DataError, DataNotFoundError, ImageDataset, SourceInfo
-from .images import IMAGE_EXTENSIONS, image_folder, load_image_files
-from .splits import stratified_group_split
+from dpaat_core.data.dataset import SPLITS, DataError, DataNotFoundError, ImageDataset, SourceInfo
+from dpaat_core.data.images import IMAGE_EXTENSIONS, image_folder, load_image_files
+from dpaat_core.data.splits import stratified_group_split
 
 
 #: bounds of the walk under one folder: a spec such as ``folder:/`` fails fast instead of reading the whole disk

@@ -16,9 +16,9 @@ from typing import Optional
 import pandas as pd
 import torch
 
-from .dataset import SPLITS, DataError, DataNotFoundError, ImageDataset, SourceInfo, warn
-from .images import IMAGE_EXTENSIONS, image_folder, load_image_files, load_mask_files
-from .splits import stratified_group_split
+from dpaat_core.data.dataset import SPLITS, DataError, DataNotFoundError, ImageDataset, SourceInfo, warn
+from dpaat_core.data.images import IMAGE_EXTENSIONS, image_folder, load_image_files, load_mask_files
+from dpaat_core.data.splits import stratified_group_split
 
 #: HAM10000 diagnoses in DermaMNIST's label order (alphabetical, as the MedMNIST arrays use).
 HAM10000_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from .dataset import DataError, DataNotFoundError, warn
+from dpaat_core.data.dataset import DataError, DataNotFoundError, warn
 
 #: Images above this many pixels are refused before decoding (decompression-bomb guard).
 MAX_PIXELS = 64_000_000

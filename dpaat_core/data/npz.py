@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .dataset import SPLITS, DataError, DataNotFoundError, ImageDataset, SourceInfo, resize_images, resize_masks
+from dpaat_core.data.dataset import SPLITS, DataError, DataNotFoundError, ImageDataset, SourceInfo, resize_images, resize_masks
 
 MEDMNIST_SIZES = (28, 64, 128, 224)
 

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .dataset import SPLITS, DataError, ImageDataset, SourceInfo
+from dpaat_core.data.dataset import SPLITS, DataError, ImageDataset, SourceInfo
 
 # name: (lesion RGB, RGB jitter, outline irregularity, border softness, aspect ratio, dots, ring)
 PROTOTYPES = {

@@ -1,0 +1,1 @@
+"""One module per dashboard page (not ``pages/``: Streamlit would serve that folder on its own)."""

@@ -1,0 +1,1 @@
+"""Training: the objectives (ERM, PGD-AT, TRADES, DPAAT), DPAAT's eps memory, the loop, DDP and validation."""
