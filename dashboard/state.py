@@ -452,7 +452,7 @@ def corrupted_explanation(run: runs.Run, x, index: int, corruption: str, severit
 def _live(run_dir: str, mtime: int, key: str, _x, _y, perturbation: tuple) -> dict:
     import torch
 
-    from dpaat_core.attack.attacks import DEFAULT_STEPS, attack_mode, perturb
+    from dpaat_core.attack.attacks import ATTACKS, attack_mode, perturb
     from dpaat_core.evaluate.corruptions import corrupt
     net = _model(run_dir, mtime)
     with model_lock(run_dir):
@@ -460,7 +460,7 @@ def _live(run_dir: str, mtime: int, key: str, _x, _y, perturbation: tuple) -> di
             x_adv = corrupt(_x, perturbation[1], perturbation[2], index=range(len(_x)))
         else:
             _, attack, norm, eps = perturbation
-            x_adv = perturb(net, _x, _y, attack, norm, eps, DEFAULT_STEPS[attack])    # one attack, seeded
+            x_adv = perturb(net, _x, _y, attack, norm, eps, ATTACKS[attack].default_steps)    # one attack, seeded
         with torch.no_grad(), attack_mode(net):
             logits = net(_x)
             p_clean, p_adv = logits.softmax(1), net(x_adv).softmax(1)
@@ -505,7 +505,7 @@ def class_robustness(run: runs.Run, curves: pd.DataFrame, attack: str, norm: str
     ``live`` (a :func:`live_attack` result of this run on ``data``); (empty, "") when none has them. The labels of
     ``data``, when it is that spec's, give an older curve its class counts (``class_robustness.from_curve``)."""
     from dpaat_core.evaluate import class_robustness as by_class
-    from dpaat_core.attack.attacks import DEFAULT_STEPS
+    from dpaat_core.attack.attacks import ATTACKS
     from dpaat_core.evaluate.audit import PER_CLASS_FILE, PROTOCOL_FILE
     spec = st.session_state.get("data_spec", "").strip() or (run.config.get("data") or {}).get("spec")
     stamps = tuple(_mtime(run.path / name) for name in (PROTOCOL_FILE, PER_CLASS_FILE))
@@ -516,7 +516,7 @@ def class_robustness(run: runs.Run, curves: pd.DataFrame, attack: str, norm: str
         protocol = per_class = pd.DataFrame(columns=["preset"])
     mine = runs.select(curves[curves["run"] == run.run_id], split="test", data=spec) if len(curves) else curves
     same = data is not None and data.source.spec == spec
-    table, source = by_class.saved(protocol, per_class, mine, attack, norm, DEFAULT_STEPS[attack], eps,
+    table, source = by_class.saved(protocol, per_class, mine, attack, norm, ATTACKS[attack].default_steps, eps,
                                    run.config["dataset"]["classes"], data.labels.numpy() if same else None,
                                    int((run.config.get("train") or {}).get("seed") or 0))
     if not len(table) and live is not None and data is not None:

@@ -9,6 +9,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from dpaat_core.attack.attacks import ATTACKS
+
 #: Okabe-Ito without black (black is kept for "all"/reference lines) and without yellow (unreadable on white).
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#999999")
 NO_DATA = "no data yet"
@@ -33,8 +35,11 @@ def empty_figure(title: str, message: str = NO_DATA) -> go.Figure:
 
 
 def _attack_label(attack, steps) -> str:
-    steps = f"-{int(steps)}" if _finite(steps) else ""
-    return {"pgd": f"PGD{steps}", "ifgsm": f"I-FGSM{steps}", "fgsm": "FGSM"}.get(attack, f"{attack}{steps}")
+    """``PGD-20``: the attack's label with the steps a curve used (an unknown attack by its name)."""
+    record = ATTACKS.get(attack)
+    if record is None:
+        return f"{attack}-{int(steps)}" if _finite(steps) else str(attack)
+    return record.title(int(steps)) if _finite(steps) else record.label
 
 
 def robustness_chart(curves: pd.DataFrame, x: str = "eps") -> go.Figure:

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 torchattacks = pytest.importorskip("torchattacks")
 
-from dpaat_core.attack.attacks import ATTACKS, attack_mode, fgsm, ifgsm, pgd  # noqa: E402
+from dpaat_core.attack.attacks import ATTACKS, Attack, attack_mode, fgsm, ifgsm, perturb, pgd  # noqa: E402
+from dpaat_core.data import load_dataset  # noqa: E402
+from dpaat_core.evaluate.robustness import evaluate  # noqa: E402
 from dpaat_core.models import build_model  # noqa: E402
 from conftest import TEST_DEVICE, on_device  # noqa: E402
 
@@ -194,6 +196,39 @@ def test_under_autocast_the_geometry_stays_float32(resnet, batch):
 
 def test_registry_names():
     assert set(ATTACKS) == {"pgd", "ifgsm", "fgsm"}
+    assert [ATTACKS[a].title() for a in ("pgd", "ifgsm", "fgsm")] == ["PGD-20", "I-FGSM-10", "FGSM"]
+    assert ATTACKS["ifgsm"].title(7) == "I-FGSM-7" and ATTACKS["ifgsm"].alpha(8) == 1 / 8
+
+
+def test_perturb_runs_each_record_with_its_defaults(resnet, batch):
+    """perturb takes steps and step size from the attack's record: PGD-20 at eps/4 from its seeded start, I-FGSM
+    10 steps of eps/10 from the clean image, FGSM one step of eps."""
+    x, y = batch
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(perturb(resnet, x, y, "pgd", "l2", 0.5, generator=g),
+                       pgd(resnet, x, y, 0.5, 0.125, 20, norm="l2", generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(perturb(resnet, x, y, "ifgsm", "linf", 0.03), ifgsm(resnet, x, y, 0.03, 0.003, 10, norm="linf"))
+    assert torch.equal(perturb(resnet, x, y, "fgsm", "linf", 0.03), fgsm(resnet, x, y, 0.03, norm="linf"))
+
+
+def test_a_new_attack_is_one_record(resnet, batch, monkeypatch):
+    """An attack added as one record is run by perturb and the evaluation, and checked against its own norms."""
+    x, y = batch
+    calls = []
+
+    def half_pgd(model, x, y, eps, alpha, steps, norm="l2", **kwargs):
+        calls.append((steps, round(float(torch.as_tensor(alpha).max()), 6)))
+        return pgd(model, x, y, eps / 2, alpha, steps, norm=norm, random_start=False, validate=kwargs["validate"])
+
+    monkeypatch.setitem(ATTACKS, "half", Attack("half", "Half-PGD", half_pgd, 4, lambda steps: 0.5, norms=("l2",)))
+    x_adv = perturb(resnet, x, y, "half", "l2", 0.4)
+    assert calls == [(4, 0.2)] and torch.all((x_adv - x).flatten(1).norm(dim=1) <= 0.2 * (1 + 1e-5))
+    assert ATTACKS["half"].title(6) == "Half-PGD-6"
+    with pytest.raises(ValueError, match="norm must be one of l2"):
+        perturb(resnet, x, y, "half", "linf", 0.1)
+    data = load_dataset(f"synthetic:n=40,classes={K}", "test", S)
+    result = evaluate(resnet.cpu(), data, attack="half", norm="l2", eps=0.4, batch_size=len(data), device="cpu")
+    assert calls[-1] == (4, 0.2) and 0.0 <= result.robust_accuracy <= 1.0
 
 
 @pytest.mark.parametrize(

@@ -77,7 +77,7 @@ certificate = image_certificate(run, image_index) if source == SOURCES[0] else N
 
 c1, c2, c3 = st.columns(3)
 kind = c1.selectbox("Perturbation", [*ATTACKS, "natural corruption"],
-                    format_func=lambda k: k if k == "natural corruption" else f"attack: {k.upper()}")
+                    format_func=lambda k: k if k == "natural corruption" else f"attack: {ATTACKS[k].label}")
 if kind == "natural corruption":
     corruption = c2.selectbox("Corruption", NAMES, index=NAMES.index("defocus_blur"),
                               format_func=lambda n: n.replace("_", " "))
@@ -92,7 +92,7 @@ else:
         c3.plotly_chart(charts.radius_strip(eps, certificate["radius"], 4 * eps0), key="radius-strip",
                         config={"displayModeBar": False})
         c3.caption("green: the image's certified l2 radius; line: the eps above (orange when outside it)")
-    st.caption(f"{attack.upper()} at eps {eps:.4f} ({norm}) with {EXPLORER_STEPS if attack != 'fgsm' else 1} step(s), "
+    st.caption(f"{ATTACKS[attack].label} at eps {eps:.4f} ({norm}) with {EXPLORER_STEPS if attack != 'fgsm' else 1} step(s), "
                "as `python -m dpaat_core attribute` uses for the run's attribution.csv.")
 methods = st.multiselect("Attribution maps", list(METHODS), default=["gradcam", "saliency"], format_func=method_label)
 candidates = comparable_runs(run)

@@ -14,7 +14,7 @@ from dpaat_core import plots
 from dpaat_core.evaluate.class_robustness import weakest_sentence
 from dpaat_core.evaluate.certify import summary
 from dpaat_core.evaluate.robustness import eps_rms, reference_eps
-from dpaat_core.attack.attacks import ATTACKS, DEFAULT_STEPS
+from dpaat_core.attack.attacks import ATTACKS
 
 
 def certified_section(selected: list, curves: pd.DataFrame) -> None:
@@ -45,7 +45,7 @@ def per_class_section(selected: list, curves: pd.DataFrame, live_run, live: dict
     """Each selected run's clean and robust accuracy per class at this attack and eps (saved figures where the run has
     them, else the live batch of the run attacked here; ``data``: the images on show), and the class where each
     one's robustness stops."""
-    st.markdown(f"**Per class at eps {eps:g}** ({attack.upper()}-{DEFAULT_STEPS[attack]}, {norm})")
+    st.markdown(f"**Per class at eps {eps:g}** ({ATTACKS[attack].title()}, {norm})")
     tables, sources, missing = [], [], []
     for r in selected:
         table, source = class_robustness(r, curves, attack, norm, eps, live if r is live_run else None, data)
@@ -88,7 +88,7 @@ if view == VIEWS[0]:
     by_id = {r.run_id: r for r in selected}
     run = by_id[st.selectbox("Run", list(by_id))]
     c1, c2, c3 = st.columns(3)
-    attack = c1.selectbox("Attack", list(ATTACKS), index=0)
+    attack = c1.selectbox("Attack", list(ATTACKS), index=0, format_func=lambda a: ATTACKS[a].label)
     norm = c2.selectbox("Norm", ["l2", "linf"], index=0)
     n = c3.number_input("Images", min_value=4, max_value=64, value=16, step=4)
     eps0 = reference_eps(run.config, norm)
@@ -108,7 +108,7 @@ if view == VIEWS[0]:
         shown_n = len(live["labels"])
         low, high = binomtest(int(live["robust"].sum()), shown_n).proportion_ci(method="wilson")
         st.caption(f"{live['flipped']} of {shown_n} images went from right to wrong under the attack "
-                   f"({attack.upper()}-{DEFAULT_STEPS[attack]}, the evaluation protocol's steps). On {shown_n} images "
+                   f"({ATTACKS[attack].title()}, the evaluation protocol's steps). On {shown_n} images "
                    f"each one moves accuracy by {1 / shown_n:.2f}: robust accuracy {live['robust_accuracy']:.2f} "
                    f"has a 95% interval of {low:.2f}–{high:.2f}. Saved curves on the whole split are firmer.")
     per_class_section(selected, curves, run, live, data, attack, norm, eps)

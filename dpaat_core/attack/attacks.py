@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -204,15 +205,39 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Budget, norm: 
     return pgd(model, x, y, eps, eps, 1, norm=norm, random_start=False, **kwargs)
 
 
-ATTACKS = {"pgd": pgd, "ifgsm": ifgsm, "fgsm": fgsm}
+def _one_step(model, x, y, eps, alpha, steps, norm: str = "linf", **kwargs) -> torch.Tensor:
+    """:func:`fgsm` in the records' signature: one step of eps, whatever ``alpha`` and ``steps`` say."""
+    return fgsm(model, x, y, eps, norm=norm, **kwargs)
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One attack as the evaluation protocol runs it. ``run(model, x, y, eps, alpha, steps, norm=, generator=,
+    noise=, validate=)`` gives ``x_adv``; ``alpha(steps)`` is its default step as a fraction of eps; ``label`` names
+    it on pages and in figures; ``random_start``: whether it draws a start (and so takes ``noise``)."""
+    name: str
+    label: str
+    run: Callable[..., torch.Tensor]
+    default_steps: int
+    alpha: Callable[[int], float]
+    random_start: bool = False
+    norms: tuple[str, ...] = NORMS
+
+    def title(self, steps: Optional[int] = None) -> str:
+        """``PGD-20``, ``I-FGSM-10``, ``FGSM``: the label with its steps (the default steps when not given)."""
+        return self.label if self.default_steps == 1 else f"{self.label}-{self.default_steps if steps is None else steps}"
+
+
+#: the attacks, one record each (the paper's protocol: PGD-20 with step eps/4, I-FGSM 10 steps of eps/10, FGSM).
+#: A new attack is one record here.
+ATTACKS: dict[str, Attack] = {a.name: a for a in (
+    Attack("pgd", "PGD", pgd, 20, lambda steps: 0.25, random_start=True),
+    Attack("ifgsm", "I-FGSM", ifgsm, 10, lambda steps: 1.0 / steps),
+    Attack("fgsm", "FGSM", _one_step, 1, lambda steps: 1.0),
+)}
 
 
 # --- the evaluation protocol's attack: defaults, bounds and one entry point ------------------------------------
-
-#: step size as a fraction of eps, per attack (the paper's protocol: PGD step eps/4; I-FGSM eps/steps).
-DEFAULT_ALPHA = {"pgd": lambda steps: 0.25, "ifgsm": lambda steps: 1.0 / steps, "fgsm": lambda steps: 1.0}
-DEFAULT_STEPS = {"pgd": 20, "ifgsm": 10, "fgsm": 1}
-
 
 #: the most attack steps an evaluation takes (PGD-20 is the protocol; 1000 is already a very strong attack)
 MAX_STEPS = 1000
@@ -231,8 +256,8 @@ def check_attack(attack: str, norm: str, eps_values: Sequence[float], steps: int
                  shape: Optional[Sequence[int]] = None) -> None:
     if attack not in ATTACKS:
         raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, got {attack!r}")
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    if norm not in ATTACKS[attack].norms:
+        raise ValueError(f"norm must be one of {', '.join(ATTACKS[attack].norms)}, got {norm!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
     top = max_eps(norm, shape)
@@ -260,15 +285,15 @@ def perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str = "p
     batch), else ``generator``, else ``seed``.
     ``amp``: the model's forward passes under bf16 autocast (the attack's arithmetic stays float32).
     """
-    steps = DEFAULT_STEPS.get(attack) if steps is None else steps
-    if noise is None and index is not None and attack == "pgd":
+    record = ATTACKS.get(attack)
+    steps = record.default_steps if steps is None and record is not None else steps
+    if noise is None and index is not None and record is not None and record.random_start:
         noise = index_noise(x.shape[1:], index, norm, seed)
     if validate:
         check_attack(attack, norm, [float(e) for e in torch.as_tensor(eps).flatten()], steps)
     with _autocast(x.device, amp):
-        if attack == "fgsm":
-            return ATTACKS["fgsm"](model, x, y, eps, norm=norm, validate=validate)
-        ratio = DEFAULT_ALPHA[attack](steps) if alpha_ratio is None else float(alpha_ratio)
-        generator = torch.Generator().manual_seed(seed) if generator is None and noise is None else generator
-        return ATTACKS[attack](model, x, y, eps, ratio * eps, steps, norm=norm, generator=generator, noise=noise,
-                               validate=validate)
+        ratio = record.alpha(steps) if alpha_ratio is None else float(alpha_ratio)
+        if record.random_start and generator is None and noise is None:
+            generator = torch.Generator().manual_seed(seed)
+        return record.run(model, x, y, eps, ratio * eps, steps, norm=norm, generator=generator, noise=noise,
+                          validate=validate)

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from dpaat_core.attack.attacks import DEFAULT_ALPHA, DEFAULT_STEPS, _autocast, attack_mode, check_attack, perturb
+from dpaat_core.attack.attacks import ATTACKS, _autocast, attack_mode, check_attack, perturb
 from dpaat_core.data import ImageDataset
 from dpaat_core.train.validation import balanced_accuracy, per_class_accuracy
 
@@ -116,7 +116,7 @@ class _Attacker:
 
     def __init__(self, model, dataset, attack, norm, steps, alpha_ratio, device, seed, amp=False):
         self.model, self.dataset, self.attack, self.norm, self.steps = model, dataset, attack, norm, steps
-        self.alpha_ratio = DEFAULT_ALPHA[attack](steps) if alpha_ratio is None else float(alpha_ratio)
+        self.alpha_ratio = ATTACKS[attack].alpha(steps) if alpha_ratio is None else float(alpha_ratio)
         self.device, self.seed, self.amp = device, seed, amp
         self.callback, self.done, self.total = None, 0, 0   # progress over the images attacked
 
@@ -176,7 +176,7 @@ def evaluate(model: nn.Module, dataset: ImageDataset, attack: str = "pgd", norm:
     of eps (PGD 1/4, I-FGSM 1/steps). Every sample is attacked; the model is left as it was.
     ``amp``: forward passes under bf16 autocast (see the module docstring).
     """
-    steps = DEFAULT_STEPS[attack] if steps is None and attack in DEFAULT_STEPS else steps
+    steps = ATTACKS[attack].default_steps if steps is None and attack in ATTACKS else steps
     check_attack(attack, norm, [eps], steps, _shape(dataset))
     device = _model_device(model, device)
     atk = _Attacker(model, dataset, attack, norm, steps, alpha_ratio, device, seed, amp)
@@ -235,7 +235,7 @@ def robustness_curve(model: nn.Module, dataset: ImageDataset, eps_grid: Sequence
     ``amp``: forward passes under bf16 autocast (see the module docstring).
     """
     eps_grid = sorted(float(e) for e in eps_grid)
-    steps = DEFAULT_STEPS[attack] if steps is None and attack in DEFAULT_STEPS else steps
+    steps = ATTACKS[attack].default_steps if steps is None and attack in ATTACKS else steps
     check_attack(attack, norm, eps_grid, steps, _shape(dataset))
     device = _model_device(model, device)
     atk = _Attacker(model, dataset, attack, norm, steps, alpha_ratio, device, seed, amp)
