@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dpaat_core.attack.attacks import MAX_STEPS
+from dpaat_core.attack.attacks import MAX_STEPS, NORMS
+from dpaat_core.cli.args import add_run_args
 from dpaat_core.config import ConfigError
 
 DEFAULT_METHODS = ("gradcam", "saliency", "integrated_gradients")
@@ -30,19 +31,16 @@ def add_attribute_parser(sub) -> None:
                                    "where the data has lesion masks, how much of each map falls on the lesion. The "
                                    "means are merged into RUN_DIR/attribution.csv (per method) and each image's "
                                    "numbers into RUN_DIR/attribution_images.csv.")
-    a.add_argument("run_dir", metavar="RUN_DIR", help="a run folder of the store, e.g. checkpoints/<run_id>")
+    add_run_args(a)
     a.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"attribution methods, comma-separated, from {', '.join(METHODS)} "
                         f"(default {','.join(DEFAULT_METHODS)})")
     a.add_argument("--n", type=_count, default=256, help="images explained: a seeded draw of N, or 'all' the split in "
                                                           "index order (default 256)")
-    a.add_argument("--split", default="test", choices=("train", "val", "test"), help="split (default test)")
-    a.add_argument("--data", help="data spec (default: the run's own)")
     a.add_argument("--eps", type=float, help="attack eps (default: the run's training eps in --norm)")
-    a.add_argument("--norm", default="l2", choices=("l2", "linf"), help="threat model (default l2)")
+    a.add_argument("--norm", default="l2", choices=NORMS, help="threat model (default l2)")
     a.add_argument("--steps", type=int, default=10, help="PGD steps of the attack, 1 to 1000 (default 10)")
     a.add_argument("--seed", type=int, default=0, help="seed of the draw and the random starts (default 0)")
-    a.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if available")
     a.set_defaults(run=_attribute)
 
 

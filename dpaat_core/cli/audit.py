@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dpaat_core.store import runs
 from dpaat_core.attack.attacks import MAX_STEPS
+from dpaat_core.cli.args import add_run_args
 from dpaat_core.config import ConfigError
 
 
@@ -18,9 +19,7 @@ def add_audit_parsers(sub) -> None:
                                    "I-FGSM, l2 and linf) with per-class figures, PGD robustness curves in both norms, "
                                    "the APGD check and the clean-vs-attacked attribution numbers, each merged into the "
                                    "run folder as it finishes; then RUN_DIR/report.html.")
-    a.add_argument("run_dir", metavar="RUN_DIR", help="a run folder of the store, e.g. checkpoints/<run_id>")
-    a.add_argument("--data", help="data spec (default: the run's own; needed for a run imported with --classes)")
-    a.add_argument("--split", default="test", choices=("train", "val", "test"), help="split (default test)")
+    add_run_args(a, data_help="data spec (default: the run's own; needed for a run imported with --classes)")
     a.add_argument("--max-samples", type=int, help="audit at most N images (a seeded draw, for a quick look)")
     a.add_argument("--attribution-images", type=int, help="images whose maps are measured: a seeded draw of N "
                                                             "(default all, which the dashboard's gallery sorts)")
@@ -28,19 +27,15 @@ def add_audit_parsers(sub) -> None:
     a.add_argument("--batch-size", type=int, default=128, help="images per attack batch (default 128)")
     a.add_argument("--seed", type=int, default=0, help="seed of the random starts and draws (default 0)")
     a.add_argument("--no-report", action="store_true", help="compute and save the tables only")
-    a.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if available")
     a.set_defaults(run=_audit)
     r = sub.add_parser("report", help="one self-contained HTML file of the audit of one run, or comparing several",
                        description="Write the audit report of RUN_DIR(s) as one HTML file that opens offline: origin, "
                                    "accuracy clean and under attack with per-class figures, curves, the APGD check, "
                                    "attribution numbers and example images; several runs are compared first. It "
                                    "reads the tables 'audit' wrote.")
-    r.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="run folders of the store")
+    add_run_args(r, many=True, data_help="data spec of the tables to show (default: each run's own)")
     r.add_argument("-o", "--output", required=True, help="the HTML file to write")
-    r.add_argument("--data", help="data spec of the tables to show (default: each run's own)")
-    r.add_argument("--split", default="test", choices=("train", "val", "test"), help="split (default test)")
     r.add_argument("--examples", type=int, default=6, help="example test images per run (default 6, 0 for none)")
-    r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if available")
     r.set_defaults(run=_report)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dpaat_core.cli.args import add_run_args
 from dpaat_core.config import ConfigError
 
 
@@ -14,7 +15,7 @@ def add_certify_parser(sub) -> None:
                                    "class that Gaussian noise of std SIGMA leaves on top, and an l2 radius within "
                                    "which no perturbation can change it (with probability 1 - ALPHA over the "
                                    "noise), or 'abstain'. Rows are merged into RUN_DIR/certified.csv.")
-    c.add_argument("run_dir", metavar="RUN_DIR", help="a run folder of the store, e.g. checkpoints/<run_id>")
+    add_run_args(c)
     c.add_argument("--sigma", type=float, required=True,
                    help="noise std per pixel, images in [0, 1] (use the sigma a gaussian run trained at, e.g. 0.25)")
     c.add_argument("--n0", type=int, default=100, help="noise draws that select the top class (default 100)")
@@ -22,13 +23,10 @@ def add_certify_parser(sub) -> None:
                                                          "the largest radius certifiable grows with n)")
     c.add_argument("--alpha", type=float, default=0.001, help="failure probability of each certificate (default "
                                                               "0.001)")
-    c.add_argument("--split", default="test", choices=("train", "val", "test"), help="split (default test)")
-    c.add_argument("--data", help="data spec (default: the run's own)")
     c.add_argument("--max-samples", type=int, help="certify a seeded draw of N images, the same N images as evaluate "
                                                     "--max-samples N (default: the whole split)")
     c.add_argument("--batch-size", type=int, help="noisy images per forward pass (default 1000 on CUDA, 100 on the CPU)")
     c.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
-    c.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if available")
     c.set_defaults(run=_certify)
 
 

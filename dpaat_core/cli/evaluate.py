@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from dpaat_core.attack.attacks import ATTACKS, MAX_STEPS, NORMS, max_eps
+from dpaat_core.cli.args import add_run_args
 from dpaat_core.config import ConfigError
 from dpaat_core.store.runs import RunError
 from dpaat_core.evaluate.robustness import default_grid, protocol_evaluations, reference_eps, robustness_curve
@@ -46,9 +47,7 @@ def add_evaluate_parser(sub) -> None:
     e = sub.add_parser("evaluate", help="robustness curves of a run across eps; writes robustness.csv into the run",
                        description="Attack a run's best model over an eps grid and print accuracy against eps. "
                                    "The curves are merged into RUN_DIR/robustness.csv.")
-    e.add_argument("run_dir", metavar="RUN_DIR", help="a run folder of the store, e.g. checkpoints/<run_id>")
-    e.add_argument("--data", help="data spec to evaluate on (default: the run's own)")
-    e.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to evaluate (default test)")
+    add_run_args(e, data_help="data spec to evaluate on (default: the run's own)", split_help="split to evaluate (default test)")
     e.add_argument("--attack", type=_csv(str, tuple(ATTACKS)), default=["pgd"],
                    help="attacks, comma-separated: pgd (random start, step eps/4), ifgsm (step eps/steps), fgsm "
                         "(default pgd)")
@@ -80,7 +79,6 @@ def add_evaluate_parser(sub) -> None:
     e.add_argument("--amp", action="store_true",
                    help="run the model under bf16 autocast in the attacks and for the logits (fast on GPUs; "
                         "accuracies match float32 to within a sample or two, see README)")
-    e.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if available")
     e.set_defaults(run=_evaluate)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dpaat_core.cli.args import add_device_arg
 from dpaat_core.cli.train import add_run_arguments, config_from_args
 from dpaat_core.config import ConfigError
 from dpaat_core.sweep import (Every, SweepError, SweepSpec, check_name, check_space, counts, default_storage, open_storage,
@@ -52,7 +53,7 @@ def add_sweep_parser(sub) -> None:
     w.add_argument("--heartbeat", type=int, default=10, help="seconds between a worker's heartbeats (default 10)")
     w.add_argument("--grace", type=int, default=30,
                    help="seconds without a heartbeat after which a trial counts as dead and is retried (default 30)")
-    w.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where trials train (default auto)")
+    add_device_arg(w, None, help="where trials train (default auto)")
     w.add_argument("--store", default="checkpoints", help="run store folder (default checkpoints)")
     w.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     s.set_defaults(run=_sweep)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dpaat_core.config import METHODS, SECTIONS, ConfigError, RunConfig, method_config
+from dpaat_core.cli.args import add_device_arg
+from dpaat_core.config import EARLY_STOP, IMBALANCE, METHODS, SCHEDULES, SECTIONS, ConfigError, RunConfig, method_config
 from dpaat_core.models import MODEL_NAMES
 
 #: flags that describe a run; ``--resume`` takes them from the run's config.json instead.
@@ -26,8 +27,7 @@ def add_train_parser(sub) -> None:
                        description="Train a run into the run store. The last line printed is the run folder.")
     add_run_arguments(t)
     where = t.add_argument_group("where")
-    where.add_argument("--device", choices=("auto", "cpu", "cuda"),
-                       help="auto: CUDA if available (default, also for --resume; else the config file's)")
+    add_device_arg(where, None, help="auto: CUDA if available (default, also for --resume; else the config file's)")
     where.add_argument("--store", default="checkpoints", help="run store folder (default checkpoints)")
     where.add_argument("--name", help="run id (default: time, method, model and data)")
     where.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last completed epoch; "
@@ -78,10 +78,10 @@ def add_run_arguments(t) -> None:
     opt = t.add_argument_group("optimisation")
     opt.add_argument("--lr", type=float, help="Adam learning rate (default 3e-4, the paper's)")
     opt.add_argument("--weight-decay", type=float, help="Adam weight decay (default 0)")
-    opt.add_argument("--schedule", choices=("none", "cosine"), help="learning-rate schedule over the epochs (default none)")
-    opt.add_argument("--imbalance", choices=("none", "class_weights", "balanced_sampler"),
+    opt.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule over the epochs (default none)")
+    opt.add_argument("--imbalance", choices=IMBALANCE,
                      help="class imbalance: weighted cross-entropy (default), class-balanced sampling, or nothing")
-    opt.add_argument("--early-stop", choices=("balanced_accuracy", "robust_accuracy", "none"),
+    opt.add_argument("--early-stop", choices=EARLY_STOP,
                      help="validation metric that picks the best epoch and stops training (default balanced_accuracy)")
     opt.add_argument("--patience", type=int, help="stop after this many epochs without improvement (default 5)")
     opt.add_argument("--no-augment", dest="augment", action="store_const", const=False,
