@@ -14,7 +14,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def home() -> None:
-    from dashboard.state import default_runs, list_runs, trust_notice
+    from dashboard.state import default_runs, list_runs
+    from dashboard.widgets import trust_notice
     st.title("DPAAT Lab")
     st.caption(f"dpaat_core {__version__} · robust medical image classification with Dynamic Perturbation-Adaptive "
                "Adversarial Training: train, measure robustness, and see what a model looks at.")

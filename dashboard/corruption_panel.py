@@ -8,7 +8,10 @@ import streamlit as st
 
 from dashboard import charts
 from dashboard.grid import batch_grid
-from dashboard.state import compute_buttons, corruptions, live_corruption, model, run_data
+from dashboard.state import model, run_data
+from dashboard.tables import corruptions
+from dashboard.compute import live_corruption
+from dashboard.widgets import compute_buttons
 from dpaat_core.store import runs
 from dpaat_core.evaluate.corruption_eval import corruption_error
 from dpaat_core.evaluate.corruptions import NAMES, SEVERITIES, describe

@@ -471,7 +471,7 @@ def test_sessions_sharing_a_cached_model_get_the_maps_each_would_get_alone(store
 
     import torch
 
-    from dashboard import state
+    from dashboard import compute
     from dpaat_core.store import loading, runs
     from dpaat_core.evaluate.attribution import clean_and_adversarial
 
@@ -485,7 +485,7 @@ def test_sessions_sharing_a_cached_model_get_the_maps_each_would_get_alone(store
     def explain(job):
         x, y = data.batch([job[0]])
         try:
-            results[job] = state.explanation(run, x, int(y[0]), "pgd", "l2", job[1], methods)
+            results[job] = compute.explanation(run, x, int(y[0]), "pgd", "l2", job[1], methods)
         except Exception as exc:  # noqa: BLE001 - a thread's error is the test's finding
             errors.append(repr(exc))
 
@@ -497,7 +497,7 @@ def test_sessions_sharing_a_cached_model_get_the_maps_each_would_get_alone(store
     assert not errors, errors
     for (i, eps) in jobs:
         x, y = data.batch([i])
-        alone = clean_and_adversarial(net, x, y, eps, attack="pgd", norm="l2", steps=state.EXPLORER_STEPS,
+        alone = clean_and_adversarial(net, x, y, eps, attack="pgd", norm="l2", steps=compute.EXPLORER_STEPS,
                                       methods=methods)
         for m, (clean, adv) in alone["maps"].items():
             got = results[(i, eps)]["maps"][m]
@@ -659,7 +659,7 @@ def test_eps_slider_snaps_a_browsers_floating_point_steps_to_the_grid():
     def app():
         import streamlit as st
 
-        from dashboard.state import eps_slider
+        from dashboard.widgets import eps_slider
         st.text(repr(eps_slider(st, 0.3)))
 
     at = AppTest.from_function(app, default_timeout=30).run()

@@ -3,9 +3,10 @@ import streamlit as st
 import torch
 
 from dashboard import charts
-from dashboard.state import (EXPLORER_STEPS, certificate_text, comparable_runs, corrupted_explanation, data_spec_input,
-                             eps_slider, explanation, image_certificate, model, predictions, run_data, run_picker,
-                             training_split_filter, trust_notice, unreadable)
+from dashboard.state import comparable_runs, model, run_data, unreadable
+from dashboard.tables import certificate_text, image_certificate
+from dashboard.compute import EXPLORER_STEPS, corrupted_explanation, explanation, predictions
+from dashboard.widgets import data_spec_input, eps_slider, run_picker, training_split_filter, trust_notice
 from dpaat_core.store import runs
 from dpaat_core.attack.attacks import ATTACKS
 from dpaat_core.evaluate.corruptions import NAMES, SEVERITIES, describe

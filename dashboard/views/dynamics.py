@@ -5,7 +5,8 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts
-from dashboard.state import data_spec_input, dynamics, run_data, run_picker
+from dashboard.state import dynamics, run_data
+from dashboard.widgets import data_spec_input, run_picker
 from dpaat_core.store import runs
 
 st.title("Training dynamics")

@@ -3,8 +3,10 @@ import numpy as np
 import streamlit as st
 
 from dashboard import charts
-from dashboard.state import (EXPLORER_STEPS, certified, comparable_runs, data_spec_input, gallery_eps, gallery_maps,
-                             gallery_numbers, model, run_data, run_picker, training_split_filter, trust_notice)
+from dashboard.state import comparable_runs, model, run_data
+from dashboard.tables import certified
+from dashboard.compute import EXPLORER_STEPS, gallery_eps, gallery_maps, gallery_numbers
+from dashboard.widgets import data_spec_input, run_picker, training_split_filter, trust_notice
 from dpaat_core.evaluate import gallery
 from dpaat_core.evaluate.class_robustness import balanced, weakest_sentence
 from dpaat_core.evaluate.attribution import colour_bar, method_label, overlay, prediction_words

@@ -8,8 +8,10 @@ from scipy.stats import binomtest
 from dashboard import charts, corruption_panel
 from dashboard.grid import batch_grid
 from dashboard.charts import short_labels
-from dashboard.state import (certified, class_robustness, compute_buttons, data_spec_input, eps_slider, live_attack,
-                             model, robustness, run_data, run_picker)
+from dashboard.state import model, run_data
+from dashboard.tables import certified, class_robustness, robustness
+from dashboard.compute import live_attack
+from dashboard.widgets import compute_buttons, data_spec_input, eps_slider, run_picker
 from dpaat_core import plots
 from dpaat_core.evaluate.class_robustness import weakest_sentence
 from dpaat_core.evaluate.certify import summary

@@ -2,8 +2,9 @@
 import streamlit as st
 
 from dashboard import charts
-from dashboard.state import (hide_paths, list_runs, report_download, run_picker, store, test_balanced_accuracy,
-                             unreadable, viewer_mode)
+from dashboard.state import hide_paths, list_runs, store, unreadable, viewer_mode
+from dashboard.tables import test_balanced_accuracy
+from dashboard.widgets import report_download, run_picker
 from dpaat_core.evaluate import reproduction
 from dpaat_core.store import runs
 from dpaat_core.data import display_name

@@ -4,7 +4,8 @@ import time
 import streamlit as st
 
 from dashboard import charts
-from dashboard.state import ROOT, list_runs, open_run_buttons, refuse_in_viewer_mode, store
+from dashboard.state import ROOT, list_runs, refuse_in_viewer_mode, store
+from dashboard.widgets import open_run_buttons
 from dpaat_core import preview
 from dpaat_core.cli import launch
 from dpaat_core.store import runs

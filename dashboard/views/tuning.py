@@ -3,7 +3,8 @@ import math
 
 import streamlit as st
 
-from dashboard.state import list_runs, open_run_buttons, store, viewer_mode
+from dashboard.state import list_runs, store, viewer_mode
+from dashboard.widgets import open_run_buttons
 from dpaat_core import sweep
 from dpaat_core.cli import launch
 

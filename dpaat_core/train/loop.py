@@ -10,6 +10,7 @@ with compile on, the last incomplete batch of an epoch is dropped so every step 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -263,15 +264,39 @@ def _run(config: RunConfig, progress: Optional[ProgressFn], should_stop, *, stor
     if device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
-    held = []   # the writer lock, taken before anything in the run is read, cleaned or written
     try:
-        if run_dir is not None and world.is_main:
-            held.append(locks.WriterLock(run_dir))
-        return _train_loop(config, device, world, progress, should_stop, store, run_id, run_dir, started, held)
+        with contextlib.ExitStack() as held:   # the run's writer lock (rank 0), released however training ends
+            if run_dir is not None and world.is_main:   # resume: locked before anything in the run is read
+                held.enter_context(locks.WriterLock(run_dir))
+            train_set, val_set = _load_splits(config, world)
+            if run_dir is not None:
+                config, init, resumed = config, None, _load_resume(run_dir, train_set)
+                if world.is_main:
+                    runs.remove_temp_files(run_dir)
+            else:
+                config, init = init_source(config, train_set) if config.model.init_from is not None else (config, None)
+                resumed = None
+                if world.is_main:
+                    run_dir = _create_run(config, store, run_id, train_set, val_set, device, world, init)
+                    held.enter_context(locks.WriterLock(run_dir))
+            run_dir = Path(_broadcast(str(run_dir) if run_dir is not None else None, world))
+            fit = _Fit.build(config, device, world, train_set, val_set, run_dir, init, resumed)
+            return fit.run(progress, should_stop, started)
     finally:
-        for lock in held:
-            lock.release()
         distributed.close_world(world)
+
+
+def _load_splits(config: RunConfig, world: distributed.World) -> tuple[ImageDataset, ImageDataset]:
+    load = dict(image_size=config.data.image_size, root=config.data.root, max_samples=config.data.max_samples,
+                seed=config.train.seed, progress=world.is_main)
+    return load_dataset(config.data.spec, "train", **load), load_dataset(config.data.spec, "val", **load)
+
+
+def _create_run(config: RunConfig, store, run_id, train_set, val_set, device, world, init) -> Path:
+    """A new run folder with its ``config.json`` (rank 0 only)."""
+    cfg = config.to_dict() | {"format": 1, "dataset": _dataset_info(train_set, val_set),
+                              "versions": _versions(device, world)} | ({"init": init["record"]} if init else {})
+    return runs.create_run(store, cfg, run_id or runs.default_run_id(cfg))
 
 
 def out_of_time(max_minutes: Optional[float], started: float, world: distributed.World) -> bool:
@@ -288,129 +313,162 @@ def _stopped_by(finished: bool, epoch: int, tc, no_patience_left: bool) -> Optio
     return "epochs" if epoch == tc.epochs else "early_stop" if no_patience_left else "max_minutes"
 
 
-def _train_loop(config, device, world, progress, should_stop, store, run_id, run_dir, started, held) -> Path:
-    tc, method, attack = config.train, config.method, config.attack
-    load = dict(image_size=config.data.image_size, root=config.data.root, max_samples=config.data.max_samples,
-                seed=tc.seed, progress=world.is_main)
-    train_set, val_set = load_dataset(config.data.spec, "train", **load), load_dataset(config.data.spec, "val", **load)
+@dataclass
+class _Fit:
+    """One run's training, set up: the model (``bare``, and ``model``: the same under DDP and compile, for the
+    training forward passes), the optimiser and schedule, the method's state, the resident training split, and
+    where a resumed run left off (``start``, ``best``, ``prev_fragile``)."""
+    config: RunConfig
+    device: torch.device
+    world: distributed.World
+    run_dir: Path
+    train_set: ImageDataset
+    val_set: ImageDataset
+    bare: nn.Module
+    model: nn.Module
+    compiled: bool
+    optimizer: torch.optim.Optimizer
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler]
+    state: MethodState
+    weights: Optional[torch.Tensor]
+    images: torch.Tensor
+    labels: torch.Tensor
+    prev_fragile: torch.Tensor
+    best: dict
+    start: int = 1
 
-    init = None
-    if config.model.init_from is not None and run_dir is None:   # checked before the run folder is made
-        config, init = init_source(config, train_set)
-    resume_state = None
-    if run_dir is not None:
-        resume_state = _load_resume(run_dir, train_set)
-        if world.is_main:
-            runs.remove_temp_files(run_dir)
-    elif world.is_main:
-        cfg = config.to_dict() | {"format": 1, "dataset": _dataset_info(train_set, val_set),
-                                  "versions": _versions(device, world)} | ({"init": init["record"]} if init else {})
-        run_dir = runs.create_run(store, cfg, run_id or runs.default_run_id(cfg))
-        held.append(locks.WriterLock(run_dir))
-    run_dir = Path(_broadcast(str(run_dir) if run_dir is not None else None, world))
+    @classmethod
+    def build(cls, config, device, world, train_set, val_set, run_dir, init, resumed) -> "_Fit":
+        tc, cuda = config.train, device.type == "cuda"
+        torch.manual_seed(tc.seed)
+        bare = model_from_config(asdict(config.model), train_set.num_classes, train_set.in_channels,
+                                 config.model.pretrained)
+        if init is not None:
+            bare.load_state_dict(init["state"])
+        bare = bare.to(device)
+        if cuda:
+            bare = bare.to(memory_format=torch.channels_last)
+        model = DistributedDataParallel(bare, device_ids=[device.index] if cuda else None) if world.distributed else bare
+        compiled = compile_enabled(tc.compile, device)
+        if compiled:   # the training forward passes only: the attack and validation run on ``bare``
+            model = compile_model(model, device)
+        optimizer = torch.optim.Adam(bare.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=cuda or None)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, tc.epochs) if tc.schedule == "cosine" else None
+        state = MethodState.create(config.method, config.attack, len(train_set), device, labels=train_set.labels,
+                                   num_classes=train_set.num_classes)
+        weights = class_weights(train_set).to(device) if tc.imbalance == "class_weights" else None
+        images, labels = resident_split(train_set, device)
+        fit = cls(config, device, world, run_dir, train_set, val_set, bare, model, compiled, optimizer, scheduler,
+                  state, weights, images, labels,
+                  prev_fragile=torch.full((len(train_set),), -1, dtype=torch.int8),   # -1: not seen yet
+                  best={"metric": -math.inf, "epoch": 0, "bad_epochs": 0})
+        if resumed is not None:
+            fit.restore(resumed)
+        return fit
 
-    torch.manual_seed(tc.seed)
-    bare = model_from_config(asdict(config.model), train_set.num_classes, train_set.in_channels,
-                             config.model.pretrained)
-    if init is not None:
-        bare.load_state_dict(init["state"])
-    bare = bare.to(device)
-    cuda = device.type == "cuda"
-    if cuda:
-        bare = bare.to(memory_format=torch.channels_last)
-    model = DistributedDataParallel(bare, device_ids=[device.index] if cuda else None) if world.distributed else bare
-    compiled = compile_enabled(tc.compile, device)
-    if compiled:   # the training forward passes only: the attack and validation run on ``bare``
-        model = compile_model(model, device)
-    optimizer = torch.optim.Adam(bare.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=cuda or None)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, tc.epochs) if tc.schedule == "cosine" else None
-    state = MethodState.create(method, attack, len(train_set), device, labels=train_set.labels,
-                               num_classes=train_set.num_classes)
-    weights = class_weights(train_set).to(device) if tc.imbalance == "class_weights" else None
-    images, labels = resident_split(train_set, device)
-    prev_fragile = torch.full((len(train_set),), -1, dtype=torch.int8)   # -1: not seen yet
-    best = {"metric": -math.inf, "epoch": 0, "bad_epochs": 0}
-    start = 1
-    if resume_state is not None:
-        bare.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(resume_state["scheduler"])
-        state.load_state_dict(resume_state["method_state"])
-        prev_fragile = resume_state["prev_fragile"].to(torch.int8)
-        best = dict(resume_state["best"])
-        start = int(resume_state["epoch"]) + 1
-        if world.is_main:
-            runs.truncate_metrics(run_dir, start - 1)
-    finished = start > tc.epochs or best["bad_epochs"] >= tc.patience and tc.early_stop != "none"
-    stopped_by = ("epochs" if start > tc.epochs else "early_stop") if finished else None   # a resumed finished run
+    def restore(self, resumed: dict) -> None:
+        """Continue from ``last.pt``: weights, optimiser, schedule, the method's state, and the epoch after its own."""
+        self.bare.load_state_dict(resumed["model"])
+        self.optimizer.load_state_dict(resumed["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(resumed["scheduler"])
+        self.state.load_state_dict(resumed["method_state"])
+        self.prev_fragile = resumed["prev_fragile"].to(torch.int8)
+        self.best = dict(resumed["best"])
+        self.start = int(resumed["epoch"]) + 1
+        if self.world.is_main:
+            runs.truncate_metrics(self.run_dir, self.start - 1)
 
-    status = _StatusWriter(run_dir, world, tc.epochs)
-    try:
-        for epoch in range(start, tc.epochs + 1):
-            if finished:
-                break
-            # data_seconds: host time spent preparing batches (order, indexing, converting, flipping). On CUDA that
-            # work is queued asynchronously, so it is the host's share: the time the device may wait for data.
-            t0, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
-            gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + epoch * 1009 + world.rank)
-            batches = epoch_batches(train_set, epoch, tc, world, device, compiled)
-            data_seconds = time.perf_counter() - t0
-            model.train()
-            parts, loss_sum, seen = [], torch.zeros((), device=device), 0
-            for b, idx in enumerate(batches, 1):
-                if should_stop is not None and should_stop():
-                    raise Stopped(f"stopped in epoch {epoch}")
-                t_data = time.perf_counter()
-                x, y, idx = make_batch(images, labels, idx, tc.augment, gen, cuda)
-                data_seconds += time.perf_counter() - t_data
-                if cuda and compiled:   # a new step for CUDA graphs: the last step's outputs may be reused
-                    torch.compiler.cudagraph_mark_step_begin()
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    step = training_step(model, x, y, idx, method, attack, state, class_weights=weights,
-                                         generator=gen, attack_model=bare)
-                optimizer.zero_grad(set_to_none=True)
-                step.loss.backward()
-                optimizer.step()
-                loss_sum += step.loss.detach() * len(idx)
-                seen += len(idx)
-                parts.append(_step_stats(step, idx, y))
-                status.batch(epoch, b, len(batches), "train", loss=lambda: loss_sum / seen)
+    def run(self, progress, should_stop, started: float) -> Path:
+        """Train from ``start`` until the last epoch, early stopping or the time budget; returns the run folder."""
+        tc = self.config.train
+        finished = self.start > tc.epochs or self.best["bad_epochs"] >= tc.patience and tc.early_stop != "none"
+        stopped_by = ("epochs" if self.start > tc.epochs else "early_stop") if finished else None   # resumed, done
+        status = _StatusWriter(self.run_dir, self.world, tc.epochs)
+        try:
+            for epoch in range(self.start, tc.epochs + 1):
+                if finished:
+                    break
+                t0, lr = time.perf_counter(), self.optimizer.param_groups[0]["lr"]
+                stats, train_loss, data_seconds = self.train_epoch(epoch, status, progress, should_stop)
+                train_seconds = time.perf_counter() - t0
+                val = validate(self.bare, self.val_set, self.config.attack, self.device, batch_size=2 * tc.batch_size,
+                               world=self.world, seed=tc.seed)
+                improved, no_patience_left = self.judge(epoch, val)
+                finished = epoch == tc.epochs or no_patience_left or out_of_time(tc.max_minutes, started, self.world)
+                stopped_by = _stopped_by(finished, epoch, tc, no_patience_left)
+                record = {"epoch": epoch, "lr": lr, "train_loss": train_loss,
+                          **_epoch_metrics(stats, self.prev_fragile, self.train_set.classes), **val,
+                          "seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
+                          "data_seconds": data_seconds, "images_per_second": len(stats["index"]) / train_seconds,
+                          "is_best": improved, "early_stop_metric": tc.early_stop,
+                          "stopped_early": stopped_by == "early_stop", "stopped_by": stopped_by}
+                self.checkpoint(epoch, stats, record, improved)
+                status.epoch_end(epoch, self.best["epoch"])
                 if progress:
-                    progress(Progress(run_dir, epoch, tc.epochs, b, len(batches), "train", loss_sum / seen))
-            status.batch(epoch, len(batches), len(batches), "val")
-            if progress:
-                progress(Progress(run_dir, epoch, tc.epochs, len(batches), len(batches), "val", loss_sum / seen))
-            stats, train_loss = _gather_epoch(parts, loss_sum, seen, state, device)
-            if scheduler is not None:
-                scheduler.step()
-            train_seconds = time.perf_counter() - t0
-            val = validate(bare, val_set, attack, device, batch_size=2 * tc.batch_size, world=world, seed=tc.seed)
-            metric = val["val_robust_accuracy" if tc.early_stop == "robust_accuracy" else "val_balanced_accuracy"]
-            improved = tc.early_stop == "none" or metric > best["metric"]
-            best = {"metric": float(metric), "epoch": epoch, "bad_epochs": 0} if improved else \
-                best | {"bad_epochs": best["bad_epochs"] + 1}
-            no_patience_left = tc.early_stop != "none" and best["bad_epochs"] >= tc.patience
-            finished = epoch == tc.epochs or no_patience_left or out_of_time(tc.max_minutes, started, world)
-            stopped_by = _stopped_by(finished, epoch, tc, no_patience_left)
+                    progress(Progress(self.run_dir, epoch, tc.epochs, 1, 1, "epoch_end", metrics=record))
+            status.done(self.best["epoch"], stopped_by, tc.max_minutes)
+        except BaseException as exc:
+            status.failed(exc)
+            raise
+        return self.run_dir
 
-            record = {"epoch": epoch, "lr": lr, "train_loss": train_loss,
-                      **_epoch_metrics(stats, prev_fragile, train_set.classes), **val,
-                      "seconds": time.perf_counter() - t0, "train_seconds": train_seconds, "data_seconds": data_seconds,
-                      "images_per_second": len(stats["index"]) / train_seconds, "is_best": improved,
-                      "early_stop_metric": tc.early_stop, "stopped_early": stopped_by == "early_stop",
-                      "stopped_by": stopped_by}
-            prev_fragile[torch.from_numpy(stats["index"])] = torch.from_numpy(stats["fragile"]).to(torch.int8)
-            if world.is_main:
-                _save_epoch(run_dir, epoch, stats, record, bare, optimizer, scheduler, state, prev_fragile, best, improved)
-            status.epoch_end(epoch, best["epoch"])
+    def train_epoch(self, epoch: int, status, progress, should_stop) -> tuple[dict, float, float]:
+        """One pass over the training split: the epoch's per-sample stats, mean loss and data seconds.
+
+        data_seconds: host time spent preparing batches (order, indexing, converting, flipping). On CUDA that work
+        is queued asynchronously, so it is the host's share: the time the device may wait for data."""
+        tc, device, cuda = self.config.train, self.device, self.device.type == "cuda"
+        t0 = time.perf_counter()
+        gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + epoch * 1009 + self.world.rank)
+        batches = epoch_batches(self.train_set, epoch, tc, self.world, device, self.compiled)
+        data_seconds = time.perf_counter() - t0
+        self.model.train()
+        parts, loss_sum, seen = [], torch.zeros((), device=device), 0
+        for b, idx in enumerate(batches, 1):
+            if should_stop is not None and should_stop():
+                raise Stopped(f"stopped in epoch {epoch}")
+            t_data = time.perf_counter()
+            x, y, idx = make_batch(self.images, self.labels, idx, tc.augment, gen, cuda)
+            data_seconds += time.perf_counter() - t_data
+            if cuda and self.compiled:   # a new step for CUDA graphs: the last step's outputs may be reused
+                torch.compiler.cudagraph_mark_step_begin()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                step = training_step(self.model, x, y, idx, self.config.method, self.config.attack, self.state,
+                                     class_weights=self.weights, generator=gen, attack_model=self.bare)
+            self.optimizer.zero_grad(set_to_none=True)
+            step.loss.backward()
+            self.optimizer.step()
+            loss_sum += step.loss.detach() * len(idx)
+            seen += len(idx)
+            parts.append(_step_stats(step, idx, y))
+            status.batch(epoch, b, len(batches), "train", loss=lambda: loss_sum / seen)
             if progress:
-                progress(Progress(run_dir, epoch, tc.epochs, 1, 1, "epoch_end", metrics=record))
-        status.done(best["epoch"], stopped_by, tc.max_minutes)
-    except BaseException as exc:
-        status.failed(exc)
-        raise
-    return run_dir
+                progress(Progress(self.run_dir, epoch, tc.epochs, b, len(batches), "train", loss_sum / seen))
+        status.batch(epoch, len(batches), len(batches), "val")
+        if progress:
+            progress(Progress(self.run_dir, epoch, tc.epochs, len(batches), len(batches), "val", loss_sum / seen))
+        stats, train_loss = _gather_epoch(parts, loss_sum, seen, self.state, device)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return stats, train_loss, data_seconds
+
+    def judge(self, epoch: int, val: dict) -> tuple[bool, bool]:
+        """Early stopping's bookkeeping after validation: whether ``epoch`` is the best so far, and whether the
+        patience ran out."""
+        tc = self.config.train
+        metric = val["val_robust_accuracy" if tc.early_stop == "robust_accuracy" else "val_balanced_accuracy"]
+        improved = tc.early_stop == "none" or metric > self.best["metric"]
+        self.best = {"metric": float(metric), "epoch": epoch, "bad_epochs": 0} if improved else \
+            self.best | {"bad_epochs": self.best["bad_epochs"] + 1}
+        return improved, tc.early_stop != "none" and self.best["bad_epochs"] >= tc.patience
+
+    def checkpoint(self, epoch: int, stats: dict, record: dict, improved: bool) -> None:
+        """The epoch's fragile flags kept for the next epoch's transitions, and the epoch written (rank 0)."""
+        self.prev_fragile[torch.from_numpy(stats["index"])] = torch.from_numpy(stats["fragile"]).to(torch.int8)
+        if self.world.is_main:
+            _save_epoch(self.run_dir, epoch, stats, record, self.bare, self.optimizer, self.scheduler, self.state,
+                        self.prev_fragile, self.best, improved)
 
 
 def epoch_batches(train_set: ImageDataset, epoch: int, tc, world: distributed.World, device: torch.device,
