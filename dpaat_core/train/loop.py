@@ -270,7 +270,7 @@ def _run(config: RunConfig, progress: Optional[ProgressFn], should_stop, *, stor
                 held.enter_context(locks.WriterLock(run_dir))
             train_set, val_set = _load_splits(config, world)
             if run_dir is not None:
-                config, init, resumed = config, None, _load_resume(run_dir, train_set)
+                init, resumed = None, _load_resume(run_dir, train_set)
                 if world.is_main:
                     runs.remove_temp_files(run_dir)
             else:
