@@ -19,9 +19,9 @@ from dpaat_core.models import MODEL_NAMES, check_normalization
 NORMS = ("l2", "linf")
 SYNC_LOSSES = ("sym_kl", "js", "l1_logprob", "kl")
 THRESHOLDS = ("batch_mean", "ema", "median", "quantile:<q>", "class_mean")
-SCHEDULES = ("none", "cosine")
+SCHEDULES = ("none", "cosine", "step")   # step: x0.1 at half and three quarters of the epochs (MedMNIST v2)
 IMBALANCE = ("none", "class_weights", "balanced_sampler")
-EARLY_STOP = ("balanced_accuracy", "robust_accuracy", "none")
+EARLY_STOP = ("balanced_accuracy", "robust_accuracy", "auc", "none")
 DEVICES = ("auto", "cpu", "cuda")
 
 

@@ -16,7 +16,8 @@ from dpaat_core.__main__ import main
 from dpaat_core.config import RunConfig, method_config
 from dpaat_core.data import load_dataset
 from dpaat_core.attack.attacks import perturb
-from dpaat_core.evaluate.robustness import average_precision, eps_rms, roc_auc, evaluate, protocol, robustness_curve
+from dpaat_core.evaluate.robustness import average_precision, eps_rms, evaluate, protocol, robustness_curve
+from dpaat_core.train.validation import roc_auc
 from dpaat_core.models import build_model
 from dpaat_core.train.loop import train
 from conftest import TEST_DEVICE, TRAIN_COMPILE, on_device

@@ -42,6 +42,19 @@ def test_resnet8_is_small_and_gradcam_layers_are_the_last_stage():
     assert gradcam_layer(model) is model.backbone.layer4
 
 
+def test_the_small_image_resnet18_keeps_a_4x4_map_at_28_px_where_torchvision_s_keeps_1x1():
+    x = torch.rand(2, 3, 28, 28)
+    for name, side in (("resnet18", 1), ("resnet18_small", 4)):
+        model, seen = build_model(name, 7).eval(), {}
+        gradcam_layer(model).register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
+        with torch.no_grad():
+            model(x)
+        assert seen["out"].shape[-2:] == (side, side), name
+    small, full = build_model("resnet18_small", 7), build_model("resnet18", 7)
+    assert small.backbone.conv1.kernel_size == (3, 3) and small.backbone.conv1.stride == (1, 1)
+    assert count_parameters(full) - count_parameters(small) == 64 * 3 * (7 * 7 - 3 * 3)   # the stem's weights only
+
+
 @pytest.mark.parametrize(
     "args,match",
     [(("vgg11", 3), "unknown model"), (("resnet8", 1), "num_classes"), (("resnet8", 3, 2), "in_channels")],

@@ -273,6 +273,26 @@ def test_cosine_schedule_and_balanced_sampler_train_and_log_the_lr_used(tmp_path
     assert len(np.unique(dyn["index"])) == len(dyn["index"])       # a sample drawn twice is logged once
 
 
+def test_the_step_schedule_divides_the_rate_by_ten_at_half_and_three_quarters_of_the_run(tmp_path):
+    run = train(small_config("erm", epochs=4, schedule="step", early_stop="none"), store=tmp_path, run_id="step")
+    assert runs.read_metrics(run)["lr"].tolist() == pytest.approx([3e-4, 3e-4, 3e-5, 3e-6])
+
+
+def test_early_stopping_on_auc_keeps_the_epoch_with_the_best_validation_auc(tmp_path):
+    """MedMNIST v2's rule: the checkpoint is the epoch whose clean one-vs-rest ROC AUC on validation is highest, and
+    ``val_auc`` is the AUC the evaluation measures on that checkpoint."""
+    from dpaat_core.evaluate.robustness import evaluate
+    run = train(small_config("erm", epochs=4, lr=3e-3, early_stop="auc", patience=4), store=tmp_path, run_id="auc")
+    metrics = runs.read_metrics(run)
+    auc = metrics["val_auc"].to_numpy()
+    assert np.isfinite(auc).all() and ((auc > 0) & (auc < 1)).all()
+    assert list(metrics["is_best"]) == [bool(a > max(auc[:i], default=-1)) for i, a in enumerate(auc)]
+    best = int(metrics["epoch"][np.argmax(auc)])
+    assert runs.read_status(run)["best_epoch"] == best
+    measured = evaluate(loading.load_model(run), loading.load_run_data(run, "val"), "pgd", "l2", 0.1, 1)
+    assert measured.auc == pytest.approx(auc.max(), abs=1e-6)
+
+
 @pytest.mark.device
 def test_a_time_budget_ends_the_run_at_an_epoch_boundary_and_resume_continues_it(tmp_path):
     """``train.max_minutes``: the first epoch boundary past the budget ends the run as a finished one that says why;
@@ -325,3 +345,6 @@ def test_resume_with_more_epochs_trains_a_finished_run_on_as_if_it_had_asked_for
     cosine = train(small_config(epochs=1, schedule="cosine"), store=tmp_path, run_id="cosine")
     with pytest.raises(ConfigError, match="cosine schedule"):
         resume(cosine, epochs=2)
+    step = train(small_config(epochs=1, schedule="step"), store=tmp_path, run_id="step")
+    with pytest.raises(ConfigError, match="step schedule"):
+        resume(step, epochs=2)

@@ -78,11 +78,13 @@ def add_run_arguments(t) -> None:
     opt = t.add_argument_group("optimisation")
     opt.add_argument("--lr", type=float, help="Adam learning rate (default 3e-4, the paper's)")
     opt.add_argument("--weight-decay", type=float, help="Adam weight decay (default 0)")
-    opt.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule over the epochs (default none)")
+    opt.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule over the epochs: cosine to 0, or step (x0.1 at half and three quarters of the "
+                     "epochs, MedMNIST v2's); default none")
     opt.add_argument("--imbalance", choices=IMBALANCE,
                      help="class imbalance: weighted cross-entropy (default), class-balanced sampling, or nothing")
     opt.add_argument("--early-stop", choices=EARLY_STOP,
-                     help="validation metric that picks the best epoch and stops training (default balanced_accuracy)")
+                     help="validation metric that picks the best epoch and stops training: balanced accuracy (default), robust "
+                     "accuracy at eps0, clean one-vs-rest ROC AUC (macro), or none (the last epoch)")
     opt.add_argument("--patience", type=int, help="stop after this many epochs without improvement (default 5)")
     opt.add_argument("--no-augment", dest="augment", action="store_const", const=False,
                      help="no random flips of training images")

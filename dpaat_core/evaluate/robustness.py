@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from dpaat_core.attack.attacks import ATTACKS, _autocast, attack_mode, check_attack, perturb
 from dpaat_core.data import ImageDataset
-from dpaat_core.train.validation import balanced_accuracy, per_class_accuracy
+from dpaat_core.train.validation import balanced_accuracy, per_class_accuracy, roc_auc
 
 #: the paper's protocol as named presets, each run at the eps of its norm (see :func:`protocol`).
 PRESETS = {
@@ -90,18 +90,6 @@ def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
     hits = positive[order].astype(np.float64)
     precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
     return float((precision * hits).sum() / hits.sum())
-
-
-def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve of one class against the rest (the Mann-Whitney U, ties counted half), NaN
-    unless both sides have samples."""
-    from scipy.stats import rankdata
-    n_pos = int(positive.sum())
-    n_neg = len(positive) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    ranks = rankdata(scores)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def _margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from dpaat_core.config import ConfigError, ModelConfig, RunConfig
 from dpaat_core.data import ImageDataset, load_dataset
 from dpaat_core.models import model_from_config   # with a normalisation: started from another run's architecture
 from dpaat_core.train.objectives import MethodState, training_step
-from dpaat_core.train.validation import validate
+from dpaat_core.train.validation import EARLY_STOP_METRIC, validate
 
 
 @dataclass
@@ -226,13 +226,24 @@ def resume(run_dir: str | Path, progress: Optional[ProgressFn] = None, device: O
     return _run(config, progress, should_stop, run_dir=run_dir)
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int):
+    """The learning-rate schedule, stepped once per epoch: None for "none"; "cosine" anneals to 0 over the run;
+    "step" multiplies the rate by 0.1 after half and after three quarters of the epochs (MedMNIST v2's protocol:
+    epochs 50 and 75 of 100)."""
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
+    if schedule == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, [epochs // 2, (3 * epochs) // 4], gamma=0.1)
+    return None
+
+
 def resume_config(run_dir: str | Path, device: Optional[str] = None, compile: Optional[bool] = None,
                   max_minutes: Optional[float] = None, epochs: Optional[int] = None) -> RunConfig:
     """The config a resume trains with: the run's own, where ``device``, ``compile``, ``max_minutes`` and
     ``epochs`` (when given) replace ``train.device``, ``train.compile``, ``train.max_minutes`` and ``train.epochs``;
     all but the device are also written to its ``config.json``. A run written before the compile switch existed
-    keeps every batch (compile off). ``epochs`` below the epochs already trained, or with a cosine schedule (whose
-    shape depends on the length), is refused."""
+    keeps every batch (compile off). ``epochs`` below the epochs already trained, or with a cosine or step schedule
+    (whose shape depends on the length), is refused."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise runs.RunError(f"{run_dir}: no such run folder")
@@ -353,7 +364,7 @@ class _Fit:
         if compiled:   # the training forward passes only: the attack and validation run on ``bare``
             model = compile_model(model, device)
         optimizer = torch.optim.Adam(bare.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=cuda or None)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, tc.epochs) if tc.schedule == "cosine" else None
+        scheduler = make_scheduler(optimizer, tc.schedule, tc.epochs)
         state = MethodState.create(config.method, config.attack, len(train_set), device, labels=train_set.labels,
                                    num_classes=train_set.num_classes)
         weights = class_weights(train_set).to(device) if tc.imbalance == "class_weights" else None
@@ -457,7 +468,7 @@ class _Fit:
         """Early stopping's bookkeeping after validation: whether ``epoch`` is the best so far, and whether the
         patience ran out."""
         tc = self.config.train
-        metric = val["val_robust_accuracy" if tc.early_stop == "robust_accuracy" else "val_balanced_accuracy"]
+        metric = val[EARLY_STOP_METRIC[tc.early_stop]]
         improved = tc.early_stop == "none" or metric > self.best["metric"]
         self.best = {"metric": float(metric), "epoch": epoch, "bad_epochs": 0} if improved else \
             self.best | {"bad_epochs": self.best["bad_epochs"] + 1}

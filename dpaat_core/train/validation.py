@@ -2,6 +2,8 @@
 validation split, plus the class-balanced metrics HAM10000's imbalance calls for."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -19,6 +21,30 @@ def per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int)
     hits = np.bincount(y_true[y_true == y_pred], minlength=num_classes)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, hits / np.maximum(counts, 1), np.nan)
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of one class against the rest (the Mann-Whitney U, ties counted half), NaN
+    unless both sides have samples."""
+    from scipy.stats import rankdata
+    positive = np.asarray(positive, dtype=bool)
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def macro_auc(probs: np.ndarray, y_true: np.ndarray) -> float:
+    """Each class's one-vs-rest ROC AUC averaged over the classes where it is defined (NaN if none is)."""
+    aucs = [roc_auc(probs[:, k], np.asarray(y_true) == k) for k in range(probs.shape[1])]
+    return math.nan if np.isnan(aucs).all() else float(np.nanmean(aucs))
+
+
+# the validation figure each ``train.early_stop`` choice keeps the best checkpoint by ("none": every epoch)
+EARLY_STOP_METRIC = {"balanced_accuracy": "val_balanced_accuracy", "robust_accuracy": "val_robust_accuracy",
+                     "auc": "val_auc", "none": "val_balanced_accuracy"}
 
 
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
@@ -43,7 +69,7 @@ def validate(model: nn.Module, dataset: ImageDataset, attack: AttackConfig, devi
     cuda = device.type == "cuda"
     gen = torch.Generator(device=device).manual_seed(seed + 7919)
     mine = torch.arange(world.rank, len(dataset), world.size)
-    out = {"index": [], "clean": [], "adv": [], "loss": []}
+    out = {"index": [], "clean": [], "adv": [], "loss": [], "prob": []}
     for idx in mine.split(batch_size):
         x, y = dataset.batch(idx, device)
         if cuda:
@@ -55,6 +81,7 @@ def validate(model: nn.Module, dataset: ImageDataset, attack: AttackConfig, devi
                         generator=gen, validate=False)
             out["adv"].append(_predict(model, x_adv))
         out["clean"].append(logits.argmax(1))
+        out["prob"].append(torch.softmax(logits.float(), 1))
         out["loss"].append(torch.nn.functional.cross_entropy(logits.float(), y, reduction="none"))
         out["index"].append(idx.to(device))
     got = {k: distributed.all_gather_cat(torch.cat(v)).cpu().numpy() for k, v in out.items()}
@@ -67,5 +94,6 @@ def validate(model: nn.Module, dataset: ImageDataset, attack: AttackConfig, devi
         "val_balanced_accuracy": balanced_accuracy(y_true, got["clean"], k),
         "val_robust_accuracy": float((got["adv"] == y_true).mean()),
         "val_robust_balanced_accuracy": balanced_accuracy(y_true, got["adv"], k),
+        "val_auc": macro_auc(got["prob"], y_true),
         "val_per_class_accuracy": {c: float(a) for c, a in zip(dataset.classes, per_class)},
     }
