@@ -193,7 +193,7 @@ class RunTables:
                 "PGD-20 l2 balanced": get("pgd20_l2", "robust_balanced_accuracy"),
                 "PGD-20 linf": get("pgd20_linf", "robust_accuracy"),
                 "APGD": float(self.apgd["robust_accuracy"].iloc[0]) if len(self.apgd) else np.nan,
-                "mAP": get(first, "mean_average_precision"), f"{MAP_NAMES[method]} agreement": mean("spearman"),
+                "mAP": get(first, "mean_average_precision"), "AUC": get(first, "auc"), f"{MAP_NAMES[method]} agreement": mean("spearman"),
                 "map on lesion": mean("energy_clean")}
 
 
@@ -244,8 +244,9 @@ def _run_section(run: RunTables, examples: str, figure: bool = True) -> str:
     parts.append("<h3>Accuracy, clean and under attack</h3>")
     if len(run.protocol):
         table = run.protocol.assign(attack=run.protocol.preset.map(PRESET_LABELS).fillna(run.protocol.preset))
-        parts.append(_table(table[["attack", "eps", "accuracy", "balanced_accuracy", "robust_accuracy",
-                                   "robust_balanced_accuracy", "mean_average_precision"]], 4))
+        shown = ["attack", "eps", "accuracy", "balanced_accuracy", "robust_accuracy", "robust_balanced_accuracy",
+                 "mean_average_precision", "auc"]
+        parts.append(_table(table[[c for c in shown if c in table.columns]], 4))   # auc: files written before it lack it
     else:
         parts.append(_missing("protocol", run))
     parts.append(_per_class_section(run, figure))

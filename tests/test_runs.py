@@ -334,6 +334,7 @@ def test_list_runs_survives_a_messy_store(tmp_path):
     row = table.loc["good"]
     assert (row["epochs"], row["method"], row["model"], row["norm"], row["eps"]) == ("3/3", "dpaat", "resnet8", "l2", 0.5)
     assert (row["val_accuracy"], row["val_balanced_accuracy"], row["val_robust_accuracy"]) == (0.8, 0.4, 0.2)
+    assert math.isnan(row["val_auc"])            # a run logged before validation measured AUC
     assert table.loc["empty", "epochs"] == "0/?" and math.isnan(table.loc["empty", "val_accuracy"])
     assert row["origin"] == "trained" and table.loc["empty", "origin"] != table.loc["empty", "origin"]  # no config: NaN
     assert list_runs(tmp_path / "no_store") == [] and len(runs_table([])) == 0

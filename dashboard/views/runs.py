@@ -27,7 +27,7 @@ st.dataframe(table, hide_index=True, width="stretch",
              column_config={c: st.column_config.NumberColumn(format="%.3f")
                             for c in ("eps", "test_balanced_accuracy", "val_accuracy", "val_balanced_accuracy",
                                       "val_robust_accuracy",
-                                      "val_robust_balanced_accuracy")})
+                                      "val_robust_balanced_accuracy", "val_auc")})
 for run in found:
     if run.state in ("corrupt", "incomplete", "interrupted", "failed"):
         st.warning(f"**{run.run_id}** is {run.state}: {hide_paths(run.problem)}")

@@ -160,7 +160,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         _save_or_keep(lambda: save_protocol(args.run_dir, table, per_class), table, args.run_dir, "protocol")
         print("\nthe paper's protocol at the training eps")
         print(table[["preset", "eps", "accuracy", "robust_accuracy", "balanced_accuracy", "robust_balanced_accuracy",
-                     "mean_average_precision"]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+                     "mean_average_precision", "auc"]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
 
 

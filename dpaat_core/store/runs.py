@@ -445,9 +445,10 @@ def list_runs(store="checkpoints") -> list[Run]:
 
 def runs_table(runs: list[Run]) -> pd.DataFrame:
     """One row per run: identity, origin, attack, progress as ``"done/planned"``, the best epoch's validation
-    numbers (robust balanced accuracy among them: where robustness stops at the common class), and the sweep trial
+    numbers (robust balanced accuracy among them: where robustness stops at the common class; the clean macro ROC
+    AUC, NaN for runs trained before it was logged), and the sweep trial
     it is, if any."""
-    scores = ("val_accuracy", "val_balanced_accuracy", "val_robust_accuracy", "val_robust_balanced_accuracy")
+    scores = ("val_accuracy", "val_balanced_accuracy", "val_robust_accuracy", "val_robust_balanced_accuracy", "val_auc")
     columns = ["run_id", "state", "method", "model", *scores, "epochs", "norm", "eps", "origin", "sweep", "problem",
                "data"]   # the headline figures first, the long data spec last
     rows = [[r.run_id, r.state, r.method, r.model, *(r.best.get(s, math.nan) for s in scores),
