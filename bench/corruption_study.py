@@ -51,7 +51,7 @@ def has_grid(run_dir: Path, data: str) -> bool:
 
 def evaluate(run_dir: Path) -> None:
     """The run's corruption grid on its test split, as ``evaluate --corruptions all`` writes it (skipped when saved)."""
-    if has_grid(run_dir, runs.read_config(run_dir)["data"]["spec"]):
+    if has_grid(run_dir, runs.read_record(run_dir).spec):
         return
     t0 = time.time()
     if cli(["evaluate", str(run_dir), "--corruptions", "all", "--batch-size", "256", "--device", "cpu"]) != 0:
@@ -62,7 +62,7 @@ def evaluate(run_dir: Path) -> None:
 def cells(store: Path, checkpoints: Path) -> pd.DataFrame:
     frames = []
     for group, method, seed, path in run_dirs(store, checkpoints):
-        grid = runs.read_corruptions(path, "test", runs.read_config(path)["data"]["spec"])
+        grid = runs.read_corruptions(path, "test", runs.read_record(path).spec)
         if len(grid):
             frames.append(grid.assign(group=group, method=method, seed=seed, run=path.name))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -31,7 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from dpaat_core.store import loading, runs
 from dpaat_core.__main__ import main as cli
-from dpaat_core.evaluate.audit import apgd_norm
 from dpaat_core.evaluate.robustness import clean_logits, evaluate, reference_eps
 
 METHODS = ("erm", "pgd_at", "trades", "dpaat", "dpaat_nosync", "dpaat_fixed", "gaussian")
@@ -51,7 +50,7 @@ def demo_id(method: str) -> str:
 def fp16_is_lossless(run_dir: Path) -> dict:
     """Does rounding the weights to float16 change any clean prediction or PGD-20 outcome on the test
     split? (PGD-20 runs only when every clean prediction is unchanged.)"""
-    config = runs.read_config(run_dir)
+    record = runs.read_record(run_dir)
     test = loading.load_run_data(run_dir, "test")
     full = loading.load_model(run_dir)
     half = copy.deepcopy(full)
@@ -59,8 +58,8 @@ def fp16_is_lossless(run_dir: Path) -> dict:
     a, b = (clean_logits(m, test).argmax(1) for m in (full, half))
     check = {"n": len(test), "changed_clean_predictions": int((a != b).sum()), "changed_pgd20_outcomes": None}
     if check["changed_clean_predictions"] == 0:
-        norm = apgd_norm(config)                    # the training norm; l2 for an imported model
-        eps = reference_eps(config, norm)
+        norm = record.norm                          # the training norm; l2 for an imported model
+        eps = reference_eps(record, norm)
         a, b = (evaluate(m, test, "pgd", norm, eps, 20).samples["robust"] for m in (full, half))
         check["changed_pgd20_outcomes"] = int((a != b).sum())
     check["lossless"] = check["changed_clean_predictions"] == 0 and check["changed_pgd20_outcomes"] == 0

@@ -260,13 +260,13 @@ def stage_pair(args) -> dict:
 
 def run_summary(run_dir: Path, wall: float) -> dict:
     from dpaat_core.store import runs
-    config, status, metrics = runs.read_config(run_dir), runs.read_status(run_dir), runs.read_metrics(run_dir)
-    n = len(metrics)
-    return {"run": run_dir.name, "method": config["method"]["name"], "model": config["model"]["name"],
-            "image_size": config["data"]["image_size"], "train_size": config["dataset"]["train_size"],
-            "epochs_run": n, "epochs_max": config["train"]["epochs"], "best_epoch": status.get("best_epoch"),
+    record, status, metrics = runs.read_record(run_dir), runs.read_status(run_dir), runs.read_metrics(run_dir)
+    config, n = record.config, len(metrics)
+    return {"run": run_dir.name, "method": record.method, "model": record.model.name,
+            "image_size": config.data.image_size, "train_size": record.dataset.train_size,
+            "epochs_run": n, "epochs_max": config.train.epochs, "best_epoch": status.get("best_epoch"),
             "state": status["state"], "stopped_by": status.get("stopped_by"), "budget_minutes":
-            config["train"]["max_minutes"], "wall_seconds": wall,
+            config.train.max_minutes, "wall_seconds": wall,
             "train_seconds": float(metrics["train_seconds"].sum()) if n else 0.0,
             "seconds_per_epoch": float(metrics["seconds"].median()) if n else None,
             "images_per_second": float(metrics["images_per_second"].median()) if n else None,
@@ -276,9 +276,9 @@ def run_summary(run_dir: Path, wall: float) -> dict:
 
 def _loaded(run_dir: Path, device: str):
     from dpaat_core.store import loading, runs
-    config = runs.read_config(run_dir)
-    return (loading.load_model(run_dir, device=device), loading.load_run_data(run_dir, "test"), config["attack"]["norm"],
-            float(config["attack"]["eps"]))
+    attack = runs.read_record(run_dir).attack
+    return (loading.load_model(run_dir, device=device), loading.load_run_data(run_dir, "test"), attack.norm,
+            float(attack.eps))
 
 
 def protocol(run_dir: Path, device: str) -> tuple[dict, object]:

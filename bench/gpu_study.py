@@ -170,7 +170,7 @@ def coordinate(args) -> int:
 def train_figures(run_dir: Path, train_start: float) -> dict:
     metrics, status = runs.read_metrics(run_dir), runs.read_status(run_dir)
     return {"trained": True, "epochs_run": len(metrics), "best_epoch": status.get("best_epoch"),
-            "train_images": int(runs.read_config(run_dir)["dataset"]["train_size"]) * len(metrics),
+            "train_images": int(runs.read_record(run_dir).dataset.train_size) * len(metrics),
             "train_seconds": float(metrics["train_seconds"].sum()), "trained_after": time.time() - train_start,
             "images_per_second": float(metrics["images_per_second"].median())}
 

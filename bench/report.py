@@ -275,11 +275,11 @@ def main(argv=None) -> int:
                   figures / "ablate28.png", width=1200)
     dpaat = args.store / "demo-dpaat-resnet8-ham10000"
     if dpaat.is_dir():   # DPAAT's own dynamics: the fragile share per class and the eps memory over epochs
-        config = runs.read_config(dpaat)
-        classes = config["dataset"]["classes"]
+        record = runs.read_record(dpaat)
+        classes = record.classes
         write_png(charts.fragile_fraction_chart(runs.read_metrics(dpaat), classes), figures / "demo_dpaat_fragile.png")
         dyn = {e: charts.dynamics_frame(runs.load_dynamics(dpaat, e), classes) for e in runs.dynamics_epochs(dpaat)}
-        write_png(charts.eps_distribution_chart(dyn, float(config["attack"]["eps"])), figures / "demo_dpaat_eps.png")
+        write_png(charts.eps_distribution_chart(dyn, record.attack.eps), figures / "demo_dpaat_eps.png")
     curves = demo_curves(args.store)
     if len(curves):
         pgd = curves[curves["attack"] == "pgd"]

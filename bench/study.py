@@ -155,9 +155,9 @@ def ensure_trained(store: Path, study: str, variant: str, seed: int) -> Path:
 
 def memory_by_class(run_dir: Path) -> pd.DataFrame:
     """Each class's eps memory at every epoch: mean eps, share at the floor and at the cap, share fragile."""
-    config = runs.read_config(run_dir)
-    eps0, lo, hi = eps_bounds(config)
-    frames = [per_class(runs.load_dynamics(run_dir, e), config["dataset"]["classes"], lo, hi).assign(epoch=e)
+    record = runs.read_record(run_dir)
+    eps0, lo, hi = eps_bounds(record.config)
+    frames = [per_class(runs.load_dynamics(run_dir, e), record.classes, lo, hi).assign(epoch=e)
               for e in runs.dynamics_epochs(run_dir)]
     return pd.concat(frames, ignore_index=True)
 
@@ -170,8 +170,9 @@ def evaluate_run(run_dir: Path, cross_norm: bool = False, apgd_steps: int = 50, 
     if out_file.is_file():
         return json.loads(out_file.read_text())
     t0 = time.time()
-    config = runs.read_config(run_dir)
-    norm, eps = config["attack"]["norm"], float(config["attack"]["eps"])
+    record = runs.read_record(run_dir)
+    config = record.config
+    norm, eps = config.attack.norm, float(config.attack.eps)
     model = loading.load_model(run_dir, device=device)
     test = loading.load_run_data(run_dir, "test")
     pgd = evaluate(model, test, "pgd", norm, eps, 20)
@@ -180,10 +181,10 @@ def evaluate_run(run_dir: Path, cross_norm: bool = False, apgd_steps: int = 50, 
     metrics = runs.read_metrics(run_dir)
     status = runs.read_status(run_dir)
     result = {
-        "run": run_dir.name, "method": config["method"]["name"], "seed": config["train"]["seed"],
-        "data": config["data"]["spec"], "image_size": config["data"]["image_size"], "norm": norm, "eps": eps,
-        "gamma": config["method"]["gamma"], "threshold": config["method"]["threshold"],
-        "memoryless": config["method"].get("memoryless", False), "n_test": len(test),
+        "run": run_dir.name, "method": config.method.name, "seed": config.train.seed,
+        "data": config.data.spec, "image_size": config.data.image_size, "norm": norm, "eps": eps,
+        "gamma": config.method.gamma, "threshold": config.method.threshold,
+        "memoryless": config.method.memoryless, "n_test": len(test),
         "clean_accuracy": pgd.accuracy, "balanced_accuracy": pgd.balanced_accuracy, "mAP": pgd.mean_average_precision,
         "auc": pgd.auc,
         "pgd20": pgd.robust_accuracy, "pgd20_balanced": pgd.robust_balanced_accuracy,
@@ -197,7 +198,7 @@ def evaluate_run(run_dir: Path, cross_norm: bool = False, apgd_steps: int = 50, 
     }
     if cross_norm:
         other = "linf" if norm == "l2" else "l2"
-        other_eps = linf_eps(config["data"]["image_size"]) if other == "linf" else L2_EPS
+        other_eps = linf_eps(config.data.image_size) if other == "linf" else L2_EPS
         ev = evaluate(model, test, "pgd", other, other_eps, 20)
         result.update({f"pgd20_{other}": ev.robust_accuracy, f"pgd20_{norm}": pgd.robust_accuracy,
                        f"eps_{other}": other_eps})
@@ -212,7 +213,7 @@ def evaluate_run(run_dir: Path, cross_norm: bool = False, apgd_steps: int = 50, 
         keep = ["index", "label", "correct_clean", "robust"]
         per_image = pd.concat([pgd.samples[keep].assign(split="test"), val.samples[keep].assign(split="val")])
         per_image.to_csv(run_dir / "per_image.csv", index=False)
-        if config["method"].get("adaptive") and not config["method"].get("memoryless"):
+        if config.method.adaptive and not config.method.memoryless:
             memory_by_class(run_dir).to_csv(run_dir / "memory_by_class.csv", index=False)
     result["eval_seconds"] = time.time() - t0
     runs.atomic_write_json(out_file, result)

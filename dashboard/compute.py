@@ -197,7 +197,7 @@ def _saved_numbers(run_dir: str, mtime: int, method: str, split: str, spec: str,
 def gallery_eps(run: runs.Run) -> float:
     """The eps the gallery attacks at: the run's reference eps in :data:`GALLERY_NORM`."""
     from dpaat_core.evaluate.robustness import reference_eps
-    return float(reference_eps(run.config, GALLERY_NORM))
+    return float(reference_eps(run.record, GALLERY_NORM))
 
 
 def gallery_numbers(run: runs.Run, data, split: str, method: str) -> tuple[pd.DataFrame | None, str]:

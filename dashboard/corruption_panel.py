@@ -81,7 +81,7 @@ def _live(selected: list[runs.Run]) -> None:
     live = live_corruption(run, data, int(n), name, int(severity))
     if live is None:
         return
-    classes = run.config["dataset"]["classes"]
+    classes = run.record.classes
     m1, m2 = st.columns(2)
     m1.metric("clean accuracy", f"{live['accuracy']:.2f}")
     m2.metric("accuracy under the corruption", f"{live['robust_accuracy']:.2f}",

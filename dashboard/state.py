@@ -85,7 +85,7 @@ def default_runs(found: list[runs.Run], compare: bool = False) -> list[str]:
     chosen = _defaults(str(path), store_signature(path), tuple(found), compare)
     if chosen:
         return chosen
-    readable = [r for r in found if r.config is not None and r.sweep is None] or [r for r in found if r.config]
+    readable = [r for r in found if r.record is not None and r.sweep is None] or [r for r in found if r.record]
     return [max(readable, key=lambda r: r.modified).run_id] if readable else []
 
 
@@ -98,9 +98,9 @@ def stamp(path: Path) -> int:
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def _dynamics(run_dir: str, epoch: int, mtime: int) -> pd.DataFrame:
-    config = runs.read_config(run_dir)
+    classes = runs.read_record(run_dir).classes
     from dashboard.charts import dynamics_frame
-    return dynamics_frame(runs.load_dynamics(run_dir, epoch), config["dataset"]["classes"]).assign(epoch=epoch)
+    return dynamics_frame(runs.load_dynamics(run_dir, epoch), classes).assign(epoch=epoch)
 
 
 def dynamics(run: runs.Run, epoch: int) -> pd.DataFrame | None:
@@ -198,6 +198,5 @@ def unreadable(what: str, exc: BaseException) -> None:
 
 def comparable_runs(run: runs.Run) -> dict:
     """The other runs with weights that predict the same classes as ``run``, by id: what a page compares it with."""
-    classes = run.config["dataset"]["classes"]
-    return {r.run_id: r for r in list_runs() if r.has_weights and r.config is not None and r.run_id != run.run_id
-            and r.config["dataset"]["classes"] == classes}
+    return {r.run_id: r for r in list_runs() if r.has_weights and r.record is not None and r.run_id != run.run_id
+            and r.record.classes == run.record.classes}

@@ -26,7 +26,7 @@ def certified(run: runs.Run, split: str | None = "test", data: str | None = None
     """The run's certificates (``certified.csv``) of ``split`` and ``data`` (default: the run's own data) with a
     ``run`` column, one setting per sigma (the fullest: ``certify.fullest``); empty if none, a warning if unreadable."""
     from dpaat_core.evaluate.certify import fullest
-    spec = data or run.config["data"]["spec"]
+    spec = data or run.record.spec
     return fullest(_table(run, lambda path: runs.read_certified(path, split, spec)))
 
 
@@ -75,7 +75,7 @@ def class_robustness(run: runs.Run, curves: pd.DataFrame, attack: str, norm: str
     from dpaat_core.evaluate import class_robustness as by_class
     from dpaat_core.attack.attacks import ATTACKS
     from dpaat_core.evaluate.audit import PER_CLASS_FILE, PROTOCOL_FILE
-    spec = st.session_state.get("data_spec", "").strip() or (run.config.get("data") or {}).get("spec")
+    spec = st.session_state.get("data_spec", "").strip() or run.record.spec
     stamps = tuple(stamp(run.path / name) for name in (PROTOCOL_FILE, PER_CLASS_FILE))
     try:
         protocol, per_class = _audit_tables(str(run.path), stamps, "test", spec)
@@ -85,8 +85,7 @@ def class_robustness(run: runs.Run, curves: pd.DataFrame, attack: str, norm: str
     mine = runs.select(curves[curves["run"] == run.run_id], split="test", data=spec) if len(curves) else curves
     same = data is not None and data.source.spec == spec
     table, source = by_class.saved(protocol, per_class, mine, attack, norm, ATTACKS[attack].default_steps, eps,
-                                   run.config["dataset"]["classes"], data.labels.numpy() if same else None,
-                                   int((run.config.get("train") or {}).get("seed") or 0))
+                                   run.record.classes, data.labels.numpy() if same else None, run.record.seed)
     if not len(table) and live is not None and data is not None:
         table = by_class.from_outcomes(live["labels"], live["correct"], live["robust"], data.classes)
         source = f"this batch ({len(live['labels'])} images)"
@@ -94,26 +93,27 @@ def class_robustness(run: runs.Run, curves: pd.DataFrame, attack: str, norm: str
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def _accuracy(run_dir: str, stamps: tuple, _config: dict, _best: dict) -> tuple:
+def _accuracy(run_dir: str, stamps: tuple, _record, _best: dict) -> tuple:
     from dpaat_core.evaluate import trust
-    return trust.accuracy(run_dir, _config, _best)
+    return trust.accuracy(run_dir, _record, _best)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def localisation(run_dir: str, stamp: int, method: str, _config: dict):
+def localisation(run_dir: str, mtime: int, method: str, _record):
+    """The localisation of the run's saved maps (``mtime``: the table's, so a new table is read afresh)."""
     from dpaat_core.evaluate import trust
-    return trust.saved_localisation(run_dir, _config, method)
+    return trust.saved_localisation(run_dir, _record, method)
 
 
 def accuracy_of(run: runs.Run) -> tuple:
     stamps = tuple(stamp(run.path / f) for f in ("protocol.csv", "robustness.csv", "metrics.jsonl"))
-    return _accuracy(str(run.path), stamps, run.config, run.best)
+    return _accuracy(str(run.path), stamps, run.record, run.best)
 
 
 def test_balanced_accuracy(run: runs.Run) -> float:
     """The run's balanced accuracy on the test split (audit, else a saved curve's clean point); NaN if not measured:
     the figure an imported model, without training metrics, is listed by."""
-    if run.config is None:
+    if run.record is None:
         return float("nan")
     value, source = accuracy_of(run)
     return value if value is not None and source.startswith("test") else float("nan")

@@ -16,7 +16,7 @@ def run_picker(label: str = "Runs", multi: bool = True, compare: bool = False) -
     """The sidebar's run selection, shared by the pages through ``st.session_state["runs"]``; ``compare``: with
     nothing picked yet, open on the comparison of the methods (:func:`default_runs`)."""
     found = list_runs()
-    usable = [r.run_id for r in found if r.config is not None]
+    usable = [r.run_id for r in found if r.record is not None]
     chosen = [r for r in st.session_state.get("runs", []) if r in usable] or default_runs(found, compare and multi)
     with st.sidebar:
         if multi:
@@ -103,7 +103,7 @@ def training_split_filter(run: runs.Run, data, split: str, column, key: str | No
     last epoch (by index) and the split picked in a radio in ``column``; else (None, "all")."""
     epochs = runs.dynamics_epochs(run.path) if split == "train" else []
     last = dynamics(run, epochs[-1]) if epochs else None
-    if last is None or len(data) != run.config["dataset"]["train_size"]:
+    if last is None or len(data) != run.record.dataset.train_size:
         return None, "all"
     return last.set_index("index")["split"], column.radio(f"In training (epoch {epochs[-1]})",
                                                           ["all", "fragile", "stable"], horizontal=True, key=key)
@@ -117,7 +117,7 @@ def trust_notice(run: runs.Run, method: str = "gradcam", numbers: pd.DataFrame |
     balanced, source = accuracy_of(run)
     found = trust.localisation(numbers, method) if numbers is not None else None
     if found is None:
-        found = localisation(str(run.path), stamp(run.path / runs.ATTRIBUTION_IMAGES_FILE), method, run.config)
+        found = localisation(str(run.path), stamp(run.path / runs.ATTRIBUTION_IMAGES_FILE), method, run.record)
     level, text = trust.trust_line(balanced, source, found)
     {"trust": st.info, "doubt": st.warning, "unknown": st.info}[level](text, icon=":material/verified:" if
                                                                       level == "trust" else None)
@@ -146,3 +146,23 @@ def _report_or_problem(run_dirs: tuple, stamps: tuple) -> str:
         why = "one of the runs' saved tables could not be read" if viewer_mode() else first_line(exc)
         return (f"<!DOCTYPE html><meta charset='utf-8'><title>No report</title><p>The report could not be made: "
                 f"{html.escape(why)}</p>")
+
+
+THUMBNAILS_PER_PAGE = 12
+
+
+def thumbnail_picker(data, options: list[int], table: pd.DataFrame, classes: list[str], key: str) -> None:
+    """The images of ``options`` as thumbnails, a page of :data:`THUMBNAILS_PER_PAGE` at a time, each with a button
+    that picks it in the selectbox of ``key`` (set in the click's callback, before that widget is drawn again)."""
+    from dpaat_core.evaluate.attribution import overlay
+    with st.expander("Pick by thumbnail", expanded=False):
+        pages = max(1, -(-len(options) // THUMBNAILS_PER_PAGE))
+        page = st.number_input(f"Page (of {pages})", 1, pages, 1, key=f"{key}-thumbs-page") if pages > 1 else 1
+        shown = options[(page - 1) * THUMBNAILS_PER_PAGE: page * THUMBNAILS_PER_PAGE]
+        images = data.batch(shown)[0]
+        cols = st.columns(6)
+        for k, i in enumerate(shown):
+            with cols[k % 6]:
+                st.image(overlay(images[k], images[k, 0] * 0, 0.0), width="stretch",
+                         caption=f"#{i} · {table['class'][i]} → {classes[table['pred'][i]]}")
+                st.button("Pick", key=f"{key}-thumb-{i}", on_click=st.session_state.__setitem__, args=(key, i))

@@ -25,8 +25,9 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from dpaat_core.store import loading, runs
+from dpaat_core.store.record import RunRecord
 from dpaat_core.evaluate.attribution import clean_and_adversarial, overlay
-from dpaat_core.evaluate.audit import apgd_norm, has_gradcam, read_apgd, read_per_class, read_protocol
+from dpaat_core.evaluate.audit import has_gradcam, read_apgd, read_per_class, read_protocol
 from dpaat_core.evaluate.certify import fullest, per_class as certified_per_class, summary as certified_summary
 from dpaat_core.evaluate.class_robustness import saved as saved_by_class, weakest_sentence
 from dpaat_core.data import display_name
@@ -115,21 +116,19 @@ def _figure(fig: go.Figure) -> str:
     return text
 
 
-def describe_origin(config: dict) -> str:
+def describe_origin(record: RunRecord) -> str:
     """Where a run's model comes from, in one sentence (plain text)."""
-    model = config.get("model") or {}
-    if config.get("origin") == "imported":
-        source = config.get("source") or {}
-        return (f"imported {model.get('name')} weights from {Path(str(source.get('file', '?'))).name} "
+    model = record.model
+    if record.imported:
+        source = record.config.source
+        return (f"imported {model.name} weights from {Path(str(source.get('file', '?'))).name} "
                 f"(SHA-256 {str(source.get('sha256', '?'))[:16]}…), trained outside DPAAT Lab")
-    method = (config.get("method") or {}).get("name", "?")
-    train = config.get("train") or {}
-    init = config.get("init") or {}
-    start = init.get("run_id") or Path(str(init.get("run") or model.get("init_from") or "")).name
-    text = f"{method} training of {model.get('name')} for {train.get('epochs', '?')} epochs in DPAAT Lab"
-    attack = config.get("attack") or {}
-    if method != "erm" and attack.get("eps"):
-        text += f" (training eps {attack['eps']:g} {attack.get('norm', '')})"
+    config = record.config
+    init = record.init or {}
+    start = init.get("run_id") or Path(str(init.get("run") or model.init_from or "")).name
+    text = f"{record.method} training of {model.name} for {config.train.epochs} epochs in DPAAT Lab"
+    if record.method != "erm" and config.attack.eps:
+        text += f" (training eps {config.attack.eps:g} {config.attack.norm})"
     if not start:
         return text + ", from scratch"
     return text + (f", starting from the weights of {start}"
@@ -142,11 +141,11 @@ class RunTables:
     def __init__(self, run_dir, split: str, data: Optional[str], viewer: bool = False):
         self.path, self.split, self.viewer = Path(run_dir), split, viewer
         self.id = self.path.name
-        self.config = runs.read_config(self.path)
-        self.data = data or (self.config.get("data") or {}).get("spec")
-        self.norm = apgd_norm(self.config)
-        self.eps = {n: reference_eps(self.config, n) for n in ("l2", "linf")}
-        self.classes = list((self.config.get("dataset") or {}).get("classes") or [])
+        self.record = runs.read_record(self.path)
+        self.data = data or self.record.spec
+        self.norm = self.record.norm
+        self.eps = {n: reference_eps(self.record, n) for n in ("l2", "linf")}
+        self.classes = self.record.classes
 
         where = dict(split=split, data=self.data)
         self.protocol = runs.select(read_protocol(self.path), **where)
@@ -170,7 +169,7 @@ class RunTables:
 
     def _by_class(self, labels=None) -> tuple[pd.DataFrame, str]:
         return saved_by_class(self.protocol, self.per_class, self.curves, "pgd", self.norm, 20, self.eps[self.norm],
-                              self.classes, labels, int((self.config.get("train") or {}).get("seed") or 0))
+                              self.classes, labels, self.record.seed)
 
     def headline(self) -> dict:
         """Clean, balanced, PGD-20 (both norms; l2 also balanced), APGD and mAP, and the map's agreement and share on
@@ -203,7 +202,7 @@ def _command(run: "RunTables", command: str, extra: str = "") -> str:
     if run.viewer:
         return f"<code>python -m dpaat_core {command} &lt;store&gt;/{_esc(run.id)}{_esc(extra)}</code>"
     flags = (f" --split {run.split}" if run.split != "test" else "") + (
-        f" --data {run.data}" if run.data != (run.config.get("data") or {}).get("spec") else "")
+        f" --data {run.data}" if run.data != run.record.spec else "")
     return f"<code>python -m dpaat_core {command} {_esc(run.path)}{_esc(extra + flags)}</code>"
 
 
@@ -235,8 +234,8 @@ def _per_class_section(run: RunTables, figure: bool) -> str:
 def _run_section(run: RunTables, examples: str, figure: bool = True) -> str:
     parts = [f'<h2 id="{_esc(run.id)}">{_esc(run.id)}</h2>',
              '<table class="meta">'
-             f"<tr><td>origin</td><td>{_esc(describe_origin(run.config))}</td></tr>"
-             f"<tr><td>architecture</td><td>{_esc((run.config.get('model') or {}).get('name'))}</td></tr>"
+             f"<tr><td>origin</td><td>{_esc(describe_origin(run.record))}</td></tr>"
+             f"<tr><td>architecture</td><td>{_esc(run.record.model.name)}</td></tr>"
              f"<tr><td>data</td><td>{_esc(display_name(run.data) if run.viewer else run.data)}</td></tr>"
              f"<tr><td>classes</td><td>{_esc(', '.join(map(str, run.classes)))}</td></tr>"
              f"<tr><td>eps judged at</td><td>l2 {run.eps['l2']:g}, linf {run.eps['linf'] * 255:.3g}/255</td></tr>"
@@ -393,8 +392,7 @@ def _report_html(run_dirs, data, split, n_examples, device, seed, viewer: bool, 
     for run in items:
         try:
             if n_examples > 0:
-                key = (run.data, (run.config.get("data") or {}).get("image_size"),
-                       (run.config.get("train") or {}).get("seed", 0))
+                key = (run.data, run.record.image_size, run.record.seed)
                 if key not in picks:
                     dataset = loading.load_run_data(run.path, split, run.data)
                     picks[key] = dataset, example_index(dataset, n_examples, seed)

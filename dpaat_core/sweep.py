@@ -37,7 +37,7 @@ import pandas as pd
 from dpaat_core.store import loading
 from dpaat_core.config import METHODS, ConfigError, RunConfig
 from dpaat_core.evaluate.robustness import evaluate
-from dpaat_core.store.runs import atomic_write_json, read_config
+from dpaat_core.store.runs import atomic_write_json, read_record
 from dpaat_core.train.loop import Stopped, resolve_device, train
 
 #: what a trial's run may vary: space name -> (config section, field); ``beta`` is TRADES' name for lam
@@ -385,7 +385,7 @@ def score(run_dir: Path, objectives, eval_eps: float, eval_steps: int, device: s
     """The objectives of one finished run: its best checkpoint on its validation split."""
     model = loading.load_model(run_dir, device=device)
     val = loading.load_run_data(run_dir, "val")
-    norm = read_config(run_dir)["attack"]["norm"]
+    norm = read_record(run_dir).norm
     ev = evaluate(model, val, "pgd", norm, eval_eps, eval_steps, device=device)
     figures = {"pgd20_balanced": ev.robust_balanced_accuracy, "pgd20": ev.robust_accuracy,
                "balanced_accuracy": ev.balanced_accuracy, "accuracy": ev.accuracy, "auc": ev.auc}

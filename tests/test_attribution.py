@@ -392,3 +392,13 @@ def test_overlay_takes_grey_and_uint8_images():
     assert overlay(rgb8, np.arange(256.0).reshape(16, 16)).shape == (16, 16, 3)
     with pytest.raises(ValueError):
         overlay(grey, torch.ones(8, 8))
+
+
+def test_an_enlarged_image_repeats_each_pixel_by_a_whole_factor():
+    from dpaat_core.evaluate.attribution import enlarged
+    image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    big = enlarged(image, width=10)                                  # 10 // 3: each pixel becomes 3 x 3
+    assert big.shape == (6, 9, 3) and big.dtype == np.uint8
+    np.testing.assert_array_equal(big[::3, ::3], image)
+    np.testing.assert_array_equal(big[4, 7], image[1, 2])
+    assert enlarged(image, width=2).shape == image.shape             # never smaller than the image

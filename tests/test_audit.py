@@ -85,8 +85,13 @@ def test_audit_command_prints_the_report_and_refuses_a_run_without_data(audited,
     assert "audit" in err and "APGD check" in err                       # the one bar and each part's line
     assert read_protocol(copy).n.max() == 12
     config = json.loads((copy / "config.json").read_text())
-    config["data"]["spec"] = None                                       # as an import with --classes leaves it
+    config["data"]["spec"] = None                                       # a trained run must name its data
     (copy / "config.json").write_text(json.dumps(config))
+    assert main(["audit", str(copy), "--device", "cpu"]) == 2
+    assert "config.json: data.spec must be a data spec" in capsys.readouterr().err
+    imported = {"origin": "imported", "source": {"file": "w.pt", "sha256": "0"}, "method": {"name": "imported"},
+                "model": config["model"], "data": config["data"], "dataset": config["dataset"]}
+    (copy / "config.json").write_text(json.dumps(imported))             # as an import with --classes leaves it
     assert main(["audit", str(copy), "--device", "cpu"]) == 2
     assert "pass --data SPEC" in capsys.readouterr().err
     assert main(["audit", str(copy), "--apgd-steps", "0"]) == 2
@@ -187,6 +192,7 @@ def test_the_report_escapes_what_it_reads_from_a_run_folder(audited, tmp_path):
     config = json.loads((copy / "config.json").read_text())
     config["init"] = {"run_id": "<script>alert(1)</script>", "origin": "imported"}
     config["model"]["name"] = "<img src=x onerror=alert(2)>"
+    config["model"]["normalization"] = {"mean": [0.5] * 3, "std": [0.5] * 3}   # any name, as a start from an import
     (copy / "config.json").write_text(json.dumps(config))
     per_class = pd.read_csv(copy / "per_class.csv")
     per_class.loc[per_class.class_index == 0, "class"] = "<script>alert(3)</script>"
@@ -201,7 +207,7 @@ def test_the_report_escapes_what_it_reads_from_a_run_folder(audited, tmp_path):
     assert _scripts_allowed(text)
     config["attack"]["norm"] = "<script>alert(5)</script>"                      # not a norm at all: refused
     (copy / "config.json").write_text(json.dumps(config))
-    with pytest.raises(runs.RunError, match="attack norm must be l2 or linf"):
+    with pytest.raises(runs.RunError, match="attack.norm must be one of l2, linf"):
         report_html([copy], n_examples=0)
 
 

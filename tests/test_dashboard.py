@@ -208,12 +208,12 @@ def test_robustness_page_draws_each_classs_robust_accuracy_and_names_the_weakest
     assert metric["robust balanced accuracy"] == f"{np.nanmean(_array(robust.y)[n > 0]):.2f}"
     assert any(c.value.startswith("Figures from small-dpaat: this batch") for c in at.caption)
 
-    config = runs.read_config(own / "small-dpaat")
-    classes, where = config["dataset"]["classes"], dict(split="test", data=config["data"]["spec"])
+    record = runs.read_record(own / "small-dpaat")
+    classes, where = record.classes, dict(split="test", data=record.spec)
     per_class = pd.DataFrame({"class": classes, "n": [40, 25, 5], "accuracy": [0.9, 0.8, 0.6],
                               "robust_accuracy": [0.71, 0.5, 0.12], "average_precision": 0.5, "preset": "pgd20_l2",
                               "class_index": [0, 1, 2], **where})
-    protocol = pd.DataFrame([{"preset": "pgd20_l2", "eps": reference_eps(config, "l2"), "accuracy": 0.84,
+    protocol = pd.DataFrame([{"preset": "pgd20_l2", "eps": reference_eps(record, "l2"), "accuracy": 0.84,
                               "robust_accuracy": 0.6, **where}])
     audit.save_protocol(own / "small-dpaat", protocol, per_class)
     at.run()
@@ -233,8 +233,10 @@ def test_attribution_explorer_explains_a_test_image_and_compares_runs(store, mon
     at = _page(store, monkeypatch, "attribution")
     at.selectbox(key="run_picker_one").set_value("small-dpaat").run()
     assert at.title[0].value == "Attribution explorer"
-    images = len(at.get("image"))
+    thumbs = len([b for b in at.button if b.label == "Pick"])
+    images = len(at.get("image")) - thumbs          # the thumbnail picker's page, besides
     assert images == 1 + 3 + 2 * 2                  # colour bar; clean, perturbed, perturbation; 2 maps x 2
+    assert 0 < thumbs <= 12
     rho = [m for m in at.metric if m.label.startswith("rank agreement")]
     assert len(rho) == 2 and all(-1 <= float(m.value) <= 1 for m in rho)
     at.slider[0].set_value(0.0).run()               # eps 0: the perturbed map is the clean map
@@ -242,7 +244,7 @@ def test_attribution_explorer_explains_a_test_image_and_compares_runs(store, mon
     compare = next(s for s in at.selectbox if s.label.startswith("Compare with another run"))
     other = next(o for o in compare.options if o != "none")
     compare.set_value(other).run()                  # a second run on the same image, side by side
-    assert not at.exception and len(at.get("image")) == 1 + 2 * (3 + 2 * 2)
+    assert not at.exception and len(at.get("image")) - thumbs == 1 + 2 * (3 + 2 * 2)
     assert any(h.value.startswith(f"{other} · ") for h in at.subheader)
     at.radio[1].set_value("wrong").run()
     assert not at.exception
@@ -256,6 +258,19 @@ def test_attribution_explorer_explains_a_test_image_and_compares_runs(store, mon
         shown = next(s for s in at.selectbox if s.label == "Image")
         listed = {int(o.split(" ")[0][1:]) for o in shown.options}
         assert listed and (listed <= fragile if split == "fragile" else not listed & fragile)
+
+
+def test_a_thumbnail_picks_the_image_the_explorer_explains(store, monkeypatch):
+    at = _page(store, monkeypatch, "attribution")
+    at.selectbox(key="run_picker_one").set_value("small-dpaat").run()
+    image = next(s for s in at.selectbox if s.label == "Image")
+    picks = [b for b in at.button if b.label == "Pick"]
+    listed = [int(o.split(" ")[0][1:]) for o in image.options]
+    assert {int(b.key.rsplit("-", 1)[1]) for b in picks} == set(listed[:12])   # the first page of the list
+    wanted = int(picks[3].key.rsplit("-", 1)[1])
+    assert image.value != wanted
+    picks[3].click().run()
+    assert not at.exception and next(s for s in at.selectbox if s.label == "Image").value == wanted
 
 
 def test_attribution_explorer_shows_the_runs_attribution_numbers(tmp_path, store, monkeypatch):
@@ -436,7 +451,7 @@ def test_viewer_mode_offers_nothing_that_reads_a_path_starts_a_process_or_writes
         at.switch_page(f"views/{page}.py").run()
         assert not at.exception, page
         assert not at.text_input and not at.get("form"), page                             # no path box, no form
-        assert {b.label for b in at.button} <= {"Open in the explorer"}, page              # only moves between pages
+        assert {b.label for b in at.button} <= {"Open in the explorer", "Enlarge", "Pick"}, page   # moves, looks
         assert not at.get("download_button") or page == "runs", page
     at.switch_page("views/robustness.py").run()
     at.radio(key="robustness-view").set_value("Natural corruptions").run()            # the other view too
@@ -556,7 +571,7 @@ def test_attribution_explorer_explains_under_a_natural_corruption(store, monkeyp
     assert not at.exception
     assert any("gaussian noise, noise std 0.26" in c.value for c in at.caption)
     rho = [float(m.value) for m in at.metric if m.label.startswith("rank agreement")]
-    assert len(at.get("image")) == 1 + 3 + 2 * 2
+    assert len(at.get("image")) - len([b for b in at.button if b.label == "Pick"]) == 1 + 3 + 2 * 2
     from dpaat_core.store import loading
     from dpaat_core.evaluate.attribution import clean_and_corrupted, spearman
     index = int(next(s for s in at.selectbox if s.label == "Image").value)
@@ -585,13 +600,16 @@ def test_gallery_shows_every_test_image_worst_first_and_opens_one_in_the_explore
     assert list(by_class.n) == list(test.class_counts) and (expected.robust_accuracy <= expected.accuracy).all()
     assert any("**Weakest class** · small-dpaat: robust accuracy" in c.value for c in at.caption)
     first = gallery.order(numbers, "looks away from the lesion")["index"].tolist()
-    tiles = [int(b.key.split("-")[1]) for b in at.button]                   # column by column: 4 columns, row-major
+    tiles = [int(b.key.split("-")[1]) for b in at.button if b.key.startswith("open-")]   # column by column, row-major
     assert tiles == [first[k] for c in range(4) for k in range(c, len(first), 4)]   # lowest lesion share first
     at.radio[1].set_value("wrong").run()                                     # the prediction filter
     wrong = set(numbers.index[numbers.pred_clean != numbers.label])
-    assert {int(b.key.split("-")[1]) for b in at.button} == wrong
+    assert {int(b.key.split("-")[1]) for b in at.button if b.key.startswith("open-")} == wrong
     at.radio[1].set_value("all").run()
     pick = next(i for i in first if i != 0)                                  # not the explorer's default image
+    shown = len(at.get("image"))
+    at.button(key=f"large-{pick}").click().run()                             # one tile, large, in a dialog
+    assert not at.exception and len(at.get("image")) == shown + 2            # the tile and its colour bar
     next(b for b in at.button if b.key == f"open-{pick}").click().run()      # a click opens it in the explorer
     assert not at.exception and at.title[0].value == "Attribution explorer"
     assert next(s for s in at.selectbox if s.label == "Image").value == pick
@@ -763,7 +781,7 @@ def test_gallery_sorts_by_the_smallest_certified_radius(certified_store, monkeyp
     saved = runs.read_certified(certified_store / "small-dpaat")
     key = saved["radius"].where(saved["prediction"] >= 0, -1.0)
     want = saved.assign(key=key).sort_values(["key", "index"])["index"].tolist()
-    tiles = [int(b.key.split("-")[1]) for b in at.button]
+    tiles = [int(b.key.split("-")[1]) for b in at.button if b.key.startswith("open-")]
     assert tiles == [want[k] for c in range(4) for k in range(c, len(want), 4)]
     captions = " ".join(str(i.proto) for i in at.get("image"))
     assert (" · abstains" in captions) or re.search(r" · r \d\.\d\d \(\w", captions)

@@ -45,7 +45,7 @@ def test_a_dpaat_run_memory_moves_each_sample_by_its_split(tmp_path):
                               train={"epochs": 3, "batch_size": 16, "device": "cpu", "early_stop": "none"})
     run = train(cfg, store=tmp_path, run_id="d")
     m = run_memory(run)
-    eps0, lo, hi = eps_bounds(runs.read_config(run))
+    eps0, lo, hi = eps_bounds(runs.read_record(run).config)
     assert (eps0, lo, hi) == (pytest.approx(0.3), pytest.approx(0.075), pytest.approx(0.6))
     assert list(m["by_epoch"]["epoch"]) == [1, 2, 3] and len(m["transitions"]) == 2
     first = m["by_epoch"].iloc[0]

@@ -28,7 +28,7 @@ def make_config(model="resnet8", num_classes=7, spec="npz:/data/ham10000_sample.
         "format": 1, "data": {"spec": spec, "image_size": 28, "max_samples": None, "root": None},
         "model": {"name": model, "pretrained": False},
         "attack": {"norm": "l2", "eps": 0.5, "alpha_ratio": 0.25, "steps": 3},
-        "method": {"name": "dpaat", "gamma": 1.0},
+        "method": {"name": "dpaat", "gamma": 0.5},
         "train": {"epochs": 3, "batch_size": 32, "lr": 0.01, "seed": 0},
         "dataset": {"classes": [f"c{i}" for i in range(num_classes)], "num_classes": num_classes, "in_channels": 3,
                     "image_size": 28, "train_size": 100, "val_size": 20},
@@ -383,3 +383,38 @@ def test_readers_see_whole_records_while_a_run_is_written(tmp_path, monkeypatch)
     thread.join()
     assert errors == [] and len(read_metrics(run_dir)) == 200 and reads > 1
     assert leftovers(run_dir) == []
+
+
+def test_a_run_record_types_a_trained_run_an_imported_one_and_refuses_a_bad_one(tmp_path):
+    from dpaat_core.config import RunConfig, method_config
+    from dpaat_core.store.record import ImportedModel, RunRecord
+    dataset = {"classes": ["a", "b", "c"], "num_classes": 3, "in_channels": 3, "image_size": 16, "train_size": 30,
+               "val_size": 6, "train_class_counts": [10, 10, 10], "source_path": "x.npz", "added_later": 1}
+    trained = RunConfig().replace(data={"spec": "npz:x.npz", "image_size": 16}, method=method_config("pgd_at"),
+                                  attack={"norm": "linf", "eps": 0.01}, train={"seed": 7})
+    create_run(tmp_path, trained.to_dict() | {"dataset": dataset, "init": {"run_id": "src"}}, "t")
+    imported = {"origin": "imported", "source": {"file": "w.pt", "sha256": "ab"}, "method": {"name": "imported"},
+                "model": {"name": "convnext_tiny", "pretrained": False, "normalization": {"mean": [0.5] * 3,
+                                                                                          "std": [0.5] * 3}},
+                "data": {"spec": "npz:y.npz", "image_size": 32}, "dataset": dataset | {"image_size": 32}}
+    create_run(tmp_path, imported, "i")
+    t, i = runs.read_record(tmp_path / "t"), runs.read_record(tmp_path / "i")
+    assert isinstance(t, RunRecord) and t.config == trained and not t.imported
+    assert (t.method, t.spec, t.seed, t.norm, t.attack.eps, t.classes, t.origin) == \
+        ("pgd_at", "npz:x.npz", 7, "linf", 0.01, ["a", "b", "c"], "from src")
+    assert t.dataset.train_class_counts == (10, 10, 10) and t.dataset.image_size == 16
+    assert isinstance(i.config, ImportedModel) and i.imported and i.attack is None
+    assert (i.method, i.spec, i.seed, i.norm, i.origin, i.model.name, i.config.source["file"]) == \
+        ("imported", "npz:y.npz", 0, "l2", "imported", "convnext_tiny", "w.pt")
+    listed = {r.run_id: r for r in list_runs(tmp_path)}
+    assert listed["t"].record == t and (listed["t"].eps, listed["t"].norm, listed["t"].epochs) == (0.01, "linf", 10)
+    assert (listed["i"].eps, listed["i"].norm, listed["i"].origin) == (None, None, "imported")
+
+    bad = trained.to_dict() | {"dataset": dataset}
+    bad["attack"]["norm"] = "l7"
+    create_run(tmp_path, bad, "bad")
+    with pytest.raises(RunError, match=r"config.json: attack.norm must be one of l2, linf, got 'l7'"):
+        runs.read_record(tmp_path / "bad")
+    run = load_run(tmp_path / "bad")
+    assert run.state == "corrupt" and run.record is None and "attack.norm" in run.problem
+    assert run.method is None and run.classes is None

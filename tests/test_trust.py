@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from dpaat_core.store import runs
+from dpaat_core.store.record import parse_record
 from dpaat_core.evaluate import trust
 
 
@@ -46,7 +47,7 @@ def test_what_is_not_measured_is_said():
 
 
 def test_the_accuracy_comes_from_the_audit_then_the_curve_then_validation(tmp_path):
-    config = {"data": {"spec": "npz:x.npz"}}
+    config = parse_record({"data": {"spec": "npz:x.npz"}, "dataset": {"classes": ["a", "b"]}})
     assert trust.accuracy(tmp_path, config, {"val_balanced_accuracy": 0.5}) == (0.5, "validation split, best epoch")
     pd.DataFrame({"attack": "pgd", "norm": "l2", "steps": 20, "monotone": True, "split": "test", "data": "npz:x.npz",
                   "eps": [0.0, 0.3], "accuracy": [0.7, 0.4], "balanced_accuracy": [0.61, 0.3], "n": 50}
@@ -62,8 +63,8 @@ def test_the_shipped_demo_maps_are_flagged_for_what_they_are():
     """The hardened MobileNet's maps sit at chance on the test split, and the line says so in words."""
     run = runs.load_run(Path(__file__).resolve().parents[1] / "checkpoints"
                         / "demo-hardened-mobilenet_v3_small-ham10000")
-    balanced, source = trust.accuracy(run.path, run.config, run.best)
-    where = trust.saved_localisation(run.path, run.config, "gradcam")
+    balanced, source = trust.accuracy(run.path, run.record, run.best)
+    where = trust.saved_localisation(run.path, run.record, "gradcam")
     level, text = trust.trust_line(balanced, source, where)
     assert where is not None and where.images > 100 and where.low < trust.LOCALISATION_MARGIN
     assert level == "doubt" and "no more often than chance" in text

@@ -6,7 +6,8 @@ from dashboard import charts
 from dashboard.state import comparable_runs, model, run_data, unreadable
 from dashboard.tables import certificate_text, image_certificate
 from dashboard.compute import EXPLORER_STEPS, corrupted_explanation, explanation, predictions
-from dashboard.widgets import data_spec_input, eps_slider, run_picker, training_split_filter, trust_notice
+from dashboard.widgets import (data_spec_input, eps_slider, run_picker, thumbnail_picker, training_split_filter,
+                               trust_notice)
 from dpaat_core.store import runs
 from dpaat_core.attack.attacks import ATTACKS
 from dpaat_core.evaluate.corruptions import NAMES, SEVERITIES, describe
@@ -33,9 +34,9 @@ if not usable:
 run = usable[0]
 if model(run) is None:   # unreadable weights: the warning says which run, the rest of the app works
     st.stop()
-classes = run.config["dataset"]["classes"]
+classes = run.record.classes
 trust_notice(run)
-size, channels = run.config["dataset"]["image_size"], run.config["dataset"]["in_channels"]
+size, channels = run.record.dataset.image_size, run.record.dataset.in_channels
 
 SOURCES = ["Test split", "Training split (fragile or stable in training)", "Upload a JPEG or PNG"]
 source = st.radio("Image", SOURCES, horizontal=True, key=f"source{fresh}",
@@ -70,6 +71,7 @@ else:
             index = st.selectbox("Image", options, key=f"image{fresh}",
                                  index=options.index(wanted_image) if wanted_image in options else 0,
                                  format_func=lambda i: f"#{i} · {table['class'][i]} · predicted {classes[table['pred'][i]]}")
+            thumbnail_picker(data, options, table, classes, f"image{fresh}")
             x, y = data.batch([index])
             label, image_index = int(y[0]), int(index)
 if x is None:
@@ -87,7 +89,7 @@ if kind == "natural corruption":
 else:
     attack = kind
     norm = c2.selectbox("Norm", ["l2", "linf"])
-    eps0 = reference_eps(run.config, norm)
+    eps0 = reference_eps(run.record, norm)
     eps = eps_slider(c3, eps0)
     if certificate is not None and norm == "l2":   # the slider's scale with the image's guarantee on it
         c3.plotly_chart(charts.radius_strip(eps, certificate["radius"], 4 * eps0), key="radius-strip",

@@ -17,7 +17,7 @@ if not picked:
     st.stop()
 run = picked[0]
 if run.origin == "imported":
-    source = (run.config.get("source") or {}).get("file", "a weights file")
+    source = run.record.config.source.get("file", "a weights file")
     st.info(f"{run.run_id} was imported from {Path(source).name}: it has no training history here. Its robustness, "
             "corruptions and attribution maps are on the other pages.")
     st.stop()
@@ -25,8 +25,8 @@ epochs = runs.dynamics_epochs(run.path)
 if not epochs:
     st.info(f"{run.run_id} has no completed epoch yet.")
     st.stop()
-attack = run.config.get("attack", {})
-st.caption(f"{run.run_id} · {run.method} · {run.model} · {attack.get('norm')} eps0 {attack.get('eps')} · "
+attack = run.record.attack
+st.caption(f"{run.run_id} · {run.method} · {run.model} · {attack.norm} eps0 {attack.eps:g} · "
            f"{len(epochs)} epoch(s) · {run.state}")
 
 by_epoch = {e: d for e in epochs if (d := dynamics(run, e)) is not None}   # an unreadable epoch is warned about
@@ -40,9 +40,8 @@ threshold = float(row["threshold_mean"].iloc[0]) if len(row) and "threshold_mean
 
 left, right = st.columns(2)
 left.plotly_chart(charts.delta_loss_histogram(frame, threshold, epoch), key="hist")
-right.plotly_chart(charts.fragile_fraction_chart(run.metrics, run.config["dataset"]["classes"]), key="fragile")
-left.plotly_chart(charts.eps_distribution_chart(by_epoch, attack.get("eps"),
-                                                norm=attack.get("norm", "l2")), key="eps")
+right.plotly_chart(charts.fragile_fraction_chart(run.metrics, run.record.classes), key="fragile")
+left.plotly_chart(charts.eps_distribution_chart(by_epoch, attack.eps, norm=attack.norm), key="eps")
 if epoch - 1 in by_epoch:
     right.plotly_chart(charts.transition_heatmap(by_epoch[epoch - 1], frame, epoch), key="heat")
 else:

@@ -9,7 +9,7 @@ from dashboard.compute import EXPLORER_STEPS, gallery_eps, gallery_maps, gallery
 from dashboard.widgets import data_spec_input, run_picker, training_split_filter, trust_notice
 from dpaat_core.evaluate import gallery
 from dpaat_core.evaluate.class_robustness import balanced, weakest_sentence
-from dpaat_core.evaluate.attribution import colour_bar, method_label, overlay, prediction_words
+from dpaat_core.evaluate.attribution import colour_bar, enlarged, method_label, overlay, prediction_words
 
 st.title("Gallery")
 data_spec_input()
@@ -18,7 +18,7 @@ if not picked or model(picked[0]) is None:
     st.info("Pick a run with trained weights in the sidebar.")
     st.stop()
 run = picked[0]
-classes = run.config["dataset"]["classes"]
+classes = run.record.classes
 st.caption("Every image of a split with its map on the clean image and on the attacked one (PGD-"
            f"{EXPLORER_STEPS}, l2, the run's training eps: the explorer's setting), sorted so that the images that "
            "need a look come first. Uploaded images are explained one at a time in the Attribution explorer; the "
@@ -121,6 +121,12 @@ def pair(maps: dict, k: int, index: int) -> np.ndarray:
                            overlay(maps["x_adv"][k], maps["map_adv"][k], alpha, mask=edge)], axis=1)
 
 
+@st.dialog("One image, large", width="large")
+def show_large(tile: np.ndarray, caption: str):
+    st.image(enlarged(tile), caption=caption, width="stretch")
+    st.image(colour_bar(), caption=f"{method_label(method)}: low → high", width="stretch")
+
+
 maps = gallery_maps(run, data, split, shown["index"].tolist(), method)
 maps_b = gallery_maps(other, data, split, shown["index"].tolist(), method) if other is not None else None
 by_index_b = numbers_b.set_index("index") if numbers_b is not None else None
@@ -140,6 +146,9 @@ for k, row in enumerate(shown.itertuples(index=False)):
             f" · lesion {b.energy_clean:.0%}" if "energy_clean" in b and b.energy_clean == b.energy_clean else "")
     with cols[k % 4]:
         st.image(tile, caption=caption, width="stretch")
-        if st.button("Open in the explorer", key=f"open-{row.index}"):
+        large, explore = st.columns(2)
+        if large.button("Enlarge", key=f"large-{row.index}", help="this image and its maps, large"):
+            show_large(tile, caption)
+        if explore.button("Open in the explorer", key=f"open-{row.index}"):
             st.session_state["explorer_pick"] = {"run": run.run_id, "split": split, "index": int(row.index)}
             st.switch_page("views/attribution.py")

@@ -93,7 +93,7 @@ if view == VIEWS[0]:
     attack = c1.selectbox("Attack", list(ATTACKS), index=0, format_func=lambda a: ATTACKS[a].label)
     norm = c2.selectbox("Norm", ["l2", "linf"], index=0)
     n = c3.number_input("Images", min_value=4, max_value=64, value=16, step=4)
-    eps0 = reference_eps(run.config, norm)
+    eps0 = reference_eps(run.record, norm)
     eps = eps_slider(st, eps0)
     data = run_data(run, "test") if model(run) is not None else None
     live = live_attack(run, data, int(n), attack, norm, eps) if data is not None else None   # seeded, cached
@@ -116,6 +116,6 @@ if view == VIEWS[0]:
     per_class_section(selected, curves, run, live, data, attack, norm, eps)
     if live is not None:
         st.caption("Every image of the batch: clean (left) and attacked (right), with the prediction in words.")
-        batch_grid(live, run.config["dataset"]["classes"], f"{attack.upper()} eps {eps:.3g}")
+        batch_grid(live, run.record.classes, f"{attack.upper()} eps {eps:.3g}")
 else:
     corruption_panel.show(selected)

@@ -27,7 +27,7 @@ data = c1.text_input("Data spec", default_data, key="train-data",
 model_name = c2.selectbox("Model", MODEL_NAMES, index=MODEL_NAMES.index("resnet8"), key="train-model")
 method = c3.selectbox("Method", list(METHODS), index=list(METHODS).index("dpaat"), key="train-method")
 preset = METHODS[method]
-starts = {r.run_id: r for r in list_runs() if r.has_weights and r.config is not None}
+starts = {r.run_id: r for r in list_runs() if r.has_weights and r.record is not None}
 start = st.selectbox("Start from a run's weights (imported or trained here)", ["none (fresh weights)", *starts],
                      help="Same architecture and classes: the Model box is then the source run's. This is how "
                           "a model of your own is hardened with DPAAT: import it, then start from it.")

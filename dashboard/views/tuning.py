@@ -86,7 +86,7 @@ if names:
     st.subheader("Trials")
     table = trials[keep | (trials["state"] != "complete")].reset_index(drop=True)   # unfinished trials stay listed
     st.dataframe(table, hide_index=True, width="stretch", key=f"trials-{name}")
-    known = {r.run_id for r in list_runs() if r.config is not None}
+    known = {r.run_id for r in list_runs() if r.record is not None}
     openable = [r for r in table["run"] if r in known]
     if openable:
         c1, c2 = st.columns([2, 3])

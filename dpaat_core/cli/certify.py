@@ -45,12 +45,12 @@ def _certify(args: argparse.Namespace) -> int:
         raise ConfigError(f"--{str(exc).replace('_', '-')}") from None
     runs.check_not_training(args.run_dir, "certify")
     device = resolve_device(args.device)
-    config = runs.read_config(args.run_dir)
+    record = runs.read_record(args.run_dir)
     model = loading.load_model(args.run_dir, device=device)
     dataset = loading.load_run_data(args.run_dir, args.split, args.data, progress=True)
-    data = args.data or config["data"]["spec"]
+    data = args.data or record.spec
     # the draw evaluate makes (load_run_data caps with the run's split seed): both commands see the same images
-    indices = sample_indices(len(dataset), args.max_samples, (config.get("train") or {}).get("seed", 0)).numpy()
+    indices = sample_indices(len(dataset), args.max_samples, record.seed).numpy()
     try:
         frame = certify_dataset(model, dataset, args.sigma, n0=args.n0, n=args.n, alpha=args.alpha, indices=indices,
                                 seed=args.seed, batch_size=args.batch_size, progress=True)

@@ -121,7 +121,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                               "corruption grid always covers the whole split)")
     runs.check_not_training(args.run_dir, "evaluate")
     device = resolve_device(args.device)
-    config = runs.read_config(args.run_dir)
+    record = runs.read_record(args.run_dir)
     model = loading.load_model(args.run_dir, device=device)
     dataset = loading.load_run_data(args.run_dir, args.split, args.data, args.max_samples, progress=True)
     shape = (dataset.in_channels, dataset.image_size, dataset.image_size)
@@ -130,18 +130,18 @@ def _evaluate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--eps-grid: {norm} eps above {max_eps(norm, shape):.4g} means nothing for "
                               f"{'x'.join(map(str, shape))} images in [0, 1] (got {max(args.eps_grid):g})")
     if args.corruptions:
-        return _corruptions(args, model, dataset, config, device)
+        return _corruptions(args, model, dataset, record, device)
     frames = []
     for norm in args.norm:
-        grid = args.eps_grid or default_grid(config, norm)
+        grid = args.eps_grid or default_grid(record, norm)
         for attack in args.attack:
             frame = robustness_curve(model, dataset, grid, attack, norm, args.steps, monotone=not args.raw,
                                      batch_size=args.batch_size, device=device, seed=args.seed, progress=True,
                                      amp=args.amp)
-            frames.append(frame.assign(split=args.split, data=args.data or config["data"]["spec"]))
+            frames.append(frame.assign(split=args.split, data=args.data or record.spec))
     curves = pd.concat(frames, ignore_index=True)
     path = _save_or_keep(lambda: runs.save_robustness(args.run_dir, curves), curves, args.run_dir, "robustness")
-    print(f"accuracy on {len(dataset)} {args.split} images of {args.data or config['data']['spec']} "
+    print(f"accuracy on {len(dataset)} {args.split} images of {args.data or record.spec} "
           f"({'each eps on its own' if args.raw else 'worst case over the grid up to eps'})")
     for norm, part in curves.groupby("norm", sort=False):
         table = part.pivot_table(index=["eps", "eps_rms"], columns="attack", values=["accuracy", "balanced_accuracy"])
@@ -149,9 +149,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(table.to_string(float_format=lambda v: f"{v:.4g}"))
     print(f"wrote {path}", file=sys.stderr)
     if args.protocol:
-        eps = {norm: reference_eps(config, norm) for norm in ("l2", "linf")}
+        eps = {norm: reference_eps(record, norm) for norm in ("l2", "linf")}
         from dpaat_core.evaluate.audit import protocol_rows, save_protocol  # merged: other splits' and data's rows (an audit's) kept
-        where = dict(split=args.split, data=args.data or config["data"]["spec"])
+        where = dict(split=args.split, data=args.data or record.spec)
         rows = [protocol_rows(preset, ev, **where) for preset, ev in
                 protocol_evaluations(model, dataset, eps, batch_size=args.batch_size, device=device, seed=args.seed,
                                      progress=True, amp=args.amp)]
@@ -164,11 +164,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _corruptions(args: argparse.Namespace, model, dataset, config: dict, device) -> int:
+def _corruptions(args: argparse.Namespace, model, dataset, record, device) -> int:
     from dpaat_core.store import runs
     from dpaat_core.evaluate.corruption_eval import CLEAN, corruption_error, corruption_grid
 
-    data = args.data or config["data"]["spec"]
+    data = args.data or record.spec
     reference = None
     if args.reference:      # read before the work: a bad reference fails in a second, not after the grid
         if not (Path(args.reference) / "config.json").is_file():

@@ -128,7 +128,7 @@ def evaluating(run_dir: str | Path) -> dict | None:
     and the ``line`` of output it last printed), else None."""
     job, log = _job_files(Path(run_dir))
     try:
-        info = runs._read_json(job)
+        info = runs.read_json(job)
     except (runs.RunError, OSError):
         return None
     if not liveness.same_process(info.get("pid"), info):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import asdict, fields
 import signal
 import sys
 import threading
@@ -16,10 +17,23 @@ from dpaat_core.cli.args import add_device_arg
 from dpaat_core.config import EARLY_STOP, IMBALANCE, METHODS, SCHEDULES, SECTIONS, ConfigError, RunConfig, method_config
 from dpaat_core.models import MODEL_NAMES
 
-#: flags that describe a run; ``--resume`` takes them from the run's config.json instead.
-_RUN_FLAGS = ("config", "data", "model", "method", "epochs", "batch_size", "image_size", "norm", "eps", "alpha_ratio", "steps",
-              "gamma", "threshold", "sync", "beta_clean", "lam", "memoryless", "class_renorm", "sigma", "lr", "weight_decay", "schedule",
-              "imbalance", "early_stop", "patience", "augment", "seed", "max_samples", "root", "pretrained", "init_from", "name")
+#: settings a resume may change; every other train flag describes the run, and ``--resume`` takes it from config.json
+RESUME_OPTIONS = ("device", "compile", "max_minutes")
+
+
+def field_flags(args: argparse.Namespace) -> dict[str, tuple[str, ...]]:
+    """The train flags that set the config field of their own name, by section (``--image-size`` sets
+    ``data.image_size``), read off config's dataclasses: a new field needs its flag and nothing else here.
+    ``--name`` is the run's name, not ``model.name``; ``--data``, ``--model`` and ``--method`` are handled apart."""
+    dests, defaults = set(vars(args)) - {"name"}, RunConfig()
+    return {section: tuple(f.name for f in fields(getattr(defaults, section)) if f.name in dests)
+            for section in SECTIONS}
+
+
+def run_flags(args: argparse.Namespace) -> tuple[str, ...]:
+    """The flags that describe a run (refused beside ``--resume``)."""
+    return ("config", "data", "model", "method", "name", *(
+        name for names in field_flags(args).values() for name in names if name not in RESUME_OPTIONS))
 
 
 def add_train_parser(sub) -> None:
@@ -142,13 +156,10 @@ def _source_data(run_dir) -> dict:
         what = "no such folder" if not Path(run_dir).exists() else "a file, not a run folder"
         raise ConfigError(f"--init-from {run_dir}: {what}; give the run folder whose weights training starts from")
     try:
-        config = runs.read_config(run_dir)
+        record = runs.read_record(run_dir)
     except runs.RunError as exc:
         raise ConfigError(f"--init-from {run_dir}: not a run to start from ({exc})") from None
-    return {**(config.get("data") or {}), "seed": (config.get("train") or {}).get("seed")}
-
-
-_METHOD_FLAGS = ("gamma", "threshold", "sync", "beta_clean", "lam", "memoryless", "class_renorm", "sigma")
+    return {**(asdict(record.data) if record.data else {}), "seed": None if record.imported else record.seed}
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -167,20 +178,14 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             raise ConfigError(f"train needs {', '.join(missing)} (or --config FILE, or --resume RUN_DIR)")
     cfg = read_config_file(args.config) if args.config is not None else RunConfig()
     given = lambda name: getattr(args, name) is not None  # noqa: E731
-    changes = {}
-    for section, names in (("data", ("image_size", "max_samples", "root")), ("model", ("pretrained",)),
-                           ("attack", ("norm", "eps", "alpha_ratio", "steps")),
-                           ("train", ("epochs", "batch_size", "lr", "weight_decay", "schedule", "imbalance",
-                                      "early_stop", "patience", "augment", "seed", "device", "compile",
-                                      "max_minutes"))):
-        changes[section] = {name: getattr(args, name) for name in names if given(name)}
+    changes = {section: {name: getattr(args, name) for name in names if given(name)}
+               for section, names in field_flags(args).items()}
     if given("data"):
         changes["data"]["spec"] = args.data
     if given("model"):
         changes["model"]["name"] = args.model
-    if given("init_from"):   # without --model, the source run's architecture (``train.init_source``)
-        changes["model"]["init_from"] = args.init_from
-    flags = {n: getattr(args, n) for n in _METHOD_FLAGS if given(n)}
+    # (--init-from without --model: the source run's architecture, ``train.init_source``)
+    flags = changes.pop("method")
     if given("method"):                      # a method named on the command line starts from its own preset
         changes["method"] = method_config(args.method, **flags)
     elif flags:                              # flags on top of the config file's method
@@ -221,7 +226,7 @@ class _Bar:
 def _train(args: argparse.Namespace) -> int:
     from dpaat_core.train import loop as train
     if args.resume:
-        clash = [f"--{n.replace('_', '-')}" for n in _RUN_FLAGS if getattr(args, n, None) is not None]
+        clash = [f"--{n.replace('_', '-')}" for n in run_flags(args) if getattr(args, n, None) is not None]
         if clash:
             raise ConfigError(f"--resume takes every setting from the run's config.json; drop {', '.join(clash)}")
     else:

@@ -363,6 +363,13 @@ def overlay(image, attribution, alpha: float = 0.5, cmap: str = CMAP, mask=None)
     return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
 
 
+def enlarged(image: np.ndarray, width: int = 768) -> np.ndarray:
+    """``image`` (``[H, W, C]``) repeated pixel by pixel by the largest whole factor that keeps it within ``width``
+    (at least 1): shown large, a 64 px map keeps its sharp pixels instead of the browser's blur."""
+    factor = max(1, width // image.shape[1])
+    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+
+
 def colour_bar(width: int = 256, height: int = 12, cmap: str = CMAP) -> np.ndarray:
     """The maps' colour scale as a uint8 ``[height, width, 3]`` strip, low (left) to high (right)."""
     ramp = matplotlib.colormaps[cmap](np.linspace(0, 1, width))[None, :, :3]
@@ -402,11 +409,11 @@ def attribution_table(run_dir, methods, n=256, split="test", data=None, eps=None
     :func:`attribution_report` (a ``method`` column added), with the settings as columns. ``n``:
     a seeded draw of that many images, or None for every image in index order. ``model`` and ``dataset``: the
     run's, already loaded (on ``device``; the ``split`` of ``data``), instead of reading them again."""
-    config = runs.read_config(run_dir)
-    eps = reference_eps(config, norm) if eps is None else eps
+    record = runs.read_record(run_dir)
+    eps = reference_eps(record, norm) if eps is None else eps
     model = loading.load_model(run_dir, device=device) if model is None else model
     dataset = loading.load_run_data(run_dir, split, data) if dataset is None else dataset
-    settings = dict(eps=eps, norm=norm, steps=steps, split=split, data=data or config["data"]["spec"])
+    settings = dict(eps=eps, norm=norm, steps=steps, split=split, data=data or record.spec)
     means, images = [], []
     for method in methods:
         report = attribution_report(model, dataset, eps, method=method, norm=norm, steps=steps,

@@ -29,9 +29,10 @@ from dpaat_core.evaluate.robustness import PRESETS, default_grid, protocol_evalu
 from dpaat_core.models import NoGradCamLayer, gradcam_layer
 from dpaat_core.evaluate.strong import strong_robustness
 
-PROTOCOL_FILE, PER_CLASS_FILE, APGD_FILE = "protocol.csv", "per_class.csv", "apgd.csv"
-PROTOCOL_KEYS = ("preset", "split", "data")
-APGD_KEYS = ("norm", "split", "data")
+PROTOCOL_FILE, PER_CLASS_FILE, APGD_FILE = (runs.TABLES[t].file for t in ("protocol", "per_class", "apgd"))
+PROTOCOL_KEYS, APGD_KEYS = runs.TABLES["protocol"].keys, runs.TABLES["apgd"].keys
+read_protocol, read_per_class, read_apgd = (runs.TABLES[t].read for t in ("protocol", "per_class", "apgd"))
+save_apgd = runs.TABLES["apgd"].save
 #: the attribution maps an audit measures: Grad-CAM where the model has a layer for it, and saliency
 AUDIT_METHODS = ("gradcam", "saliency")
 
@@ -39,9 +40,9 @@ AUDIT_METHODS = ("gradcam", "saliency")
 def save_protocol(run_dir, table: pd.DataFrame, per_class: Optional[pd.DataFrame] = None) -> Path:
     """Merge protocol rows (one per preset) into ``protocol.csv`` and their per-class rows into ``per_class.csv``:
     rows of the same preset, split and data are replaced, others kept."""
-    path = runs.merge_table(run_dir, PROTOCOL_FILE, table, PROTOCOL_KEYS, [], read_protocol)
+    path = runs.TABLES["protocol"].save(run_dir, table)
     if per_class is not None:
-        runs.merge_table(run_dir, PER_CLASS_FILE, per_class, PROTOCOL_KEYS, ["class_index"], read_per_class)
+        runs.TABLES["per_class"].save(run_dir, per_class)
     return path
 
 
@@ -49,41 +50,6 @@ def protocol_rows(preset: str, evaluation, **where) -> tuple[dict, pd.DataFrame]
     """One preset's row of ``protocol.csv`` and its rows of ``per_class.csv`` (``where``: split and data)."""
     per_class = evaluation.per_class.assign(preset=preset, class_index=np.arange(len(evaluation.per_class)), **where)
     return {"preset": preset, **evaluation.summary(), **where}, per_class
-
-
-def save_apgd(run_dir, table: pd.DataFrame) -> Path:
-    """Merge APGD-check rows into ``apgd.csv``: the row of the same norm, split and data is replaced."""
-    return runs.merge_table(run_dir, APGD_FILE, table, APGD_KEYS, [], read_apgd)
-
-
-def read_protocol(run_dir) -> pd.DataFrame:
-    """The run's ``protocol.csv`` (empty frame if none): one row per preset, split and data with accuracy,
-    robust_accuracy, balanced_accuracy, robust_balanced_accuracy, mean_average_precision, eps and n. A file from
-    before the table had a ``data`` (or ``split``) column gets an empty one: its rows match no data spec."""
-    frame = runs.read_table(Path(run_dir) / PROTOCOL_FILE, ["preset", "accuracy", "robust_accuracy", "eps"])
-    return frame.assign(**{key: frame[key] if key in frame else None for key in ("split", "data")})
-
-
-def read_per_class(run_dir) -> pd.DataFrame:
-    """The run's ``per_class.csv`` (empty frame if none): one row per preset, split, data and class with n,
-    accuracy, robust_accuracy and average_precision."""
-    return runs.read_table(Path(run_dir) / PER_CLASS_FILE, [*PROTOCOL_KEYS, "class_index", "class", "n", "accuracy",
-                                                            "robust_accuracy", "average_precision"])
-
-
-def read_apgd(run_dir) -> pd.DataFrame:
-    """The run's ``apgd.csv`` (empty frame if none): one row per norm, split and data with the PGD-20 and the
-    APGD (worst case) robust accuracy."""
-    return runs.read_table(Path(run_dir) / APGD_FILE, [*APGD_KEYS, "eps", "pgd20", "robust_accuracy"])
-
-
-def apgd_norm(config: dict) -> str:
-    """The norm a run's APGD check runs in: the norm it trained in, l2 for an imported model; a config that names
-    another is a :class:`~dpaat_core.store.runs.RunError`."""
-    norm = ((config or {}).get("attack") or {}).get("norm") or "l2"
-    if norm not in ("l2", "linf"):
-        raise runs.RunError(f"config.json: attack norm must be l2 or linf, got {str(norm)[:40]!r}")
-    return norm
 
 
 def has_gradcam(model) -> bool:
@@ -102,14 +68,14 @@ def audit(run_dir, data: Optional[str] = None, split: str = "test", max_samples:
     each part's tables merged into the run as soon as it is done. ``data``: a data spec (default the run's own);
     ``n_attribution``: images explained (a seeded draw; None: all, which the dashboard's gallery sorts); ``log``: where each part's one-line result goes.
     Returns ``{"protocol", "per_class", "curves", "apgd", "attribution", "skipped"}``."""
-    config = runs.read_config(run_dir)
-    spec = data or (config.get("data") or {}).get("spec")
+    record = runs.read_record(run_dir)
+    spec = data or record.spec
     if not spec:
         raise runs.RunError(f"{run_dir}: the run names no data (an import with --classes only): pass --data SPEC")
     model = loading.load_model(run_dir, device=device)
     dataset = loading.load_run_data(run_dir, split, spec, max_samples, progress=progress)
-    eps = {norm: reference_eps(config, norm) for norm in ("l2", "linf")}
-    norm = apgd_norm(config)
+    eps = {norm: reference_eps(record, norm) for norm in ("l2", "linf")}
+    norm = record.norm   # the APGD check runs in the training norm, l2 for an imported model
     methods = [m for m in AUDIT_METHODS if m != "gradcam" or has_gradcam(model)]
     where = dict(split=split, data=spec)
     bar = tqdm(total=len(PRESETS) + 2 + 1 + len(methods), desc="audit", unit="part", disable=not progress)
@@ -138,7 +104,7 @@ def audit(run_dir, data: Optional[str] = None, split: str = "test", max_samples:
     curves = []
     for curve_norm in ("l2", "linf"):
         bar.set_postfix_str(f"curves {curve_norm}")
-        curves.append(robustness_curve(model, dataset, default_grid(config, curve_norm), "pgd", curve_norm,
+        curves.append(robustness_curve(model, dataset, default_grid(record, curve_norm), "pgd", curve_norm,
                                        batch_size=batch_size, device=device, seed=seed).assign(**where))
         bar.update()
     out["curves"] = pd.concat(curves, ignore_index=True)

@@ -57,7 +57,7 @@ def showable(run: runs.Run) -> bool:
 
 def score(run: runs.Run) -> tuple:
     """How good a run looks for opening on: (has a test-split figure, balanced accuracy); higher is better."""
-    value, source = trust.accuracy(run.path, run.config, run.best)
+    value, source = trust.accuracy(run.path, run.record, run.best)
     return (source.startswith("test"), value if value is not None else -1.0)
 
 
@@ -84,7 +84,7 @@ def comparison(found: Sequence[runs.Run], store) -> list[str]:
     if first is None:
         return []
     by_id = {r.run_id: r for r in found}
-    key = lambda r: ((r.config.get("data") or {}).get("spec"), (r.config.get("dataset") or {}).get("image_size"))  # noqa: E731
+    key = lambda r: (r.record.spec, r.record.dataset.image_size) if r.record else None  # noqa: E731
     best: dict = {by_id[first].method: first}
     for run in ranked:
         if key(run) == key(by_id[first]):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dpaat_core.config import RunConfig
 from dpaat_core.store import runs
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -19,11 +20,10 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 BOUND_RTOL = 1e-4
 
 
-def eps_bounds(config: dict) -> tuple[float, float, float]:
-    """``(eps0, eps_min, eps_max)`` of a run's config (``config.json`` as a dict)."""
-    eps0 = float(config["attack"]["eps"])
-    method = config["method"]
-    return eps0, eps0 * float(method.get("eps_min_ratio", 0.25)), eps0 * float(method.get("eps_max_ratio", 2.0))
+def eps_bounds(config: RunConfig) -> tuple[float, float, float]:
+    """``(eps0, eps_min, eps_max)`` of a trained run's config (``runs.read_record(run_dir).config``)."""
+    eps0 = float(config.attack.eps)
+    return eps0, eps0 * config.method.eps_min_ratio, eps0 * config.method.eps_max_ratio
 
 
 def spread(eps, eps_min: float, eps_max: float) -> dict:
@@ -73,9 +73,11 @@ def run_memory(run_dir) -> dict:
     """A run's memory at a glance: its bounds, the best epoch, ``spread`` and ``per_class`` at the best epoch,
     ``by_epoch`` (the spread of every epoch, one row each) and ``transitions`` (:func:`transition_rates`)."""
     run_dir = Path(run_dir)
-    config, metrics = runs.read_config(run_dir), runs.read_metrics(run_dir)
-    eps0, lo, hi = eps_bounds(config)
-    classes = config["dataset"]["classes"]
+    record, metrics = runs.read_record(run_dir), runs.read_metrics(run_dir)
+    if record.imported:
+        raise runs.RunError(f"{run_dir}: an imported model has no eps memory")
+    eps0, lo, hi = eps_bounds(record.config)
+    classes = record.classes
     epochs = runs.dynamics_epochs(run_dir)
     if not epochs:
         raise runs.RunError(f"{run_dir}: no dynamics/epoch_NNN.npz to read")

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dpaat_core.store.runs import RunError, read_table
+from dpaat_core.errors import RunError
+from dpaat_core.store.tables import read_table
 
 REPRODUCTION_FILE = "reproduction.csv"
 #: (column, label) of the headline metrics, in the order tables show them.

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from dpaat_core.attack.attacks import ATTACKS, _autocast, attack_mode, check_attack, perturb
 from dpaat_core.data import ImageDataset
+from dpaat_core.store.record import RunRecord
 from dpaat_core.train.validation import balanced_accuracy, per_class_accuracy, roc_auc
 
 #: the paper's protocol as named presets, each run at the eps of its norm (see :func:`protocol`).
@@ -37,19 +38,20 @@ PRESETS = {
 PROTOCOL_EPS = {"l2": 0.3, "linf": 1 / 255}
 
 
-def reference_eps(config: dict, norm: str) -> float:
-    """The eps a run is judged at in ``norm``: its training eps0 if it trained in that norm, else :data:`PROTOCOL_EPS`."""
-    attack = (config or {}).get("attack") or {}
-    return float(attack["eps"]) if attack.get("norm") == norm and attack.get("eps") else PROTOCOL_EPS[norm]
+def reference_eps(record: Optional[RunRecord], norm: str) -> float:
+    """The eps a run is judged at in ``norm``: its training eps0 if it trained in that norm, else :data:`PROTOCOL_EPS`
+    (an imported model, or no run)."""
+    attack = None if record is None else record.attack
+    return float(attack.eps) if attack is not None and attack.norm == norm and attack.eps else PROTOCOL_EPS[norm]
 
 
 #: the default eps grid, as multiples of :func:`reference_eps`.
 GRID_MULTIPLES = (0, 0.25, 0.5, 0.75, 1, 1.5, 2, 3)
 
 
-def default_grid(config: dict, norm: str) -> list[float]:
+def default_grid(record: Optional[RunRecord], norm: str) -> list[float]:
     """The eps values a run's curves are drawn at by default (8 values from 0 to 3 x its reference eps)."""
-    eps0 = reference_eps(config, norm)
+    eps0 = reference_eps(record, norm)
     return [round(m * eps0, 6) for m in GRID_MULTIPLES]
 
 

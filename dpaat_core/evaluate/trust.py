@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from dpaat_core.store import runs
+from dpaat_core.store.record import RunRecord
 
 #: below this balanced accuracy a model's maps explain mostly wrong answers
 WEAK_ACCURACY = 0.6
@@ -60,10 +61,10 @@ def localisation(numbers: pd.DataFrame, method: str) -> Optional[Localisation]:
                         float(d.mean()) - half, float(d.mean()) + half, len(d))
 
 
-def accuracy(run_dir, config: dict, best: dict) -> tuple[Optional[float], str]:
+def accuracy(run_dir, record: Optional[RunRecord], best: dict) -> tuple[Optional[float], str]:
     """The run's balanced accuracy and where it comes from (test audit, test curve, else validation)."""
     from dpaat_core.evaluate.audit import read_protocol   # here: audit pulls in the attacks and Captum, ~2 s of a runs listing's start-up
-    spec = (config.get("data") or {}).get("spec")
+    spec = None if record is None else record.spec
     try:
         protocol = runs.select(read_protocol(run_dir), split="test", data=spec)
         if len(protocol) and "balanced_accuracy" in protocol and protocol["balanced_accuracy"].notna().any():
@@ -81,13 +82,13 @@ def accuracy(run_dir, config: dict, best: dict) -> tuple[Optional[float], str]:
     return None, "not measured yet"
 
 
-def saved_localisation(run_dir, config: dict, method: str) -> Optional[Localisation]:
+def saved_localisation(run_dir, record: Optional[RunRecord], method: str) -> Optional[Localisation]:
     """The localisation of the run's saved test-split maps (``attribution_images.csv``), or None."""
     try:
         saved = runs.read_attribution_images(run_dir)
     except runs.RunError:
         return None
-    spec = (config.get("data") or {}).get("spec")
+    spec = None if record is None else record.spec
     return localisation(runs.select(saved, split="test", data=spec), method)
 
 

@@ -2,22 +2,23 @@
 architecture its config names) and a split of its data (checked against the classes it predicts)."""
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from dpaat_core.errors import RunError
 from dpaat_core.models import model_from_config, state_mismatch
-from dpaat_core.store.runs import load_checkpoint, load_weights, read_config
+from dpaat_core.store.runs import load_checkpoint, load_weights, read_record
 
 
 def load_model(run_dir, device="cpu", weights: str = "best") -> torch.nn.Module:
     """The run's classifier, eval mode, on ``device``: ``"best"`` from weights.safetensors, ``"last"`` from last.pt."""
     run_dir = Path(run_dir)
-    config = read_config(run_dir)
-    name, num_classes = config["model"].get("name"), config["dataset"].get("num_classes")
+    record = read_record(run_dir)
+    name, num_classes = record.model.name, record.dataset.num_classes
     try:
-        model = model_from_config(config["model"], num_classes, config["dataset"].get("in_channels", 3))
+        model = model_from_config(asdict(record.model), num_classes, record.dataset.in_channels)
     except (ValueError, KeyError, TypeError, RunError) as exc:
         raise RunError(f"{run_dir / 'config.json'}: cannot build the model ({exc})") from None
     if weights not in ("best", "last"):
@@ -46,16 +47,18 @@ def load_run_data(run_dir, split: str = "test", spec: str | None = None, max_sam
     run's image size and split seed; data of another class count or channel count is refused."""
     from dpaat_core.data import load_dataset  # here, not at the top: listing runs should not need torchvision
 
-    config = read_config(run_dir)
-    data, train = config["data"], config.get("train") or {}
-    dataset = load_dataset(spec or data["spec"], split, data.get("image_size"), root=root or data.get("root"),
-                           max_samples=max_samples, seed=train.get("seed", 0), progress=progress)
-    expected = config["dataset"]
-    if dataset.num_classes != expected.get("num_classes") or dataset.in_channels != expected.get("in_channels"):
-        raise RunError(f"{spec or data['spec']}: {dataset.num_classes} classes and {dataset.in_channels} channels, "
-                       f"but the run's model takes {expected.get('in_channels')} channels and predicts "
-                       f"{expected.get('num_classes')} classes")
-    if expected.get("classes") is not None and list(dataset.classes) != list(expected["classes"]):
-        raise RunError(f"{spec or data['spec']}: its classes are {', '.join(map(str, dataset.classes))}; the run "
-                       f"predicts {', '.join(map(str, expected['classes']))} (same count, other classes or order)")
+    record = read_record(run_dir)
+    spec = spec or record.spec
+    if spec is None:
+        raise RunError(f"{run_dir}: the run names no data (an import with --classes only): pass --data SPEC")
+    dataset = load_dataset(spec, split, record.image_size, root=root or record.root,
+                           max_samples=max_samples, seed=record.seed, progress=progress)
+    expected = record.dataset
+    if dataset.num_classes != expected.num_classes or dataset.in_channels != expected.in_channels:
+        raise RunError(f"{spec}: {dataset.num_classes} classes and {dataset.in_channels} channels, "
+                       f"but the run's model takes {expected.in_channels} channels and predicts "
+                       f"{expected.num_classes} classes")
+    if expected.classes and list(dataset.classes) != list(expected.classes):
+        raise RunError(f"{spec}: its classes are {', '.join(map(str, dataset.classes))}; the run "
+                       f"predicts {', '.join(record.classes)} (same count, other classes or order)")
     return dataset

@@ -2,7 +2,6 @@
 every file written atomically and read back without ever executing code from it."""
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -13,7 +12,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -21,81 +19,18 @@ import safetensors.torch
 import torch
 
 from dpaat_core.errors import RunError
+# the file helpers and the table selection are the store's API too (runs.atomic_write_text, runs.select, ...)
+from dpaat_core.store.files import (atomic_write_bytes, atomic_write_json, atomic_write_text, dumps,  # noqa: F401
+                                    file_sha256, read_json, remove_temp_files)
 from dpaat_core.store.liveness import own_identity, writer_gone
-from dpaat_core.store.locks import merge_lock
+from dpaat_core.store.record import RunRecord, parse_record
+from dpaat_core.store.tables import CURVE_KEYS, TABLES, select  # noqa: F401
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 STATES = ("running", "done", "failed", "stopped")
 CONFIG_SECTIONS = ("model", "data", "method", "dataset")
 DYNAMICS_KEYS = {"index": np.int64, "label": np.int64, "delta_loss": np.float32, "eps": np.float32,
                  "fragile": np.bool_, "correct_clean": np.bool_, "correct_adv": np.bool_}
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # read once: mkstemp makes 0600 files, but a shared run store should get the usual permissions
-
-
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file, read in chunks (weights files can be large)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: a reader sees the old file or the new one, never a part of either."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # same folder: replace is atomic
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them visible
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt too: never leave a temp file behind
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def remove_temp_files(run_dir, pattern: str = ".*.tmp") -> int:
-    """Delete the ``.<name>.<random>.tmp`` files (those matching ``pattern``) a killed writer left (SIGKILL skips
-    cleanup); how many went.
-
-    Only while no writer is running: a live writer's temp file would be pulled from under it."""
-    temps = [*Path(run_dir).glob(pattern), *(Path(run_dir) / "dynamics").glob(pattern)]
-    for p in temps:
-        p.unlink(missing_ok=True)
-    return len(temps)
-
-
-def atomic_write_text(path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _dumps(obj, indent: int | None = None) -> str:
-    """Strict JSON: NaN/inf become ``null`` (no ``NaN`` tokens), numpy scalars become Python numbers."""
-    def clean(x):
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        x = x.item() if isinstance(x, np.generic) else x
-        return None if isinstance(x, float) and not math.isfinite(x) else x
-    return json.dumps(clean(obj), indent=indent, allow_nan=False, ensure_ascii=False)
-
-
-def atomic_write_json(path, obj, indent: int | None = 2) -> None:
-    atomic_write_text(path, _dumps(obj, indent) + "\n")  # encoding fails before the file is touched
-
-
-def _read_json(file: Path) -> dict:
-    try:
-        obj = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunError(f"{file}: missing") from None
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise RunError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(obj, dict):
-        raise RunError(f"{file}: not a JSON object")
-    return obj
 
 
 def _check_config(config, where) -> None:
@@ -146,10 +81,18 @@ def create_run(store, config: dict, run_id: str | None = None) -> Path:
 
 
 def read_config(run_dir) -> dict:
+    """config.json as written (a dict); :func:`read_record` gives it typed."""
     file = Path(run_dir) / "config.json"
-    config = _read_json(file)
+    config = read_json(file)
     _check_config(config, file)
     return config
+
+
+def read_record(run_dir) -> RunRecord:
+    """config.json parsed into a :class:`RunRecord` (a RunConfig or an ImportedModel, and the dataset info); a
+    config neither shape accepts is a :class:`RunError` naming the file and the setting."""
+    file = Path(run_dir) / "config.json"
+    return parse_record(read_config(run_dir), str(file))
 
 
 def _metric_lines(file: Path) -> list[tuple[str, dict]]:
@@ -180,7 +123,7 @@ def append_metrics(run_dir, record: dict) -> None:
         raise ValueError(f"a metrics record is a dict with an integer 'epoch', got {record!r}")
     file = Path(run_dir) / "metrics.jsonl"
     old = "".join(line + "\n" for line in file.read_text(encoding="utf-8").splitlines()) if file.exists() else ""
-    atomic_write_text(file, old + _dumps(record) + "\n")  # the file is small: rewrite it whole, atomically
+    atomic_write_text(file, old + dumps(record) + "\n")  # the file is small: rewrite it whole, atomically
 
 
 def read_metrics(run_dir) -> pd.DataFrame:
@@ -214,7 +157,7 @@ def write_status(run_dir, state: str, message: str | None = None, **progress) ->
 
 def read_status(run_dir) -> dict:
     file = Path(run_dir) / "status.json"
-    status = _read_json(file)
+    status = read_json(file)
     if status.get("state") not in STATES:
         raise RunError(f"{file}: unknown state {status.get('state')!r}")
     return status
@@ -304,32 +247,28 @@ class Run:
     run_id: str
     state: str
     problem: str | None
-    config: dict | None
+    config: dict | None        # config.json as written; ``record`` is the same, typed
     status: dict
     metrics: pd.DataFrame
     sweep: str | None = None   # ``<study> #<trial>`` for a sweep's trial (its ``sweep.json``), read once with the run
+    record: RunRecord | None = None   # None when config.json is missing or unreadable (state incomplete or corrupt)
 
-    def _get(self, section: str, key: str):
-        return ((self.config or {}).get(section) or {}).get(key)
+    def _typed(self, get):
+        return None if self.record is None else get(self.record)
 
-    method = property(lambda self: self._get("method", "name"))
-    model = property(lambda self: self._get("model", "name"))
-    data = property(lambda self: self._get("data", "spec"))
-    eps = property(lambda self: self._get("attack", "eps"))
-    norm = property(lambda self: self._get("attack", "norm"))
-    epochs = property(lambda self: self._get("train", "epochs") or self.status.get("epochs"), doc="planned epochs")
+    method = property(lambda self: self._typed(lambda r: r.method))
+    model = property(lambda self: self._typed(lambda r: r.model.name))
+    data = property(lambda self: self._typed(lambda r: r.spec))
+    eps = property(lambda self: self._typed(lambda r: r.attack and r.attack.eps))
+    norm = property(lambda self: self._typed(lambda r: r.attack and r.attack.norm))
+    epochs = property(lambda self: self._typed(lambda r: None if r.imported else r.config.train.epochs)
+                      or self.status.get("epochs"), doc="planned epochs")
+    classes = property(lambda self: self._typed(lambda r: r.classes))
     epochs_done = property(lambda self: int(self.metrics["epoch"].max()) if len(self.metrics) else 0)
     has_weights = property(lambda self: (self.path / "weights.safetensors").is_file())
 
-    @property
-    def origin(self) -> str | None:
-        """Where the model comes from: ``imported``, ``from <run_id>`` (``train --init-from``) or ``trained``."""
-        if self.config is None:
-            return None
-        if self.config.get("origin") == "imported":
-            return "imported"
-        start = (self.config.get("init") or {}).get("run_id")
-        return f"from {start}" if start else "trained"
+    origin = property(lambda self: self._typed(lambda r: r.origin),
+                      doc="where the model comes from: imported, from <run_id> (train --init-from) or trained")
 
     @property
     def best(self) -> dict:
@@ -375,6 +314,11 @@ def load_run(path) -> Run:
             setattr(run, attr, read(path))
         except RunError as exc:  # name the file relative to the run: the table shows which run it is
             corrupt.append(str(exc).replace(f"{path}{os.sep}", ""))
+    if run.config is not None:
+        try:
+            run.record = parse_record(run.config, "config.json")
+        except RunError as exc:
+            corrupt.append(str(exc))
     if corrupt:
         run.state, run.problem = "corrupt", "; ".join(corrupt)
     elif run.problem is None:
@@ -475,177 +419,45 @@ def public_config(config: dict | None) -> dict | None:
     return out
 
 
-ROBUSTNESS_KEYS = ("attack", "norm", "steps", "monotone", "split", "data")
-CORRUPTION_KEYS = ("corruption", "severity", "split", "data")
-CORRUPTIONS_FILE = "corruptions.csv"
+# --- the run's tables: one record each in tables.TABLES; these names are the store's API for them ---------------
 
-
-def merge_table(run_dir, name: str, frame: pd.DataFrame, keys: Sequence[str], order: Sequence[str],
-                 read) -> Path:
-    """Merge ``frame`` into the run's table ``name``: old rows with the same ``keys`` are replaced, others kept.
-    Atomic, and under the run's merge lock (``locks.merge_lock``), so concurrent merges each keep the other's rows."""
-    path = Path(run_dir) / name
-    keys = list(keys)
-    frame = frame.assign(**{k: math.nan for k in keys if k not in frame})   # a key the rows lack: empty, as in a file
-    with merge_lock(run_dir):   # two evaluate processes finishing at once must not lose each other's rows
-        remove_temp_files(run_dir, f".{name}.*.tmp")   # left by a killed writer: none can be live now
-        old = read(run_dir)
-        if len(old):
-            same = _key_tuples(old, keys).isin(set(_key_tuples(frame, keys)))
-            frame = pd.concat([old[~same], frame], ignore_index=True)
-        atomic_write_text(path, frame.sort_values([*keys, *order]).to_csv(index=False))
-    return path
-
-
-def _key_tuples(frame: pd.DataFrame, keys: list) -> pd.Series:
-    """Each row's key as comparable text: numbers as floats (64 read back from a CSV equals 64.0), empty as "nan"."""
-    def text(column: pd.Series) -> pd.Series:
-        numbers = pd.to_numeric(column, errors="coerce")
-        if (numbers.notna() | column.isna()).all() and column.map(lambda v: not isinstance(v, bool)).all():
-            return numbers.astype(float).astype(str)
-        return column.astype(str)
-    if not len(frame):
-        return pd.Series([], dtype=object)
-    return pd.concat([text(frame[k]) for k in keys], axis=1).apply(tuple, axis=1)
-
-
-def save_robustness(run_dir, frame: pd.DataFrame) -> Path:
-    """Merge robustness-curve rows into ``robustness.csv``: rows of the same curve (same attack, norm, steps,
-    monotone, split and data) are replaced, others kept (see :func:`merge_table`)."""
-    return merge_table(run_dir, "robustness.csv", frame, [*ROBUSTNESS_KEYS, "n"], ["eps"],
-                       lambda d: read_robustness(d, fullest=False))
-
-
-def save_corruptions(run_dir, frame: pd.DataFrame) -> Path:
-    """Merge corruption rows into ``corruptions.csv`` (never ``robustness.csv``): the rows of a corruption on the
-    severity, split and data are replaced, others kept."""
-    return merge_table(run_dir, CORRUPTIONS_FILE, frame, CORRUPTION_KEYS, [], read_corruptions)
-
-
-def read_table(path, columns, missing_ok: bool = True) -> pd.DataFrame:
-    """A CSV of the store with at least ``columns``: an empty frame of them if the file is absent
-    (and ``missing_ok``); an unreadable file or a missing column is a :class:`RunError` naming it."""
-    path = Path(path)
-    if missing_ok and not path.is_file():
-        return pd.DataFrame(columns=list(columns))
-    try:
-        frame = pd.read_csv(path)
-    except (ValueError, OSError) as exc:
-        raise RunError(f"{path}: not a readable CSV ({exc})") from None
-    missing = set(columns) - set(frame.columns)
-    if missing:
-        raise RunError(f"{path}: missing columns {', '.join(sorted(missing))}")
-    return _numeric_columns(frame, path)
-
-
-#: the columns of the store's tables that hold numbers (and ``accuracy:<class>``, ``n:<class>``): a cell that is not
-#: one is a RunError naming the file, its row and its column, never a crash further on
-NUMERIC_COLUMNS = frozenset((
-    "eps", "eps_rms", "accuracy", "balanced_accuracy", "robust_accuracy", "robust_balanced_accuracy",
-    "mean_average_precision", "auc", "steps", "alpha_ratio", "n", "average_precision", "class_index", "pgd20",
-    "severity", "mean", "std", "median", "index", "label", "pred_clean", "pred_adv", "confidence_clean",
-    "confidence_adv", "spearman", "topk_iou", "ssim", "mask_fraction", "energy_clean", "energy_adv",
-    "energy_other_mask", "pointing_clean", "pointing_adv", "seed", "pa_lower", "radius", "sigma", "n0", "alpha",
-    "count"))
-
-
-def _numeric_columns(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
-    for column in frame.columns:
-        if column in NUMERIC_COLUMNS or str(column).startswith(("accuracy:", "n:")):
-            if pd.api.types.is_numeric_dtype(frame[column]):
-                continue
-            values = pd.to_numeric(frame[column], errors="coerce")
-            bad = values.isna() & frame[column].notna() & frame[column].astype(str).str.strip().ne("")
-            if bad.any():
-                row = int(bad.to_numpy().argmax())
-                raise RunError(f"{path}: column {column}, row {row + 2} holds {str(frame[column].iloc[row])[:40]!r}, "
-                               "not a number (a damaged or edited file)")
-            frame[column] = values
-    return frame
+ROBUSTNESS_KEYS = CURVE_KEYS
+CORRUPTIONS_FILE = TABLES["corruptions"].file
+ATTRIBUTION_FILE = TABLES["attribution"].file
+ATTRIBUTION_IMAGES_FILE = TABLES["attribution_images"].file
+CERTIFIED_FILE = TABLES["certified"].file
+save_robustness = TABLES["robustness"].save
+save_corruptions = TABLES["corruptions"].save
+save_certified = TABLES["certified"].save
+read_attribution = TABLES["attribution"].read
+read_attribution_images = TABLES["attribution_images"].read
 
 
 def read_robustness(run_dir, fullest: bool = True) -> pd.DataFrame:
     """The run's ``robustness.csv`` (empty frame if none); an unreadable file is a :class:`RunError`. A curve measured
     on several sample counts (``n``: a quick look beside a full curve) is kept for each; ``fullest`` gives each
     curve's rows of its largest ``n`` only, as the pages and reports show it."""
-    frame = read_table(Path(run_dir) / "robustness.csv", [*ROBUSTNESS_KEYS, "eps", "accuracy"])
-    if "n" not in frame:                       # a file from before curves kept their sample count
-        frame["n"] = math.nan
+    frame = TABLES["robustness"].read(run_dir)
     if not fullest or not len(frame):
         return frame
-    keys = list(ROBUSTNESS_KEYS)
-    top = frame.groupby(keys, dropna=False)["n"].transform(lambda n: n.max() if n.notna().any() else math.nan)
+    top = frame.groupby(list(CURVE_KEYS), dropna=False)["n"].transform(lambda n: n.max() if n.notna().any() else math.nan)
     return frame[(frame["n"] == top) | top.isna()].reset_index(drop=True)
 
 
 def read_corruptions(run_dir, split: str | None = None, data: str | None = None) -> pd.DataFrame:
     """The run's ``corruptions.csv`` (empty frame if none): corruption, severity (0: clean), split, data, n,
-    accuracy, balanced_accuracy; only the rows of ``split`` and ``data`` when given. An unreadable file is a
-    :class:`RunError`."""
-    frame = read_table(Path(run_dir) / CORRUPTIONS_FILE, [*CORRUPTION_KEYS, "accuracy", "balanced_accuracy", "n"])
-    return select(frame, split=split, data=data)
-
-
-def select(frame: pd.DataFrame, **values) -> pd.DataFrame:
-    """The rows of a store table whose columns equal ``values`` (a None value, or a column the table lacks, selects
-    every row): e.g. ``select(curves, split="test", data=spec)``."""
-    keep = pd.Series(True, index=frame.index)
-    for column, value in values.items():
-        if value is not None and column in frame:
-            keep &= frame[column].eq(value)
-    return frame[keep]
-
-ATTRIBUTION_FILE = "attribution.csv"
-ATTRIBUTION_IMAGES_FILE = "attribution_images.csv"
-ATTRIBUTION_KEYS = ("method", "split", "data")
-
-
-def read_attribution(run_dir) -> pd.DataFrame:
-    """The run's ``attribution.csv`` (written by ``python -m dpaat_core attribute``; empty frame if
-    none): one row per (attribution method, metric) with mean, std, median and n."""
-    return read_table(Path(run_dir) / ATTRIBUTION_FILE, ["method", "metric", "mean", "std", "median", "n"])
-
-
-def read_attribution_images(run_dir) -> pd.DataFrame:
-    """The run's ``attribution_images.csv`` (empty frame if none): one row per (attribution method, image) with
-    the columns of :func:`dpaat_core.evaluate.attribution.attribution_report` and the settings (eps, norm, steps, seed,
-    split, data)."""
-    return read_table(Path(run_dir) / ATTRIBUTION_IMAGES_FILE, ["method", "index", "label", "pred_clean",
-                                                                "spearman", "eps", "norm", "steps", "split", "data"])
-
-
-def save_attribution(run_dir, summary: pd.DataFrame, images: pd.DataFrame) -> tuple[Path, Path]:
-    """Merge the means (``attribution.csv``) and the per-image rows (``attribution_images.csv``) of ``attribute``
-    into the run: the rows of a method on the same split and data are replaced, other methods' kept."""
-    return (merge_table(run_dir, ATTRIBUTION_FILE, summary, ATTRIBUTION_KEYS, ["metric"], read_attribution),
-            merge_table(run_dir, ATTRIBUTION_IMAGES_FILE, images, ATTRIBUTION_KEYS, ["index"],
-                         read_attribution_images))
-
-CERTIFIED_FILE = "certified.csv"
-#: a certificate is one image's at one setting: a quick look at a few images (or with a smaller n) adds rows and never
-#: replaces a fuller run's
-CERTIFIED_KEYS = ("sigma", "n0", "n", "alpha", "split", "data", "index")
+    accuracy, balanced_accuracy; only the rows of ``split`` and ``data`` when given."""
+    return TABLES["corruptions"].read(run_dir, split=split, data=data)
 
 
 def read_certified(run_dir, split: str | None = None, data: str | None = None) -> pd.DataFrame:
     """The run's ``certified.csv`` (written by ``python -m dpaat_core certify``; empty frame if none): one row per
     image and setting (sigma, n0, n, alpha, split, data) with label, prediction (-1: abstain), pa_lower and radius
     (NaN when abstaining); only the rows of ``split`` and ``data`` when given."""
-    path = Path(run_dir) / CERTIFIED_FILE
-    frame = read_table(path, [*CERTIFIED_KEYS, "label", "prediction", "correct", "pa_lower", "radius"])
-    for column in ("sigma", "n0", "n", "alpha", "index", "label", "prediction", "pa_lower", "radius"):
-        values = pd.to_numeric(frame[column], errors="coerce")
-        if (values.isna() & frame[column].notna()).any() or (column != "radius" and values.isna().any()):
-            raise RunError(f"{path}: column {column} holds values that are not numbers")
-        frame[column] = values
-    correct = frame["correct"].astype(str).str.lower()
-    if not correct.isin(["true", "false"]).all():
-        raise RunError(f"{path}: column correct holds values other than True and False")
-    frame["correct"] = correct.eq("true")
-    return select(frame, split=split, data=data)
+    return TABLES["certified"].read(run_dir, split=split, data=data)
 
 
-def save_certified(run_dir, frame: pd.DataFrame) -> Path:
-    """Merge per-image certificates into ``certified.csv``: an image's row at the same setting is replaced, every
-    other row kept (see :func:`merge_table`)."""
-    return merge_table(run_dir, CERTIFIED_FILE, frame, CERTIFIED_KEYS, [], read_certified)
+def save_attribution(run_dir, summary: pd.DataFrame, images: pd.DataFrame) -> tuple[Path, Path]:
+    """Merge the means (``attribution.csv``) and the per-image rows (``attribution_images.csv``) of ``attribute``
+    into the run: the rows of a method on the same split and data are replaced, other methods' kept."""
+    return TABLES["attribution"].save(run_dir, summary), TABLES["attribution_images"].save(run_dir, images)

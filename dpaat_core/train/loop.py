@@ -185,21 +185,22 @@ def init_source(config: RunConfig, train_set: ImageDataset) -> tuple[RunConfig, 
     source = Path(config.model.init_from)
     if not (source / "weights.safetensors").is_file():
         raise ConfigError(f"model.init_from: {source} is not a run with weights (no weights.safetensors)")
-    raw = runs.read_config(source)
-    theirs = raw.get("dataset") or {}
-    if list(theirs.get("classes") or []) != list(train_set.classes) or theirs.get("in_channels") != \
-            train_set.in_channels:
-        raise ConfigError(f"model.init_from: {source.name} predicts {', '.join(map(str, theirs.get('classes') or []))} "
-                          f"from {theirs.get('in_channels')} channel(s); this data has "
+    source_record = runs.read_record(source)
+    theirs = source_record.dataset
+    if list(theirs.classes) != list(train_set.classes) or theirs.in_channels != train_set.in_channels:
+        raise ConfigError(f"model.init_from: {source.name} predicts {', '.join(theirs.classes)} "
+                          f"from {theirs.in_channels} channel(s); this data has "
                           f"{', '.join(map(str, train_set.classes))} from {train_set.in_channels}")
-    arch = raw["model"]["name"]
+    arch = source_record.model.name
     if config.model.name not in (arch, ModelConfig.name):     # the default name stands for "the source's"
         raise ConfigError(f"model.init_from: {source.name} is a {arch}, the config asks for {config.model.name}")
     model = loading.load_model(source)
     changes = {"name": arch, "pretrained": False}
-    if raw["model"].get("normalization"):   # imported, or started from an imported run: its own normalisation
-        changes |= {"normalization": raw["model"]["normalization"], "gradcam_layer": raw["model"].get("gradcam_layer")}
-    record = {"run": str(source), "run_id": raw.get("run_id", source.name), "origin": raw.get("origin", "trained"),
+    if source_record.model.normalization:   # imported, or started from an imported run: its own normalisation
+        changes |= {"normalization": source_record.model.normalization,
+                    "gradcam_layer": source_record.model.gradcam_layer}
+    record = {"run": str(source), "run_id": source_record.run_id or source.name,
+              "origin": "imported" if source_record.imported else "trained",
               "weights_sha256": runs.file_sha256(source / "weights.safetensors")}
     return config.replace(model=changes), {"state": model.state_dict(), "record": record}
 
@@ -531,9 +532,9 @@ def _load_resume(run_dir: Path, train_set: ImageDataset) -> dict:
     path = run_dir / "last.pt"
     if not path.is_file():
         raise runs.RunError(f"{path}: missing; the run has no completed epoch to resume from (start it again)")
-    dataset = runs.read_config(run_dir).get("dataset") or {}
-    if dataset.get("num_classes") not in (None, train_set.num_classes):
-        raise runs.RunError(f"{run_dir}: the run was trained on {dataset['num_classes']} classes and its data now gives "
+    dataset = runs.read_record(run_dir).dataset
+    if dataset.num_classes != train_set.num_classes:
+        raise runs.RunError(f"{run_dir}: the run was trained on {dataset.num_classes} classes and its data now gives "
                             f"{train_set.num_classes} (was the data spec in config.json changed?); resume it on the "
                             "data it was trained on")
     state = runs.load_checkpoint(path)
