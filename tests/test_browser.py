@@ -251,6 +251,28 @@ def test_a_gallery_tile_opens_its_image_in_the_explorer(dashboard):
     assert chosen >= 1, first
 
 
+def test_a_gallery_tile_enlarges_in_a_dialog(dashboard, tmp_path):
+    """Enlarge shows the tile's image and maps in a dialog, several times the tile's width, sharp (pixels repeated)."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(dashboard.url)
+        _settled(page, "DPAAT Lab")
+        page.get_by_role("link", name="Gallery", exact=True).first.click()
+        _settled(page, "Gallery")
+        tile = next(t for t in page.locator('[data-testid="stImage"]').all() if t.inner_text().startswith("#"))
+        small = tile.locator("img").bounding_box()["width"]
+        page.get_by_role("button", name="Enlarge").first.click()
+        dialog = page.get_by_role("dialog")
+        dialog.locator("img").first.wait_for(timeout=60_000)
+        large = dialog.locator("img").first.bounding_box()["width"]
+        said = dialog.inner_text()
+        page.screenshot(path=str(Path(os.environ.get("DPAAT_SCREENSHOTS") or tmp_path) / "4b-gallery-enlarged.png"))
+        browser.close()
+    assert large > 2.5 * small and said.lstrip().startswith("One image, large") and "#" in said, (small, large, said)
+
+
 @contextlib.contextmanager
 def _demo_page(tmp_path, height: int):
     """A browser page on the home page of a dashboard serving a copy of checkpoints/ (the shipped runs)."""

@@ -245,3 +245,21 @@ def test_the_per_class_figures_are_the_bootstrap_tables_of_equal28_md():
         assert f"{cls} {mean}" in FLAT and f"(CI {lo} to {hi}" in FLAT, (variant, cls, mean, lo, hi)
     for cls in ("akiec", "bcc", "vasc", "nv"):   # TRADES: the points only
         assert f"{cls} {pooled('trades', cls)[0]}" in FLAT, cls
+
+
+def test_the_anchor_row_is_the_anchor_run_in_study_csv(results):
+    """The MedMNIST v2 comparison: the anchor run's test accuracy, AUC, balanced accuracy and best epoch as the table
+    and the answer give them, and the differences from the published 0.735 / 0.917."""
+    (row,) = results[(results["study"] == "anchor28") & (results["variant"] == "erm-resnet18")].itertuples()
+    assert (row.epochs_run, row.seed, row.image_size) == (100, 0, 28)
+    assert (f"| ours, torchvision ResNet-18 (`resnet18`) | {row.clean_accuracy:.3f} | {row.auc:.3f} | "
+            f"{row.balanced_accuracy:.3f} | {int(row.best_epoch)} of 100 |") in TEXT
+    assert flat(f"reaches test accuracy {row.clean_accuracy:.3f} and AUC {row.auc:.3f}, against their 0.735 and "
+                f"0.917") in FLAT
+    assert flat(f"accuracy {num((row.clean_accuracy - 0.735) * 100)} points above MedMNIST v2's, AUC "
+                f"{abs(row.auc - 0.917) * 100:.1f} points below") in FLAT
+    assert flat(f"balanced accuracy {row.balanced_accuracy:.3f}, robust accuracy under PGD-20 {row.pgd20:.3f} and "
+                f"robust balanced accuracy {row.pgd20_balanced:.3f}") in FLAT
+    erm = results[(results["study"] == "long28x") & (results["variant"] == "erm")]
+    assert flat(f"reaches {erm.clean_accuracy.mean():.3f} accuracy but {erm.balanced_accuracy.mean():.3f} balanced "
+                "accuracy") in FLAT
