@@ -348,3 +348,16 @@ def test_resume_with_more_epochs_trains_a_finished_run_on_as_if_it_had_asked_for
     step = train(small_config(epochs=1, schedule="step"), store=tmp_path, run_id="step")
     with pytest.raises(ConfigError, match="step schedule"):
         resume(step, epochs=2)
+
+
+def test_validation_logs_each_classs_robust_accuracy_and_the_runs_table_names_the_weakest(tmp_path):
+    run = train(small_config(epochs=1), store=tmp_path, run_id="weak")
+    best = runs.read_metrics(run).iloc[-1]
+    prefix = "val_per_class_robust_accuracy."
+    per_class = {k[len(prefix):]: a for k, a in best.items() if k.startswith(prefix)}
+    assert set(per_class) == set(runs.read_record(run).classes)
+    assert np.nanmean(list(per_class.values())) == pytest.approx(best["val_robust_balanced_accuracy"])
+    low = min(a for a in per_class.values() if a == a)
+    first = next(c for c in runs.read_record(run).classes if per_class[c] == low)   # ties: the first in class order
+    row = runs.runs_table(runs.list_runs(tmp_path)).set_index("run_id").loc["weak"]
+    assert row["val_weakest_robust_class"] == f"{first} {low:.2f}"

@@ -387,15 +387,26 @@ def list_runs(store="checkpoints") -> list[Run]:
     return sorted(runs, key=lambda r: r.modified, reverse=True)
 
 
+def _weakest(best: dict) -> str | None:
+    """``"akiec 0.12"``: the class with the lowest validation robust accuracy at the best epoch (None before runs
+    logged it, or with no class measured)."""
+    prefix = "val_per_class_robust_accuracy."            # metrics.jsonl's dict, flattened by read_metrics
+    finite = {k[len(prefix):]: float(a) for k, a in best.items() if k.startswith(prefix) and a == a}
+    if not finite:
+        return None
+    name = min(finite, key=finite.get)
+    return f"{name} {finite[name]:.2f}"
+
+
 def runs_table(runs: list[Run]) -> pd.DataFrame:
     """One row per run: identity, origin, attack, progress as ``"done/planned"``, the best epoch's validation
-    numbers (robust balanced accuracy among them: where robustness stops at the common class; the clean macro ROC
-    AUC, NaN for runs trained before it was logged), and the sweep trial
+    numbers (robust balanced accuracy among them, and the class whose robust accuracy is lowest: where robustness
+    stops at the common class; the clean macro ROC AUC, NaN for runs trained before it was logged), and the sweep trial
     it is, if any."""
     scores = ("val_accuracy", "val_balanced_accuracy", "val_robust_accuracy", "val_robust_balanced_accuracy", "val_auc")
-    columns = ["run_id", "state", "method", "model", *scores, "epochs", "norm", "eps", "origin", "sweep", "problem",
-               "data"]   # the headline figures first, the long data spec last
-    rows = [[r.run_id, r.state, r.method, r.model, *(r.best.get(s, math.nan) for s in scores),
+    columns = ["run_id", "state", "method", "model", *scores, "val_weakest_robust_class", "epochs", "norm", "eps",
+               "origin", "sweep", "problem", "data"]   # the headline figures first, the long data spec last
+    rows = [[r.run_id, r.state, r.method, r.model, *(r.best.get(s, math.nan) for s in scores), _weakest(r.best),
              f"{r.epochs_done}/{r.epochs or '?'}", r.norm, r.eps, r.origin, r.sweep, r.problem, r.data] for r in runs]
     return pd.DataFrame(rows, columns=columns)
 

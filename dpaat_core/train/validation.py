@@ -96,4 +96,6 @@ def validate(model: nn.Module, dataset: ImageDataset, attack: AttackConfig, devi
         "val_robust_balanced_accuracy": balanced_accuracy(y_true, got["adv"], k),
         "val_auc": macro_auc(got["prob"], y_true),
         "val_per_class_accuracy": {c: float(a) for c, a in zip(dataset.classes, per_class)},
+        "val_per_class_robust_accuracy": {c: float(a) for c, a in
+                                          zip(dataset.classes, per_class_accuracy(y_true, got["adv"], k))},
     }
