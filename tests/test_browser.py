@@ -228,8 +228,9 @@ def test_viewer_mode_shows_no_server_path_on_any_page(tmp_path, shared_data):
         proc.wait(timeout=20)
 
 
-def test_a_gallery_tile_opens_its_image_in_the_explorer(dashboard):
-    """The gallery's worst image first; its button opens that very image in the Attribution explorer."""
+@contextlib.contextmanager
+def _gallery(dashboard):
+    """A browser page on the dashboard's Gallery."""
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -238,6 +239,14 @@ def test_a_gallery_tile_opens_its_image_in_the_explorer(dashboard):
         _settled(page, "DPAAT Lab")
         page.get_by_role("link", name="Gallery", exact=True).first.click()
         _settled(page, "Gallery")
+        page.locator('[data-testid="stImage"]', has_text="Predicted").first.wait_for(timeout=60_000)   # the tiles
+        yield page
+        browser.close()
+
+
+def test_a_gallery_tile_opens_its_image_in_the_explorer(dashboard):
+    """The gallery's worst image first; its button opens that very image in the Attribution explorer."""
+    with _gallery(dashboard) as page:
         _check_page(page, "Gallery")
         tiles = [t.inner_text() for t in page.locator('[data-testid="stImage"]').all()]
         tiles = [t for t in tiles if t.startswith("#")]          # "#12 · Predicted nv ..." (not the colour bar)
@@ -247,20 +256,12 @@ def test_a_gallery_tile_opens_its_image_in_the_explorer(dashboard):
         _settled(page, "Attribution explorer")
         _check_page(page, "Attribution explorer")
         chosen = len(re.findall(rf"#{index} · [^<\"]+ · predicted", page.content()))   # the Image box shows it
-        browser.close()
     assert chosen >= 1, first
 
 
 def test_a_gallery_tile_enlarges_in_a_dialog(dashboard, tmp_path):
     """Enlarge shows the tile's image and maps in a dialog, several times the tile's width, sharp (pixels repeated)."""
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(dashboard.url)
-        _settled(page, "DPAAT Lab")
-        page.get_by_role("link", name="Gallery", exact=True).first.click()
-        _settled(page, "Gallery")
+    with _gallery(dashboard) as page:
         tile = next(t for t in page.locator('[data-testid="stImage"]').all() if t.inner_text().startswith("#"))
         small = tile.locator("img").bounding_box()["width"]
         page.get_by_role("button", name="Enlarge").first.click()
@@ -269,7 +270,6 @@ def test_a_gallery_tile_enlarges_in_a_dialog(dashboard, tmp_path):
         large = dialog.locator("img").first.bounding_box()["width"]
         said = dialog.inner_text()
         page.screenshot(path=str(Path(os.environ.get("DPAAT_SCREENSHOTS") or tmp_path) / "4b-gallery-enlarged.png"))
-        browser.close()
     assert large > 2.5 * small and said.lstrip().startswith("One image, large") and "#" in said, (small, large, said)
 
 
