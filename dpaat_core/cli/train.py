@@ -267,7 +267,7 @@ def _runs(args: argparse.Namespace) -> int:
         print(f"no runs in {args.store}")
         return 0
     table = runs_table(found).rename(columns=RUNS_HEADERS)
-    for column in ("sweep", "problem"):          # nothing to say: blank, not NaN or None
+    for column in ("sweep", "problem", "weakest robust class"):   # nothing to say: blank, not NaN or None
         table[column] = table[column].astype(object).where(table[column].notna(), "")
     import pandas as pd
     with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_colwidth", 60):
@@ -282,4 +282,5 @@ def _runs(args: argparse.Namespace) -> int:
 #: the validation columns of ``runs`` under headers no wider than their numbers need (bal: balanced, the mean of
 #: the classes' accuracies; robust: under the training attack at eps0)
 RUNS_HEADERS = {"val_accuracy": "val acc", "val_balanced_accuracy": "val bal acc",
-                "val_robust_accuracy": "val robust acc", "val_robust_balanced_accuracy": "val robust bal acc"}
+                "val_robust_accuracy": "val robust acc", "val_robust_balanced_accuracy": "val robust bal acc",
+                "val_auc": "val auc", "val_weakest_robust_class": "weakest robust class"}
