@@ -58,7 +58,7 @@ def fp16_is_lossless(run_dir: Path) -> dict:
     a, b = (clean_logits(m, test).argmax(1) for m in (full, half))
     check = {"n": len(test), "changed_clean_predictions": int((a != b).sum()), "changed_pgd20_outcomes": None}
     if check["changed_clean_predictions"] == 0:
-        norm = record.norm                          # the training norm; l2 for an imported model
+        norm = record.judged_norm                   # the training norm; l2 for an imported model
         eps = reference_eps(record, norm)
         a, b = (evaluate(m, test, "pgd", norm, eps, 20).samples["robust"] for m in (full, half))
         check["changed_pgd20_outcomes"] = int((a != b).sum())

@@ -154,15 +154,14 @@ THUMBNAILS_PER_PAGE = 12
 def thumbnail_picker(data, options: list[int], table: pd.DataFrame, classes: list[str], key: str) -> None:
     """The images of ``options`` as thumbnails, a page of :data:`THUMBNAILS_PER_PAGE` at a time, each with a button
     that picks it in the selectbox of ``key`` (set in the click's callback, before that widget is drawn again)."""
-    from dpaat_core.evaluate.attribution import overlay
     with st.expander("Pick by thumbnail", expanded=False):
         pages = max(1, -(-len(options) // THUMBNAILS_PER_PAGE))
         page = st.number_input(f"Page (of {pages})", 1, pages, 1, key=f"{key}-thumbs-page") if pages > 1 else 1
         shown = options[(page - 1) * THUMBNAILS_PER_PAGE: page * THUMBNAILS_PER_PAGE]
-        images = data.batch(shown)[0]
+        images = data.images[shown].permute(0, 2, 3, 1).numpy()    # uint8 [n, H, W, C] as stored
         cols = st.columns(6)
         for k, i in enumerate(shown):
             with cols[k % 6]:
-                st.image(overlay(images[k], images[k, 0] * 0, 0.0), width="stretch",
+                st.image(images[k, ..., 0] if images.shape[-1] == 1 else images[k], width="stretch",
                          caption=f"#{i} · {table['class'][i]} → {classes[table['pred'][i]]}")
                 st.button("Pick", key=f"{key}-thumb-{i}", on_click=st.session_state.__setitem__, args=(key, i))

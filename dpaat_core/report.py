@@ -143,7 +143,7 @@ class RunTables:
         self.id = self.path.name
         self.record = runs.read_record(self.path)
         self.data = data or self.record.spec
-        self.norm = self.record.norm
+        self.norm = self.record.judged_norm
         self.eps = {n: reference_eps(self.record, n) for n in ("l2", "linf")}
         self.classes = self.record.classes
 

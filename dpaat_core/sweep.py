@@ -385,7 +385,7 @@ def score(run_dir: Path, objectives, eval_eps: float, eval_steps: int, device: s
     """The objectives of one finished run: its best checkpoint on its validation split."""
     model = loading.load_model(run_dir, device=device)
     val = loading.load_run_data(run_dir, "val")
-    norm = read_record(run_dir).norm
+    norm = read_record(run_dir).judged_norm
     ev = evaluate(model, val, "pgd", norm, eval_eps, eval_steps, device=device)
     figures = {"pgd20_balanced": ev.robust_balanced_accuracy, "pgd20": ev.robust_accuracy,
                "balanced_accuracy": ev.balanced_accuracy, "accuracy": ev.accuracy, "auc": ev.auc}

@@ -400,11 +400,11 @@ def test_a_run_record_types_a_trained_run_an_imported_one_and_refuses_a_bad_one(
     create_run(tmp_path, imported, "i")
     t, i = runs.read_record(tmp_path / "t"), runs.read_record(tmp_path / "i")
     assert isinstance(t, RunRecord) and t.config == trained and not t.imported
-    assert (t.method, t.spec, t.seed, t.norm, t.attack.eps, t.classes, t.origin) == \
+    assert (t.method, t.spec, t.seed, t.judged_norm, t.attack.eps, t.classes, t.origin) == \
         ("pgd_at", "npz:x.npz", 7, "linf", 0.01, ["a", "b", "c"], "from src")
     assert t.dataset.train_class_counts == (10, 10, 10) and t.dataset.image_size == 16
     assert isinstance(i.config, ImportedModel) and i.imported and i.attack is None
-    assert (i.method, i.spec, i.seed, i.norm, i.origin, i.model.name, i.config.source["file"]) == \
+    assert (i.method, i.spec, i.seed, i.judged_norm, i.origin, i.model.name, i.config.source["file"]) == \
         ("imported", "npz:y.npz", 0, "l2", "imported", "convnext_tiny", "w.pt")
     listed = {r.run_id: r for r in list_runs(tmp_path)}
     assert listed["t"].record == t and (listed["t"].eps, listed["t"].norm, listed["t"].epochs) == (0.01, "linf", 10)

@@ -29,8 +29,7 @@ from dpaat_core.evaluate.robustness import PRESETS, default_grid, protocol_evalu
 from dpaat_core.models import NoGradCamLayer, gradcam_layer
 from dpaat_core.evaluate.strong import strong_robustness
 
-PROTOCOL_FILE, PER_CLASS_FILE, APGD_FILE = (runs.TABLES[t].file for t in ("protocol", "per_class", "apgd"))
-PROTOCOL_KEYS, APGD_KEYS = runs.TABLES["protocol"].keys, runs.TABLES["apgd"].keys
+PROTOCOL_FILE, PER_CLASS_FILE = runs.TABLES["protocol"].file, runs.TABLES["per_class"].file
 read_protocol, read_per_class, read_apgd = (runs.TABLES[t].read for t in ("protocol", "per_class", "apgd"))
 save_apgd = runs.TABLES["apgd"].save
 #: the attribution maps an audit measures: Grad-CAM where the model has a layer for it, and saliency
@@ -70,12 +69,10 @@ def audit(run_dir, data: Optional[str] = None, split: str = "test", max_samples:
     Returns ``{"protocol", "per_class", "curves", "apgd", "attribution", "skipped"}``."""
     record = runs.read_record(run_dir)
     spec = data or record.spec
-    if not spec:
-        raise runs.RunError(f"{run_dir}: the run names no data (an import with --classes only): pass --data SPEC")
+    dataset = loading.load_run_data(run_dir, split, spec, max_samples, progress=progress)   # no spec: says --data
     model = loading.load_model(run_dir, device=device)
-    dataset = loading.load_run_data(run_dir, split, spec, max_samples, progress=progress)
     eps = {norm: reference_eps(record, norm) for norm in ("l2", "linf")}
-    norm = record.norm   # the APGD check runs in the training norm, l2 for an imported model
+    norm = record.judged_norm   # the APGD check: the training norm, l2 for an imported model
     methods = [m for m in AUDIT_METHODS if m != "gradcam" or has_gradcam(model)]
     where = dict(split=split, data=spec)
     bar = tqdm(total=len(PRESETS) + 2 + 1 + len(methods), desc="audit", unit="part", disable=not progress)

@@ -84,7 +84,7 @@ class RunRecord:
     data = property(lambda self: self.config.data, doc="the DataConfig the run was made on (None: an import without)")
     spec = property(lambda self: None if self.data is None else self.data.spec,
                     doc="the data spec the run was made on (None for a model imported with its class names only)")
-    image_size = property(lambda self: self.dataset.image_size or (self.data and self.data.image_size),
+    image_size = property(lambda self: (self.data and self.data.image_size) or self.dataset.image_size,
                           doc="the image size the model takes")
     root = property(lambda self: None if self.data is None else self.data.root, doc="where medmnist files are")
     classes = property(lambda self: list(self.dataset.classes) or [str(i) for i in range(self.dataset.num_classes)],
@@ -96,8 +96,9 @@ class RunRecord:
                     doc="the training seed (0 for an imported model): it draws the run's split")
 
     @property
-    def norm(self) -> str:
-        """The norm the run is judged in: its training norm, l2 for an imported model."""
+    def judged_norm(self) -> str:
+        """The norm the run is judged in (its APGD check, its report): its training norm, l2 for an imported model.
+        ``attack.norm`` is the training norm itself (no attack for an imported model)."""
         return "l2" if self.imported else self.config.attack.norm
 
     @property

@@ -432,11 +432,8 @@ def public_config(config: dict | None) -> dict | None:
 
 # --- the run's tables: one record each in tables.TABLES; these names are the store's API for them ---------------
 
-ROBUSTNESS_KEYS = CURVE_KEYS
 CORRUPTIONS_FILE = TABLES["corruptions"].file
-ATTRIBUTION_FILE = TABLES["attribution"].file
 ATTRIBUTION_IMAGES_FILE = TABLES["attribution_images"].file
-CERTIFIED_FILE = TABLES["certified"].file
 save_robustness = TABLES["robustness"].save
 save_corruptions = TABLES["corruptions"].save
 save_certified = TABLES["certified"].save

@@ -47,10 +47,14 @@ EARLY_STOP_METRIC = {"balanced_accuracy": "val_balanced_accuracy", "robust_accur
                      "auc": "val_auc", "none": "val_balanced_accuracy"}
 
 
+def mean_recall(per_class: np.ndarray) -> float:
+    """The mean of :func:`per_class_accuracy` over the classes with samples (NaN if none has any)."""
+    return float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
+
+
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
     """Mean recall over the classes present in ``y_true``."""
-    per_class = per_class_accuracy(y_true, y_pred, num_classes)
-    return float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
+    return mean_recall(per_class_accuracy(y_true, y_pred, num_classes))
 
 
 @torch.no_grad()
@@ -87,15 +91,14 @@ def validate(model: nn.Module, dataset: ImageDataset, attack: AttackConfig, devi
     got = {k: distributed.all_gather_cat(torch.cat(v)).cpu().numpy() for k, v in out.items()}
     y_true = dataset.labels.numpy()[got["index"]]
     k = dataset.num_classes
-    per_class = per_class_accuracy(y_true, got["clean"], k)
+    clean, robust = (per_class_accuracy(y_true, got[kind], k) for kind in ("clean", "adv"))
     return {
         "val_loss": float(got["loss"].mean()),
         "val_accuracy": float((got["clean"] == y_true).mean()),
-        "val_balanced_accuracy": balanced_accuracy(y_true, got["clean"], k),
+        "val_balanced_accuracy": mean_recall(clean),
         "val_robust_accuracy": float((got["adv"] == y_true).mean()),
-        "val_robust_balanced_accuracy": balanced_accuracy(y_true, got["adv"], k),
+        "val_robust_balanced_accuracy": mean_recall(robust),
         "val_auc": macro_auc(got["prob"], y_true),
-        "val_per_class_accuracy": {c: float(a) for c, a in zip(dataset.classes, per_class)},
-        "val_per_class_robust_accuracy": {c: float(a) for c, a in
-                                          zip(dataset.classes, per_class_accuracy(y_true, got["adv"], k))},
+        "val_per_class_accuracy": {c: float(a) for c, a in zip(dataset.classes, clean)},
+        "val_per_class_robust_accuracy": {c: float(a) for c, a in zip(dataset.classes, robust)},
     }
