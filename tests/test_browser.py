@@ -339,6 +339,11 @@ def test_the_demo_sweep_on_the_tuning_page(tmp_path, shared_data):
         thumb.focus()
         for _ in range(15):          # the eps range's lower end up: fewer trials within it
             page.keyboard.press("ArrowRight")
+        try:                         # the rerun the slider starts (read too early, the page still shows all 12)
+            page.wait_for_function("() => /\\d+ of 12 complete trials/.test(document.body.innerText)"
+                                   " && !document.body.innerText.includes('12 of 12 complete trials')", timeout=60_000)
+        except Exception:  # noqa: BLE001 - the count is read and asserted on below
+            pass
         _settled(page, "Tuning")
         kept = int(re.search(r"(\d+) of 12 complete trials", page.content()).group(1))
         assert kept < 12
