@@ -158,6 +158,8 @@ def live_corruption(run: runs.Run, data, n: int, corruption: str, severity: int)
 
 #: the gallery's attack: the explorer's (PGD-10, l2, the run's training eps), each image from its own start, seed 0
 GALLERY_NORM = "l2"
+#: images on a gallery page, and in each batch of the numbers computed for it (so the first page comes first)
+GALLERY_PAGE = 24
 
 
 @st.cache_resource(show_spinner=False, max_entries=1)
@@ -166,15 +168,17 @@ def _numbers_store() -> dict:
     return {}
 
 
-def _image_numbers(run_dir: str, mtime: int, spec: str, split: str, method: str, eps: float, data) -> pd.DataFrame:
-    """Every image's numbers, computed once per key with a progress bar that counts the images (24 at a time)."""
+def _image_numbers(run_dir: str, mtime: int, spec: str, split: str, method: str, eps: float, data,
+                   first_page=None) -> pd.DataFrame:
+    """Every image's numbers, computed once per key with a progress bar that counts the images (24 at a time);
+    ``first_page(rows)`` gets the first 24 rows as soon as they exist (the page shows them while the rest come)."""
     from dpaat_core.evaluate.gallery import image_numbers
     store_, key = _numbers_store(), (run_dir, mtime, spec, split, method, eps)
     if key not in store_:
         bar = st.progress(0.0, text=f"Explaining every image of the split: 0 of {len(data)} (once per run, data and "
                                     "method)")
         table = image_numbers(cached_model(run_dir, mtime), data, eps, method, norm=GALLERY_NORM, steps=EXPLORER_STEPS,
-                              batch_size=24, around=lambda: model_lock(run_dir),
+                              batch_size=GALLERY_PAGE, around=lambda: model_lock(run_dir), first_batch=first_page,
                               callback=lambda done, total: bar.progress(
                                   done / total, text=f"Explaining every image of the split: {done} of {total}"))
         bar.empty()
@@ -200,10 +204,12 @@ def gallery_eps(run: runs.Run) -> float:
     return float(reference_eps(run.record, GALLERY_NORM))
 
 
-def gallery_numbers(run: runs.Run, data, split: str, method: str) -> tuple[pd.DataFrame | None, str]:
+def gallery_numbers(run: runs.Run, data, split: str, method: str,
+                    first_page=None) -> tuple[pd.DataFrame | None, str]:
     """Every image's attribution numbers for the gallery, and where they came from: the run's saved
     ``attribution_images.csv`` when it covers the split with the gallery's setting, else computed here (in memory,
-    cached; the store is only read)."""
+    cached; the store is only read), calling ``first_page(rows)`` with the first page's rows as soon as they
+    exist."""
     if model(run) is None:
         return None, ""
     eps = gallery_eps(run)
@@ -215,8 +221,7 @@ def gallery_numbers(run: runs.Run, data, split: str, method: str) -> tuple[pd.Da
         mine = pd.DataFrame()
     if len(mine) == len(data) and set(mine["index"]) == set(range(len(data))):
         return mine, "saved with the run (attribution_images.csv)"
-    table = _image_numbers(*weights_key(run), data.source.spec, split, method,
-                           eps, data)
+    table = _image_numbers(*weights_key(run), data.source.spec, split, method, eps, data, first_page)
     return table, "computed for this view (`python -m dpaat_core attribute RUN --n all` saves them with the run)"
 
 

@@ -132,6 +132,8 @@ class ModelConfig(_Section):
             _fail("model", "name", self.name, "an architecture's name")
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
             _fail("model", "init_from", self.init_from, "a run folder")
+        if self.gradcam_layer is not None and (not isinstance(self.gradcam_layer, str) or not self.gradcam_layer.strip()):
+            _fail("model", "gradcam_layer", self.gradcam_layer, "a module's dotted path, such as 'features.8'")
         if self.init_from is not None and self.pretrained:
             raise ConfigError("model: pretrained and init_from both set; a run starts from one set of weights")
         if self.normalization is not None:

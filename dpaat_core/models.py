@@ -315,10 +315,48 @@ def state_mismatch(expected: dict, state: dict) -> tuple[list[str], list[str], l
 def model_from_config(model: dict, num_classes: int, in_channels: int = 3, pretrained: bool = False) -> nn.Module:
     """The freshly initialised classifier a config's ``model`` section describes: with its own normalisation (an
     imported run, or one started from it: any torchvision/timm architecture) :func:`build_classifier`, else the
-    registry's :func:`build_model`."""
+    registry's :func:`build_model`, explained at the config's ``gradcam_layer`` when it names one."""
     if model.get("normalization"):
         return build_classifier(model, num_classes, in_channels)
-    return build_model(model["name"], num_classes, in_channels, pretrained)
+    built = build_model(model["name"], num_classes, in_channels, pretrained)
+    if model.get("gradcam_layer"):
+        built.gradcam = gradcam_path(built, model["gradcam_layer"], "model.gradcam_layer", ConfigError)
+    return built
+
+
+def gradcam_path(model: Classifier, layer: str, flag: str, error: type = ConfigError) -> str:
+    """``layer`` (a dotted module path in the backbone, ``backbone.`` optional) as a path under the classifier;
+    ``error`` naming ``flag`` when the architecture has no such module."""
+    path = layer if layer.startswith("backbone.") else f"backbone.{layer}"
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        raise error(f"{flag} {path.removeprefix('backbone.')}: {model.arch} has no such module") from None
+    return path
+
+
+def check_gradcam_layer(model: Classifier, layer: str, image_size: int, flag: str,
+                        error: type = ConfigError) -> str:
+    """The path of ``layer`` (:func:`gradcam_path`) after checking that it gives a feature map ``(N, C, H, W)`` on an
+    ``image_size`` image; ``error`` naming ``flag`` otherwise. The model's mode and the global RNG are left as
+    they were."""
+    path = gradcam_path(model, layer, flag, error)
+    module, shapes = model.get_submodule(path), []
+    hook = module.register_forward_hook(lambda _m, _i, out: shapes.append(getattr(out, "shape", None)))
+    was_training = model.training
+    probe = torch.rand(1, model.in_channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            model.eval()(probe.to(next(model.parameters()).device))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    shape = shapes[-1] if shapes else None
+    if shape is None or len(shape) != 4:
+        what = "never runs in the forward pass" if not shapes else f"gives {tuple(shape) if shape else 'no tensor'}"
+        raise error(f"{flag} {path.removeprefix('backbone.')}: a {type(module).__name__} that {what}, not a feature "
+                    "map (N, C, H, W); leave it out for the architecture's last convolutional stage")
+    return path
 
 
 def build_classifier(model: dict, num_classes: int, in_channels: int = 3) -> Classifier:

@@ -116,7 +116,7 @@ EXPECT = {"Runs": [('[data-testid="stDataFrame"]', 1), ('[data-testid="stPlotlyC
                          ('[data-testid="stImage"]', 12)],
           "Attribution explorer": [('[data-testid="stImage"]', 7), ('[data-testid="stMetric"]', 2)],
           "Gallery": [('[data-testid="stImage"]', 8), ('[data-testid="stMetric"]', 3),
-                      ('button:has-text("Open in the explorer")', 8)],
+                      ('button:has-text("Explore")', 8)],
           "Tuning": [('button:has-text("Start the sweep")', 1)],   # a store without sweeps: the form to start one
           "Train": [('button:has-text("Launch")', 1)]}
 
@@ -252,7 +252,7 @@ def test_a_gallery_tile_opens_its_image_in_the_explorer(dashboard):
         tiles = [t for t in tiles if t.startswith("#")]          # "#12 · Predicted nv ..." (not the colour bar)
         k, first = next((k, t) for k, t in enumerate(tiles) if not t.startswith("#0 "))   # not the default image
         index = int(first.split(" ")[0].lstrip("#"))
-        page.get_by_role("button", name="Open in the explorer").nth(k).click()
+        page.get_by_role("button", name="Explore", exact=True).nth(k).click()
         _settled(page, "Attribution explorer")
         _check_page(page, "Attribution explorer")
         chosen = len(re.findall(rf"#{index} · [^<\"]+ · predicted", page.content()))   # the Image box shows it

@@ -67,6 +67,10 @@ def _with(*changes):
     (["train", "--resume", "x", "--data", "synthetic"], "drop --data"),
     (["train", "--resume", "/nowhere/run"], "no such run folder"),
     (_with(("--name", "../evil")), "../evil"),
+    (_with(("--gradcam-layer", "fc")), "model.gradcam_layer fc: a Linear that gives (1, 3), not a feature map"),
+    (_with(("--gradcam-layer", "layer9")), "model.gradcam_layer layer9: resnet8 has no such module"),
+    (_with(("--gradcam-layer", " ")), "model.gradcam_layer must be a module's dotted path"),
+    (["train", "--resume", "x", "--gradcam-layer", "layer2"], "drop --gradcam-layer"),
 ])
 def test_bad_train_input_fails_before_any_work_with_one_line(tmp_path, capsys, argv, says):
     with pytest.raises(SystemExit) if "invalid float" in says else contextlib.nullcontext():
@@ -119,3 +123,27 @@ def test_train_prints_the_run_folder_last_and_runs_lists_it(tmp_path, capsys):
     # a finished run resumes to nothing and says where it is
     assert main(["train", "--resume", str(store / "cli-run"), "--quiet"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(store / "cli-run")
+
+
+def test_a_run_is_explained_at_the_grad_cam_layer_it_names_and_a_run_started_from_it_too(tmp_path, capsys):
+    """``--gradcam-layer layer2``: resnet8's 8x8 stage at 16 px instead of its 4x4 last one, recorded in the config,
+    used by every map of the run, and kept by a run that starts from its weights."""
+    import torch
+    from dpaat_core.evaluate.attribution import attribute
+    from dpaat_core.models import gradcam_layer
+    from dpaat_core.store import loading, runs
+    store = tmp_path / "store"
+    assert main(_with(("--gradcam-layer", "layer2")) + ["--store", str(store), "--name", "fine"]) == 0
+    assert runs.read_record(store / "fine").model.gradcam_layer == "backbone.layer2"
+    model = loading.load_model(store / "fine")
+    assert gradcam_layer(model) is model.backbone.layer2
+    maps = []
+    hook = model.backbone.layer2.register_forward_hook(lambda _m, _i, out: maps.append(out.shape[-2:]))
+    attribute(model, torch.rand(2, 3, 16, 16), torch.tensor([0, 1]), "gradcam")
+    hook.remove()
+    assert maps and tuple(maps[0]) == (8, 8)                           # the finer stage ran for the map
+    assert main(["train", "--init-from", str(store / "fine"), "--method", "pgd_at", "--epochs", "1", "--steps", "1",
+                 "--device", "cpu", "--quiet", "--store", str(store), "--name", "after"]) == 0
+    assert runs.read_record(store / "after").model.gradcam_layer == "backbone.layer2"
+    assert gradcam_layer(loading.load_model(store / "after")) is not None
+    capsys.readouterr()

@@ -3,6 +3,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -451,7 +452,7 @@ def test_viewer_mode_offers_nothing_that_reads_a_path_starts_a_process_or_writes
         at.switch_page(f"views/{page}.py").run()
         assert not at.exception, page
         assert not at.text_input and not at.get("form"), page                             # no path box, no form
-        assert {b.label for b in at.button} <= {"Open in the explorer", "Enlarge", "Pick"}, page   # moves, looks
+        assert {b.label for b in at.button} <= {"Explore", "Enlarge", "Pick"}, page   # moves, looks
         assert not at.get("download_button") or page == "runs", page
     at.switch_page("views/robustness.py").run()
     at.radio(key="robustness-view").set_value("Natural corruptions").run()            # the other view too
@@ -613,6 +614,33 @@ def test_gallery_shows_every_test_image_worst_first_and_opens_one_in_the_explore
     next(b for b in at.button if b.key == f"open-{pick}").click().run()      # a click opens it in the explorer
     assert not at.exception and at.title[0].value == "Attribution explorer"
     assert next(s for s in at.selectbox if s.label == "Image").value == pick
+
+
+def test_gallery_shows_a_first_page_before_every_image_is_explained(store, monkeypatch):
+    """Numbers computed for the view come 24 images at a time, and the first 24 reach the page before the rest."""
+    from dashboard import compute
+    from dpaat_core.data import load_dataset
+    from dpaat_core.store import runs
+    data = load_dataset("synthetic:n=240,classes=3", "train", 16)
+    assert len(data) > 2 * compute.GALLERY_PAGE
+    run = runs.load_run(store / "small-dpaat")
+    early = []
+    table, source = compute.gallery_numbers(run, data, "train", "saliency", first_page=early.append)
+    assert source.startswith("computed for this view") and len(table) == len(data)
+    assert len(early) == 1 and early[0]["index"].tolist() == list(range(compute.GALLERY_PAGE))
+    pd.testing.assert_frame_equal(early[0], table.iloc[:compute.GALLERY_PAGE])    # the numbers the page keeps
+    again = []
+    compute.gallery_numbers(run, data, "train", "saliency", first_page=again.append)   # cached: nothing to wait for
+    assert again == []
+    monkeypatch.setenv("DPAAT_STORE", str(store))                      # the page with a split of several pages
+    at = AppTest.from_file(str(APP), default_timeout=240).run()
+    at.switch_page("views/gallery.py").run()
+    at.sidebar.text_input(key="data_spec").set_value("synthetic:n=400,classes=3").run()
+    at.selectbox(key="run_picker_one").set_value("small-pgd").run()
+    assert not at.exception, at.exception
+    assert not any(c.value.startswith("The first 24 of") for c in at.caption)     # cleared once all are there
+    assert len([b for b in at.button if b.key.startswith("open-")]) == compute.GALLERY_PAGE
+    assert any("images · 24 per page" in c.value for c in at.caption)
 
 
 def test_gallery_compares_two_runs_on_the_same_images(store, monkeypatch):

@@ -28,10 +28,17 @@ def test_every_image_has_its_row_and_a_page_redraws_its_maps(setting):
     np.testing.assert_allclose(spearman(maps["map_clean"], maps["map_adv"]), rows["spearman"], atol=1e-5)
     np.testing.assert_allclose(energy_in_mask(maps["map_clean"], data.masks[page]), rows["energy_clean"], atol=1e-5)
     np.testing.assert_allclose(energy_in_mask(maps["map_adv"], data.masks[page]), rows["energy_adv"], atol=1e-5)
-    seen = []
+    seen, first = [], []
     whole = gallery.image_numbers(model, data, 0.3, "gradcam", steps=2, batch_size=7,   # other batches, same rows
-                                  callback=lambda done, total: seen.append((done, total)))
+                                  callback=lambda done, total: seen.append((done, total)),
+                                  first_batch=lambda rows: first.append((rows.copy(), len(seen))))
     assert seen[-1] == (len(data), len(data)) and {t for _, t in seen} == {len(data)}       # one total, counted up
+    assert len(first) == 1 and first[0][1] == 0                          # once, before the second batch's count
+    assert first[0][0]["index"].tolist() == list(range(7))                # the first batch's rows, as computed
+    pd.testing.assert_frame_equal(first[0][0], whole.iloc[:7])
+    single = []                                 # a split in one batch: nothing to show early
+    gallery.image_numbers(model, data, 0.3, "gradcam", steps=2, batch_size=len(data), first_batch=single.append)
+    assert single == []
     assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[0][0] > 0
     np.testing.assert_allclose(whole["energy_other_mask"], table["energy_other_mask"], atol=1e-6)
     assert maps["x"].shape == (4, 3, 16, 16) and maps["map_clean"].shape == (4, 16, 16)

@@ -5,7 +5,7 @@ import streamlit as st
 from dashboard import charts
 from dashboard.state import comparable_runs, model, run_data
 from dashboard.tables import certified
-from dashboard.compute import EXPLORER_STEPS, gallery_eps, gallery_maps, gallery_numbers
+from dashboard.compute import EXPLORER_STEPS, GALLERY_PAGE, gallery_eps, gallery_maps, gallery_numbers
 from dashboard.widgets import data_spec_input, run_picker, training_split_filter, trust_notice
 from dpaat_core.evaluate import gallery
 from dpaat_core.evaluate.class_robustness import balanced, weakest_sentence
@@ -33,7 +33,86 @@ compare_id = c3.selectbox("Compare with (same images, same order)", ["none", *ot
 data = run_data(run, split)
 if data is None:
     st.stop()
-numbers, source = gallery_numbers(run, data, split, method)
+
+
+# --- the grid: the first page while the numbers are computed, then the sorted pages -------------------------------
+def certificate_caption(row) -> str:
+    """`` · r 0.31 (mel)``: the certified l2 radius and the class it guarantees (the smoothed model's, which may
+    differ from the clean prediction); `` · abstains``; nothing for an image that was not certified."""
+    if getattr(row, "certified_prediction", None) is None or row.certified_prediction != row.certified_prediction:
+        return ""
+    if row.certified_prediction < 0:
+        return " · abstains"
+    return f" · r {row.radius:.2f} ({classes[int(row.certified_prediction)]})"
+
+
+def tile_caption(row) -> str:
+    """``#12 · Predicted nv 81% ✓ → ... · lesion 64% · ρ 0.71``: the prediction in words and the map's numbers."""
+    lesion = f" · lesion {row.energy_clean:.0%}" if hasattr(row, "energy_clean") and row.energy_clean == row.energy_clean else ""
+    said = prediction_words(classes, row.pred_clean, row.confidence_clean, row.label, row.pred_adv,
+                            row.confidence_adv, "attack")
+    return f"#{row.index} · {said}{lesion} · ρ {row.spearman:.2f}{certificate_caption(row)}"
+
+
+def pair(maps: dict, k: int, index: int, alpha: float, outlined: bool) -> np.ndarray:
+    gap = np.full((maps["x"].shape[-2], 2, 3), 255, np.uint8)
+    edge = data.mask(index) if outlined else None
+    return np.concatenate([overlay(maps["x"][k], maps["map_clean"][k], alpha, mask=edge), gap,
+                           overlay(maps["x_adv"][k], maps["map_adv"][k], alpha, mask=edge)], axis=1)
+
+
+@st.dialog("One image, large", width="large")
+def show_large(tile: np.ndarray, caption: str):
+    st.image(enlarged(tile), caption=caption, width="stretch")
+    st.image(colour_bar(), caption=f"{method_label(method)}: low → high", width="stretch")
+
+
+def draw_grid(shown, alpha: float, outlined: bool, other=None, numbers_b=None, buttons: bool = True) -> None:
+    """Four tiles a row: each image's clean and attacked maps (above those of ``other``, when compared), its caption
+    and, with ``buttons``, Enlarge and Explore."""
+    maps = gallery_maps(run, data, split, shown["index"].tolist(), method)
+    maps_b = gallery_maps(other, data, split, shown["index"].tolist(), method) if other is not None else None
+    by_index_b = numbers_b.set_index("index") if numbers_b is not None else None
+    cols = st.columns(4)
+    for k, row in enumerate(shown.itertuples(index=False)):
+        tile = pair(maps, k, int(row.index), alpha, outlined)
+        if maps_b is not None:
+            tile = np.concatenate([tile, np.full((2, tile.shape[1], 3), 255, np.uint8),
+                                   pair(maps_b, k, int(row.index), alpha, outlined)], axis=0)
+        caption = tile_caption(row)
+        if by_index_b is not None and row.index in by_index_b.index:
+            b = by_index_b.loc[row.index]
+            caption += f" | {classes[int(b.pred_clean)]} ({b.confidence_clean:.0%})" + (
+                f" · lesion {b.energy_clean:.0%}" if "energy_clean" in b and b.energy_clean == b.energy_clean else "")
+        with cols[k % 4]:
+            st.image(tile, caption=caption, width="stretch")
+            if not buttons:
+                continue
+            large, explore = st.columns(2)
+            if large.button("Enlarge", key=f"large-{row.index}", icon=":material/zoom_in:", width="stretch",
+                            help="this image and its maps, large"):
+                show_large(tile, caption)
+            if explore.button("Explore", key=f"open-{row.index}", icon=":material/open_in_new:", width="stretch",
+                              help="open this image in the Attribution explorer"):
+                st.session_state["explorer_pick"] = {"run": run.run_id, "split": split, "index": int(row.index)}
+                st.switch_page("views/attribution.py")
+
+
+early = []
+
+
+def first_page(rows) -> None:
+    """The first page, in the split's order, while the other images are explained (cleared once they are)."""
+    early.append(st.empty())
+    with early[-1].container():
+        st.caption(f"The first {len(rows)} of {len(data)} images, in the split's order, while the others are "
+                   "explained; the sorted pages follow.")
+        draw_grid(rows, 0.5, data.masks is not None, buttons=False)
+
+
+numbers, source = gallery_numbers(run, data, split, method, first_page)
+for slot in early:
+    slot.empty()
 if numbers is None:
     st.stop()
 st.caption(f"Numbers {source}.")
@@ -91,7 +170,7 @@ if rows.empty:
     st.info("No image matches these filters.")
     st.stop()
 p1, p2, p3, p4 = st.columns([1, 1, 1, 2])
-per_page = 24
+per_page = GALLERY_PAGE
 pages = (len(rows) + per_page - 1) // per_page
 page = p1.number_input(f"Page (of {pages})", 1, pages, 1)
 alpha = p2.slider("Map opacity", 0.0, 1.0, 0.5, 0.05, key="gallery-opacity")
@@ -103,52 +182,5 @@ st.caption(f"{len(rows)} images · {per_page} per page · left: clean, right: at
            + (" · cyan: the lesion's outline" if outlined else ""))
 shown = rows.iloc[(page - 1) * per_page: page * per_page]
 
-# --- the grid --------------------------------------------------------------------------------------------------
-def certificate_caption(row) -> str:
-    """`` · r 0.31 (mel)``: the certified l2 radius and the class it guarantees (the smoothed model's, which may
-    differ from the clean prediction); `` · abstains``; nothing for an image that was not certified."""
-    if getattr(row, "certified_prediction", None) is None or row.certified_prediction != row.certified_prediction:
-        return ""
-    if row.certified_prediction < 0:
-        return " · abstains"
-    return f" · r {row.radius:.2f} ({classes[int(row.certified_prediction)]})"
-
-
-def pair(maps: dict, k: int, index: int) -> np.ndarray:
-    gap = np.full((maps["x"].shape[-2], 2, 3), 255, np.uint8)
-    edge = data.mask(index) if outlined else None
-    return np.concatenate([overlay(maps["x"][k], maps["map_clean"][k], alpha, mask=edge), gap,
-                           overlay(maps["x_adv"][k], maps["map_adv"][k], alpha, mask=edge)], axis=1)
-
-
-@st.dialog("One image, large", width="large")
-def show_large(tile: np.ndarray, caption: str):
-    st.image(enlarged(tile), caption=caption, width="stretch")
-    st.image(colour_bar(), caption=f"{method_label(method)}: low → high", width="stretch")
-
-
-maps = gallery_maps(run, data, split, shown["index"].tolist(), method)
-maps_b = gallery_maps(other, data, split, shown["index"].tolist(), method) if other is not None else None
-by_index_b = numbers_b.set_index("index") if numbers_b is not None else None
-cols = st.columns(4)
-for k, row in enumerate(shown.itertuples(index=False)):
-    tile = pair(maps, k, int(row.index))
-    if maps_b is not None:
-        tile = np.concatenate([tile, np.full((2, tile.shape[1], 3), 255, np.uint8), pair(maps_b, k, int(row.index))],
-                              axis=0)
-    lesion = f" · lesion {row.energy_clean:.0%}" if hasattr(row, "energy_clean") and row.energy_clean == row.energy_clean else ""
-    said = prediction_words(classes, row.pred_clean, row.confidence_clean, row.label, row.pred_adv,
-                            row.confidence_adv, "attack")
-    caption = f"#{row.index} · {said}{lesion} · ρ {row.spearman:.2f}{certificate_caption(row)}"
-    if by_index_b is not None and row.index in by_index_b.index:
-        b = by_index_b.loc[row.index]
-        caption += f" | {classes[int(b.pred_clean)]} ({b.confidence_clean:.0%})" + (
-            f" · lesion {b.energy_clean:.0%}" if "energy_clean" in b and b.energy_clean == b.energy_clean else "")
-    with cols[k % 4]:
-        st.image(tile, caption=caption, width="stretch")
-        large, explore = st.columns(2)
-        if large.button("Enlarge", key=f"large-{row.index}", help="this image and its maps, large"):
-            show_large(tile, caption)
-        if explore.button("Open in the explorer", key=f"open-{row.index}"):
-            st.session_state["explorer_pick"] = {"run": run.run_id, "split": split, "index": int(row.index)}
-            st.switch_page("views/attribution.py")
+# --- the sorted page -----------------------------------------------------------------------------------------------
+draw_grid(shown, alpha, outlined, other, numbers_b)

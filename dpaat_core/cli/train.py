@@ -66,6 +66,9 @@ def add_run_arguments(t) -> None:
     run.add_argument("--root", help="folder of medmnist: files (default $DPAAT_DATA_ROOT, else ./data)")
     run.add_argument("--init-from", metavar="RUN", help="start from this run's weights (imported or trained here): "
                                                         "same architecture and classes; --model defaults to its")
+    run.add_argument("--gradcam-layer", metavar="LAYER",
+                     help="the layer Grad-CAM explains, a dotted module path of the architecture (features.8 of "
+                          "mobilenet_v3_small gives an 8x8 map at 128 px); default: its last convolutional stage")
     run.add_argument("--pretrained", action="store_const", const=True,
                      help="start from ImageNet weights in torchvision's local cache (fails if they are not there)")
     atk = t.add_argument_group("training attack (PGD with a random start)")

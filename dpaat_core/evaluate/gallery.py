@@ -31,11 +31,13 @@ SORTS = {
 
 
 def image_numbers(model, dataset, eps: float, method: str = "gradcam", norm: str = "l2", steps: int = 10,
-                  batch_size: int = 64, seed: int = 0, device="cpu", around=None, callback=None) -> pd.DataFrame:
+                  batch_size: int = 64, seed: int = 0, device="cpu", around=None, callback=None,
+                  first_batch=None) -> pd.DataFrame:
     """Every image's row of :func:`attribution_report`, in index order (as ``attribute --n all`` saves them).
     ``around``: a context manager factory entered for each batch (the dashboard's lock on its shared model, so
     other sessions take turns between batches rather than wait for the whole split); ``callback(done, total)``
-    after each batch."""
+    after each batch; ``first_batch(rows)`` once, with the first batch's rows, while the others are still to come
+    (the dashboard shows them as a first page)."""
     n = len(dataset)
     frames = []
     for chunk in torch.arange(n).split(batch_size):
@@ -45,6 +47,8 @@ def image_numbers(model, dataset, eps: float, method: str = "gradcam", norm: str
             frames.append(attribution_report(model, dataset, eps, method, norm=norm, steps=steps,
                                              batch_size=batch_size, seed=seed, device=device, index=chunk.tolist(),
                                              other_index=((chunk + 1) % n).tolist()))
+        if first_batch is not None and len(frames) == 1 and len(chunk) < n:
+            first_batch(frames[0])
     if callback is not None:
         callback(n, n)
     return pd.concat(frames, ignore_index=True)

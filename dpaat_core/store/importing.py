@@ -22,7 +22,8 @@ import torch.nn as nn
 from dpaat_core.config import ConfigError, check_normalization
 from dpaat_core.store import runs
 from dpaat_core.errors import ImportProblem, RunError
-from dpaat_core.models import Classifier, build_backbone, default_normalization, find_gradcam_layer, state_mismatch
+from dpaat_core.models import (Classifier, build_backbone, check_gradcam_layer, default_normalization,
+                               find_gradcam_layer, state_mismatch)
 
 ORIGIN = "imported"
 
@@ -92,26 +93,6 @@ def _channels(values: Optional[Sequence[float]], in_channels: int, what: str, de
         raise ImportProblem(str(exc)) from None
 
 
-def _check_gradcam_layer(model: Classifier, path: str, arch: str, image_size: int, in_channels: int) -> None:
-    """Refuse a Grad-CAM layer that does not exist or does not give a feature map ``(N, C, H, W)``."""
-    try:
-        module = model.get_submodule(path)
-    except AttributeError:
-        raise ImportProblem(f"--gradcam-layer {path.removeprefix('backbone.')}: {arch} has no such module") from None
-    shapes = []
-    hook = module.register_forward_hook(lambda _m, _i, out: shapes.append(getattr(out, "shape", None)))
-    try:
-        with torch.no_grad():
-            model.eval()(torch.rand(1, in_channels, image_size, image_size))
-    finally:
-        hook.remove()
-    shape = shapes[-1] if shapes else None
-    if shape is None or len(shape) != 4:
-        what = "never runs in the forward pass" if not shapes else f"gives {tuple(shape) if shape else 'no tensor'}"
-        raise ImportProblem(f"--gradcam-layer {path.removeprefix('backbone.')}: a {type(module).__name__} that "
-                            f"{what}, not a feature map (N, C, H, W); leave the flag out to find the last one")
-
-
 def import_model(arch: str, weights: str | Path, image_size: int, classes: Sequence[str], store: str | Path,
                  name: Optional[str] = None, mean=None, std=None, in_channels: int = 3,
                  gradcam_layer: Optional[str] = None, data_spec: Optional[str] = None) -> Path:
@@ -132,8 +113,7 @@ def import_model(arch: str, weights: str | Path, image_size: int, classes: Seque
     _fit(backbone, read_weights(weights), arch, len(classes), weights)
     model = Classifier(arch, backbone, len(classes), in_channels, mean, std)
     if gradcam_layer is not None:
-        path = gradcam_layer if gradcam_layer.startswith("backbone.") else f"backbone.{gradcam_layer}"
-        _check_gradcam_layer(model, path, arch, image_size, in_channels)
+        path = check_gradcam_layer(model, gradcam_layer, image_size, "--gradcam-layer", ImportProblem)
     else:
         path = find_gradcam_layer(model, image_size, in_channels)
     digest = runs.file_sha256(weights)

@@ -31,7 +31,7 @@ from dpaat_core.train import distributed
 from dpaat_core.store import loading, locks, runs
 from dpaat_core.config import ConfigError, ModelConfig, RunConfig
 from dpaat_core.data import ImageDataset, load_dataset
-from dpaat_core.models import model_from_config   # with a normalisation: started from another run's architecture
+from dpaat_core.models import check_gradcam_layer, model_from_config   # with a normalisation: started from another run's architecture
 from dpaat_core.train.objectives import MethodState, training_step
 from dpaat_core.train.validation import EARLY_STOP_METRIC, validate
 
@@ -199,6 +199,8 @@ def init_source(config: RunConfig, train_set: ImageDataset) -> tuple[RunConfig, 
     if source_record.model.normalization:   # imported, or started from an imported run: its own normalisation
         changes |= {"normalization": source_record.model.normalization,
                     "gradcam_layer": source_record.model.gradcam_layer}
+    elif source_record.model.gradcam_layer and not config.model.gradcam_layer:   # explained where the source is
+        changes["gradcam_layer"] = source_record.model.gradcam_layer
     record = {"run": str(source), "run_id": source_record.run_id or source.name,
               "origin": "imported" if source_record.imported else "trained",
               "weights_sha256": runs.file_sha256(source / "weights.safetensors")}
@@ -287,6 +289,7 @@ def _run(config: RunConfig, progress: Optional[ProgressFn], should_stop, *, stor
                     runs.remove_temp_files(run_dir)
             else:
                 config, init = init_source(config, train_set) if config.model.init_from is not None else (config, None)
+                config = _check_gradcam(config, train_set)
                 resumed = None
                 if world.is_main:
                     run_dir = _create_run(config, store, run_id, train_set, val_set, device, world, init)
@@ -302,6 +305,17 @@ def _load_splits(config: RunConfig, world: distributed.World) -> tuple[ImageData
     load = dict(image_size=config.data.image_size, root=config.data.root, max_samples=config.data.max_samples,
                 seed=config.train.seed, progress=world.is_main)
     return load_dataset(config.data.spec, "train", **load), load_dataset(config.data.spec, "val", **load)
+
+
+def _check_gradcam(config: RunConfig, train_set: ImageDataset) -> RunConfig:
+    """``config`` with its ``model.gradcam_layer`` as a path under the classifier (``backbone.features.8``), refused
+    before a run folder exists when the architecture lacks it or it gives no feature map at the run's image size
+    (an imported architecture's layer was checked on import)."""
+    if not config.model.gradcam_layer or config.model.normalization:
+        return config
+    model = model_from_config(asdict(config.model), train_set.num_classes, train_set.in_channels)
+    path = check_gradcam_layer(model, config.model.gradcam_layer, train_set.images.shape[-1], "model.gradcam_layer")
+    return config.replace(model={"gradcam_layer": path})
 
 
 def _create_run(config: RunConfig, store, run_id, train_set, val_set, device, world, init) -> Path:
