@@ -1,0 +1,113 @@
+"""Ship finished runs trained on the 200x150 JPEG layout (9,114 HAM10000 images) as demo runs in ``checkpoints/``.
+
+    python bench/hd_demos.py STORE/erm-run STORE/pgd-run ... [--dest checkpoints] [--max-samples N] [--threads 1]
+
+Each run is copied as ``demo-<method>-<model>-ham10000-<size>px`` (config, metrics, status, best weights; the last
+epoch's per-sample dynamics, none for ERM, which has no eps memory to show; not ``last.pt``), with:
+
+- its data spec and data path relative to the checkout (``ham10000:../shared/data/ham10000_200x150``), and a run
+  started from another shipped run (``--init-from``) pointing at that run's demo folder;
+- float16 weights when rounding changes no clean prediction and no PGD-20 outcome on the test split
+  (``fp16_check.json``, as ``bench/demo_runs.py``);
+- its audit (``python -m dpaat_core audit``: protocol with per-class figures, curves in both norms, the APGD check,
+  and the Grad-CAM and saliency numbers of every test image for the Gallery), on the whole test split unless
+  ``--max-samples`` draws fewer for the attacks (the maps are measured on every image either way).
+
+Give the runs a later one starts from first (ERM before the runs fine-tuned from it).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+from dpaat_core.__main__ import main as cli
+from dpaat_core.store import runs
+
+from demo_runs import halve_if_lossless
+
+COPY = ("config.json", "metrics.jsonl", "status.json", "weights.safetensors")
+
+
+def demo_id(run_dir: Path) -> str:
+    record = runs.read_record(run_dir)
+    return f"demo-{record.method}-{record.model.name}-ham10000-{record.image_size}px"
+
+
+def relative(path: str) -> str:
+    """An absolute path under the checkout's parent as seen from the checkout (``../shared/data/...``); others
+    as they are."""
+    absolute = Path(path).resolve()
+    return os.path.relpath(absolute, ROOT) if absolute.is_relative_to(ROOT.parent) else path
+
+
+def relocate(config: dict, run_id: str, shipped: dict[str, str]) -> dict:
+    """``config`` as shipped: its id, the data where the checkout sees it, a source run by its demo folder
+    (``shipped``: source folder -> demo id)."""
+    config = {**config, "run_id": run_id}
+    kind, _, where = config["data"]["spec"].partition(":")
+    config["data"] = {**config["data"], "spec": f"{kind}:{relative(where)}" if where else kind}
+    if config.get("dataset", {}).get("source_path"):
+        config["dataset"] = {**config["dataset"], "source_path": relative(config["dataset"]["source_path"])}
+    source = config["model"].get("init_from")
+    if source:
+        key = str(Path(source).resolve())
+        if key not in shipped:
+            raise SystemExit(f"{run_id} starts from {source}, which is not shipped: give that run first")
+        config["model"] = {**config["model"], "init_from": f"checkpoints/{shipped[key]}"}
+        config["init"] = {**config["init"], "run": f"checkpoints/{shipped[key]}", "run_id": shipped[key]}
+    return config
+
+
+def ship(src: Path, dest_store: Path, shipped: dict[str, str], max_samples) -> Path:
+    run = runs.load_run(src)
+    if run.state != "done" or not run.has_weights:
+        raise SystemExit(f"{src}: {run.state}; only a finished run with weights is shipped")
+    run_id = demo_id(src)
+    dest = dest_store / run_id
+    tmp = dest.with_name(run_id + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in COPY:
+        shutil.copy2(src / name, tmp / name)
+    epochs = runs.dynamics_epochs(src)
+    if epochs and run.method != "erm":
+        (tmp / "dynamics").mkdir()
+        shutil.copy2(src / "dynamics" / f"epoch_{epochs[-1]:03d}.npz", tmp / "dynamics")
+    runs.atomic_write_json(tmp / "config.json", relocate(runs.read_config(src), run_id, shipped))
+    check = halve_if_lossless(tmp)
+    argv = ["audit", str(tmp), "--no-report"] + (["--max-samples", str(max_samples)] if max_samples else [])
+    if cli(argv) != 0:
+        raise SystemExit(f"{' '.join(argv)} failed")
+    if max_samples:     # the Gallery's numbers: every test image's maps, whatever the attacks' draw
+        if cli(["attribute", str(tmp), "--methods", "gradcam,saliency", "--n", "all"]) != 0:
+            raise SystemExit(f"attribute {tmp} failed")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    shipped[str(src.resolve())] = run_id
+    print(f"[ship] {run_id}: float16 weights {'kept' if check['lossless'] else 'NOT lossless, float32'}", flush=True)
+    return dest
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="finished run folders, a source before the runs started from it")
+    p.add_argument("--dest", type=Path, default=ROOT / "checkpoints")
+    p.add_argument("--max-samples", type=int, help="test images the audit's attacks use (default: all)")
+    p.add_argument("--threads", type=int)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shipped: dict[str, str] = {}
+    for src in args.runs:
+        ship(src, args.dest, shipped, args.max_samples)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""bench/hd_demos.py: finished runs on the JPEG layout become demo runs that a fresh checkout opens, audited."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from dpaat_core.__main__ import main
+from dpaat_core.store import loading, runs
+
+ROOT = Path(__file__).resolve().parents[1]
+JPEGS = ROOT.parent / "shared" / "data" / "ham10000_images"
+
+
+def test_shipped_runs_point_at_the_checkouts_data_and_at_each_other_and_carry_their_audit(tmp_path, capsys,
+                                                                                           monkeypatch):
+    monkeypatch.chdir(ROOT)
+    store, dest = tmp_path / "store", tmp_path / "checkpoints"
+    common = ["--epochs", "1", "--image-size", "16", "--steps", "1", "--device", "cpu", "--quiet", "--store", str(store)]
+    assert main(["train", "--data", f"ham10000:{JPEGS.resolve()}", "--model", "resnet8", "--method", "erm",
+                 "--gradcam-layer", "layer2", "--name", "erm", *common]) == 0
+    assert main(["train", "--init-from", str(store / "erm"), "--method", "pgd_at", "--name", "hard", *common]) == 0
+    capsys.readouterr()
+    proc = subprocess.run([sys.executable, "bench/hd_demos.py", str(store / "erm"), str(store / "hard"),
+                           "--dest", str(dest)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    erm, hard = dest / "demo-erm-resnet8-ham10000-16px", dest / "demo-pgd_at-resnet8-ham10000-16px"
+    assert sorted(p.name for p in dest.iterdir()) == [erm.name, hard.name]        # no temporary folder left
+    config = json.loads((hard / "config.json").read_text())
+    assert config["run_id"] == hard.name and config["data"]["spec"] == "ham10000:../shared/data/ham10000_images"
+    assert config["dataset"]["source_path"] == "../shared/data/ham10000_images"
+    assert config["model"]["init_from"] == f"checkpoints/{erm.name}" and config["init"]["run_id"] == erm.name
+    assert config["model"]["gradcam_layer"] == "backbone.layer2"                   # kept from the run it started from
+    assert not (erm / "dynamics").exists() and len(list((hard / "dynamics").iterdir())) == 1
+    assert not (erm / "last.pt").exists() and (erm / "fp16_check.json").is_file()
+    for run_dir in (erm, hard):
+        run = runs.load_run(run_dir)
+        assert run.state == "done" and run.has_weights
+        test = loading.load_run_data(run_dir, "test")                # the relative spec, from the checkout
+        protocol = pd.read_csv(run_dir / "protocol.csv")
+        assert {"pgd", "ifgsm"} <= set(protocol["attack"]) and {"l2", "linf"} <= set(protocol["norm"])
+        assert (run_dir / "per_class.csv").is_file() and (run_dir / "apgd.csv").is_file()
+        images = runs.read_attribution_images(run_dir)
+        assert set(images["method"]) == {"gradcam", "saliency"}
+        assert set(images[images["method"] == "gradcam"]["index"]) == set(range(len(test)))   # every test image
+        assert not (run_dir / "report.html").exists()
+    text = proc.stdout + proc.stderr
+    assert f"[ship] {erm.name}" in text and f"[ship] {hard.name}" in text
