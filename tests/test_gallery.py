@@ -33,7 +33,7 @@ def test_every_image_has_its_row_and_a_page_redraws_its_maps(setting):
                                   callback=lambda done, total: seen.append((done, total)),
                                   first_batch=lambda rows: first.append((rows.copy(), len(seen))))
     assert seen[-1] == (len(data), len(data)) and {t for _, t in seen} == {len(data)}       # one total, counted up
-    assert len(first) == 1 and first[0][1] == 0                          # once, before the second batch's count
+    assert len(first) == 1 and first[0][1] == 1                  # once, counted, before the second batch starts
     assert first[0][0]["index"].tolist() == list(range(7))                # the first batch's rows, as computed
     pd.testing.assert_frame_equal(first[0][0], whole.iloc[:7])
     single = []                                 # a split in one batch: nothing to show early

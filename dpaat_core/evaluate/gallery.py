@@ -41,16 +41,14 @@ def image_numbers(model, dataset, eps: float, method: str = "gradcam", norm: str
     n = len(dataset)
     frames = []
     for chunk in torch.arange(n).split(batch_size):
-        if callback is not None and frames:
-            callback(sum(len(f) for f in frames), n)
         with (around() if around is not None else contextlib.nullcontext()):
             frames.append(attribution_report(model, dataset, eps, method, norm=norm, steps=steps,
                                              batch_size=batch_size, seed=seed, device=device, index=chunk.tolist(),
                                              other_index=((chunk + 1) % n).tolist()))
+        if callback is not None:
+            callback(int(chunk[-1]) + 1, n)
         if first_batch is not None and len(frames) == 1 and len(chunk) < n:
             first_batch(frames[0])
-    if callback is not None:
-        callback(n, n)
     return pd.concat(frames, ignore_index=True)
 
 
