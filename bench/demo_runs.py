@@ -29,6 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from dpaat_core.data.dataset import sample_indices
 from dpaat_core.store import loading, runs
 from dpaat_core.__main__ import main as cli
 from dpaat_core.evaluate.robustness import clean_logits, evaluate, reference_eps
@@ -47,9 +48,10 @@ def demo_id(method: str) -> str:
     return f"demo-{method}-resnet8-ham10000"
 
 
-def fp16_is_lossless(run_dir: Path) -> dict:
+def fp16_is_lossless(run_dir: Path, pgd_samples=None) -> dict:
     """Does rounding the weights to float16 change any clean prediction or PGD-20 outcome on the test
-    split? (PGD-20 runs only when every clean prediction is unchanged.)"""
+    split? (PGD-20 runs only when every clean prediction is unchanged, on a seeded draw of ``pgd_samples`` test
+    images when given: the draw of ``evaluate --max-samples``.)"""
     record = runs.read_record(run_dir)
     test = loading.load_run_data(run_dir, "test")
     full = loading.load_model(run_dir)
@@ -60,16 +62,17 @@ def fp16_is_lossless(run_dir: Path) -> dict:
     if check["changed_clean_predictions"] == 0:
         norm = record.judged_norm                   # the training norm; l2 for an imported model
         eps = reference_eps(record, norm)
-        a, b = (evaluate(m, test, "pgd", norm, eps, 20).samples["robust"] for m in (full, half))
-        check["changed_pgd20_outcomes"] = int((a != b).sum())
+        few = test.subset(sample_indices(len(test), pgd_samples).tolist())
+        a, b = (evaluate(m, few, "pgd", norm, eps, 20).samples["robust"] for m in (full, half))
+        check["changed_pgd20_outcomes"], check["pgd20_n"] = int((a != b).sum()), len(few)
     check["lossless"] = check["changed_clean_predictions"] == 0 and check["changed_pgd20_outcomes"] == 0
     return check
 
 
-def halve_if_lossless(run_dir: Path) -> dict:
+def halve_if_lossless(run_dir: Path, pgd_samples=None) -> dict:
     """Store the run's weights as float16 when :func:`fp16_is_lossless` says so; the check goes to
     ``fp16_check.json`` either way and is returned."""
-    check = fp16_is_lossless(run_dir)
+    check = fp16_is_lossless(run_dir, pgd_samples)
     if check["lossless"]:
         runs.save_weights(run_dir / "weights.safetensors", runs.load_weights(run_dir / "weights.safetensors"), half=True)
     runs.atomic_write_json(run_dir / "fp16_check.json", check)

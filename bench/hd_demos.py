@@ -1,17 +1,18 @@
 """Ship finished runs trained on the 200x150 JPEG layout (9,114 HAM10000 images) as demo runs in ``checkpoints/``.
 
-    python bench/hd_demos.py STORE/erm-run STORE/pgd-run ... [--dest checkpoints] [--max-samples N] [--threads 1]
+    python bench/hd_demos.py STORE/erm-run STORE/pgd-run ... [--dest checkpoints] [--curve-samples N] [--threads 1]
 
 Each run is copied as ``demo-<method>-<model>-ham10000-<size>px`` (config, metrics, status, best weights; the last
 epoch's per-sample dynamics, none for ERM, which has no eps memory to show; not ``last.pt``), with:
 
 - its data spec and data path relative to the checkout (``ham10000:../shared/data/ham10000_200x150``), and a run
   started from another shipped run (``--init-from``) pointing at that run's demo folder;
-- float16 weights when rounding changes no clean prediction and no PGD-20 outcome on the test split
-  (``fp16_check.json``, as ``bench/demo_runs.py``);
-- its audit (``python -m dpaat_core audit``: protocol with per-class figures, curves in both norms, the APGD check,
-  and the Grad-CAM and saliency numbers of every test image for the Gallery), on the whole test split unless
-  ``--max-samples`` draws fewer for the attacks (the maps are measured on every image either way).
+- float16 weights when rounding changes no clean prediction on the test split and no PGD-20 outcome on the curves'
+  images (``fp16_check.json``, as ``bench/demo_runs.py``);
+- its audit (``python -m dpaat_core audit``): the protocol with per-class figures and the Grad-CAM and saliency
+  numbers of every test image (what the Gallery and the trust line read), and the curves in both norms and the APGD
+  check on a seeded draw of ``--curve-samples`` test images (default all; 256 keeps a 128 px audit near 20 minutes on
+  one CPU core).
 
 Give the runs a later one starts from first (ERM before the runs fine-tuned from it).
 """
@@ -64,7 +65,7 @@ def relocate(config: dict, run_id: str, shipped: dict[str, str]) -> dict:
     return config
 
 
-def ship(src: Path, dest_store: Path, shipped: dict[str, str], max_samples) -> Path:
+def ship(src: Path, dest_store: Path, shipped: dict[str, str], curve_samples) -> Path:
     run = runs.load_run(src)
     if run.state != "done" or not run.has_weights:
         raise SystemExit(f"{src}: {run.state}; only a finished run with weights is shipped")
@@ -80,13 +81,10 @@ def ship(src: Path, dest_store: Path, shipped: dict[str, str], max_samples) -> P
         (tmp / "dynamics").mkdir()
         shutil.copy2(src / "dynamics" / f"epoch_{epochs[-1]:03d}.npz", tmp / "dynamics")
     runs.atomic_write_json(tmp / "config.json", relocate(runs.read_config(src), run_id, shipped))
-    check = halve_if_lossless(tmp)
-    argv = ["audit", str(tmp), "--no-report"] + (["--max-samples", str(max_samples)] if max_samples else [])
+    check = halve_if_lossless(tmp, curve_samples)
+    argv = ["audit", str(tmp), "--no-report"] + (["--curve-samples", str(curve_samples)] if curve_samples else [])
     if cli(argv) != 0:
         raise SystemExit(f"{' '.join(argv)} failed")
-    if max_samples:     # the Gallery's numbers: every test image's maps, whatever the attacks' draw
-        if cli(["attribute", str(tmp), "--methods", "gradcam,saliency", "--n", "all"]) != 0:
-            raise SystemExit(f"attribute {tmp} failed")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     shipped[str(src.resolve())] = run_id
@@ -98,14 +96,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="finished run folders, a source before the runs started from it")
     p.add_argument("--dest", type=Path, default=ROOT / "checkpoints")
-    p.add_argument("--max-samples", type=int, help="test images the audit's attacks use (default: all)")
+    p.add_argument("--curve-samples", type=int, help="test images of the curves and the APGD check (default: all)")
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     shipped: dict[str, str] = {}
     for src in args.runs:
-        ship(src, args.dest, shipped, args.max_samples)
+        ship(src, args.dest, shipped, args.curve_samples)
     return 0
 
 

@@ -75,6 +75,31 @@ def test_an_audit_on_other_data_adds_to_the_first(audited, tmp_path):
     assert len(read_per_class(copy)) == 2 * 4 * 3
 
 
+def test_curves_and_the_apgd_check_on_a_draw_leave_the_protocol_on_every_image(audited, tmp_path, capsys):
+    """``--curve-samples 4``: the costly parts on the draw ``evaluate --max-samples 4`` makes, the protocol and the
+    maps on all images."""
+    from dpaat_core.data.dataset import sample_indices
+    run, _, _ = audited
+    copy = _copy(run, tmp_path, "small")
+    for name in ("protocol.csv", "per_class.csv", "robustness.csv", "apgd.csv"):
+        (copy / name).unlink()
+    assert main(["audit", str(copy), "--curve-samples", "4", "--apgd-steps", "2", "--attribution-images", "3",
+                 "--no-report"]) == 0
+    test = loading.load_run_data(copy, "test")
+    assert read_per_class(copy).groupby("preset").n.sum().eq(len(test)).all()       # the protocol: every image
+    curves = runs.read_robustness(copy)
+    assert set(curves.n) == {4} and set(curves.norm) == {"l2", "linf"}
+    pick = sample_indices(len(test), 4, 0)
+    few = test.subset(pick.tolist())
+    alone = evaluate(loading.load_model(copy), few, "pgd", "l2", 0.3, 20)          # the curve's point, on its own
+    point = curves[(curves.norm == "l2") & ((curves.eps - 0.3).abs() < 1e-9)].iloc[0]
+    assert point.accuracy == pytest.approx(alone.robust_accuracy)
+    apgd = read_apgd(copy).iloc[0]
+    assert apgd.n == 4 and apgd.pgd20 == pytest.approx(alone.robust_accuracy)
+    assert "4 images" in capsys.readouterr().err
+    assert main(["audit", str(copy), "--curve-samples", "0"]) == 2
+
+
 def test_audit_command_prints_the_report_and_refuses_a_run_without_data(audited, tmp_path, capsys):
     run, _, _ = audited
     copy = _copy(run, tmp_path, "small")

@@ -23,7 +23,7 @@ def test_shipped_runs_point_at_the_checkouts_data_and_at_each_other_and_carry_th
     assert main(["train", "--init-from", str(store / "erm"), "--method", "pgd_at", "--name", "hard", *common]) == 0
     capsys.readouterr()
     proc = subprocess.run([sys.executable, "bench/hd_demos.py", str(store / "erm"), str(store / "hard"),
-                           "--dest", str(dest)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--dest", str(dest), "--curve-samples", "4"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     erm, hard = dest / "demo-erm-resnet8-ham10000-16px", dest / "demo-pgd_at-resnet8-ham10000-16px"
     assert sorted(p.name for p in dest.iterdir()) == [erm.name, hard.name]        # no temporary folder left
@@ -41,6 +41,8 @@ def test_shipped_runs_point_at_the_checkouts_data_and_at_each_other_and_carry_th
         protocol = pd.read_csv(run_dir / "protocol.csv")
         assert {"pgd", "ifgsm"} <= set(protocol["attack"]) and {"l2", "linf"} <= set(protocol["norm"])
         assert (run_dir / "per_class.csv").is_file() and (run_dir / "apgd.csv").is_file()
+        assert pd.read_csv(run_dir / "per_class.csv").groupby("preset").n.sum().eq(len(test)).all()   # all images
+        assert set(runs.read_robustness(run_dir).n) == {min(4, len(test))}                   # the curves: a draw
         images = runs.read_attribution_images(run_dir)
         assert set(images["method"]) == {"gradcam", "saliency"}
         assert set(images[images["method"] == "gradcam"]["index"]) == set(range(len(test)))   # every test image

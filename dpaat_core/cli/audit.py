@@ -23,6 +23,9 @@ def add_audit_parsers(sub) -> None:
     a.add_argument("--max-samples", type=int, help="audit at most N images (a seeded draw, for a quick look)")
     a.add_argument("--attribution-images", type=int, help="images whose maps are measured: a seeded draw of N "
                                                             "(default all, which the dashboard's gallery sorts)")
+    a.add_argument("--curve-samples", type=int, help="the curves and the APGD check on a seeded draw of N of the "
+                                                     "audited images (the protocol and the maps use them all; "
+                                                     "default all): the costly parts, cut short on a CPU")
     a.add_argument("--apgd-steps", type=int, default=50, help="APGD steps (default 50)")
     a.add_argument("--batch-size", type=int, default=128, help="images per attack batch (default 128)")
     a.add_argument("--seed", type=int, default=0, help="seed of the random starts and draws (default 0)")
@@ -44,15 +47,17 @@ def _audit(args: argparse.Namespace) -> int:
     from dpaat_core.report import write_report
     from dpaat_core.train.loop import resolve_device
 
-    if args.max_samples is not None and args.max_samples < 1:
-        raise ConfigError(f"--max-samples must be >= 1, got {args.max_samples}")
+    for flag, value in (("--max-samples", args.max_samples), ("--curve-samples", args.curve_samples)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
     if (args.attribution_images is not None and args.attribution_images < 1) or args.batch_size < 1 or not 1 <= args.apgd_steps <= MAX_STEPS:
         raise ConfigError(f"--attribution-images and --batch-size must be >= 1 and --apgd-steps from 1 to {MAX_STEPS}")
     runs.check_not_training(args.run_dir, "audit")
     runs.check_writable(args.run_dir, "audit")
     device = resolve_device(args.device)
     audit(args.run_dir, args.data, args.split, args.max_samples, args.attribution_images, args.apgd_steps,
-          args.batch_size, device, args.seed, log=lambda line: print(line, file=sys.stderr))
+          args.batch_size, device, args.seed, log=lambda line: print(line, file=sys.stderr),
+          curve_samples=args.curve_samples)
     if not args.no_report:
         path = write_report([args.run_dir], Path(args.run_dir) / "report.html", data=args.data, split=args.split,
                             device=device, seed=args.seed)

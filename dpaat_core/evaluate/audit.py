@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from dpaat_core.data.dataset import sample_indices
 from dpaat_core.store import loading, runs
 from dpaat_core.evaluate.attribution import attribution_table
 from dpaat_core.evaluate.robustness import PRESETS, default_grid, protocol_evaluations, reference_eps, robustness_curve
@@ -62,10 +63,12 @@ def has_gradcam(model) -> bool:
 
 def audit(run_dir, data: Optional[str] = None, split: str = "test", max_samples: Optional[int] = None,
           n_attribution: Optional[int] = None, apgd_steps: int = 50, batch_size: int = 128, device="cpu",
-          seed: int = 0, progress: bool = True, log=print) -> dict:
+          seed: int = 0, progress: bool = True, log=print, curve_samples: Optional[int] = None) -> dict:
     """Run the four parts of the audit on ``run_dir`` (see the module docstring), one progress bar over all of them,
     each part's tables merged into the run as soon as it is done. ``data``: a data spec (default the run's own);
-    ``n_attribution``: images explained (a seeded draw; None: all, which the dashboard's gallery sorts); ``log``: where each part's one-line result goes.
+    ``n_attribution``: images explained (a seeded draw; None: all, which the dashboard's gallery sorts);
+    ``curve_samples``: the curves and the APGD check on a seeded draw of that many of the audited images (the same
+    draw as ``evaluate --max-samples``; None: all); ``log``: where each part's one-line result goes.
     Returns ``{"protocol", "per_class", "curves", "apgd", "attribution", "skipped"}``."""
     record = runs.read_record(run_dir)
     spec = data or record.spec
@@ -98,19 +101,22 @@ def audit(run_dir, data: Optional[str] = None, split: str = "test", max_samples:
     say("protocol: " + ", ".join(f"{r.preset} {r.robust_accuracy:.3f}" for r in out["protocol"].itertuples())
         + f" (clean {out['protocol'].accuracy.iloc[0]:.3f}, balanced {out['protocol'].balanced_accuracy.iloc[0]:.3f})")
 
+    pick = sample_indices(len(dataset), curve_samples, seed)
+    few = dataset if len(pick) == len(dataset) else dataset.subset(pick.tolist())
+    pgd20 = pgd20[pick.numpy()]
     curves = []
     for curve_norm in ("l2", "linf"):
         bar.set_postfix_str(f"curves {curve_norm}")
-        curves.append(robustness_curve(model, dataset, default_grid(record, curve_norm), "pgd", curve_norm,
+        curves.append(robustness_curve(model, few, default_grid(record, curve_norm), "pgd", curve_norm,
                                        batch_size=batch_size, device=device, seed=seed).assign(**where))
         bar.update()
     out["curves"] = pd.concat(curves, ignore_index=True)
     runs.save_robustness(run_dir, out["curves"])
-    say(f"curves: PGD-20 l2 and linf over {len(out['curves']) // 2} eps each")
+    say(f"curves: PGD-20 l2 and linf over {len(out['curves']) // 2} eps each, {len(few)} images")
 
     bar.set_postfix_str(f"APGD {norm}")
     try:
-        strong = strong_robustness(model, dataset, norm, eps[norm], steps=apgd_steps, survivors=pgd20,
+        strong = strong_robustness(model, few, norm, eps[norm], steps=apgd_steps, survivors=pgd20,
                                    batch_size=batch_size, device=device, seed=seed)
     except ImportError as exc:
         out["apgd"] = None
