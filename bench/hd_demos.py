@@ -3,12 +3,14 @@
     python bench/hd_demos.py STORE/erm-run STORE/pgd-run ... [--dest checkpoints] [--curve-samples N] [--threads 1]
 
 Each run is copied as ``demo-<method>-<model>-ham10000-<size>px`` (config, metrics, status, best weights; the last
-epoch's per-sample dynamics, none for ERM, which has no eps memory to show; not ``last.pt``), with:
+epoch's per-sample dynamics for a method with an eps memory, which the Training dynamics page shows, none for the
+others; not ``last.pt``), with:
 
 - its data spec and data path relative to the checkout (``ham10000:../shared/data/ham10000_200x150``), and a run
   started from another shipped run (``--init-from``) pointing at that run's demo folder;
-- float16 weights when rounding changes no clean prediction on the test split and no PGD-20 outcome on the curves'
-  images (``fp16_check.json``, as ``bench/demo_runs.py``);
+- float16 weights, which keep ``checkpoints/`` small enough to travel to a GPU machine with the checkout; what
+  rounding changed (clean predictions on the test split, PGD-20 outcomes on the curves' images) is recorded in
+  ``fp16_check.json``, and the audit measures the rounded weights, so every shipped figure is the shipped model's;
 - its audit (``python -m dpaat_core audit``): the protocol with per-class figures and the Grad-CAM and saliency
   numbers of every test image (what the Gallery and the trust line read), and the curves in both norms and the APGD
   check on a seeded draw of ``--curve-samples`` test images (default all; 256 keeps a 128 px audit near 20 minutes on
@@ -30,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from dpaat_core.__main__ import main as cli
 from dpaat_core.store import runs
 
-from demo_runs import halve_if_lossless
+from demo_runs import fp16_is_lossless
 
 COPY = ("config.json", "metrics.jsonl", "status.json", "weights.safetensors")
 
@@ -77,18 +79,21 @@ def ship(src: Path, dest_store: Path, shipped: dict[str, str], curve_samples) ->
     for name in COPY:
         shutil.copy2(src / name, tmp / name)
     epochs = runs.dynamics_epochs(src)
-    if epochs and run.method != "erm":
+    if epochs and runs.read_record(src).config.method.adaptive:
         (tmp / "dynamics").mkdir()
         shutil.copy2(src / "dynamics" / f"epoch_{epochs[-1]:03d}.npz", tmp / "dynamics")
     runs.atomic_write_json(tmp / "config.json", relocate(runs.read_config(src), run_id, shipped))
-    check = halve_if_lossless(tmp, curve_samples)
+    check = fp16_is_lossless(tmp, curve_samples)
+    runs.save_weights(tmp / "weights.safetensors", runs.load_weights(tmp / "weights.safetensors"), half=True)
+    runs.atomic_write_json(tmp / "fp16_check.json", check)
     argv = ["audit", str(tmp), "--no-report"] + (["--curve-samples", str(curve_samples)] if curve_samples else [])
     if cli(argv) != 0:
         raise SystemExit(f"{' '.join(argv)} failed")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     shipped[str(src.resolve())] = run_id
-    print(f"[ship] {run_id}: float16 weights {'kept' if check['lossless'] else 'NOT lossless, float32'}", flush=True)
+    print(f"[ship] {run_id}: float16 weights, {check['changed_clean_predictions']} of {check['n']} clean "
+          f"predictions changed by rounding", flush=True)
     return dest
 
 

@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import torch
+from safetensors import safe_open
 
 from dpaat_core.__main__ import main
 from dpaat_core.store import loading, runs
@@ -21,22 +23,29 @@ def test_shipped_runs_point_at_the_checkouts_data_and_at_each_other_and_carry_th
     assert main(["train", "--data", f"ham10000:{JPEGS.resolve()}", "--model", "resnet8", "--method", "erm",
                  "--gradcam-layer", "layer2", "--name", "erm", *common]) == 0
     assert main(["train", "--init-from", str(store / "erm"), "--method", "pgd_at", "--name", "hard", *common]) == 0
+    assert main(["train", "--init-from", str(store / "erm"), "--method", "dpaat", "--name", "dp", *common]) == 0
     capsys.readouterr()
-    proc = subprocess.run([sys.executable, "bench/hd_demos.py", str(store / "erm"), str(store / "hard"),
+    proc = subprocess.run([sys.executable, "bench/hd_demos.py", str(store / "erm"), str(store / "hard"), str(store / "dp"),
                            "--dest", str(dest), "--curve-samples", "4"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     erm, hard = dest / "demo-erm-resnet8-ham10000-16px", dest / "demo-pgd_at-resnet8-ham10000-16px"
-    assert sorted(p.name for p in dest.iterdir()) == [erm.name, hard.name]        # no temporary folder left
+    dp = dest / "demo-dpaat-resnet8-ham10000-16px"
+    assert sorted(p.name for p in dest.iterdir()) == sorted([erm.name, hard.name, dp.name])   # no temporary folder
+    assert len(list((dp / "dynamics").iterdir())) == 1                  # the eps memory's last epoch, for the page
     config = json.loads((hard / "config.json").read_text())
     assert config["run_id"] == hard.name and config["data"]["spec"] == "ham10000:../shared/data/ham10000_images"
     assert config["dataset"]["source_path"] == "../shared/data/ham10000_images"
     assert config["model"]["init_from"] == f"checkpoints/{erm.name}" and config["init"]["run_id"] == erm.name
     assert config["model"]["gradcam_layer"] == "backbone.layer2"                   # kept from the run it started from
-    assert not (erm / "dynamics").exists() and len(list((hard / "dynamics").iterdir())) == 1
+    assert not (erm / "dynamics").exists() and not (hard / "dynamics").exists()     # no eps memory to show
     assert not (erm / "last.pt").exists() and (erm / "fp16_check.json").is_file()
-    for run_dir in (erm, hard):
+    for run_dir in (erm, hard, dp):
         run = runs.load_run(run_dir)
         assert run.state == "done" and run.has_weights
+        stored = safe_open(str(run_dir / "weights.safetensors"), "pt")
+        assert {stored.get_tensor(k).dtype for k in stored.keys()} & {torch.float16}     # rounded, as shipped
+        check = json.loads((run_dir / "fp16_check.json").read_text())
+        assert check["n"] == len(loading.load_run_data(run_dir, "test")) and "changed_clean_predictions" in check
         test = loading.load_run_data(run_dir, "test")                # the relative spec, from the checkout
         protocol = pd.read_csv(run_dir / "protocol.csv")
         assert {"pgd", "ifgsm"} <= set(protocol["attack"]) and {"l2", "linf"} <= set(protocol["norm"])
@@ -49,3 +58,11 @@ def test_shipped_runs_point_at_the_checkouts_data_and_at_each_other_and_carry_th
         assert not (run_dir / "report.html").exists()
     text = proc.stdout + proc.stderr
     assert f"[ship] {erm.name}" in text and f"[ship] {hard.name}" in text
+
+
+def test_the_shipped_store_stays_small_enough_to_travel_with_the_checkout():
+    """Every file of checkpoints/ under 20 MB and the store under 40 MB: the checkout goes to a GPU machine whole."""
+    files = [f for f in (ROOT / "checkpoints").rglob("*") if f.is_file()]
+    sizes = {f.relative_to(ROOT): f.stat().st_size for f in files}
+    assert max(sizes.values()) < 20e6, max(sizes, key=sizes.get)
+    assert sum(sizes.values()) < 40e6, sum(sizes.values())
