@@ -49,9 +49,9 @@ def relative(path: str) -> str:
     return os.path.relpath(absolute, ROOT) if absolute.is_relative_to(ROOT.parent) else path
 
 
-def relocate(config: dict, run_id: str, shipped: dict[str, str]) -> dict:
+def relocate(config: dict, run_id: str, shipped: dict[str, str], dest_store: Path) -> dict:
     """``config`` as shipped: its id, the data where the checkout sees it, a source run by its demo folder
-    (``shipped``: source folder -> demo id)."""
+    (``shipped``: source folder -> demo id; else the source's demo folder already in ``dest_store``)."""
     config = {**config, "run_id": run_id}
     kind, _, where = config["data"]["spec"].partition(":")
     config["data"] = {**config["data"], "spec": f"{kind}:{relative(where)}" if where else kind}
@@ -60,6 +60,8 @@ def relocate(config: dict, run_id: str, shipped: dict[str, str]) -> dict:
     source = config["model"].get("init_from")
     if source:
         key = str(Path(source).resolve())
+        if key not in shipped and Path(source).is_dir() and (dest_store / demo_id(Path(source))).is_dir():
+            shipped[key] = demo_id(Path(source))          # shipped by an earlier call
         if key not in shipped:
             raise SystemExit(f"{run_id} starts from {source}, which is not shipped: give that run first")
         config["model"] = {**config["model"], "init_from": f"checkpoints/{shipped[key]}"}
@@ -72,6 +74,7 @@ def ship(src: Path, dest_store: Path, shipped: dict[str, str], curve_samples) ->
     if run.state != "done" or not run.has_weights:
         raise SystemExit(f"{src}: {run.state}; only a finished run with weights is shipped")
     run_id = demo_id(src)
+    config = relocate(runs.read_config(src), run_id, shipped, dest_store)
     dest = dest_store / run_id
     tmp = dest.with_name(run_id + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -82,7 +85,7 @@ def ship(src: Path, dest_store: Path, shipped: dict[str, str], curve_samples) ->
     if epochs and runs.read_record(src).config.method.adaptive:
         (tmp / "dynamics").mkdir()
         shutil.copy2(src / "dynamics" / f"epoch_{epochs[-1]:03d}.npz", tmp / "dynamics")
-    runs.atomic_write_json(tmp / "config.json", relocate(runs.read_config(src), run_id, shipped))
+    runs.atomic_write_json(tmp / "config.json", config)
     check = fp16_is_lossless(tmp, curve_samples)
     runs.save_weights(tmp / "weights.safetensors", runs.load_weights(tmp / "weights.safetensors"), half=True)
     runs.atomic_write_json(tmp / "fp16_check.json", check)

@@ -25,9 +25,17 @@ def test_shipped_runs_point_at_the_checkouts_data_and_at_each_other_and_carry_th
     assert main(["train", "--init-from", str(store / "erm"), "--method", "pgd_at", "--name", "hard", *common]) == 0
     assert main(["train", "--init-from", str(store / "erm"), "--method", "dpaat", "--name", "dp", *common]) == 0
     capsys.readouterr()
-    proc = subprocess.run([sys.executable, "bench/hd_demos.py", str(store / "erm"), str(store / "hard"), str(store / "dp"),
-                           "--dest", str(dest), "--curve-samples", "4"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    refused = subprocess.run([sys.executable, "bench/hd_demos.py", str(store / "hard"), "--dest", str(dest)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "which is not shipped: give that run first" in refused.stderr
+    assert not dest.exists() or not any(dest.iterdir())                       # nothing half-made left behind
+    proc = subprocess.run([sys.executable, "bench/hd_demos.py", str(store / "erm"), str(store / "hard"),
+                           "--dest", str(dest), "--curve-samples", "4"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    later = subprocess.run([sys.executable, "bench/hd_demos.py", str(store / "dp"), "--dest", str(dest),   # its source
+                            "--curve-samples", "4"], cwd=ROOT, capture_output=True, text=True, timeout=600)  # shipped
+    assert later.returncode == 0, later.stderr[-2000:]
     erm, hard = dest / "demo-erm-resnet8-ham10000-16px", dest / "demo-pgd_at-resnet8-ham10000-16px"
     dp = dest / "demo-dpaat-resnet8-ham10000-16px"
     assert sorted(p.name for p in dest.iterdir()) == sorted([erm.name, hard.name, dp.name])   # no temporary folder
@@ -58,6 +66,7 @@ def test_shipped_runs_point_at_the_checkouts_data_and_at_each_other_and_carry_th
         assert not (run_dir / "report.html").exists()
     text = proc.stdout + proc.stderr
     assert f"[ship] {erm.name}" in text and f"[ship] {hard.name}" in text
+    assert json.loads((dp / "config.json").read_text())["model"]["init_from"] == f"checkpoints/{erm.name}"
 
 
 def test_the_shipped_store_stays_small_enough_to_travel_with_the_checkout():
