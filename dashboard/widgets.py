@@ -12,12 +12,16 @@ from dashboard.tables import accuracy_of, localisation
 from dpaat_core.store import runs
 
 
-def run_picker(label: str = "Runs", multi: bool = True, compare: bool = False) -> list[runs.Run]:
+def run_picker(label: str = "Runs", multi: bool = True, compare: bool = False, prefer=None) -> list[runs.Run]:
     """The sidebar's run selection, shared by the pages through ``st.session_state["runs"]``; ``compare``: with
-    nothing picked yet, open on the comparison of the methods (:func:`default_runs`)."""
+    nothing picked yet, open on the comparison of the methods (:func:`default_runs`); ``prefer(run)``: with nothing
+    picked yet, open on the first run of that comparison it accepts (a page that shows what only some runs have)."""
     found = list_runs()
     usable = [r.run_id for r in found if r.record is not None]
     chosen = [r for r in st.session_state.get("runs", []) if r in usable] or default_runs(found, compare and multi)
+    if prefer is not None and not [r for r in st.session_state.get("runs", []) if r in usable]:
+        by_id = {r.run_id: r for r in found}
+        chosen = [r for r in default_runs(found, True) if r in by_id and prefer(by_id[r])][:1] or chosen
     with st.sidebar:
         if multi:
             chosen = st.multiselect(label, usable, default=chosen, key="run_picker_multi")

@@ -441,6 +441,10 @@ def test_the_shipped_demo_runs_show_on_every_page(page, shared_data, monkeypatch
         assert isinstance(table, pd.DataFrame) and set(DEMO_METHODS) <= set(table.variant)
     else:
         assert at.get("plotly_chart") or at.get("image")
+    if page == "dynamics":                  # opens on the compared run that has dynamics, not the default ERM
+        assert picker.value == "demo-dpaat-mobilenet_v3_small-ham10000-128px"
+        picker.set_value("demo-erm-mobilenet_v3_small-ham10000-128px").run()
+        assert any("saved without its per-sample dynamics" in i.value for i in at.info)
 
 
 def test_viewer_mode_offers_nothing_that_reads_a_path_starts_a_process_or_writes(store, monkeypatch):

@@ -75,3 +75,17 @@ def test_the_comparison_is_the_best_run_of_each_method(store):
     assert len(chosen) == 2 and set(methods) == {"erm", "pgd_at"}                # the stub's dpaat is not shown
     assert _val(store, methods["erm"]) == max(_val(store, "erm-a"), _val(store, "erm-b"))
     assert chosen[0] == defaults.default_run(runs.list_runs(store), store)
+
+
+def test_a_short_run_started_from_a_trained_model_is_shown_one_started_from_a_stub_is_not(store, tmp_path):
+    import shutil
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    common = ["--method", "dpaat", "--epochs", "1", "--steps", "1", "--device", "cpu", "--quiet", "--store", str(copy)]
+    assert main(["train", "--init-from", str(copy / "erm-a"), "--name", "tuned", *common]) == 0   # 3 + 1 epochs
+    assert main(["train", "--init-from", str(copy / "stub"), "--name", "stubby", *common]) == 0   # 1 + 1
+    found = runs.list_runs(copy)
+    by_id = {r.run_id: r for r in found}
+    assert defaults.trained_epochs(by_id["tuned"], found) == 4 and defaults.showable(by_id["tuned"], found)
+    assert defaults.trained_epochs(by_id["stubby"], found) == 2 and not defaults.showable(by_id["stubby"], found)
+    assert "tuned" in defaults.comparison(found, copy) and "stubby" not in defaults.comparison(found, copy)

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -75,3 +76,43 @@ def test_the_shipped_store_stays_small_enough_to_travel_with_the_checkout():
     sizes = {f.relative_to(ROOT): f.stat().st_size for f in files}
     assert max(sizes.values()) < 20e6, max(sizes, key=sizes.get)
     assert sum(sizes.values()) < 40e6, sum(sizes.values())
+
+
+HD = ("erm", "pgd_at", "dpaat")
+
+
+def test_a_fresh_clone_opens_on_a_128px_model_whose_maps_say_how_far_to_trust_them(shared_data):
+    """The shipped 128 px runs (bench/hd_demos.py): one of them is what every page opens on, the Robustness page
+    compares the three, their audited accuracy is their weights' own, Grad-CAM explains an 8x8 map, and the trust
+    line beside the maps gives the audited figures."""
+    from dpaat_core.evaluate import defaults, trust
+    from dpaat_core.evaluate.audit import read_protocol
+    from dpaat_core.evaluate.robustness import clean_logits
+    from dpaat_core.models import gradcam_layer
+    store = ROOT / "checkpoints"
+    shipped = [f"demo-{m}-mobilenet_v3_small-ham10000-128px" for m in HD]
+    found = runs.list_runs(store)
+    opened = defaults.default_run(found, store)
+    assert opened in shipped
+    assert set(defaults.comparison(found, store)) >= set(shipped)
+    for run_id in shipped:
+        run = runs.load_run(store / run_id)
+        assert run.state == "done" and run.record.image_size == 128
+        model, test = loading.load_model(run.path), loading.load_run_data(run.path, "test")
+        assert len(test) == 1828 and test.masks is not None
+        protocol = runs.select(read_protocol(run.path), split="test").set_index("preset")
+        assert protocol["n"].eq(len(test)).all()                      # the whole test split
+        pred = clean_logits(model, test).argmax(1).numpy()
+        recall = [float((pred[test.labels.numpy() == k] == k).mean()) for k in range(7)]
+        assert sum(recall) / 7 == pytest.approx(protocol.loc["pgd20_l2", "balanced_accuracy"], abs=1e-6)
+        shapes = []
+        hook = gradcam_layer(model).register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape[-2:])))
+        model(test.batch(torch.arange(2))[0])
+        hook.remove()
+        assert shapes == [(8, 8)]
+        balanced, source = trust.accuracy(run.path, run.record, run.best)
+        where = trust.saved_localisation(run.path, run.record, "gradcam")
+        assert source == "test split, audit" and where.images >= 1800
+        level, text = trust.trust_line(balanced, source, where)
+        assert f"Balanced accuracy {balanced:.2f} (test split, audit)" in text
+        assert (level == "trust") == (balanced >= trust.WEAK_ACCURACY and where.low >= trust.LOCALISATION_MARGIN)

@@ -11,7 +11,7 @@ from dpaat_core.store import runs
 
 st.title("Training dynamics")
 data_spec_input()
-picked = run_picker("Run", multi=False)
+picked = run_picker("Run", multi=False, prefer=lambda r: bool(runs.dynamics_epochs(r.path)))
 if not picked:
     st.info("No readable run in the store yet.")
     st.stop()
@@ -23,7 +23,9 @@ if run.origin == "imported":
     st.stop()
 epochs = runs.dynamics_epochs(run.path)
 if not epochs:
-    st.info(f"{run.run_id} has no completed epoch yet.")
+    st.info(f"{run.run_id} has no completed epoch yet." if run.state != "done" else
+            f"{run.run_id} was saved without its per-sample dynamics (a shipped run without an eps memory keeps "
+            "none); pick a DPAAT run in the sidebar.")
     st.stop()
 attack = run.record.attack
 st.caption(f"{run.run_id} · {run.method} · {run.model} · {attack.norm} eps0 {attack.eps:g} · "

@@ -3,7 +3,8 @@
 The keeper of a store may name its default (``python -m dpaat_core runs --set-default RUN``, written to
 ``<store>/default.json``). Without one, the default is the finished run (state ``done``, with weights, at least
 :data:`MIN_EPOCHS` epochs, not a sweep's trial) with the best balanced accuracy, audited figures first
-(:func:`dpaat_core.evaluate.trust.accuracy`). A running, stopped, failed or tiny run is opened only when the user picks it.
+(:func:`dpaat_core.evaluate.trust.accuracy`). A running, stopped, failed or tiny run is opened only when the user picks it;
+a short run started from a trained model's weights is not tiny.
 The comparison a robustness page opens on is the best such run of each method on the default's data and size.
 """
 from __future__ import annotations
@@ -49,10 +50,25 @@ def clear_default(store) -> bool:
         return False
 
 
-def showable(run: runs.Run) -> bool:
-    """A run a page may open on by itself: finished, with weights, trained long enough (or imported), not a trial."""
-    return (run.state == "done" and run.has_weights and run.config is not None and run.sweep is None
-            and (run.origin == "imported" or run.epochs_done >= MIN_EPOCHS))
+def showable(run: runs.Run, found: Optional[Sequence[runs.Run]] = None) -> bool:
+    """A run a page may open on by itself: finished, with weights, trained long enough (or imported), not a trial.
+    A run started from another run's weights (``train --init-from``) counts that run's epochs too: a two-epoch
+    fine-tune of a model is not a stub, one of a stub is (a source outside ``found`` counts as a model)."""
+    if not (run.state == "done" and run.has_weights and run.config is not None and run.sweep is None):
+        return False
+    return run.origin == "imported" or trained_epochs(run, found) >= MIN_EPOCHS
+
+
+def trained_epochs(run: runs.Run, found: Optional[Sequence[runs.Run]] = None, depth: int = 0) -> float:
+    """The epochs behind a run's weights: its own, plus those of the run it started from (followed through
+    ``found``; an imported source, or one not there, counts as a trained model)."""
+    start = (run.record.init or {}).get("run_id") if run.record is not None else None
+    if start is None:
+        return run.epochs_done
+    source = {r.run_id: r for r in found or ()}.get(start)
+    if source is None or source.origin == "imported" or depth > 8:
+        return float("inf")
+    return run.epochs_done + trained_epochs(source, found, depth + 1)
 
 
 def score(run: runs.Run) -> tuple:
@@ -63,7 +79,7 @@ def score(run: runs.Run) -> tuple:
 
 def _ranked(found: Sequence[runs.Run]) -> list[runs.Run]:
     """The showable runs, best first (each run's figures read once)."""
-    scores = {r.run_id: score(r) for r in found if showable(r)}
+    scores = {r.run_id: score(r) for r in found if showable(r, found)}
     return sorted((r for r in found if r.run_id in scores), key=lambda r: scores[r.run_id], reverse=True)
 
 
