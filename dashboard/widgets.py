@@ -17,19 +17,28 @@ def run_picker(label: str = "Runs", multi: bool = True, compare: bool = False, p
     nothing picked yet, open on the comparison of the methods (:func:`default_runs`); ``prefer(run)``: with nothing
     picked yet, open on the first run of that comparison it accepts (a page that shows what only some runs have)."""
     found = list_runs()
+    by_id = {r.run_id: r for r in found}
     usable = [r.run_id for r in found if r.record is not None]
-    chosen = [r for r in st.session_state.get("runs", []) if r in usable] or default_runs(found, compare and multi)
-    if prefer is not None and not [r for r in st.session_state.get("runs", []) if r in usable]:
-        by_id = {r.run_id: r for r in found}
-        chosen = [r for r in default_runs(found, True) if r in by_id and prefer(by_id[r])][:1] or chosen
+    picked = [] if st.session_state.get("runs_by_default") else [r for r in st.session_state.get("runs", [])
+                                                                 if r in usable]
+    default = default_runs(found, compare and multi)
+    if prefer is not None:
+        default = [r for r in default_runs(found, True) if r in by_id and prefer(by_id[r])][:1] or default
+    chosen = picked or default
     with st.sidebar:
         if multi:
             chosen = st.multiselect(label, usable, default=chosen, key="run_picker_multi")
         elif usable:
             chosen = [st.selectbox(label, usable, index=usable.index(chosen[0]), key="run_picker_one")]
     st.session_state["runs"] = chosen
-    by_id = {r.run_id: r for r in found}
+    st.session_state["runs_by_default"] = not picked and chosen == default   # the next page opens on its own default
     return [by_id[r] for r in chosen]
+
+
+def choose_runs(run_ids: list[str]) -> None:
+    """Make ``run_ids`` the user's pick, which every page then opens on."""
+    st.session_state["runs"] = list(run_ids)
+    st.session_state["runs_by_default"] = False
 
 
 #: the pages a run can be opened in, from another page (the run becomes the picked one there)
@@ -41,7 +50,7 @@ def open_run_buttons(run_id: str, key: str, where=None) -> None:
     """One button per page in RUN_PAGES that opens it on ``run_id``."""
     for column, (page, label) in zip((where or st).columns(len(RUN_PAGES)), RUN_PAGES):
         if column.button(f"Open in {label}", key=f"{key}-{label}"):
-            st.session_state["runs"] = [run_id]
+            choose_runs([run_id])
             st.switch_page(page)
 
 

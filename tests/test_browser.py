@@ -274,12 +274,16 @@ def test_a_gallery_tile_enlarges_in_a_dialog(dashboard, tmp_path):
 
 
 @contextlib.contextmanager
-def _demo_page(tmp_path, height: int):
-    """A browser page on the home page of a dashboard serving a copy of checkpoints/ (the shipped runs)."""
+def _demo_page(tmp_path, height: int, default: str | None = None):
+    """A browser page on the home page of a dashboard serving a copy of checkpoints/ (the shipped runs), whose
+    keeper named ``default`` the run the pages open on, if given."""
     import shutil
+    from dpaat_core.evaluate.defaults import set_default
     _need_browser()
     store = tmp_path / "checkpoints"
     shutil.copytree(ROOT / "checkpoints", store)
+    if default is not None:
+        set_default(store, default)
     proc, url = _serve(store)
     try:
         from playwright.sync_api import sync_playwright
@@ -296,9 +300,9 @@ def _demo_page(tmp_path, height: int):
 
 
 def test_the_corruption_view_of_the_demo_runs(tmp_path, shared_data):
-    """The Robustness page's natural-corruption view over the shipped demo runs: the heat map of the saved grid,
-    the live view with its metrics and images, no error."""
-    with _demo_page(tmp_path, 1600) as page:
+    """The Robustness page's natural-corruption view over the shipped 64 px demo runs (the store's keeper named
+    one the default): the heat map of the saved grid, the live view with its metrics and images, no error."""
+    with _demo_page(tmp_path, 1600, default="demo-dpaat-resnet8-ham10000") as page:
         page.get_by_role("link", name="Robustness", exact=True).first.click()
         _settled(page, "Robustness")
         start = time.perf_counter()

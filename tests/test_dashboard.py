@@ -447,6 +447,22 @@ def test_the_shipped_demo_runs_show_on_every_page(page, shared_data, monkeypatch
         assert any("saved without its per-sample dynamics" in i.value for i in at.info)
 
 
+def test_a_page_opens_on_its_own_default_until_the_user_picks_a_run(shared_data, monkeypatch):
+    """Runs opens on the shipped ERM run (the best audited model); Training dynamics then opens on the compared run
+    that has dynamics, not on the ERM run carried over; a run the user picks is carried over as it is."""
+    erm, dpaat = (f"demo-{m}-mobilenet_v3_small-ham10000-128px" for m in ("erm", "dpaat"))
+    at = _page(APP.parents[1] / "checkpoints", monkeypatch, "runs")
+    assert at.sidebar.multiselect[0].value == [erm]
+    at.switch_page("views/dynamics.py").run()
+    assert not at.exception and at.sidebar.selectbox[0].value == dpaat and at.get("plotly_chart")
+    at.sidebar.selectbox[0].set_value(erm).run()                               # the user's own pick
+    assert any("saved without its per-sample dynamics" in i.value for i in at.info)
+    at.switch_page("views/robustness.py").run()
+    assert at.sidebar.multiselect[0].value == [erm]                            # carried over to the next page
+    at.switch_page("views/dynamics.py").run()
+    assert at.sidebar.selectbox[0].value == erm
+
+
 def test_viewer_mode_offers_nothing_that_reads_a_path_starts_a_process_or_writes(store, monkeypatch):
     monkeypatch.setenv("DPAAT_STORE", str(store))
     monkeypatch.setenv("DPAAT_VIEWER", "1")

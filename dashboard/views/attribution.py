@@ -6,8 +6,8 @@ from dashboard import charts
 from dashboard.state import comparable_runs, model, run_data, unreadable
 from dashboard.tables import certificate_text, image_certificate
 from dashboard.compute import EXPLORER_STEPS, corrupted_explanation, explanation, predictions
-from dashboard.widgets import (data_spec_input, eps_slider, run_picker, thumbnail_picker, training_split_filter,
-                               trust_notice)
+from dashboard.widgets import (choose_runs, data_spec_input, eps_slider, run_picker, thumbnail_picker,
+                               training_split_filter, trust_notice)
 from dpaat_core.store import runs
 from dpaat_core.attack.attacks import ATTACKS
 from dpaat_core.evaluate.corruptions import NAMES, SEVERITIES, describe
@@ -21,7 +21,7 @@ st.title("Attribution explorer")
 data_spec_input()
 pick = st.session_state.pop("explorer_pick", None)   # an image clicked in the gallery: open on it
 if pick is not None:
-    st.session_state["runs"] = [pick["run"]]
+    choose_runs([pick["run"]])
     st.session_state.pop("run_picker_one", None)
     st.session_state["explorer_picked"] = pick | {"n": st.session_state.get("explorer_picked", {}).get("n", 0) + 1}
 picked_image = st.session_state.get("explorer_picked", {"n": 0})
