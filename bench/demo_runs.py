@@ -29,7 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from dpaat_core.data.dataset import sample_indices
+from dpaat_core.data.dataset import cap_samples
 from dpaat_core.store import loading, runs
 from dpaat_core.__main__ import main as cli
 from dpaat_core.evaluate.robustness import clean_logits, evaluate, reference_eps
@@ -62,18 +62,18 @@ def fp16_is_lossless(run_dir: Path, pgd_samples=None) -> dict:
     if check["changed_clean_predictions"] == 0:
         norm = record.judged_norm                   # the training norm; l2 for an imported model
         eps = reference_eps(record, norm)
-        few = test.subset(sample_indices(len(test), pgd_samples).tolist())
+        few = cap_samples(test, pgd_samples)
         a, b = (evaluate(m, few, "pgd", norm, eps, 20).samples["robust"] for m in (full, half))
         check["changed_pgd20_outcomes"], check["pgd20_n"] = int((a != b).sum()), len(few)
     check["lossless"] = check["changed_clean_predictions"] == 0 and check["changed_pgd20_outcomes"] == 0
     return check
 
 
-def halve_if_lossless(run_dir: Path, pgd_samples=None) -> dict:
-    """Store the run's weights as float16 when :func:`fp16_is_lossless` says so; the check goes to
-    ``fp16_check.json`` either way and is returned."""
+def halve_if_lossless(run_dir: Path, pgd_samples=None, always: bool = False) -> dict:
+    """Store the run's weights as float16 when :func:`fp16_is_lossless` says so (``always``: whatever it says, to
+    keep a store small); the check goes to ``fp16_check.json`` either way and is returned."""
     check = fp16_is_lossless(run_dir, pgd_samples)
-    if check["lossless"]:
+    if check["lossless"] or always:
         runs.save_weights(run_dir / "weights.safetensors", runs.load_weights(run_dir / "weights.safetensors"), half=True)
     runs.atomic_write_json(run_dir / "fp16_check.json", check)
     return check

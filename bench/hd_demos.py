@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from dpaat_core.__main__ import main as cli
 from dpaat_core.store import runs
 
-from demo_runs import fp16_is_lossless
+from demo_runs import halve_if_lossless
 
 COPY = ("config.json", "metrics.jsonl", "status.json", "weights.safetensors")
 
@@ -84,9 +84,7 @@ def ship(src: Path, dest_store: Path, shipped: dict[str, str], curve_samples) ->
     if runs.dynamics_epochs(src) and runs.read_record(src).config.method.adaptive:
         shutil.copytree(src / "dynamics", tmp / "dynamics")
     runs.atomic_write_json(tmp / "config.json", config)
-    check = fp16_is_lossless(tmp, curve_samples)
-    runs.save_weights(tmp / "weights.safetensors", runs.load_weights(tmp / "weights.safetensors"), half=True)
-    runs.atomic_write_json(tmp / "fp16_check.json", check)
+    check = halve_if_lossless(tmp, curve_samples, always=True)
     argv = ["audit", str(tmp), "--no-report"] + (["--curve-samples", str(curve_samples)] if curve_samples else [])
     if cli(argv) != 0:
         raise SystemExit(f"{' '.join(argv)} failed")

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from dpaat_core.data.dataset import sample_indices
+from dpaat_core.data.dataset import cap_samples, sample_indices
 from dpaat_core.store import loading, runs
 from dpaat_core.evaluate.attribution import attribution_table
 from dpaat_core.evaluate.robustness import PRESETS, default_grid, protocol_evaluations, reference_eps, robustness_curve
@@ -101,9 +101,8 @@ def audit(run_dir, data: Optional[str] = None, split: str = "test", max_samples:
     say("protocol: " + ", ".join(f"{r.preset} {r.robust_accuracy:.3f}" for r in out["protocol"].itertuples())
         + f" (clean {out['protocol'].accuracy.iloc[0]:.3f}, balanced {out['protocol'].balanced_accuracy.iloc[0]:.3f})")
 
-    pick = sample_indices(len(dataset), curve_samples, seed)
-    few = dataset if len(pick) == len(dataset) else dataset.subset(pick.tolist())
-    pgd20 = pgd20[pick.numpy()]
+    few = cap_samples(dataset, curve_samples, seed)                    # PGD-20's survivors among them, for APGD
+    pgd20 = pgd20[sample_indices(len(dataset), curve_samples, seed).numpy()]
     curves = []
     for curve_norm in ("l2", "linf"):
         bar.set_postfix_str(f"curves {curve_norm}")

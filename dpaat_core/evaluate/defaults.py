@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from dpaat_core.store import runs
 from dpaat_core.evaluate import trust
@@ -50,7 +50,7 @@ def clear_default(store) -> bool:
         return False
 
 
-def showable(run: runs.Run, found: Optional[Sequence[runs.Run]] = None) -> bool:
+def showable(run: runs.Run, found: Optional[Sequence[runs.Run] | Mapping[str, runs.Run]] = None) -> bool:
     """A run a page may open on by itself: finished, with weights, trained long enough (or imported), not a trial.
     A run started from another run's weights (``train --init-from``) counts that run's epochs too: a two-epoch
     fine-tune of a model is not a stub, one of a stub is (a source outside ``found`` counts as a model)."""
@@ -59,16 +59,18 @@ def showable(run: runs.Run, found: Optional[Sequence[runs.Run]] = None) -> bool:
     return run.origin == "imported" or trained_epochs(run, found) >= MIN_EPOCHS
 
 
-def trained_epochs(run: runs.Run, found: Optional[Sequence[runs.Run]] = None, depth: int = 0) -> float:
+def trained_epochs(run: runs.Run, found: Optional[Sequence[runs.Run] | Mapping[str, runs.Run]] = None,
+                   depth: int = 0) -> float:
     """The epochs behind a run's weights: its own, plus those of the run it started from (followed through
-    ``found``; an imported source, or one not there, counts as a trained model)."""
+    ``found``, runs or runs by id; an imported source, or one not there, counts as a trained model)."""
     start = (run.record.init or {}).get("run_id") if run.record is not None else None
     if start is None:
         return run.epochs_done
-    source = {r.run_id: r for r in found or ()}.get(start)
+    by_id = found if isinstance(found, Mapping) else {r.run_id: r for r in found or ()}
+    source = by_id.get(start)
     if source is None or source.origin == "imported" or depth > 8:
         return float("inf")
-    return run.epochs_done + trained_epochs(source, found, depth + 1)
+    return run.epochs_done + trained_epochs(source, by_id, depth + 1)
 
 
 def score(run: runs.Run) -> tuple:
@@ -79,7 +81,8 @@ def score(run: runs.Run) -> tuple:
 
 def _ranked(found: Sequence[runs.Run]) -> list[runs.Run]:
     """The showable runs, best first (each run's figures read once)."""
-    scores = {r.run_id: score(r) for r in found if showable(r, found)}
+    by_id = {r.run_id: r for r in found}
+    scores = {r.run_id: score(r) for r in found if showable(r, by_id)}
     return sorted((r for r in found if r.run_id in scores), key=lambda r: scores[r.run_id], reverse=True)
 
 
