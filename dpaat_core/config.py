@@ -21,6 +21,7 @@ SYNC_LOSSES = ("sym_kl", "js", "l1_logprob", "kl")
 THRESHOLDS = ("batch_mean", "ema", "median", "quantile:<q>", "class_mean")
 SCHEDULES = ("none", "cosine", "step")   # step: x0.1 at half and three quarters of the epochs (MedMNIST v2)
 IMBALANCE = ("none", "class_weights", "balanced_sampler")
+AUGMENTATIONS = ("none", "flips", "dermoscopy")   # dpaat_core.train.augment; true/false in older runs
 EARLY_STOP = ("balanced_accuracy", "robust_accuracy", "auc", "none")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -238,7 +239,9 @@ class TrainConfig(_Section):
     imbalance: str = "class_weights"
     early_stop: str = "balanced_accuracy"
     patience: int = 5
-    augment: bool = True     # random horizontal and vertical flips (lesions have no orientation)
+    # random changes of the training images: "none", "flips" (lesions have no orientation) or "dermoscopy"
+    # (flips, rotation, zoom, shift and colour jitter; see dpaat_core.train.augment). true/false in older runs.
+    augment: str = "flips"
     seed: int = 0
     device: str = "auto"
     # torch.compile the training forward passes: None is auto (on for CUDA, off on CPU). When on,
@@ -259,6 +262,9 @@ class TrainConfig(_Section):
         _number("train", "patience", self.patience, 1, 100000, integer=True)
         _number("train", "seed", self.seed, 0, 2**63 - 1, integer=True)
         _choice("train", "device", self.device, DEVICES)
+        if isinstance(self.augment, bool):
+            object.__setattr__(self, "augment", "flips" if self.augment else "none")
+        _choice("train", "augment", self.augment, AUGMENTATIONS)
         if self.compile is not None and not isinstance(self.compile, bool):
             _fail("train", "compile", self.compile, "true, false or null (auto: on for CUDA, off on CPU)")
         if self.max_minutes is not None:

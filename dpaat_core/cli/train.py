@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dpaat_core.cli.args import add_device_arg
-from dpaat_core.config import EARLY_STOP, IMBALANCE, METHODS, SCHEDULES, SECTIONS, ConfigError, RunConfig, method_config
+from dpaat_core.config import AUGMENTATIONS, EARLY_STOP, IMBALANCE, METHODS, SCHEDULES, SECTIONS, ConfigError, RunConfig, method_config
 from dpaat_core.models import MODEL_NAMES
 
 #: settings a resume may change; every other train flag describes the run, and ``--resume`` takes it from config.json
@@ -103,8 +103,12 @@ def add_run_arguments(t) -> None:
                      help="validation metric that picks the best epoch and stops training: balanced accuracy (default), robust "
                      "accuracy at eps0, clean one-vs-rest ROC AUC (macro), or none (the last epoch)")
     opt.add_argument("--patience", type=int, help="stop after this many epochs without improvement (default 5)")
-    opt.add_argument("--no-augment", dest="augment", action="store_const", const=False,
-                     help="no random flips of training images")
+    opt.add_argument("--augment", choices=AUGMENTATIONS,
+                     help="random changes of training images: flips (default), dermoscopy (flips, any rotation, "
+                          "zoom 0.85-1.15, 5%% shift, brightness/contrast/saturation jitter: for training without "
+                          "pretrained weights) or none")
+    opt.add_argument("--no-augment", dest="augment", action="store_const", const="none",
+                     help="the same as --augment none")
     opt.add_argument("--seed", type=int, help="seed of weights, split, order, attacks and flips (default 0)")
     opt.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                      help="torch.compile the training forward passes (default auto: on for CUDA, off on CPU); "

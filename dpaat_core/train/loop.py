@@ -28,6 +28,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from dpaat_core import __version__
 from dpaat_core.train import distributed
+from dpaat_core.train.augment import augment_batch
 from dpaat_core.store import loading, locks, runs
 from dpaat_core.config import ConfigError, ModelConfig, RunConfig
 from dpaat_core.data import ImageDataset, load_dataset
@@ -120,17 +121,14 @@ def resident_split(dataset: ImageDataset, device: torch.device) -> tuple[torch.T
     return dataset.images.to(device), dataset.labels.to(device)
 
 
-def make_batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, augment: bool, gen, channels_last: bool):
-    """Float images in [0, 1] (randomly flipped when ``augment``), labels and indices of one batch.
+def make_batch(images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, augment: str, gen, channels_last: bool):
+    """Float images in [0, 1] (changed by the ``augment`` policy, see :mod:`.augment`), labels and indices of
+    one batch.
 
     ``images`` uint8 ``[N, C, H, W]`` and ``labels`` live where ``idx`` does (see
-    :func:`resident_split`); the flips are drawn from ``gen`` and moved there.
+    :func:`resident_split`); the random draws come from ``gen``.
     """
-    x = images[idx].float().div_(255.0)
-    if augment:
-        flips = torch.rand((2, len(idx)), generator=gen, device=gen.device).to(x.device) < 0.5
-        x = torch.where(flips[0].view(-1, 1, 1, 1), x.flip(3), x)
-        x = torch.where(flips[1].view(-1, 1, 1, 1), x.flip(2), x)
+    x = augment_batch(images[idx].float().div_(255.0), augment, gen)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, labels[idx], idx
