@@ -114,7 +114,7 @@ class OurStep:
     def __call__(self) -> None:
         idx = self.batches[self.i % len(self.batches)]
         self.i += 1
-        x, y, idx = make_batch(self.images, self.labels, idx, True, self.gen, self.cuda)
+        x, y, idx = make_batch(self.images, self.labels, idx, "flips", self.gen, self.cuda)
         if self.cuda and self.compiled:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pandas as pd
 import streamlit as st
 
-from dashboard.state import cached_model, model, stamp, unreadable, weights_key
+from dashboard.state import cached_model, keep, model, stamp, unreadable, weights_key
 from dpaat_core.store import runs
 
 
@@ -182,9 +182,7 @@ def _image_numbers(run_dir: str, mtime: int, spec: str, split: str, method: str,
                               callback=lambda done, total: bar.progress(
                                   done / total, text=f"Explaining every image of the split: {done} of {total}"))
         bar.empty()
-        if len(store_) >= 16:
-            store_.pop(next(iter(store_)))
-        store_[key] = table
+        keep(store_, key, table, most=16)
     return store_[key]
 
 

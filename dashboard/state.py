@@ -120,9 +120,36 @@ def first_line(exc: BaseException) -> str:
     return text.replace(str(store().resolve()), "<store>").replace(str(store()), "<store>")
 
 
-@st.cache_resource(show_spinner="Loading images…", max_entries=8)
+@st.cache_resource(show_spinner=False, max_entries=1)
+def _data_store() -> dict:
+    """Splits of data read by the pages, shared by the sessions (key: run, split, spec, root, config stamp)."""
+    return {}
+
+
+def keep(shared: dict, key, value, most: int):
+    """``shared[key] = value``, first dropping the oldest entry when ``shared`` already holds ``most``."""
+    if key not in shared and len(shared) >= most:
+        shared.pop(next(iter(shared)))
+    shared[key] = value
+    return value
+
+
 def _run_data(run_dir: str, split: str, spec: str | None, root: str | None, mtime: int):
-    return loading.load_run_data(run_dir, split, spec, root=root)
+    """The split (read once per key), with a bar that counts the decoded files while a folder of images is read."""
+    shared, key = _data_store(), (run_dir, split, spec, root, mtime)
+    if key not in shared:
+        bar = st.empty()
+
+        def show(done: int, total: int, what: str):
+            bar.progress(done / total, text=f"Reading the {split} split's {what}: {done:,} of {total:,} "
+                                            "(once, then kept for every page)")
+        with st.spinner("Loading images…"):
+            try:
+                data = loading.load_run_data(run_dir, split, spec, root=root, on_progress=show)
+            finally:
+                bar.empty()
+        keep(shared, key, data, most=8)
+    return shared[key]
 
 
 def data_sources(run: runs.Run) -> list[tuple[str | None, str | None, str]]:

@@ -131,9 +131,10 @@ def _check_page(page, title: str) -> None:
             raise AssertionError(f"{title}: {page.locator(selector).count()} of {least} {selector}") from None
 
 
-def _walk(url: str, shots: Path) -> dict:
+def _walk(url: str, shots: Path, loading: dict | None = None) -> dict:
     """Every page in two rounds, the first visits (cold caches) and warm switches, each checked for what it should
-    show, then one step of each page's slider; the seconds each took."""
+    show, then one step of each page's slider; the seconds each took. ``loading``: {page title: text} that the
+    first visit must show while it works (a progress bar's count), seen before the page settles."""
     from playwright.sync_api import sync_playwright
     shots.mkdir(parents=True, exist_ok=True)
     latencies = {"first visit": {}, "warm switch": {}, "slider": {}}
@@ -147,6 +148,11 @@ def _walk(url: str, shots: Path) -> dict:
             for n, (link, title) in enumerate(PAGES, 1):
                 start = time.perf_counter()
                 page.get_by_role("link", name=link, exact=True).first.click()
+                if round_ == "first visit" and title in (loading or {}):
+                    try:
+                        page.get_by_text(loading[title]).first.wait_for(timeout=30_000)
+                    except Exception:  # noqa: BLE001 - say what was missing instead of a timeout
+                        raise AssertionError(f"{title}: no {loading[title].pattern!r} while it loaded") from None
                 _settled(page, title)
                 latencies[round_][title] = time.perf_counter() - start
                 if round_ == "first visit":
@@ -184,7 +190,10 @@ def test_the_shipped_demo_runs_in_the_browser(tmp_path, shared_data):
     shutil.copytree(ROOT / "checkpoints", store)
     proc, url = _serve(store)
     try:
-        _report("the demo runs", _walk(url, Path(os.environ.get("DPAAT_SCREENSHOTS") or tmp_path / "shots")))
+        # Training dynamics is the first page to read the 6,372 training JPEGs of the 128 px runs: a bar counts them
+        counting = re.compile(r"Reading the train split's images: [\d,]+ of 6,372")
+        _report("the demo runs", _walk(url, Path(os.environ.get("DPAAT_SCREENSHOTS") or tmp_path / "shots"),
+                                       loading={"Training dynamics": counting}))
     finally:
         proc.terminate()
         proc.wait(timeout=20)
@@ -214,6 +223,11 @@ def test_viewer_mode_shows_no_server_path_on_any_page(tmp_path, shared_data):
             _settled(page, "DPAAT Lab")
             for link, title in [("Home", "DPAAT Lab"), *[(lk, t) for lk, t in PAGES if t != "Train"]]:
                 page.get_by_role("link", name=link, exact=True).first.click()
+                if round_ == "first visit" and title in (loading or {}):
+                    try:
+                        page.get_by_text(loading[title]).first.wait_for(timeout=30_000)
+                    except Exception:  # noqa: BLE001 - say what was missing instead of a timeout
+                        raise AssertionError(f"{title}: no {loading[title].pattern!r} while it loaded") from None
                 _settled(page, title)
                 text = page.inner_text("body")
                 page.screenshot(path=str(shots / f"viewer-{title.lower().replace(' ', '-')}.png"), full_page=True)

@@ -319,6 +319,7 @@ def test_train_page_launches_a_run_that_the_other_pages_see(tmp_path, monkeypatc
     at.slider(key="train-steps").set_value(1)
     at.slider(key="train-gamma").set_value(0.2)
     at.slider(key="train-cap").set_value(3.0)
+    at.selectbox(key="train-augment").set_value("dermoscopy")
     at.text_input(key="train-name").set_value("from-the-page")
     at.button(key="train-launch").click().run()
     assert not at.exception, at.exception
@@ -334,7 +335,8 @@ def test_train_page_launches_a_run_that_the_other_pages_see(tmp_path, monkeypatc
     at.switch_page("views/runs.py").run()
     assert "from-the-page" in set(at.dataframe[0].value.run_id)
     config = runs.read_config(tmp_path / "from-the-page")         # the sliders' values are the run's
-    assert (config["attack"]["steps"], config["method"]["gamma"], config["method"]["eps_max_ratio"]) == (1, 0.2, 3.0)
+    assert (config["attack"]["steps"], config["method"]["gamma"], config["method"]["eps_max_ratio"],
+            config["train"]["augment"]) == (1, 0.2, 3.0, "dermoscopy")
 
 
 def test_train_page_keeps_a_typed_name_and_its_suggestion_follows_the_method(tmp_path, monkeypatch):

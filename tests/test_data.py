@@ -552,7 +552,11 @@ def test_ham_matches_shipped_28_arrays(shared_data, tmp_path):
     with np.load(shared_data / "ham10000_28.npz", allow_pickle=False) as arrays, \
             np.load(shared_data / "ham10000_28_masks.npz", allow_pickle=False) as mask_arrays:
         for split in SPLITS:
-            ds = load_dataset(f"ham10000:{tmp_path}", split, 28, progress=False)
+            calls = []
+            ds = load_dataset(f"ham10000:{tmp_path}", split, 28, progress=False,
+                              on_progress=lambda *call: calls.append(call))
+            # a page's bar: images, then masks, each counted up to its own stable total
+            assert calls == [(n, 14, "images") for n in range(1, 15)] + [(n, 14, "lesion masks") for n in range(1, 15)]
             rows = index28[index28["split"] == split].set_index("image_id")["index"].loc[ds.source_ids].to_numpy()
             assert len(ds) == 14 and sorted(ds.source_ids) == sorted(pick.loc[pick["split"] == split, "image_id"])
             assert np.array_equal(ds.images.numpy(), arrays[f"{split}_images"][rows].transpose(0, 3, 1, 2))
@@ -1032,3 +1036,16 @@ def test_decode_upload_refuses_bad_files_with_a_reason(data, says, monkeypatch):
         data = buf.getvalue()[: len(buf.getvalue()) // 2]
     with pytest.raises(DataError, match=says):
         images.decode_upload(data, 16, max_bytes=max_bytes)
+
+
+def test_decoding_many_files_reports_about_a_hundred_times_and_always_the_end(tmp_path):
+    from dpaat_core.data.images import load_image_files
+    paths = []
+    for i in range(250):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((10, 12, 3), i, np.uint8)).save(paths[-1])
+    calls = []
+    arrays, kept = load_image_files(paths, 8, progress=False, on_progress=lambda *call: calls.append(call))
+    assert arrays.shape == (250, 3, 8, 8) and kept == list(range(250))
+    assert [c[0] for c in calls] == list(range(2, 251, 2))          # every 250 // 100 files, the last one too
+    assert {c[1:] for c in calls} == {(250, "images")}

@@ -127,9 +127,9 @@ def test_resident_split_batches_equal_host_batches(device):
     if device == "cpu":
         assert images.data_ptr() == ds.images.data_ptr()       # no copy on the CPU
     idx = torch.tensor([5, 0, 17, 3, 3, 11])
-    host = make_batch(ds.images, ds.labels, idx, True, torch.Generator().manual_seed(4), False)
+    host = make_batch(ds.images, ds.labels, idx, "flips", torch.Generator().manual_seed(4), False)
     gen = torch.Generator(device=device).manual_seed(4)
-    on_device = make_batch(images, labels, idx.to(device), True, gen, device == "cuda")
+    on_device = make_batch(images, labels, idx.to(device), "flips", gen, device == "cuda")
     if device == "cpu":
         for h, d in zip(host, on_device):
             torch.testing.assert_close(d, h, rtol=0, atol=0)

@@ -9,7 +9,7 @@ from dashboard.widgets import open_run_buttons
 from dpaat_core import preview
 from dpaat_core.cli import launch
 from dpaat_core.store import runs
-from dpaat_core.config import (METHODS, AttackConfig, ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig,
+from dpaat_core.config import (AUGMENTATIONS, METHODS, AttackConfig, ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig,
                                method_config)
 from dpaat_core.data import load_dataset
 from dpaat_core.models import MODEL_NAMES
@@ -65,13 +65,16 @@ if adaptive:
                f"epochs, stable every epoch the cap after {up}; most samples wander inside the band.")
 else:
     st.caption(f"{method} trains every sample at eps0 = {eps:.3f}: no memory, nothing moves.")
-c1, c2, c3 = st.columns(3)
+c1, c2, c3, c4 = st.columns(4)
 threshold = c1.selectbox("Threshold", ["the method's own", "batch_mean", "ema", "median", "quantile:0.75",
                                      "class_mean"], key="train-threshold",
                          help="class_mean: each sample against its own class's running mean loss change "
                               "(docs/CLASS_AWARE.md); the method's own is batch_mean except for dpaat_cthr")
 lr = c2.number_input("Learning rate", 1e-6, 1.0, 3e-4, format="%.6f", key="train-lr")
 seed = c3.number_input("Seed", 0, 2**31 - 1, 0, key="train-seed")
+augment = c4.selectbox("Augmentation", AUGMENTATIONS, index=AUGMENTATIONS.index("flips"), key="train-augment",
+                       help="random changes of the training images: flips; dermoscopy adds any rotation, a zoom, a "
+                            "shift and colour jitter (for models trained without pretrained weights)")
 
 
 def _config() -> RunConfig:
@@ -84,7 +87,8 @@ def _config() -> RunConfig:
                              eps_min_ratio=float(floor) if adaptive else None,
                              eps_max_ratio=float(cap) if adaptive else None,
                              threshold=None if threshold == "the method's own" else threshold),
-        train=TrainConfig(epochs=int(epochs), batch_size=int(batch_size), lr=float(lr), seed=int(seed)))
+        train=TrainConfig(epochs=int(epochs), batch_size=int(batch_size), lr=float(lr), seed=int(seed),
+                          augment=augment))
 
 
 @st.cache_data(show_spinner="Timing a few training steps on this machine…", max_entries=32)

@@ -19,6 +19,7 @@ from typing import Optional
 
 from dpaat_core.data.dataset import SPLITS, DataError, DataNotFoundError, DataWarning, ImageDataset, cap_samples, sample_indices
 from dpaat_core.data.ham10000 import HAM10000_CLASSES, load_ham10000
+from dpaat_core.data.images import OnProgress
 from dpaat_core.data.folder import load_folder
 from dpaat_core.data.npz import data_root, load_medmnist, load_npz
 from dpaat_core.data.synthetic import load_synthetic
@@ -64,6 +65,7 @@ def load_dataset(
     *,
     seed: int = 0,
     progress: bool = True,
+    on_progress: Optional[OnProgress] = None,
 ) -> ImageDataset:
     """Load one split of a dataset as an :class:`ImageDataset`.
 
@@ -71,7 +73,8 @@ def load_dataset(
     centre-cropped and resized to (None keeps an array source's own size). ``root``: where
     ``medmnist:`` files live (else ``$DPAAT_DATA_ROOT``, else ``./data``). ``max_samples``:
     keep at most this many items (a seeded random draw, for quick runs). ``seed``: the split
-    of sources that have none (``ham10000:``, ``folder:``). ``progress``: a bar while decoding.
+    of sources that have none (``ham10000:``, ``folder:``). ``progress``: a bar while decoding;
+    ``on_progress(done, total, what)``: called as image files (and then lesion masks) are decoded.
     """
     kind, arg = parse_spec(spec)
     if split not in SPLITS:
@@ -83,9 +86,9 @@ def load_dataset(
     elif kind == "medmnist":
         dataset = load_medmnist(arg, split, image_size, root=root)
     elif kind == "ham10000":
-        dataset = load_ham10000(arg, split, image_size, seed=seed, progress=progress)
+        dataset = load_ham10000(arg, split, image_size, seed=seed, progress=progress, on_progress=on_progress)
     elif kind == "folder":
-        dataset = load_folder(arg, split, image_size, seed=seed, progress=progress)
+        dataset = load_folder(arg, split, image_size, seed=seed, progress=progress, on_progress=on_progress)
     else:
         dataset = load_synthetic(arg, split, image_size)
     return cap_samples(dataset, max_samples, seed=seed)

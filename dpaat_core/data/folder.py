@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dpaat_core.data.dataset import SPLITS, DataError, DataNotFoundError, ImageDataset, SourceInfo
-from dpaat_core.data.images import IMAGE_EXTENSIONS, image_folder, load_image_files
+from dpaat_core.data.images import IMAGE_EXTENSIONS, OnProgress, image_folder, load_image_files
 from dpaat_core.data.splits import stratified_group_split
 
 
@@ -73,7 +73,7 @@ def _listing(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
 
 
 def load_folder(directory: str, split: str, image_size: Optional[int], seed: int = 0,
-                progress: bool = True) -> ImageDataset:
+                progress: bool = True, on_progress: Optional[OnProgress] = None) -> ImageDataset:
     root, spec = image_folder("folder", directory, image_size)
     if (root / "train").is_dir():
         classes, _ = _listing(root / "train")
@@ -94,7 +94,8 @@ def load_folder(directory: str, split: str, image_size: Optional[int], seed: int
         if not samples:
             raise DataError(f"{spec}: the {split} split is empty (too few images per class to split)")
     paths = [Path(p) for p, _ in samples]
-    arrays, kept = load_image_files(paths, image_size, progress=progress, what=f"{split} images under {root}")
+    arrays, kept = load_image_files(paths, image_size, progress=progress, what=f"{split} images under {root}",
+                                    on_progress=on_progress)
     return ImageDataset(
         torch.from_numpy(arrays),
         torch.tensor([samples[i][1] for i in kept]),

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from dpaat_core.data.dataset import SPLITS, DataError, DataNotFoundError, ImageDataset, SourceInfo, warn
-from dpaat_core.data.images import IMAGE_EXTENSIONS, image_folder, load_image_files, load_mask_files
+from dpaat_core.data.images import IMAGE_EXTENSIONS, OnProgress, image_folder, load_image_files, load_mask_files
 from dpaat_core.data.splits import stratified_group_split
 
 #: HAM10000 diagnoses in DermaMNIST's label order (alphabetical, as the MedMNIST arrays use).
@@ -81,7 +81,7 @@ def _index_files(root: Path) -> tuple[dict[str, Path], dict[str, Path]]:
 
 
 def load_ham10000(directory: str, split: str, image_size: Optional[int], seed: int = 0,
-                  progress: bool = True) -> ImageDataset:
+                  progress: bool = True, on_progress: Optional[OnProgress] = None) -> ImageDataset:
     root, spec = image_folder("ham10000", directory, image_size)
     meta_path = _find_metadata(root)
     table = read_metadata(meta_path)
@@ -100,9 +100,11 @@ def load_ham10000(directory: str, split: str, image_size: Optional[int], seed: i
     if part.empty:
         raise DataError(f"{spec}: the {split} split is empty ({len(table)} images in all)")
     paths = [images[i] for i in part["image_id"]]
-    arrays, kept = load_image_files(paths, image_size, progress=progress, what=f"{split} images under {root}")
+    arrays, kept = load_image_files(paths, image_size, progress=progress, what=f"{split} images under {root}",
+                                    on_progress=on_progress)
     part = part.iloc[kept].reset_index(drop=True)
-    mask_arr = load_mask_files([masks.get(i) for i in part["image_id"]], image_size, progress=progress)
+    mask_arr = load_mask_files([masks.get(i) for i in part["image_id"]], image_size, progress=progress,
+                               on_progress=on_progress)
     return ImageDataset(
         torch.from_numpy(arrays),
         torch.tensor([HAM10000_CLASSES.index(d) for d in part["dx"]]),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -99,7 +99,12 @@ def load_mask(path: Path | str, size: int) -> np.ndarray:
         return (np.asarray(_square_resized(binary, size, Image.NEAREST)) > 127).astype(np.uint8)
 
 
-def _decode_all(paths: Sequence[Path], decode, what: str, progress: bool):
+#: ``on_progress(done, total, what)``: after every few files decoded, ``what`` being "images" or "lesion masks"
+OnProgress = Callable[[int, int, str], None]
+
+
+def _decode_all(paths: Sequence[Path], decode, what: str, progress: bool, on_progress: Optional[OnProgress] = None,
+                kind: str = "images"):
     def safe(path):
         try:
             return decode(path), None
@@ -107,22 +112,27 @@ def _decode_all(paths: Sequence[Path], decode, what: str, progress: bool):
             return None, f"{path}: {exc.__class__.__name__}: {exc}"
 
     workers = max(1, min(8, os.cpu_count() or 1))
+    total, step = len(paths), max(1, len(paths) // 100)
+    results = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(
-            tqdm(pool.map(safe, paths), total=len(paths), desc=f"decoding {what}", unit="img",
-                 disable=not progress, leave=False)
-        )
+        for result in tqdm(pool.map(safe, paths), total=total, desc=f"decoding {what}", unit="img",
+                           disable=not progress, leave=False):
+            results.append(result)
+            if on_progress is not None and (len(results) % step == 0 or len(results) == total):
+                on_progress(len(results), total, kind)
     return results
 
 
 def load_image_files(
-    paths: Sequence[Path], size: int, channels: int = 3, progress: bool = True, what: str = "images"
+    paths: Sequence[Path], size: int, channels: int = 3, progress: bool = True, what: str = "images",
+    on_progress: Optional[OnProgress] = None,
 ) -> tuple[np.ndarray, list[int]]:
     """Decode many files in parallel. Returns ``(uint8 [N, C, size, size], kept positions)``.
 
-    Bad files are skipped with one warning (see the module docstring); all bad is an error.
+    Bad files are skipped with one warning (see the module docstring); all bad is an error. ``progress``: a
+    terminal bar; ``on_progress``: a callback with the count (a page's bar).
     """
-    results = _decode_all(paths, lambda p: load_image(p, size, channels), what, progress)
+    results = _decode_all(paths, lambda p: load_image(p, size, channels), what, progress, on_progress)
     kept = [i for i, (arr, _) in enumerate(results) if arr is not None]
     errors = [err for _, err in results if err is not None]
     if errors:
@@ -136,7 +146,8 @@ def load_image_files(
     return np.stack([results[i][0] for i in kept]), kept
 
 
-def load_mask_files(paths: Sequence[Optional[Path]], size: int, progress: bool = True) -> Optional[np.ndarray]:
+def load_mask_files(paths: Sequence[Optional[Path]], size: int, progress: bool = True,
+                    on_progress: Optional[OnProgress] = None) -> Optional[np.ndarray]:
     """Masks for every image, or None (with a warning) when any is missing or unreadable."""
     present = [p for p in paths if p is not None]
     if not present:
@@ -144,7 +155,7 @@ def load_mask_files(paths: Sequence[Optional[Path]], size: int, progress: bool =
     if len(present) < len(paths):
         warn(f"lesion masks found for {len(present)} of {len(paths)} images; masks are not used for this split")
         return None
-    results = _decode_all(present, lambda p: load_mask(p, size), "masks", progress)
+    results = _decode_all(present, lambda p: load_mask(p, size), "masks", progress, on_progress, "lesion masks")
     bad = [err for _, err in results if err is not None]
     if bad:
         warn(f"{len(bad)} lesion masks could not be decoded (first: {bad[0]}); masks are not used for this split")

@@ -42,9 +42,10 @@ def load_model(run_dir, device="cpu", weights: str = "best") -> torch.nn.Module:
 
 
 def load_run_data(run_dir, split: str = "test", spec: str | None = None, max_samples: int | None = None,
-                  progress: bool = False, root: str | None = None):
+                  progress: bool = False, root: str | None = None, on_progress=None):
     """A split of the run's own data (or of ``spec``, with medmnist files under ``root``), at the
-    run's image size and split seed; data of another class count or channel count is refused."""
+    run's image size and split seed; data of another class count or channel count is refused.
+    ``on_progress(done, total, what)``: called as image files are decoded (see :func:`dpaat_core.data.load_dataset`)."""
     from dpaat_core.data import load_dataset  # here, not at the top: listing runs should not need torchvision
 
     record = read_record(run_dir)
@@ -52,7 +53,8 @@ def load_run_data(run_dir, split: str = "test", spec: str | None = None, max_sam
     if spec is None:
         raise RunError(f"{run_dir}: the run names no data (an import with --classes only): pass --data SPEC")
     dataset = load_dataset(spec, split, record.image_size, root=root or record.root,
-                           max_samples=max_samples, seed=record.seed, progress=progress)
+                           max_samples=max_samples, seed=record.seed, progress=progress,
+                           on_progress=on_progress)
     expected = record.dataset
     if dataset.num_classes != expected.num_classes or dataset.in_channels != expected.in_channels:
         raise RunError(f"{spec}: {dataset.num_classes} classes and {dataset.in_channels} channels, "
