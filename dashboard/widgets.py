@@ -21,9 +21,9 @@ def run_picker(label: str = "Runs", multi: bool = True, compare: bool = False, p
     usable = [r.run_id for r in found if r.record is not None]
     picked = [] if st.session_state.get("runs_by_default") else [r for r in st.session_state.get("runs", [])
                                                                  if r in usable]
-    default = default_runs(found, compare and multi)
+    default = default_runs(found, (compare and multi) or prefer is not None)   # the comparison starts at the default
     if prefer is not None:
-        default = [r for r in default_runs(found, True) if r in by_id and prefer(by_id[r])][:1] or default
+        default = [r for r in default if r in by_id and prefer(by_id[r])][:1] or default[:1]
     chosen = picked or default
     with st.sidebar:
         if multi:

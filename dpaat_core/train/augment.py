@@ -13,6 +13,8 @@ Every draw comes from the training loop's per-epoch generator, so a resumed run 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from dpaat_core.config import AUGMENTATIONS
@@ -24,19 +26,13 @@ def _flips(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(flips[1].view(-1, 1, 1, 1), x.flip(2), x)
 
 
-_dermoscopy = None
-
-
+@functools.cache
 def _dermoscopy_pipeline():
-    global _dermoscopy
-    if _dermoscopy is None:
-        import kornia.augmentation as K
-        _dermoscopy = K.AugmentationSequential(
-            K.RandomAffine(degrees=180.0, translate=(0.05, 0.05), scale=(0.85, 1.15), padding_mode="reflection",
-                           p=1.0),
-            K.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.0, p=0.8),
-        )
-    return _dermoscopy
+    import kornia.augmentation as K   # here, not at the top: only this policy needs kornia
+    return K.AugmentationSequential(
+        K.RandomAffine(degrees=180.0, translate=(0.05, 0.05), scale=(0.85, 1.15), padding_mode="reflection", p=1.0),
+        K.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.0, p=0.8),
+    )
 
 
 def augment_batch(x: torch.Tensor, policy: str, gen: torch.Generator) -> torch.Tensor:
