@@ -16,13 +16,16 @@ per-sample dynamics of a method with an eps memory, which the Training dynamics 
   check on a seeded draw of ``--curve-samples`` test images (default all; 256 keeps a 128 px audit near 20 minutes on
   one CPU core).
 
-Give the runs a later one starts from first (ERM before the runs fine-tuned from it).
+Give the runs a later one starts from first (ERM before the runs fine-tuned from it). A run that continues a
+shipped run (``train --init-from checkpoints/ID``) and ships under the same id replaces it; its record then names
+its source by the commit that held it (``ID@COMMIT``; ``git show COMMIT:checkpoints/ID/config.json``).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import torch
@@ -58,6 +61,8 @@ def relocate(config: dict, run_id: str, shipped: dict[str, str], dest_store: Pat
     if config.get("dataset", {}).get("source_path"):
         config["dataset"] = {**config["dataset"], "source_path": relative(config["dataset"]["source_path"])}
     source = config["model"].get("init_from")
+    if source and Path(source).resolve() == (dest_store / run_id).resolve():
+        return continued(config, run_id, dest_store / run_id)
     if source:
         key = str(Path(source).resolve())
         if key not in shipped and Path(source).is_dir() and (dest_store / demo_id(Path(source))).is_dir():
@@ -66,6 +71,26 @@ def relocate(config: dict, run_id: str, shipped: dict[str, str], dest_store: Pat
             raise SystemExit(f"{run_id} starts from {source}, which is not shipped: give that run first")
         config["model"] = {**config["model"], "init_from": f"checkpoints/{shipped[key]}"}
         config["init"] = {**config["init"], "run": f"checkpoints/{shipped[key]}", "run_id": shipped[key]}
+    return config
+
+
+def continued(config: dict, run_id: str, replaced: Path) -> dict:
+    """``config`` of a run that continues the shipped run it replaces (same id): its source is named by the
+    commit that holds it (``git show COMMIT:checkpoints/ID/config.json``), and only if these are the weights it
+    started from, so the record never points at itself or at weights it did not start from."""
+    started = config["init"].get("weights_sha256")
+    if started != runs.file_sha256(replaced / "weights.safetensors"):
+        raise SystemExit(f"{run_id} started from {replaced}, whose weights have changed since: ship it under another "
+                         "name")
+    found = subprocess.run(["git", "log", "-1", "--format=%h", "--", "."], cwd=replaced, capture_output=True,
+                           text=True)
+    commit = found.stdout.strip()
+    if found.returncode != 0 or not commit:
+        raise SystemExit(f"{run_id} continues {replaced}, which no commit holds: commit it first, so the shipped "
+                         "run can name its source")
+    where = f"checkpoints/{run_id}@{commit}"
+    config["model"] = {**config["model"], "init_from": where}
+    config["init"] = {**config["init"], "run": where, "run_id": f"{run_id}@{commit}"}
     return config
 
 

@@ -372,6 +372,20 @@ def _rank_agreements(page) -> list[str]:
             if "rank agreement" in m.inner_text()]
 
 
+def _step_left(thumb, tries=5):
+    """One step left on a slider, pressed again if the press was lost (a key sent while Streamlit re-renders the
+    page after the last change can miss the thumb); the value moves at once, before the page reruns."""
+    before = thumb.get_attribute("aria-valuetext")
+    for _ in range(tries):
+        thumb.focus()
+        thumb.press("ArrowLeft")
+        for _ in range(20):
+            if thumb.get_attribute("aria-valuetext") != before:
+                return
+            time.sleep(0.1)
+    raise AssertionError(f"{tries} presses did not move the slider from {before}")
+
+
 def test_two_sessions_explain_the_same_run_at_once(dashboard):
     """Two people on the Attribution explorer of one run at the same moment each get the maps they would get
     alone: the cached model is shared, and the attack and Captum's hooks change it while they run."""
@@ -392,8 +406,7 @@ def test_two_sessions_explain_the_same_run_at_once(dashboard):
         for step in range(4):                 # each moves to an eps no one has asked for yet, at the same moment, and
             for n, thumb in enumerate(thumbs):  # to a different one (one cache key each: both compute at once)
                 if step < 3 + n:
-                    thumb.focus()
-                    thumb.press("ArrowLeft")
+                    _step_left(thumb)
         for page, thumb in zip(pages, thumbs):   # the maps on show are those of the slider's final eps
             # the caption of the perturbed image is written after its maps are computed: until it names the final
             # eps, the numbers on show may still be those of an earlier eps

@@ -1,4 +1,5 @@
 """bench/hd_demos.py: finished runs on the JPEG layout become demo runs that a fresh checkout opens, audited."""
+import hashlib
 import json
 import subprocess
 import sys
@@ -68,6 +69,46 @@ def test_shipped_runs_point_at_the_checkouts_data_and_at_each_other_and_carry_th
     text = proc.stdout + proc.stderr
     assert f"[ship] {erm.name}" in text and f"[ship] {hard.name}" in text
     assert json.loads((dp / "config.json").read_text())["model"]["init_from"] == f"checkpoints/{erm.name}"
+
+
+def test_a_run_continuing_a_shipped_run_replaces_it_and_names_its_source_by_the_commit_that_held_it(tmp_path,
+                                                                                                   monkeypatch):
+    """Shipping a run that continued a shipped one (``--init-from checkpoints/ID``) under the same id: refused until
+    a commit holds the source, then the record names ``ID@COMMIT`` (whose weights are the ones it started from),
+    never itself; shipping it again over its own weights is refused."""
+    monkeypatch.chdir(ROOT)
+    store, dest = tmp_path / "store", tmp_path / "checkpoints"
+    common = ["--epochs", "1", "--image-size", "16", "--device", "cpu", "--quiet", "--store", str(store)]
+    assert main(["train", "--data", f"ham10000:{JPEGS.resolve()}", "--model", "resnet8", "--method", "erm",
+                 "--gradcam-layer", "layer2", "--name", "erm", *common]) == 0
+
+    def ship(run):
+        return subprocess.run([sys.executable, "bench/hd_demos.py", str(store / run), "--dest", str(dest),
+                               "--curve-samples", "4"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+    assert ship("erm").returncode == 0
+    shipped = dest / "demo-erm-resnet8-ham10000-16px"
+    assert main(["train", "--init-from", str(shipped), "--method", "erm", "--name", "more", *common]) == 0
+    refused = ship("more")
+    assert refused.returncode != 0 and "which no commit holds: commit it first" in refused.stderr
+    assert runs.load_run(shipped).record.init is None                                    # the shipped run kept
+    git = dict(cwd=dest, check=True, capture_output=True, text=True)
+    subprocess.run(["git", "init", "-q"], **git)
+    subprocess.run(["git", "add", "."], **git)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "erm"], **git)
+    commit = subprocess.run(["git", "log", "-1", "--format=%h"], **git).stdout.strip()
+    proc = ship("more")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = json.loads((shipped / "config.json").read_text())
+    assert config["init"]["run_id"] == f"{shipped.name}@{commit}"
+    assert config["model"]["init_from"] == f"checkpoints/{shipped.name}@{commit}"
+    held = subprocess.run(["git", "show", f"{commit}:{shipped.name}/weights.safetensors"], cwd=dest, check=True,
+                          capture_output=True).stdout
+    assert hashlib.sha256(held).hexdigest() == config["init"]["weights_sha256"]          # what it started from
+    assert runs.load_run(shipped).epochs_done == 1 and sorted(p.name for p in dest.iterdir()) == [".git",
+                                                                                                shipped.name]
+    again = ship("more")                  # its source folder now holds its own weights, not the ones it started from
+    assert again.returncode != 0 and "whose weights have changed since" in again.stderr
 
 
 def test_the_shipped_store_stays_small_enough_to_travel_with_the_checkout():

@@ -204,6 +204,25 @@ def _check_every_trial_once(study, store: Path, n: int):
         assert json.loads((store / rid / "sweep.json").read_text())["state"] == "complete"
 
 
+def test_local_workers_start_their_trials_together_and_a_dead_worker_is_not_waited_for(tmp_path):
+    """``--workers N``: each worker says it is ready, then waits for the launcher's go, given once all are ready, so
+    the first one up does not take a short sweep's every trial; a worker that died before it was ready is skipped."""
+    from dpaat_core.cli.sweep import _start_together
+
+    def worker(i, delay):
+        code = (f"import pathlib, time; time.sleep({delay}); from dpaat_core.cli.sweep import _ready_then_wait; "
+                f"_ready_then_wait(pathlib.Path({str(tmp_path)!r})); "
+                f"pathlib.Path({str(tmp_path / f'started-{i}')!r}).write_text(repr(time.time()))")
+        return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+
+    procs = [worker(0, 0), worker(1, 2.0), subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])]
+    _start_together(tmp_path, procs, timeout=60)
+    assert [p.wait(timeout=60) for p in procs] == [0, 0, 3]
+    ready = max(f.stat().st_mtime for f in tmp_path.glob("ready-*"))
+    started = [float((tmp_path / f"started-{i}").read_text()) for i in range(2)]
+    assert len(list(tmp_path.glob("ready-*"))) == 2 and min(started) >= ready - 0.05, (started, ready)
+
+
 def test_two_workers_on_postgres_finish_the_trials_once_each(tmp_path, postgres):
     done = sweep("pg2", *TINY, "--space", SPACE, "--trials", "4", "--workers", "2", "--store", str(tmp_path),
                  "--storage", postgres)

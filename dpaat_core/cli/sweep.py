@@ -6,6 +6,8 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -124,6 +126,27 @@ class _Monitor:
             self.bar.close()
 
 
+START = "DPAAT_SWEEP_START"   # a local worker's environment: the folder where it says it is ready and waits for go
+
+
+def _ready_then_wait(folder: Path, timeout: float = 300) -> None:
+    """A local worker: say it is ready (imports done, study open), then wait for the launcher's go, so that in a
+    short sweep the first worker up does not take every trial while the others still import torch."""
+    (folder / f"ready-{os.getpid()}").touch()
+    deadline = time.monotonic() + timeout
+    while not (folder / "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _start_together(folder: Path, procs: list, timeout: float = 300) -> None:
+    """The launcher: say go once every worker still running is ready (a worker that died is not waited for)."""
+    deadline = time.monotonic() + timeout
+    while (len(list(folder.glob("ready-*"))) < sum(p.poll() is None for p in procs)
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+    (folder / "go").touch()
+
+
 def _worker_commands(argv: list[str], workers: int, threads: int | None) -> list[tuple[list[str], dict]]:
     """One command and environment per local worker: a GPU each when there are several, else CPU threads."""
     gpus = torch.cuda.device_count()
@@ -165,6 +188,8 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
+        if os.environ.get(START):
+            _ready_then_wait(Path(os.environ[START]))
         work(spec, args.trials, store, url, args.device, args.heartbeat, args.grace, storage=storage)
         return 0
     if args.workers == 1:
@@ -172,15 +197,18 @@ def _sweep(args: argparse.Namespace) -> int:
             work(spec, args.trials, store, url, args.device, args.heartbeat, args.grace, storage=storage)
     else:
         argv = _strip(args.argv, ("--workers", "--threads"))
-        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                 for cmd, env in _worker_commands(argv, args.workers, args.threads)]
-        try:
-            with _Monitor(study, spec, args.trials):
-                errors = [p.communicate()[1] for p in procs]
-        except KeyboardInterrupt:
-            for p in procs:
-                p.terminate()
-            raise
+        with tempfile.TemporaryDirectory(prefix="dpaat-sweep-start-") as start:   # kept until the workers end
+            procs = [subprocess.Popen(cmd, env=env | {START: start}, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True)
+                     for cmd, env in _worker_commands(argv, args.workers, args.threads)]
+            try:
+                _start_together(Path(start), procs)
+                with _Monitor(study, spec, args.trials):
+                    errors = [p.communicate()[1] for p in procs]
+            except KeyboardInterrupt:
+                for p in procs:
+                    p.terminate()
+                raise
         failed = [(p.returncode, e) for p, e in zip(procs, errors) if p.returncode]
         if failed:
             last = failed[0][1].strip().splitlines()[-1] if failed[0][1].strip() else f"exit {failed[0][0]}"
