@@ -23,6 +23,7 @@ its source by the commit that held it (``ID@COMMIT``; ``git show COMMIT:checkpoi
 from __future__ import annotations
 
 import argparse
+import filecmp
 import os
 import shutil
 import subprocess
@@ -61,17 +62,29 @@ def relocate(config: dict, run_id: str, shipped: dict[str, str], dest_store: Pat
     if config.get("dataset", {}).get("source_path"):
         config["dataset"] = {**config["dataset"], "source_path": relative(config["dataset"]["source_path"])}
     source = config["model"].get("init_from")
-    if source and Path(source).resolve() == (dest_store / run_id).resolve():
+    if not source:
+        return config
+    if Path(source).is_dir() and demo_id(Path(source)) == run_id:     # it continues the run it is to replace
         return continued(config, run_id, dest_store / run_id)
-    if source:
-        key = str(Path(source).resolve())
-        if key not in shipped and Path(source).is_dir() and (dest_store / demo_id(Path(source))).is_dir():
-            shipped[key] = demo_id(Path(source))          # shipped by an earlier call
-        if key not in shipped:
-            raise SystemExit(f"{run_id} starts from {source}, which is not shipped: give that run first")
-        config["model"] = {**config["model"], "init_from": f"checkpoints/{shipped[key]}"}
-        config["init"] = {**config["init"], "run": f"checkpoints/{shipped[key]}", "run_id": shipped[key]}
+    key = str(Path(source).resolve())
+    if key not in shipped and Path(source).is_dir():
+        earlier = dest_store / demo_id(Path(source))
+        if earlier.is_dir() and same_history(Path(source), earlier):
+            shipped[key] = earlier.name                      # shipped by an earlier call
+    if key not in shipped:
+        raise SystemExit(f"{run_id} starts from {source}, which is not shipped: give that run first")
+    if shipped[key] == run_id:
+        raise SystemExit(f"{run_id} starts from {source}, shipped under the same id: ship it under another name")
+    config["model"] = {**config["model"], "init_from": f"checkpoints/{shipped[key]}"}
+    config["init"] = {**config["init"], "run": f"checkpoints/{shipped[key]}", "run_id": shipped[key]}
     return config
+
+
+def same_history(run_dir: Path, shipped: Path) -> bool:
+    """Whether ``shipped`` is ``run_dir`` as shipped (the same training history, copied verbatim; its weights are
+    rounded, so they cannot be compared)."""
+    mine, theirs = run_dir / "metrics.jsonl", shipped / "metrics.jsonl"
+    return mine.is_file() and theirs.is_file() and filecmp.cmp(mine, theirs, shallow=False)
 
 
 def continued(config: dict, run_id: str, replaced: Path) -> dict:
@@ -79,13 +92,15 @@ def continued(config: dict, run_id: str, replaced: Path) -> dict:
     commit that holds it (``git show COMMIT:checkpoints/ID/config.json``), and only if these are the weights it
     started from, so the record never points at itself or at weights it did not start from."""
     started = config["init"].get("weights_sha256")
-    if started != runs.file_sha256(replaced / "weights.safetensors"):
+    if not (replaced / "weights.safetensors").is_file() or started != runs.file_sha256(replaced / "weights.safetensors"):
         raise SystemExit(f"{run_id} started from {replaced}, whose weights have changed since: ship it under another "
                          "name")
     found = subprocess.run(["git", "log", "-1", "--format=%h", "--", "."], cwd=replaced, capture_output=True,
                            text=True)
+    changed = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=replaced, capture_output=True,
+                             text=True)
     commit = found.stdout.strip()
-    if found.returncode != 0 or not commit:
+    if found.returncode != 0 or not commit or changed.returncode != 0 or changed.stdout.strip():
         raise SystemExit(f"{run_id} continues {replaced}, which no commit holds: commit it first, so the shipped "
                          "run can name its source")
     where = f"checkpoints/{run_id}@{commit}"
