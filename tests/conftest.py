@@ -7,7 +7,10 @@ import what they need from here: ``from conftest import EXACT, TEST_DEVICE, on_d
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ import torch
 
 #: The real HAM10000 sample data shipped beside the repository (``<repo>/../shared/data``).
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DEVICE_ENV = "DPAAT_TEST_DEVICE"
 DEVICE_NAMES = ("cpu", "cuda")
@@ -45,6 +49,26 @@ TRAINED_TOLERANCE = dict(rtol=1e-3, atol=1e-4)
 #: test_fast_path.py, which reset dynamo between runs): off, so these runs see every batch, as on
 #: the CPU, and do not pile up recompilations in one process.
 TRAIN_COMPILE = None if EXACT else False
+
+
+def run_cli(*argv) -> subprocess.CompletedProcess:
+    """``python -m dpaat_core ARGV`` from the repository root, in this process (a new interpreter spends seconds
+    importing torch): its exit status and what it printed, as ``subprocess.run`` gives them. ``SystemExit`` (bad
+    flags) is an exit status like the interpreter's; torch's thread count is put back for the tests after."""
+    from dpaat_core.__main__ import main
+    argv = [str(a) for a in argv]
+    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(REPO_ROOT):
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) or exc.code is None else 1
+            if not isinstance(exc.code, (int, type(None))):
+                print(exc.code, file=err)
+        finally:
+            torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["python", "-m", "dpaat_core", *argv], code or 0, out.getvalue(),
+                                       err.getvalue())
 
 
 def on_device(*tensors: torch.Tensor):

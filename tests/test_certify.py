@@ -22,6 +22,7 @@ from dpaat_core.store import runs
 from dpaat_core.attack.attacks import pgd
 from dpaat_core.evaluate.certify import (ABSTAIN, certified_accuracy, certified_radius, certify, certify_dataset, fullest,
                                 lower_confidence_bound, noise_counts, predict, summary)
+from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,8 +144,7 @@ def _store(tmp_path):
 
 
 def _certify(run_dir, *flags):
-    return subprocess.run([sys.executable, "-m", "dpaat_core", "certify", str(run_dir), *flags], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300)
+    return run_cli("certify", run_dir, *flags)
 
 
 @pytest.mark.slow

@@ -1,14 +1,14 @@
 """python -m dpaat_core data: inspect a data spec; bad input exits 2 with one line."""
 import re
-import subprocess
-import sys
 from pathlib import Path
+
+from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "dpaat_core", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return run_cli(*args)
 
 
 def test_data_command_lists_splits_and_classes():
@@ -33,7 +33,7 @@ import contextlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-from dpaat_core.__main__ import build_parser, main  # noqa: E402
+from dpaat_core.__main__ import main  # noqa: E402
 
 GOOD = ["train", "--data", "synthetic:n=24,classes=3", "--model", "resnet8", "--method", "dpaat", "--epochs", "1",
         "--image-size", "16", "--steps", "1", "--device", "cpu", "--quiet"]

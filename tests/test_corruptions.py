@@ -2,8 +2,6 @@
 reproducibly per image; the corruption grid, the corruption error and the CLI around them."""
 import io
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -15,6 +13,7 @@ from dpaat_core.evaluate import corruptions as C
 from dpaat_core.store import runs
 from dpaat_core.evaluate.corruption_eval import corruption_error, corruption_grid
 from dpaat_core.data import load_dataset
+from conftest import run_cli
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -226,8 +225,7 @@ def _tiny_run(store):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "dpaat_core", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    return run_cli(*args)
 
 
 def test_evaluate_corruptions_merges_into_its_own_file_and_leaves_the_curves(tmp_path):

@@ -25,12 +25,15 @@ from dpaat_core.store import runs
 from dpaat_core.config import RunConfig, method_config
 from dpaat_core.report import report_html
 from dpaat_core.train.loop import train
+from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
 
 def cli(*argv, timeout=300) -> subprocess.CompletedProcess:
+    """The command in its own interpreter, for hostile input that could hang or exhaust the process (a FIFO, a
+    deeply nested config, a huge draw); the rest run in this one (``run_cli``)."""
     return subprocess.run([sys.executable, "-m", "dpaat_core", *map(str, argv)], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
@@ -121,19 +124,19 @@ def test_a_run_whose_weights_turned_non_finite_says_so(run, tmp_path):
     first = next(k for k, v in state.items() if v.is_floating_point())
     state[first] = torch.full_like(state[first], math.nan)
     safetensors.torch.save_file(state, str(broken / "weights.safetensors"))
-    one_line(cli("evaluate", broken, "--eps-grid", "0,0.1", "--max-samples", "4"),
+    one_line(run_cli("evaluate", broken, "--eps-grid", "0,0.1", "--max-samples", "4"),
              f"{first} holds NaN or infinite values")
     assert not (broken / "robustness.csv").exists()
 
 
 def test_a_reference_with_no_errors_explains_its_mce(run, tmp_path):
     reference = shutil.copytree(run, tmp_path / "perfect")
-    done = cli("evaluate", run, "--corruptions", "all", "--severities", "1")
+    done = run_cli("evaluate", run, "--corruptions", "all", "--severities", "1")
     assert done.returncode == 0, done.stderr
     grid = runs.read_corruptions(run)
     runs.atomic_write_text(reference / runs.CORRUPTIONS_FILE, grid.assign(accuracy=1.0, balanced_accuracy=1.0)
                            .to_csv(index=False))
-    done = cli("evaluate", run, "--corruptions", "all", "--severities", "1", "--reference", reference)
+    done = run_cli("evaluate", run, "--corruptions", "all", "--severities", "1", "--reference", reference)
     assert done.returncode == 0, done.stderr
     assert "mCE undefined (the reference makes no error under" in done.stdout
     assert "relative mCE undefined (no corruption lowers the reference's accuracy)" in done.stdout
@@ -154,7 +157,7 @@ def _table_with_a_bad_cell(run_dir: Path, name: str) -> None:
 def test_a_report_on_a_table_with_a_word_for_a_number_names_the_file(run, tmp_path, name, column):
     damaged = shutil.copytree(run, tmp_path / "damaged")
     _table_with_a_bad_cell(damaged, name)
-    done = cli("report", damaged, "-o", tmp_path / "r.html", "--examples", "0")
+    done = run_cli("report", damaged, "-o", tmp_path / "r.html", "--examples", "0")
     one_line(done, f"{damaged / name}: column {column}, row 2 holds")
     assert not (tmp_path / "r.html").exists()
 
@@ -251,11 +254,11 @@ def test_a_bad_start_names_the_source_not_the_data(tmp_path, source, says):
 @pytest.mark.slow
 def test_attribute_and_audit_work_on_8_px_images(tmp_path):
     small = tiny_run(tmp_path, "small", size=8)
-    done = cli("attribute", small, "--n", "4", "--methods", "saliency")
+    done = run_cli("attribute", small, "--n", "4", "--methods", "saliency")
     assert done.returncode == 0, done.stderr
     ssim = runs.read_attribution(small).query("metric == 'ssim'")["mean"]
     assert len(ssim) == 1 and -1 <= float(ssim.iloc[0]) <= 1
-    done = cli("audit", small, "--max-samples", "8", "--attribution-images", "4", "--apgd-steps", "2", "--no-report")
+    done = run_cli("audit", small, "--max-samples", "8", "--attribution-images", "4", "--apgd-steps", "2", "--no-report")
     assert done.returncode == 0, done.stderr
 
 
@@ -274,7 +277,7 @@ def test_a_run_still_training_is_not_measured(tmp_path):
             time.sleep(0.1)
         for argv in (["evaluate", busy, "--eps-grid", "0,0.1", "--max-samples", "4"],
                      ["attribute", busy, "--n", "2", "--methods", "saliency"]):
-            one_line(cli(*argv), "busy is still training (epoch")
+            one_line(run_cli(*argv), "busy is still training (epoch")
         assert not (busy / "robustness.csv").exists() and not (busy / "attribution.csv").exists()
     finally:
         launch.stop(busy)
@@ -282,7 +285,7 @@ def test_a_run_still_training_is_not_measured(tmp_path):
 
 def test_a_quick_look_does_not_replace_a_fuller_curve(run):
     for n in ("5", "3"):
-        done = cli("evaluate", run, "--eps-grid", "0,0.3", "--max-samples", n, "--steps", "2")
+        done = run_cli("evaluate", run, "--eps-grid", "0,0.3", "--max-samples", n, "--steps", "2")
         assert done.returncode == 0, done.stderr
     every = runs.read_robustness(run, fullest=False)
     assert sorted(every.n.unique()) == [3, 5] and len(every) == 4
@@ -296,7 +299,7 @@ def test_a_read_only_run_is_refused_before_any_work(run, tmp_path):
     with read_only(frozen):
         for command in (["attribute", frozen, "--n", "4", "--methods", "saliency"],
                         ["audit", frozen, "--max-samples", "4", "--no-report"]):
-            done = cli(*command)
+            done = run_cli(*command)
             one_line(done, f"{frozen}: cannot write into this run folder")
             assert "nothing was computed" in done.stderr
     assert {p.name: p.read_bytes() for p in frozen.iterdir() if p.is_file()} == before
@@ -307,7 +310,7 @@ def test_a_read_only_run_is_refused_before_any_work(run, tmp_path):
 def test_a_report_into_a_bad_place_names_that_place(run, tmp_path, where, says):
     (tmp_path / "afile").write_text("x")
     (tmp_path / "sub.html").mkdir()
-    done = cli("report", run, "-o", tmp_path / where, "--examples", "0")
+    done = run_cli("report", run, "-o", tmp_path / where, "--examples", "0")
     one_line(done, says)
     assert ".tmp" not in done.stderr
 
@@ -316,6 +319,6 @@ def test_a_report_into_a_read_only_folder_names_the_report(run, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with read_only(out):
-        done = cli("report", run, "-o", out / "r.html", "--examples", "0")
+        done = run_cli("report", run, "-o", out / "r.html", "--examples", "0")
     one_line(done, f"{out / 'r.html'}: cannot write the report there")
     assert ".tmp" not in done.stderr
