@@ -73,8 +73,8 @@ def relocate(config: dict, run_id: str, shipped: dict[str, str], dest_store: Pat
             shipped[key] = earlier.name                      # shipped by an earlier call
     if key not in shipped:
         raise SystemExit(f"{run_id} starts from {source}, which is not shipped: give that run first")
-    if shipped[key] == run_id:
-        raise SystemExit(f"{run_id} starts from {source}, shipped under the same id: ship it under another name")
+    if shipped[key] == run_id:   # its source folder is gone, yet shipped by this call under the same id
+        raise SystemExit(f"{run_id} starts from {source}, shipped under the same id: ship one of them into another --dest")
     config["model"] = {**config["model"], "init_from": f"checkpoints/{shipped[key]}"}
     config["init"] = {**config["init"], "run": f"checkpoints/{shipped[key]}", "run_id": shipped[key]}
     return config
@@ -89,23 +89,30 @@ def same_history(run_dir: Path, shipped: Path) -> bool:
 
 def continued(config: dict, run_id: str, replaced: Path) -> dict:
     """``config`` of a run that continues the shipped run it replaces (same id): its source is named by the
-    commit that holds it (``git show COMMIT:checkpoints/ID/config.json``), and only if these are the weights it
-    started from, so the record never points at itself or at weights it did not start from."""
-    started = config["init"].get("weights_sha256")
-    if not (replaced / "weights.safetensors").is_file() or started != runs.file_sha256(replaced / "weights.safetensors"):
-        raise SystemExit(f"{run_id} started from {replaced}, whose weights have changed since: ship it under another "
-                         "name")
-    found = subprocess.run(["git", "log", "-1", "--format=%h", "--", "."], cwd=replaced, capture_output=True,
-                           text=True)
-    changed = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=replaced, capture_output=True,
-                             text=True)
+    commit that holds it (``ID@COMMIT``; ``git show COMMIT:checkpoints/ID/config.json``; the full hash in
+    ``init.commit``), and only if the shipped weights are the ones it started from (the SHA-256 in its ``init``
+    record), so that such a record never points at itself or at other weights."""
+    weights = replaced / "weights.safetensors"
+    if not weights.is_file():
+        raise SystemExit(f"{run_id} continues a run of that id, but nothing is shipped as {run_id} in "
+                         f"{replaced.parent}")
+    if config["init"].get("weights_sha256") != runs.file_sha256(weights):
+        raise SystemExit(f"{run_id} did not start from the weights shipped as {replaced}: a run that replaces a "
+                         f"shipped run continues it (train --init-from {replaced}), or ships into another --dest")
+    try:
+        found = subprocess.run(["git", "log", "-1", "--format=%H", "--", "."], cwd=replaced, capture_output=True,
+                               text=True)
+        changed = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=replaced, capture_output=True,
+                                 text=True)
+    except OSError as exc:
+        raise SystemExit(f"{run_id} names the run it continues by its commit, and git could not run: {exc}")
     commit = found.stdout.strip()
     if found.returncode != 0 or not commit or changed.returncode != 0 or changed.stdout.strip():
         raise SystemExit(f"{run_id} continues {replaced}, which no commit holds: commit it first, so the shipped "
                          "run can name its source")
-    where = f"checkpoints/{run_id}@{commit}"
+    where = f"checkpoints/{run_id}@{commit[:7]}"
     config["model"] = {**config["model"], "init_from": where}
-    config["init"] = {**config["init"], "run": where, "run_id": f"{run_id}@{commit}"}
+    config["init"] = {**config["init"], "run": where, "run_id": f"{run_id}@{commit[:7]}", "commit": commit}
     return config
 
 

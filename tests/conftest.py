@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -54,11 +55,16 @@ TRAIN_COMPILE = None if EXACT else False
 def run_cli(*argv) -> subprocess.CompletedProcess:
     """``python -m dpaat_core ARGV`` from the repository root, in this process (a new interpreter spends seconds
     importing torch): its exit status and what it printed, as ``subprocess.run`` gives them. ``SystemExit`` (bad
-    flags) is an exit status like the interpreter's; torch's thread count is put back for the tests after."""
+    flags) is an exit status like the interpreter's; torch's thread count, its global RNG and the SIGTERM handler
+    (``train`` sets one) are put back for the tests after. Unlike a subprocess: any other exception propagates to
+    the test (a traceback fails it), warnings may go to pytest's recorder rather than stderr, and there is no
+    timeout; commands given hostile input that could hang or exhaust the process keep their own interpreter."""
     from dpaat_core.__main__ import main
     argv = [str(a) for a in argv]
     out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(REPO_ROOT):
+    sigterm = signal.getsignal(signal.SIGTERM)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(REPO_ROOT), \
+            torch.random.fork_rng(devices=[]):
         try:
             code = main(argv)
         except SystemExit as exc:
@@ -67,6 +73,7 @@ def run_cli(*argv) -> subprocess.CompletedProcess:
                 print(exc.code, file=err)
         finally:
             torch.set_num_threads(threads)
+            signal.signal(signal.SIGTERM, sigterm)
     return subprocess.CompletedProcess(["python", "-m", "dpaat_core", *argv], code or 0, out.getvalue(),
                                        err.getvalue())
 

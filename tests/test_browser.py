@@ -374,12 +374,13 @@ def _rank_agreements(page) -> list[str]:
 
 def _step_left(thumb, tries=5):
     """One step left on a slider, pressed again if the press was lost (a key sent while Streamlit re-renders the
-    page after the last change can miss the thumb); the value moves at once, before the page reruns."""
+    page after the last change can miss the thumb); the value moves at once, before the page reruns, so 5 s
+    without a move means the press was lost, not late."""
     before = thumb.get_attribute("aria-valuetext")
     for _ in range(tries):
         thumb.focus()
         thumb.press("ArrowLeft")
-        for _ in range(20):
+        for _ in range(50):
             if thumb.get_attribute("aria-valuetext") != before:
                 return
             time.sleep(0.1)

@@ -96,11 +96,12 @@ def test_a_run_continuing_a_shipped_run_replaces_it_and_names_its_source_by_the_
     subprocess.run(["git", "init", "-q"], **git)
     subprocess.run(["git", "add", "."], **git)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "erm"], **git)
-    commit = subprocess.run(["git", "log", "-1", "--format=%h"], **git).stdout.strip()
+    full = subprocess.run(["git", "log", "-1", "--format=%H"], **git).stdout.strip()
+    commit = full[:7]
     proc = ship("more")
     assert proc.returncode == 0, proc.stderr[-2000:]
     config = json.loads((shipped / "config.json").read_text())
-    assert config["init"]["run_id"] == f"{shipped.name}@{commit}"
+    assert config["init"]["run_id"] == f"{shipped.name}@{commit}" and config["init"]["commit"] == full
     assert config["model"]["init_from"] == f"checkpoints/{shipped.name}@{commit}"
     held = subprocess.run(["git", "show", f"{commit}:{shipped.name}/weights.safetensors"], cwd=dest, check=True,
                           capture_output=True).stdout
@@ -108,7 +109,7 @@ def test_a_run_continuing_a_shipped_run_replaces_it_and_names_its_source_by_the_
     assert runs.load_run(shipped).epochs_done == 1 and sorted(p.name for p in dest.iterdir()) == [".git",
                                                                                                 shipped.name]
     again = ship("more")                  # its source folder now holds its own weights, not the ones it started from
-    assert again.returncode != 0 and "whose weights have changed since" in again.stderr
+    assert again.returncode != 0 and "did not start from the weights shipped as" in again.stderr
 
 
 def test_the_shipped_store_stays_small_enough_to_travel_with_the_checkout():

@@ -216,7 +216,9 @@ def test_local_workers_start_their_trials_together_and_a_dead_worker_is_not_wait
         return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
 
     procs = [worker(0, 0), worker(1, 2.0), subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])]
+    began = time.monotonic()
     _start_together(tmp_path, procs, timeout=60)
+    assert time.monotonic() - began < 30          # the go came when both live workers were ready, not at the cap
     assert [p.wait(timeout=60) for p in procs] == [0, 0, 3]
     ready = max(f.stat().st_mtime for f in tmp_path.glob("ready-*"))
     started = [float((tmp_path / f"started-{i}").read_text()) for i in range(2)]

@@ -201,7 +201,7 @@ def _sweep(args: argparse.Namespace) -> int:
             procs = [subprocess.Popen(cmd, env=env | {START: start}, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE, text=True)
                      for cmd, env in _worker_commands(argv, args.workers, args.threads)]
-            try:
+            try:   # a worker's stderr is read once it ends: what it writes before it is ready is a few lines
                 _start_together(Path(start), procs)
                 with _Monitor(study, spec, args.trials):
                     errors = [p.communicate()[1] for p in procs]
