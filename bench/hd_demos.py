@@ -64,17 +64,14 @@ def relocate(config: dict, run_id: str, shipped: dict[str, str], dest_store: Pat
     source = config["model"].get("init_from")
     if not source:
         return config
-    if Path(source).is_dir() and demo_id(Path(source)) == run_id:     # it continues the run it is to replace
+    source_id = demo_id(Path(source)) if Path(source).is_dir() else None
+    if source_id == run_id:                                  # it continues the run it is to replace
         return continued(config, run_id, dest_store / run_id)
     key = str(Path(source).resolve())
-    if key not in shipped and Path(source).is_dir():
-        earlier = dest_store / demo_id(Path(source))
-        if earlier.is_dir() and same_history(Path(source), earlier):
-            shipped[key] = earlier.name                      # shipped by an earlier call
+    if key not in shipped and source_id and same_history(Path(source), dest_store / source_id):
+        shipped[key] = source_id                             # shipped by an earlier call
     if key not in shipped:
         raise SystemExit(f"{run_id} starts from {source}, which is not shipped: give that run first")
-    if shipped[key] == run_id:   # its source folder is gone, yet shipped by this call under the same id
-        raise SystemExit(f"{run_id} starts from {source}, shipped under the same id: ship one of them into another --dest")
     config["model"] = {**config["model"], "init_from": f"checkpoints/{shipped[key]}"}
     config["init"] = {**config["init"], "run": f"checkpoints/{shipped[key]}", "run_id": shipped[key]}
     return config

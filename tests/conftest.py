@@ -68,9 +68,10 @@ def run_cli(*argv) -> subprocess.CompletedProcess:
         try:
             code = main(argv)
         except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) or exc.code is None else 1
-            if not isinstance(exc.code, (int, type(None))):
-                print(exc.code, file=err)
+            code = exc.code
+            if not isinstance(code, (int, type(None))):   # a message: printed, status 1, as the interpreter does
+                print(code, file=err)
+                code = 1
         finally:
             torch.set_num_threads(threads)
             signal.signal(signal.SIGTERM, sigterm)

@@ -92,15 +92,32 @@ def _settled(page, title: str, timeout_ms: int = 60_000) -> None:
 SLIDERS = {"Training dynamics": "epoch", "Robustness": "eps", "Attribution explorer": "eps"}
 
 
-def _move_slider(page, title: str) -> float:
-    """Press the left arrow on the page's first slider; seconds until the re-run has settled."""
-    thumb = page.locator('[data-testid="stSlider"] input[type="range"]').first
+FIRST_SLIDER = '[data-testid="stSlider"] input[type="range"]'
+
+
+def _step_left(page, tries: int = 5) -> None:
+    """One step left on the page's first slider, pressed again if the press was lost (a key sent while Streamlit
+    re-renders the page after the last change can miss the thumb); the value moves at once, before the page reruns,
+    so 5 s without a move means the press was lost, not late."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    thumb = page.locator(FIRST_SLIDER).first
     before = thumb.get_attribute("aria-valuetext")
+    for _ in range(tries):
+        thumb.focus()
+        page.keyboard.press("ArrowLeft")
+        try:
+            page.wait_for_function(f"(v) => document.querySelector('{FIRST_SLIDER}').getAttribute('aria-valuetext')"
+                                   " !== v", arg=before, timeout=5_000)
+            return
+        except PlaywrightTimeout:
+            pass
+    raise AssertionError(f"{tries} presses did not move the slider from {before}")
+
+
+def _move_slider(page, title: str) -> float:
+    """One step left on the page's first slider; seconds until the re-run has settled."""
     start = time.perf_counter()
-    thumb.focus()
-    page.keyboard.press("ArrowLeft")
-    page.wait_for_function("(v) => document.querySelector('[data-testid=\"stSlider\"] input[type=\"range\"]')"
-                           ".getAttribute('aria-valuetext') !== v", arg=before, timeout=10_000)
+    _step_left(page)
     try:   # the re-run shows the status widget while the script runs
         page.locator('[data-testid="stStatusWidget"]').wait_for(state="visible", timeout=500)
     except Exception:  # noqa: BLE001 - a fast re-run may finish before the widget shows
@@ -372,21 +389,6 @@ def _rank_agreements(page) -> list[str]:
             if "rank agreement" in m.inner_text()]
 
 
-def _step_left(thumb, tries=5):
-    """One step left on a slider, pressed again if the press was lost (a key sent while Streamlit re-renders the
-    page after the last change can miss the thumb); the value moves at once, before the page reruns, so 5 s
-    without a move means the press was lost, not late."""
-    before = thumb.get_attribute("aria-valuetext")
-    for _ in range(tries):
-        thumb.focus()
-        thumb.press("ArrowLeft")
-        for _ in range(50):
-            if thumb.get_attribute("aria-valuetext") != before:
-                return
-            time.sleep(0.1)
-    raise AssertionError(f"{tries} presses did not move the slider from {before}")
-
-
 def test_two_sessions_explain_the_same_run_at_once(dashboard):
     """Two people on the Attribution explorer of one run at the same moment each get the maps they would get
     alone: the cached model is shared, and the attack and Captum's hooks change it while they run."""
@@ -403,11 +405,11 @@ def test_two_sessions_explain_the_same_run_at_once(dashboard):
             _settled(page, "DPAAT Lab")
             page.get_by_role("link", name="Attribution explorer", exact=True).first.click()
             _settled(page, "Attribution explorer")
-        thumbs = [page.locator('[data-testid="stSlider"] input[type="range"]').first for page in pages]
+        thumbs = [page.locator(FIRST_SLIDER).first for page in pages]
         for step in range(4):                 # each moves to an eps no one has asked for yet, at the same moment, and
-            for n, thumb in enumerate(thumbs):  # to a different one (one cache key each: both compute at once)
+            for n, page in enumerate(pages):    # to a different one (one cache key each: both compute at once)
                 if step < 3 + n:
-                    _step_left(thumb)
+                    _step_left(page)
         for page, thumb in zip(pages, thumbs):   # the maps on show are those of the slider's final eps
             # the caption of the perturbed image is written after its maps are computed: until it names the final
             # eps, the numbers on show may still be those of an earlier eps

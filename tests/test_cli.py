@@ -1,18 +1,11 @@
 """python -m dpaat_core data: inspect a data spec; bad input exits 2 with one line."""
 import re
-from pathlib import Path
 
 from conftest import run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cli(*args):
-    return run_cli(*args)
-
 
 def test_data_command_lists_splits_and_classes():
-    out = _cli("data", "synthetic:n=40,classes=3", "--image-size", "16")
+    out = run_cli("data", "synthetic:n=40,classes=3", "--image-size", "16")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert any(line.strip().startswith("train") and " 40 images" in line for line in lines)
@@ -20,10 +13,10 @@ def test_data_command_lists_splits_and_classes():
 
 
 def test_bad_spec_exits_2_with_a_clear_line(tmp_path):
-    out = _cli("data", f"npz:{tmp_path / 'nothing.npz'}")
+    out = run_cli("data", f"npz:{tmp_path / 'nothing.npz'}")
     assert out.returncode == 2
     assert "nothing.npz: no such file" in out.stderr and "Traceback" not in out.stderr
-    out = _cli("data", "mnist:foo")
+    out = run_cli("data", "mnist:foo")
     assert out.returncode == 2 and "unknown data source 'mnist'" in out.stderr
 
 

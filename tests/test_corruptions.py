@@ -15,8 +15,6 @@ from dpaat_core.evaluate.corruption_eval import corruption_error, corruption_gri
 from dpaat_core.data import load_dataset
 from conftest import run_cli
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-
 
 def _images(n=4, size=32, seed=0) -> torch.Tensor:
     """Smooth random colour images (a lesion-like blob on skin-like ground), values well inside [0, 1]."""
@@ -224,15 +222,12 @@ def _tiny_run(store):
     return train(cfg, store=store, run_id="erm")
 
 
-def _cli(*args):
-    return run_cli(*args)
-
 
 def test_evaluate_corruptions_merges_into_its_own_file_and_leaves_the_curves(tmp_path):
     run = _tiny_run(tmp_path)
-    assert _cli("evaluate", str(run), "--steps", "1", "--eps-grid", "0,0.3").returncode == 0
+    assert run_cli("evaluate", str(run), "--steps", "1", "--eps-grid", "0,0.3").returncode == 0
     curves = (run / "robustness.csv").read_text()
-    done = _cli("evaluate", str(run), "--corruptions", "pixelate,black_corner", "--severities", "1,5")
+    done = run_cli("evaluate", str(run), "--corruptions", "pixelate,black_corner", "--severities", "1,5")
     assert done.returncode == 0, done.stderr
     assert "black_corner" in done.stdout and "mean corrupted accuracy" in done.stdout
     table = runs.read_corruptions(run)
@@ -240,11 +235,11 @@ def test_evaluate_corruptions_merges_into_its_own_file_and_leaves_the_curves(tmp
                                                             ("pixelate", 1), ("pixelate", 5)]
     assert (run / "robustness.csv").read_text() == curves
     # a second evaluation of other cells keeps the first one's; the same cells are replaced, not repeated
-    assert _cli("evaluate", str(run), "--corruptions", "pixelate", "--severities", "3").returncode == 0
+    assert run_cli("evaluate", str(run), "--corruptions", "pixelate", "--severities", "3").returncode == 0
     table = runs.read_corruptions(run)
     assert len(table) == 6 and table.duplicated(["corruption", "severity"]).sum() == 0
     # the corruption error against a reference run (here: itself, so 100)
-    ref = _cli("evaluate", str(run), "--corruptions", "pixelate", "--severities", "1,3,5", "--reference", str(run))
+    ref = run_cli("evaluate", str(run), "--corruptions", "pixelate", "--severities", "1,3,5", "--reference", str(run))
     assert ref.returncode == 0 and "mCE 100.0" in ref.stdout, ref.stdout
 
 
@@ -257,14 +252,14 @@ def test_evaluate_corruptions_merges_into_its_own_file_and_leaves_the_curves(tmp
     (["--corruptions", "pixelate", "--max-samples", "8", "--protocol"], "--protocol, --max-samples do(es) not apply")])
 def test_a_bad_corruption_flag_is_one_line_and_writes_nothing(tmp_path, flags, message):
     run = _tiny_run(tmp_path)
-    proc = _cli("evaluate", str(run), *flags)
+    proc = run_cli("evaluate", str(run), *flags)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (run / "corruptions.csv").exists() and not (run / "robustness.csv").exists()
 
 
 def test_a_reference_without_the_data_is_refused_before_the_work(tmp_path):
     run = _tiny_run(tmp_path)
-    proc = _cli("evaluate", str(run), "--corruptions", "pixelate", "--reference", str(run))
+    proc = run_cli("evaluate", str(run), "--corruptions", "pixelate", "--reference", str(run))
     assert proc.returncode == 2 and "its corruptions.csv has no rows" in proc.stderr
     assert not (run / "corruptions.csv").exists()
 

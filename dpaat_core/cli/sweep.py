@@ -129,21 +129,23 @@ class _Monitor:
 START = "DPAAT_SWEEP_START"   # a local worker's environment: the folder where it says it is ready and waits for go
 
 
+def _wait_for(done, timeout: float) -> None:
+    """Poll ``done()`` every 50 ms until it holds or ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _ready_then_wait(folder: Path, timeout: float = 300) -> None:
     """A local worker: say it is ready (imports done, study open), then wait for the launcher's go, so that in a
     short sweep the first worker up does not take every trial while the others still import torch."""
     (folder / f"ready-{os.getpid()}").touch()
-    deadline = time.monotonic() + timeout
-    while not (folder / "go").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_for((folder / "go").exists, timeout)
 
 
 def _start_together(folder: Path, procs: list, timeout: float = 300) -> None:
     """The launcher: say go once every worker still running is ready (a worker that died is not waited for)."""
-    deadline = time.monotonic() + timeout
-    while (len(list(folder.glob("ready-*"))) < sum(p.poll() is None for p in procs)
-           and time.monotonic() < deadline):
-        time.sleep(0.05)
+    _wait_for(lambda: len(list(folder.glob("ready-*"))) >= sum(p.poll() is None for p in procs), timeout)
     (folder / "go").touch()
 
 
@@ -188,7 +190,7 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
-        if os.environ.get(START):
+        if START in os.environ:
             _ready_then_wait(Path(os.environ[START]))
         work(spec, args.trials, store, url, args.device, args.heartbeat, args.grace, storage=storage)
         return 0
